@@ -1,0 +1,129 @@
+"""The CSP benchmark splits (perov_5, carbon_24, mp_20, mpts_52), preprocessed and cached.
+
+Each split is a gzip CSV with a ``cif`` column. Preprocessing follows METHOD.md §1.3: parse the CIF,
+Niggli-reduce, rebuild on the canonical lattice of the reduced cell. The parsed tensors are cached
+(keyed by the file's SHA-256 and the preprocessing version), so only the first run pays for pymatgen.
+
+Where the data lives: the ``data_dir`` argument, else ``$EQUICSP_DATA_DIR``, else ``../shared/data``
+next to the repository.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from equicsp_core.crystal import Crystal
+
+DATASETS: tuple[str, ...] = ("perov_5", "carbon_24", "mp_20", "mpts_52")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+#: Bump when the preprocessing changes, so stale caches are ignored.
+PREPROCESSING_VERSION = 1
+
+_REPO_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """The folder holding ``<dataset>/<split>.csv.gz``: argument, ``$EQUICSP_DATA_DIR``, ``../shared/data``."""
+    path = Path(data_dir or os.environ.get("EQUICSP_DATA_DIR") or _REPO_DATA)
+    if not path.is_dir():
+        raise FileNotFoundError(f"data directory {path} does not exist (set --data-dir or EQUICSP_DATA_DIR)")
+    return path
+
+
+def split_path(dataset: str, split: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """Path of one split file, with errors that name what is wrong."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    path = resolve_data_dir(data_dir) / dataset / f"{split}.csv.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{dataset}/{split} is not available: {path} does not exist")
+    return path
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("EQUICSP_CACHE_DIR", Path.home() / ".cache" / "equicsp"))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_cifs(path: Path) -> list[str]:
+    """The ``cif`` column of a split file, in file order."""
+    import pandas as pd
+
+    return pd.read_csv(path, usecols=["cif"])["cif"].tolist()
+
+
+def load_split(
+    dataset: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    niggli: bool = True,
+    progress: bool = True,
+) -> list[Crystal]:
+    """Preprocessed crystals of one split (METHOD.md §1.3), from the cache when it is fresh."""
+    path = split_path(dataset, split, data_dir)
+    digest = _sha256(path)
+    cache = _cache_dir() / f"{dataset}_{split}_{digest[:16]}_v{PREPROCESSING_VERSION}_niggli{int(niggli)}.pt"
+    if cache.is_file():
+        try:
+            return _unpack(torch.load(cache, weights_only=True))
+        except Exception:  # a corrupt cache is rebuilt, never trusted
+            cache.unlink(missing_ok=True)
+    crystals = parse_cifs(read_cifs(path), niggli=niggli, progress=progress, desc=f"{dataset}/{split}")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    torch.save(_pack(crystals), tmp)
+    tmp.replace(cache)
+    return crystals
+
+
+def parse_cifs(cifs: list[str], niggli: bool = True, progress: bool = False, desc: str = "") -> list[Crystal]:
+    """Parse CIF texts into crystals; a CIF that fails names its row in the error."""
+    import warnings
+
+    from pymatgen.core import Structure
+    from tqdm import tqdm
+
+    crystals = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for row, cif in enumerate(tqdm(cifs, desc=desc, disable=not progress, unit="cif")):
+            try:
+                structure = Structure.from_str(cif, fmt="cif")
+                crystals.append(Crystal.from_structure(structure, niggli=niggli))
+            except Exception as error:
+                raise ValueError(f"row {row}{' of ' + desc if desc else ''}: bad CIF ({error})") from error
+    return crystals
+
+
+def _pack(crystals: list[Crystal]) -> dict[str, torch.Tensor]:
+    return {
+        "atomic_numbers": torch.cat([c.atomic_numbers for c in crystals]),
+        "frac_coords": torch.cat([c.frac_coords for c in crystals]),
+        "lengths": torch.stack([c.lengths for c in crystals]),
+        "angles": torch.stack([c.angles for c in crystals]),
+        "num_atoms": torch.tensor([c.num_atoms for c in crystals]),
+    }
+
+
+def _unpack(packed: dict[str, torch.Tensor]) -> list[Crystal]:
+    sizes = packed["num_atoms"].tolist()
+    numbers = packed["atomic_numbers"].split(sizes)
+    coords = packed["frac_coords"].split(sizes)
+    return [
+        Crystal(numbers[i], coords[i], packed["lengths"][i], packed["angles"][i]) for i in range(len(sizes))
+    ]
+
+
+def data_fingerprint(dataset: str, split: str, data_dir: str | os.PathLike | None = None) -> str:
+    """SHA-256 of a split file, recorded in model cards."""
+    return _sha256(split_path(dataset, split, data_dir))

@@ -1,0 +1,231 @@
+"""The joint diffusion over lattices and fractional coordinates, and its training losses (METHOD.md §3, §4, §6).
+
+:class:`CrystalDiffusion` wraps the denoiser with its schedules and normalisers. Two modes:
+
+* ``equicsp``: lattice as C = (log l, −cot φ) under DDPM; coordinates noised with a wrapped normal whose
+  targets are CoM-free (translation invariant) with von Mises normalisation; lattice-vector permutation
+  handled by ``lattice_perm``:
+
+  - ``"regularised"`` (the paper): a second, permuted branch and the losses L_pC + L_pF;
+  - ``"symmetrised"`` (ours, METHOD.md §12.1): ε̂^sym(C, F) = (1/6) Σ_P P⁻¹ ε̂(PC, F Pᵀ), exact;
+  - ``"none"``: neither (ablation).
+
+* ``diffcsp``: the baseline; raw lattice matrix under DDPM, wrapped-normal score targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from equicsp_core.crystal import CrystalBatch
+from equicsp_core.lattice import (
+    PERMUTATIONS,
+    inverse_permutation_index,
+    lattice_from_parameters,
+    lattice_to_equicsp,
+    permute_axes,
+)
+from equicsp_core.network import CSPNet, DenoiserConfig, DenoiserOutput, FullyConnectedGraph, fully_connected_graph
+from equicsp_core.schedules import make_schedules
+from equicsp_core.torus import TWO_PI, com_free, wrap_centered, wrapped_normal_neg_score, wrapped_normal_score_second_moment
+from equicsp_core.vonmises_tables import VonMisesTables, shipped_tables
+
+LatticePerm = Literal["regularised", "symmetrised", "none"]
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Diffusion settings (METHOD.md §3, §6; defaults are the papers').
+
+    Attributes:
+        num_steps: T.
+        sigma_begin, sigma_end: ends of the geometric σ ladder for coordinates.
+        lattice_perm: how lattice-vector permutation equivariance is obtained (EquiCSP mode only).
+        coord_weight: weight of the coordinate loss (``cost_coord``).
+    """
+
+    num_steps: int = 1000
+    sigma_begin: float = 0.005
+    sigma_end: float = 0.5
+    lattice_perm: LatticePerm = "regularised"
+    coord_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lattice_perm not in ("regularised", "symmetrised", "none"):
+            raise ValueError(f"unknown lattice_perm {self.lattice_perm!r}")
+        if self.coord_weight < 0:
+            raise ValueError(f"coord_weight must be >= 0, got {self.coord_weight}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CrystalDiffusion(nn.Module):
+    """Denoiser plus everything needed to train it and sample from it.
+
+    Only the denoiser's parameters are state; schedules and tables are rebuilt from the configs.
+    """
+
+    def __init__(
+        self,
+        denoiser: DenoiserConfig | None = None,
+        diffusion: DiffusionConfig | None = None,
+        tables: VonMisesTables | None = None,
+    ) -> None:
+        super().__init__()
+        self.denoiser_config = denoiser or DenoiserConfig()
+        self.config = diffusion or DiffusionConfig()
+        if self.denoiser_config.mode == "diffcsp" and self.config.lattice_perm != "none":
+            raise ValueError("the DiffCSP baseline has no lattice-permutation treatment: use lattice_perm='none'")
+        self.net = CSPNet(self.denoiser_config)
+        schedules = make_schedules(self.config.num_steps, self.config.sigma_begin, self.config.sigma_end)
+        self.schedules = schedules
+        if self.mode == "equicsp":
+            self.tables = tables or shipped_tables()
+            # Fail now, not mid-training, if the ladder leaves the tables' σ range.
+            self.tables.lookup(torch.tensor([2]), schedules.sigmas[1:])
+        else:
+            second_moment = wrapped_normal_score_second_moment(schedules.sigmas[1:])
+            self.register_buffer("score_norm", torch.cat([torch.ones(1, dtype=torch.float64), second_moment]), persistent=False)
+
+    @property
+    def mode(self) -> str:
+        return self.denoiser_config.mode
+
+    # ------------------------------------------------------------------------------------------------
+    # The (optionally symmetrised) denoiser
+
+    def graph_for(self, num_atoms: torch.Tensor) -> FullyConnectedGraph:
+        """Graph of the batch the network actually sees (six copies when symmetrised)."""
+        copies = len(PERMUTATIONS) if self.config.lattice_perm == "symmetrised" and self.mode == "equicsp" else 1
+        return fully_connected_graph(num_atoms.repeat(copies))
+
+    def denoise(
+        self,
+        atomic_numbers: torch.Tensor,
+        frac_coords: torch.Tensor,
+        lattice: torch.Tensor,
+        t: torch.Tensor,
+        num_atoms: torch.Tensor,
+        batch: torch.Tensor,
+        graph: FullyConnectedGraph | None = None,
+    ) -> DenoiserOutput:
+        """The network's prediction, symmetrised over S₃ when ``lattice_perm == "symmetrised"``.
+
+        Shapes as :meth:`equicsp_core.network.CSPNet.forward`; ``graph`` from :meth:`graph_for`.
+        """
+        if self.config.lattice_perm != "symmetrised" or self.mode != "equicsp":
+            return self.net(atomic_numbers, frac_coords, lattice, t, num_atoms, batch, graph)
+        copies, num_crystals, num = len(PERMUTATIONS), num_atoms.shape[0], atomic_numbers.shape[0]
+        crystal_perm = torch.arange(copies, device=lattice.device).repeat_interleave(num_crystals)
+        atom_perm = torch.arange(copies, device=lattice.device).repeat_interleave(num)
+        out = self.net(
+            atomic_numbers.repeat(copies),
+            permute_axes(frac_coords.repeat(copies, 1), atom_perm),
+            permute_axes(lattice.repeat(copies, 1), crystal_perm),
+            t.repeat(copies),
+            num_atoms.repeat(copies),
+            (batch[None] + num_crystals * torch.arange(copies, device=batch.device)[:, None]).reshape(-1),
+            graph,
+        )
+        unpermute = lambda x, perm: permute_axes(x, inverse_permutation_index(perm)).reshape(copies, -1, x.shape[-1]).mean(0)  # noqa: E731
+        return DenoiserOutput(
+            unpermute(out.lattice, crystal_perm), unpermute(out.coord, atom_perm), unpermute(out.score, atom_perm)
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # Training
+
+    def loss(self, crystals: CrystalBatch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """One stochastic evaluation of the training loss (METHOD.md §6.1, §6.2).
+
+        All randomness (t, noise, permutations) comes from ``generator``, so a run is reproducible.
+
+        Returns:
+            ``{"loss": total, ...}`` with the individual terms (detached) for logging.
+        """
+        if self.mode == "equicsp":
+            return self._equicsp_loss(crystals, generator)
+        return self._diffcsp_loss(crystals, generator)
+
+    def _draw(self, crystals: CrystalBatch, lattice_dims: tuple[int, ...], generator: torch.Generator | None):
+        device, dtype = crystals.frac_coords.device, crystals.frac_coords.dtype
+        num_crystals = crystals.num_crystals
+        t = torch.randint(1, self.config.num_steps + 1, (num_crystals,), generator=generator, device=device)
+        lattice_noise = torch.randn((num_crystals, *lattice_dims), generator=generator, device=device, dtype=dtype)
+        z = torch.randn(crystals.frac_coords.shape, generator=generator, device=device, dtype=dtype)
+        return t, lattice_noise, z
+
+    def _noisy_lattice(self, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha_bar = self.schedules.alphas_cumprod.to(clean)[t].reshape(-1, *([1] * (clean.dim() - 1)))
+        return alpha_bar.sqrt() * clean + (1 - alpha_bar).sqrt() * noise
+
+    def _equicsp_loss(self, crystals: CrystalBatch, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        batch, num_atoms = crystals.batch, crystals.num_atoms
+        t, lattice_noise, z = self._draw(crystals, (6,), generator)
+        lattice_t = self._noisy_lattice(lattice_to_equicsp(crystals.lengths, crystals.angles), lattice_noise, t)
+        sigma = self.schedules.sigmas.to(z)[t]
+        eps = sigma[batch, None] * z
+        frac_t = torch.remainder(crystals.frac_coords + eps, 1.0)
+
+        terms: dict[str, torch.Tensor] = {}
+        if self.config.lattice_perm == "regularised":
+            perm = torch.randint(1, len(PERMUTATIONS), (crystals.num_crystals,), generator=generator, device=t.device)
+            both = self.net(
+                crystals.atomic_numbers.repeat(2),
+                torch.cat([frac_t, permute_axes(frac_t, perm[batch])]),
+                torch.cat([lattice_t, permute_axes(lattice_t, perm)]),
+                t.repeat(2),
+                num_atoms.repeat(2),
+                torch.cat([batch, batch + crystals.num_crystals]),
+            )
+            split = lambda x: x.split(x.shape[0] // 2)  # noqa: E731
+            (lattice_out, lattice_perm_out), (coord, coord_perm), (score, score_perm) = map(split, both)
+            out = DenoiserOutput(lattice_out, coord, score)
+            terms["perm_lattice"] = F.mse_loss(lattice_perm_out, permute_axes(lattice_out, perm))
+            terms["perm_coord"] = F.mse_loss(coord_perm, permute_axes(coord, perm[batch])) + F.mse_loss(
+                score_perm, permute_axes(score, perm[batch])
+            )
+        else:
+            out = self.denoise(crystals.atomic_numbers, frac_t, lattice_t, t, num_atoms, batch, self.graph_for(num_atoms))
+
+        kappa, kappa_norm, sample_norm = self.tables.lookup(num_atoms, sigma)
+        eps_bar = com_free(eps, batch, num_atoms)
+        multi = (num_atoms > 1)[batch]  # single-atom crystals have ε̄ ≡ 0: no coordinate target (§11.1)
+        safe = lambda x: torch.where(x > 0, x, torch.ones_like(x)).to(z)  # noqa: E731
+        target_coord = wrap_centered(eps_bar) / safe(sample_norm).sqrt()[batch, None]
+        target_score = (TWO_PI * kappa.to(z))[batch, None] * torch.sin(TWO_PI * eps_bar) / safe(kappa_norm).sqrt()[batch, None]
+        terms["lattice"] = F.mse_loss(out.lattice, lattice_noise)
+        terms["coord"] = self.config.coord_weight * _masked_mse(out.coord, target_coord, multi)
+        terms["score"] = _masked_mse(out.score, target_score, multi)
+        return self._total(terms)
+
+    def _diffcsp_loss(self, crystals: CrystalBatch, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        batch = crystals.batch
+        t, lattice_noise, z = self._draw(crystals, (3, 3), generator)
+        lattice_t = self._noisy_lattice(lattice_from_parameters(crystals.lengths, crystals.angles), lattice_noise, t)
+        sigma = self.schedules.sigmas.to(z)[t][batch, None]
+        frac_t = torch.remainder(crystals.frac_coords + sigma * z, 1.0)
+        out = self.net(crystals.atomic_numbers, frac_t, lattice_t, t, crystals.num_atoms, batch)
+        target = wrapped_normal_neg_score(sigma * z, sigma.expand_as(z)) / self.score_norm.to(z)[t][batch, None].sqrt()
+        terms = {
+            "lattice": F.mse_loss(out.lattice, lattice_noise),
+            "coord": self.config.coord_weight * F.mse_loss(out.coord, target),
+        }
+        return self._total(terms)
+
+    @staticmethod
+    def _total(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        total = sum(terms.values())
+        return {"loss": total, **{name: value.detach() for name, value in terms.items()}}
+
+
+def _masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the rows where ``mask`` holds; 0 (not NaN) when no row does."""
+    squared = (prediction - target).square()[mask]
+    return squared.sum() / max(squared.numel(), 1)

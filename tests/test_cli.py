@@ -1,0 +1,293 @@
+"""The ``equicsp`` command, run in-process on the tiny data fixtures (EQUICSP_DATA_DIR set in conftest)."""
+
+import json
+
+import pytest
+import torch
+
+from equicsp_core import sampler
+from equicsp_core.checkpoint import read_checkpoint
+from equicsp_core.cli import main
+
+TIMING_FIELDS = {"seconds", "crystals_per_s"}
+
+
+def run_cli(*args) -> int:
+    return main(["--quiet", *map(str, args)])
+
+
+def train_tiny(out, *overrides, resume=False) -> int:
+    sets = [item for override in overrides for item in ("--set", override)]
+    return run_cli("train", "--preset", "tiny", "--out", out, *sets, *(["--resume"] if resume else []))
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in record.items() if k not in TIMING_FIELDS} for record in records]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """best.pt of a 2-epoch tiny perov_5 run, shared by the sample/info tests."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert train_tiny(run, "train.epochs=2", "train.val_every=1") == 0
+    return run / "best.pt"
+
+
+@pytest.fixture
+def fixed_cell_sampler(monkeypatch):
+    """Make every sample valid: keep the sampled coordinates, put them in a 4 Å cubic cell.
+
+    A 2-epoch model's lattices diverge, so without this every candidate would be invalid and the
+    CIF-writing path would go untested.
+    """
+    real_sample = sampler.sample
+
+    def sample(*args, **kwargs):
+        result = real_sample(*args, **kwargs)
+        batch = result.batch
+        batch.lengths = torch.full_like(batch.lengths, 4.0)
+        batch.angles = torch.full_like(batch.angles, 90.0)
+        return sampler.SampleResult(batch, torch.ones_like(result.finite))
+
+    monkeypatch.setattr("equicsp_core.predict.sample", sample)
+
+
+def sample_cli(checkpoint, out, seed=1) -> int:
+    return run_cli("sample", "--checkpoint", checkpoint, "--formula", "SrTiO3", "--formula", "CaTiO3",
+                   "--num-samples", 2, "--steps", 5, "--seed", seed, "--out", out)
+
+
+def cif_texts(out) -> dict[str, str]:
+    return {path.name: path.read_text() for path in sorted(out.glob("*.cif"))}
+
+
+# ------------------------------------------------------------------------------------------------
+# train
+
+
+def test_train_writes_run_folder(tmp_path):
+    """A 2-epoch tiny run exits 0 and writes config, 2 metric lines, resume.pt and best.pt."""
+    run = tmp_path / "run"
+    assert train_tiny(run, "train.epochs=2", "train.val_every=1") == 0
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "metrics.jsonl", "resume.pt", "best.pt"}
+    records = read_metrics(run)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all("loss" in r and "val_loss" in r for r in records)
+    card = read_checkpoint(run / "best.pt")["card"]
+    assert card["dataset"] == "perov_5"
+    assert card["protocol"].startswith("train split")
+    assert set(card["data_sha256"]) == {"train", "val"}
+
+
+def test_train_on_dataset_without_train_split_uses_val(tmp_path):
+    """mp_20 (no train split) trains on val, and the model card says "trained on val"."""
+    run = tmp_path / "run"
+    assert train_tiny(run, "dataset=mp_20", "train.epochs=1") == 0
+    card = read_checkpoint(run / "best.pt")["card"]
+    assert card["dataset"] == "mp_20"
+    assert card["protocol"].startswith("trained on val")
+    assert "27 val crystals for training, 3 held out" in card["protocol"]
+    assert set(card["data_sha256"]) == {"val"}
+
+
+def test_resumed_run_matches_uninterrupted_run(tmp_path):
+    """2 epochs + resume to 4 gives the same metrics and bit-identical weights as 4 epochs straight."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train_tiny(straight, "train.epochs=4", "train.val_every=1") == 0
+    assert train_tiny(resumed, "train.epochs=2", "train.val_every=1") == 0
+    assert train_tiny(resumed, "train.epochs=4", "train.val_every=1", resume=True) == 0
+
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert [r["epoch"] for r in b] == [1, 2, 3, 4]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert without_timing(a) == without_timing(b)
+    state_a = torch.load(straight / "resume.pt", weights_only=True)
+    state_b = torch.load(resumed / "resume.pt", weights_only=True)
+    assert state_a["model"].keys() == state_b["model"].keys()
+    for name in state_a["model"]:
+        assert torch.equal(state_a["model"][name], state_b["model"][name]), name
+    assert torch.equal(state_a["generator"], state_b["generator"])
+
+
+def test_train_into_existing_run_without_resume_fails(tmp_path, capsys):
+    """Training into a folder that holds a run, without --resume, exits 2 and leaves the run alone."""
+    run = tmp_path / "run"
+    assert train_tiny(run, "train.epochs=1") == 0
+    before = (run / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert train_tiny(run, "train.epochs=2") == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_resume_of_empty_folder_fails(tmp_path, capsys):
+    """--resume on a folder without resume.pt exits 2 and says there is nothing to resume."""
+    (tmp_path / "empty").mkdir()
+    assert train_tiny(tmp_path / "empty", resume=True) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_resume_with_changed_config_fails(tmp_path, capsys):
+    """Resuming with a setting other than train.epochs changed exits 2."""
+    run = tmp_path / "run"
+    assert train_tiny(run, "train.epochs=1") == 0
+    capsys.readouterr()
+    assert train_tiny(run, "train.epochs=2", "train.lr=0.002", resume=True) == 2
+    assert "config differs" in capsys.readouterr().err
+    assert len(read_metrics(run)) == 1
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--preset", "tiny", "--dataset", "perov_6"], "perov_6"),
+        (["--preset", "tiny", "--set", "dataset=perov_6"], "perov_6"),
+        (["--preset", "no_such_preset"], "no_such_preset"),
+        (["--dataset", "no_such_dataset"], "no_such_dataset"),
+        (["--preset", "tiny", "--set", "train.no_such_field=1"], "no_such_field"),
+        (["--preset", "tiny", "--set", "no_such_section.epochs=1"], "no_such_section"),
+        (["--preset", "tiny", "--set", "train.epochs.deep=1"], "train.epochs.deep"),
+        (["--preset", "tiny", "--set", "train.epochs"], "train.epochs"),
+        (["--preset", "tiny", "--set", "train.epochs=0"], "train.epochs"),
+        (["--preset", "tiny", "--set", "dataset=carbon_24"], "carbon_24"),
+        (["--preset", "tiny", "--max-minutes", "0"], "--max-minutes"),
+    ],
+)
+def test_bad_train_input_exits_2_naming_the_problem(tmp_path, capsys, args, named):
+    """A bad preset, dataset or override exits 2 with one error line naming it, and creates no run folder."""
+    out = tmp_path / "run"
+    assert run_cli("train", *args, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and named in err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# info
+
+
+def test_info_prints_card_as_json(checkpoint, capsys):
+    """`info CKPT` exits 0 and prints JSON with the model card and the parameter count."""
+    capsys.readouterr()
+    assert run_cli("info", checkpoint) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["card"]["dataset"] == "perov_5"
+    assert info["card"]["epochs"] in (1, 2)
+    assert info["parameters"] > 0
+    assert info["denoiser"]["hidden_dim"] == 32
+
+
+def test_info_of_non_checkpoint_exits_2(tmp_path):
+    """`info` on a file that is not a checkpoint exits 2."""
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    assert run_cli("info", bogus) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# sample
+
+
+def test_sample_writes_index_with_one_entry_per_sample(checkpoint, tmp_path):
+    """Two formulas x two samples give 4 index entries; valid ones have a CIF file, invalid ones none."""
+    out = tmp_path / "out"
+    assert sample_cli(checkpoint, out) == 0
+    index = json.loads((out / "index.json").read_text())
+    entries = index["samples"]
+    assert [(e["formula"], e["sample"]) for e in entries] == [("SrTiO3", 0), ("SrTiO3", 1), ("CaTiO3", 0), ("CaTiO3", 1)]
+    assert all(set(e) == {"formula", "sample", "valid", "file"} for e in entries)
+    assert index["steps"] == 5 and index["seed"] == 1
+    for entry in entries:
+        assert (entry["file"] is not None) == entry["valid"]
+        if entry["file"] is not None:
+            assert (out / entry["file"]).is_file()
+    listed = {e["file"] for e in entries if e["file"]}
+    assert {p.name for p in out.iterdir()} == listed | {"index.json"}
+
+
+def test_sample_writes_parsable_cifs_for_valid_samples(checkpoint, tmp_path, fixed_cell_sampler):
+    """Valid samples are written as CIF files that parse back to the requested composition."""
+    from pymatgen.core import Composition, Structure
+
+    out = tmp_path / "out"
+    assert sample_cli(checkpoint, out) == 0
+    entries = json.loads((out / "index.json").read_text())["samples"]
+    assert all(e["valid"] for e in entries)
+    assert len({e["file"] for e in entries}) == 4
+    for entry in entries:
+        structure = Structure.from_file(out / entry["file"])
+        assert structure.composition == Composition(entry["formula"])
+        assert structure.lattice.abc == pytest.approx((4.0, 4.0, 4.0))
+
+
+def test_sample_same_seed_is_reproducible(checkpoint, tmp_path):
+    """Sampling twice with the same seed gives identical index.json files."""
+    assert sample_cli(checkpoint, tmp_path / "a") == 0
+    assert sample_cli(checkpoint, tmp_path / "b") == 0
+    assert (tmp_path / "a" / "index.json").read_text() == (tmp_path / "b" / "index.json").read_text()
+
+
+def test_sample_same_seed_gives_identical_cifs(checkpoint, tmp_path, fixed_cell_sampler):
+    """Same seed: identical index and CIF texts; another seed: different CIF texts."""
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        assert sample_cli(checkpoint, tmp_path / name, seed=seed) == 0
+    a, b, c = (cif_texts(tmp_path / name) for name in "abc")
+    assert len(a) == 4
+    assert a == b
+    assert (tmp_path / "a" / "index.json").read_text() == (tmp_path / "b" / "index.json").read_text()
+    assert a.keys() == c.keys() and all(a[k] != c[k] for k in a)
+
+
+def _random_bytes_checkpoint(tmp_path, good):
+    path = tmp_path / "random.pt"
+    path.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).to(torch.uint8).numpy().tobytes())
+    return path
+
+
+def _unmarked_checkpoint(tmp_path, good):
+    path = tmp_path / "unmarked.pt"
+    payload = torch.load(good, weights_only=True)
+    del payload["format"]
+    torch.save(payload, path)
+    return path
+
+
+def _plain_dict_checkpoint(tmp_path, good):
+    path = tmp_path / "plain.pt"
+    torch.save({"weights": torch.ones(3)}, path)
+    return path
+
+
+BAD_SAMPLE_INPUTS = {
+    "random bytes checkpoint": (_random_bytes_checkpoint, [], "not a readable checkpoint"),
+    "checkpoint without marker": (_unmarked_checkpoint, [], "marker"),
+    "plain dict checkpoint": (_plain_dict_checkpoint, [], "marker"),
+    "unknown checkpoint name": (lambda tmp_path, good: "no_such_model", [], "no_such_model"),
+    "unknown element": (None, ["--formula", "Xx2O3"], "Xx2O3"),
+    "too many atoms": (None, ["--formula", "C60"], "C60"),
+    "fractional formula": (None, ["--formula", "Fe0.5O"], "Fe0.5O"),
+    "zero steps": (None, ["--steps", "0"], "--steps"),
+    "more steps than T": (None, ["--steps", "1001"], "steps"),
+    "zero samples": (None, ["--num-samples", "0"], "num_samples"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_SAMPLE_INPUTS))
+def test_bad_sample_input_exits_2_and_writes_nothing(checkpoint, tmp_path, capsys, name):
+    """Bad checkpoints, formulas or settings exit 2, name the problem, and leave no output folder."""
+    make_checkpoint, extra, named = BAD_SAMPLE_INPUTS[name]
+    ckpt = make_checkpoint(tmp_path, checkpoint) if make_checkpoint else checkpoint
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code = run_cli("sample", "--checkpoint", ckpt, "--formula", "SrTiO3", "--num-samples", 1, "--steps", 2,
+                   *extra, "--out", out)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error" in err and named in err
+    assert not out.exists()
+    assert not list(tmp_path.glob(".equicsp-*"))

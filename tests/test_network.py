@@ -1,0 +1,278 @@
+"""Symmetries of the denoiser (METHOD.md §10, items 1–6) on random crystals, and agreement with the
+literal reference implementation of METHOD.md §5."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from equicsp_core.diffusion import CrystalDiffusion, DiffusionConfig
+from equicsp_core.lattice import (
+    PERMUTATIONS,
+    lattice_from_parameters,
+    lattice_to_equicsp,
+    parameters_from_lattice,
+    permute_axes,
+)
+from equicsp_core.network import CSPNet, DenoiserConfig, fully_connected_graph
+from tests.reference_network import ReferenceCSPNet, fast_from_reference
+
+SIZES = [1, 2, 5, 13, 20]
+TOL = 1e-9  # float64, relative to O(1) outputs
+
+
+def small_config(mode: str = "equicsp", **kwargs) -> DenoiserConfig:
+    return DenoiserConfig(mode=mode, hidden_dim=32, num_layers=2, num_freqs=8, **kwargs)
+
+
+def random_inputs(mode: str, sizes=SIZES, seed: int = 0):
+    """Random crystals of mixed sizes as network inputs, float64."""
+    gen = torch.Generator().manual_seed(seed)
+    num_atoms = torch.tensor(sizes)
+    n, b = int(num_atoms.sum()), len(sizes)
+    lengths = 3 + 5 * torch.rand(b, 3, generator=gen, dtype=torch.float64)
+    angles = 60 + 60 * torch.rand(b, 3, generator=gen, dtype=torch.float64)
+    lattice = lattice_to_equicsp(lengths, angles) if mode == "equicsp" else lattice_from_parameters(lengths, angles)
+    return {
+        "atomic_numbers": torch.randint(1, 101, (n,), generator=gen),
+        "frac_coords": torch.rand(n, 3, generator=gen, dtype=torch.float64),
+        "lattice": lattice,
+        "t": torch.randint(1, 1001, (b,), generator=gen),
+        "num_atoms": num_atoms,
+        "batch": torch.repeat_interleave(torch.arange(b), num_atoms),
+    }
+
+
+def make_net(mode: str, seed: int = 0, **kwargs) -> CSPNet:
+    torch.manual_seed(seed)
+    return CSPNet(small_config(mode, **kwargs)).double()
+
+
+def assert_outputs_close(a, b, tol=TOL):
+    for x, y in zip(a, b):
+        if x is None:
+            assert y is None
+            continue
+        torch.testing.assert_close(x, y, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("mode", ["equicsp", "diffcsp"])
+@pytest.mark.parametrize("crystal_mean_heads", [False, True])
+def test_fast_network_equals_reference(mode, crystal_mean_heads):
+    """The restructured network computes exactly the maths of the literal per-edge implementation."""
+    torch.manual_seed(1)
+    reference = ReferenceCSPNet(small_config(mode, crystal_mean_heads=crystal_mean_heads)).double()
+    fast = fast_from_reference(reference)
+    inputs = random_inputs(mode)
+    assert_outputs_close(reference(**inputs), fast(**inputs))
+
+
+@pytest.mark.parametrize("mode", ["equicsp", "diffcsp"])
+def test_output_shapes(mode):
+    """Per-atom outputs (N, 3); lattice (B, 6) for EquiCSP, (B, 3, 3) for DiffCSP."""
+    inputs = random_inputs(mode)
+    out = make_net(mode)(**inputs)
+    n, b = inputs["atomic_numbers"].shape[0], len(SIZES)
+    assert out.coord.shape == (n, 3)
+    assert out.lattice.shape == ((b, 6) if mode == "equicsp" else (b, 3, 3))
+    assert (out.score is not None) == (mode == "equicsp")
+    if mode == "equicsp":
+        assert out.score.shape == (n, 3)
+
+
+def test_graph_counts():
+    """Σ n(n−1)/2 unordered pairs and Σ n² directed edges, each atom the source of n edges."""
+    num_atoms = torch.tensor(SIZES)
+    graph = fully_connected_graph(num_atoms)
+    assert graph.pair_src.numel() == sum(n * (n - 1) // 2 for n in SIZES)
+    assert graph.src.numel() == sum(n * n for n in SIZES)
+    assert torch.equal(torch.bincount(graph.src), torch.repeat_interleave(num_atoms, num_atoms))
+
+
+@pytest.mark.parametrize("mode", ["equicsp", "diffcsp"])
+def test_atom_and_crystal_permutation(mode):
+    """Permuting atoms within crystals and the crystals' order permutes the outputs accordingly."""
+    net, inputs = make_net(mode), random_inputs(mode)
+    out = net(**inputs)
+    gen = torch.Generator().manual_seed(3)
+    crystal_order = torch.randperm(len(SIZES), generator=gen)
+    offsets = torch.cumsum(inputs["num_atoms"], 0) - inputs["num_atoms"]
+    atom_order = torch.cat([offsets[c] + torch.randperm(SIZES[c], generator=gen) for c in crystal_order.tolist()])
+    permuted = {
+        "atomic_numbers": inputs["atomic_numbers"][atom_order],
+        "frac_coords": inputs["frac_coords"][atom_order],
+        "lattice": inputs["lattice"][crystal_order],
+        "t": inputs["t"][crystal_order],
+        "num_atoms": inputs["num_atoms"][crystal_order],
+        "batch": torch.repeat_interleave(torch.arange(len(SIZES)), inputs["num_atoms"][crystal_order]),
+    }
+    out_p = net(**permuted)
+    torch.testing.assert_close(out_p.coord, out.coord[atom_order], atol=TOL, rtol=TOL)
+    torch.testing.assert_close(out_p.lattice, out.lattice[crystal_order], atol=TOL, rtol=TOL)
+    if mode == "equicsp":
+        torch.testing.assert_close(out_p.score, out.score[atom_order], atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("mode", ["equicsp", "diffcsp"])
+def test_periodic_translation_invariance(mode):
+    """F → (F + t) mod 1 with per-crystal t (integer parts, wrap-around) leaves every output unchanged."""
+    net, inputs = make_net(mode), random_inputs(mode)
+    out = net(**inputs)
+    shift = torch.tensor([[0.3, -1.7, 2.45]], dtype=torch.float64) * torch.arange(1, len(SIZES) + 1)[:, None]
+    moved = dict(inputs, frac_coords=torch.remainder(inputs["frac_coords"] + shift[inputs["batch"]], 1.0))
+    assert_outputs_close(out, net(**moved))
+
+
+@pytest.mark.parametrize("mode", ["equicsp", "diffcsp"])
+def test_integer_shift_of_single_atoms(mode):
+    """f_i → f_i + k with k ∈ Z³ per atom (unwrapped) leaves every output unchanged."""
+    net, inputs = make_net(mode), random_inputs(mode)
+    shifts = torch.randint(-3, 4, inputs["frac_coords"].shape, generator=torch.Generator().manual_seed(4))
+    assert_outputs_close(net(**inputs), net(**dict(inputs, frac_coords=inputs["frac_coords"] + shifts)))
+
+
+def random_orthogonal(seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q
+
+
+def test_diffcsp_o3_equivariance():
+    """DiffCSP: L → L R (R ∈ O(3), both determinants) gives ε̂_L → ε̂_L R and leaves ε̂_F unchanged."""
+    net, inputs = make_net("diffcsp"), random_inputs("diffcsp")
+    out = net(**inputs)
+    for seed in (0, 1):
+        rotation = random_orthogonal(seed)
+        if seed == 1:
+            rotation = rotation * torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)  # flip the determinant
+        rotated = net(**dict(inputs, lattice=inputs["lattice"] @ rotation))
+        torch.testing.assert_close(rotated.lattice, out.lattice @ rotation, atol=TOL, rtol=TOL)
+        torch.testing.assert_close(rotated.coord, out.coord, atol=TOL, rtol=TOL)
+
+
+def test_equicsp_o3_invariance():
+    """EquiCSP: C computed from a rotated/reflected lattice matrix equals C of the original, so outputs are
+    invariant."""
+    inputs = random_inputs("diffcsp")
+    matrices = inputs["lattice"]
+    c_original = lattice_to_equicsp(*parameters_from_lattice(matrices))
+    rotation = random_orthogonal(2) * torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
+    c_rotated = lattice_to_equicsp(*parameters_from_lattice(matrices @ rotation))
+    torch.testing.assert_close(c_rotated, c_original, atol=1e-9, rtol=1e-9)
+    net = make_net("equicsp")
+    equicsp_inputs = dict(inputs, lattice=c_original)
+    assert_outputs_close(net(**equicsp_inputs), net(**dict(equicsp_inputs, lattice=c_rotated)))
+
+
+@pytest.mark.parametrize("mode", ["equicsp", "diffcsp"])
+def test_batch_independence(mode):
+    """A crystal's outputs are the same alone as in a batch with others."""
+    net, inputs = make_net(mode), random_inputs(mode)
+    out = net(**inputs)
+    offsets = torch.cumsum(inputs["num_atoms"], 0) - inputs["num_atoms"]
+    for c, n in enumerate(SIZES):
+        atoms = slice(int(offsets[c]), int(offsets[c]) + n)
+        alone = net(
+            atomic_numbers=inputs["atomic_numbers"][atoms], frac_coords=inputs["frac_coords"][atoms],
+            lattice=inputs["lattice"][c:c + 1], t=inputs["t"][c:c + 1], num_atoms=inputs["num_atoms"][c:c + 1],
+            batch=torch.zeros(n, dtype=torch.long),
+        )
+        torch.testing.assert_close(alone.coord, out.coord[atoms], atol=TOL, rtol=TOL)
+        torch.testing.assert_close(alone.lattice, out.lattice[c:c + 1], atol=TOL, rtol=TOL)
+
+
+def permuted_inputs(inputs, perm_index: int):
+    """Relabel the lattice vectors of every crystal with PERMUTATIONS[perm_index] (C and F together)."""
+    b = len(inputs["num_atoms"])
+    crystal_perm = torch.full((b,), perm_index)
+    atom_perm = torch.full((inputs["frac_coords"].shape[0],), perm_index)
+    return dict(inputs, lattice=permute_axes(inputs["lattice"], crystal_perm),
+                frac_coords=permute_axes(inputs["frac_coords"], atom_perm)), crystal_perm, atom_perm
+
+
+def relative_discrepancy(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+def test_lattice_permutation_relabels_the_same_crystal():
+    """Permuting lengths and angles with the same P and F's columns with it leaves the Cartesian crystal
+    (its Gram matrix up to relabelling and its interatomic distances) unchanged."""
+    inputs = random_inputs("equicsp", sizes=[4])
+    lengths, angles = inputs["lattice"][:, :3].exp(), torch.rad2deg(torch.arctan(inputs["lattice"][:, 3:]) + torch.pi / 2)
+    lattice = lattice_from_parameters(lengths, angles)[0]
+    cart = inputs["frac_coords"] @ lattice
+    for p in range(1, 6):
+        moved, _, atom_perm = permuted_inputs(inputs, p)
+        lengths_p = moved["lattice"][:, :3].exp()
+        angles_p = torch.rad2deg(torch.arctan(moved["lattice"][:, 3:]) + torch.pi / 2)
+        cart_p = moved["frac_coords"] @ lattice_from_parameters(lengths_p, angles_p)[0]
+        torch.testing.assert_close(torch.cdist(cart_p, cart_p), torch.cdist(cart, cart), atol=1e-9, rtol=1e-9)
+
+
+def test_diffcsp_is_not_lattice_permutation_equivariant():
+    """DiffCSP's network changes its prediction arbitrarily when the lattice vectors are relabelled."""
+    net, inputs = make_net("diffcsp"), random_inputs("diffcsp")
+    out = net(**inputs)
+    for p in range(1, 6):
+        matrix = torch.eye(3, dtype=torch.float64)[list(PERMUTATIONS[p])]
+        perm_atoms = torch.full((inputs["frac_coords"].shape[0],), p)
+        moved = dict(inputs, lattice=matrix @ inputs["lattice"], frac_coords=permute_axes(inputs["frac_coords"], perm_atoms))
+        out_p = net(**moved)
+        assert relative_discrepancy(out_p.coord, permute_axes(out.coord, perm_atoms)) > 1e-2
+
+
+def symmetrised_model(seed: int = 0) -> CrystalDiffusion:
+    torch.manual_seed(seed)
+    return CrystalDiffusion(small_config("equicsp"), DiffusionConfig(lattice_perm="symmetrised")).double()
+
+
+def test_symmetrised_equicsp_is_exactly_lattice_permutation_equivariant():
+    """ε̂^sym(PC, FPᵀ) = P ε̂^sym(C, F) for all five non-identity P (and the plain net is not)."""
+    model, inputs = symmetrised_model(), random_inputs("equicsp")
+    out = model.denoise(**inputs)
+    raw = model.net(**inputs)
+    for p in range(1, 6):
+        moved, crystal_perm, atom_perm = permuted_inputs(inputs, p)
+        out_p = model.denoise(**moved)
+        torch.testing.assert_close(out_p.lattice, permute_axes(out.lattice, crystal_perm), atol=TOL, rtol=TOL)
+        torch.testing.assert_close(out_p.coord, permute_axes(out.coord, atom_perm), atol=TOL, rtol=TOL)
+        torch.testing.assert_close(out_p.score, permute_axes(out.score, atom_perm), atol=TOL, rtol=TOL)
+        raw_p = model.net(**moved)
+        assert relative_discrepancy(raw_p.coord, permute_axes(raw.coord, atom_perm)) > 1e-2
+
+
+def test_symmetrised_keeps_the_other_symmetries():
+    """Symmetrisation preserves periodic-translation invariance."""
+    model, inputs = symmetrised_model(), random_inputs("equicsp")
+    shift = torch.tensor([0.37, -0.81, 1.26], dtype=torch.float64)
+    assert_outputs_close(model.denoise(**inputs), model.denoise(**dict(inputs, frac_coords=inputs["frac_coords"] + shift)))
+
+
+class _Symmetrised(torch.nn.Module):
+    """An exactly equivariant stand-in for the network: the symmetrised prediction of a given model."""
+
+    def __init__(self, model: CrystalDiffusion) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model.denoise(*args[:6], graph=None)
+
+
+def test_regulariser_vanishes_for_an_equivariant_network():
+    """L_pC + L_pF is ~0 when the network is exactly equivariant, and clearly positive for the raw network."""
+    from equicsp_core.crystal import Crystal, CrystalBatch
+
+    gen = torch.Generator().manual_seed(5)
+    crystals = [
+        Crystal.from_arrays(torch.randint(1, 90, (n,), generator=gen), torch.rand(n, 3, generator=gen, dtype=torch.float64),
+                            torch.diag(torch.tensor([3.0, 4.0, 5.0], dtype=torch.float64)) + 0.3 * torch.rand(3, 3, generator=gen, dtype=torch.float64))
+        for n in SIZES
+    ]
+    batch = CrystalBatch.collate(crystals, dtype=torch.float64)
+    torch.manual_seed(0)
+    regularised = CrystalDiffusion(small_config("equicsp"), DiffusionConfig(lattice_perm="regularised")).double()
+    raw_terms = regularised.loss(batch, torch.Generator().manual_seed(0))
+    assert raw_terms["perm_lattice"] + raw_terms["perm_coord"] > 1e-3
+    regularised.net = _Symmetrised(symmetrised_model())
+    terms = regularised.loss(batch, torch.Generator().manual_seed(0))
+    assert float(terms["perm_lattice"]) < 1e-20 and float(terms["perm_coord"]) < 1e-20

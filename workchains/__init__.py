@@ -1,0 +1,1 @@
+"""AiiDA work chains of aiida-equicsp, installed as ``aiida_equicsp.workchains`` (not implemented yet)."""
