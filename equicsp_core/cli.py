@@ -2,6 +2,7 @@
 
     equicsp train --preset perov_5-cpu --out runs/perov_5 [--set train.epochs=100] [--resume] [--max-minutes 60]
     equicsp sample --checkpoint runs/perov_5/best.pt --formula SrTiO3 --num-samples 4 --out out/
+    equicsp evaluate --checkpoint runs/perov_5/best.pt --dataset perov_5 --limit 200 --steps 100 --out eval.json
     equicsp info runs/perov_5/best.pt
     equicsp tables --out tables.pt
 
@@ -80,6 +81,31 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from equicsp_core.checkpoint import load_model
+    from equicsp_core.evaluate import evaluate
+
+    indices = None
+    if args.indices:
+        text = Path(args.indices).read_text()
+        try:
+            indices = [int(token) for token in text.replace(",", " ").split()]
+        except ValueError as error:
+            raise ValueError(f"{args.indices}: indices must be integers ({error})") from error
+    model, card = load_model(args.checkpoint, args.device)
+    report = evaluate(model, args.dataset, args.split, args.limit, indices, args.num_samples, args.steps, args.step_lr,
+                      args.seed, args.batch_size, args.processes, args.data_dir, progress=not args.quiet)
+    report["checkpoint"] = {"path": str(args.checkpoint), "dataset": card.get("dataset"), "epochs": card.get("epochs")}
+    text = json.dumps(report, indent=1)
+    if args.out:
+        out = Path(args.out)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
+    print(text)
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from equicsp_core.checkpoint import read_checkpoint
 
@@ -126,6 +152,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="output folder (CIF files + index.json)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="match rate and RMSE on a benchmark split (the papers' protocol)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or shipped name")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--split", default="test")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--limit", type=int, default=None, help="first N crystals of the split")
+    group.add_argument("--indices", default=None, help="file of row indices (whitespace or comma separated)")
+    p.add_argument("--num-samples", type=int, default=1, help="k samples per crystal (1 or 20 in the papers)")
+    p.add_argument("--steps", type=int, default=None, help="predictor-corrector steps (default: the model's T)")
+    p.add_argument("--step-lr", type=float, default=5e-6, help="Langevin step scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--processes", type=int, default=None, help="worker processes for matching (default: all cores)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("info", help="print a checkpoint's model card")
     p.add_argument("checkpoint")

@@ -291,3 +291,45 @@ def test_bad_sample_input_exits_2_and_writes_nothing(checkpoint, tmp_path, capsy
     assert "error" in err and named in err
     assert not out.exists()
     assert not list(tmp_path.glob(".equicsp-*"))
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluate
+
+
+def test_evaluate_writes_a_report(checkpoint, tmp_path, capsys):
+    """`evaluate` on 4 fixture crystals writes a JSON report with the protocol's fields."""
+    out = tmp_path / "eval.json"
+    assert run_cli("evaluate", "--checkpoint", checkpoint, "--dataset", "perov_5", "--limit", 4, "--steps", 3,
+                   "--processes", 1, "--out", out) == 0
+    report = json.loads(out.read_text())
+    assert report["crystals"] == 4 and report["total"] == 4 and report["num_samples"] == 1
+    assert 0 <= report["match_rate"] <= 100 and report["steps"] == 3
+    assert {"torch", "pymatgen", "smact"} <= set(report["versions"])
+
+
+def test_evaluate_with_explicit_indices(checkpoint, tmp_path):
+    """An index file selects rows; the report lists them."""
+    indices = tmp_path / "rows.txt"
+    indices.write_text("3, 1\n7")
+    out = tmp_path / "eval.json"
+    assert run_cli("evaluate", "--checkpoint", checkpoint, "--dataset", "perov_5", "--indices", indices,
+                   "--steps", 2, "--processes", 1, "--out", out) == 0
+    assert json.loads(out.read_text())["rows"] == [3, 1, 7]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--dataset", "nope"), "unknown dataset"),
+        (("--dataset", "perov_5", "--num-samples", 0), "num_samples"),
+        (("--dataset", "perov_5", "--steps", 0), "steps"),
+        (("--dataset", "perov_5", "--limit", 0), "limit"),
+    ],
+)
+def test_evaluate_bad_input(checkpoint, tmp_path, capsys, args, message):
+    """Bad evaluation settings exit 2 with a message naming the problem and write no report."""
+    out = tmp_path / "eval.json"
+    assert run_cli("evaluate", "--checkpoint", checkpoint, *args, "--out", out) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
