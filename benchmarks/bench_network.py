@@ -74,9 +74,12 @@ def plain_matmul_gflops(dtype: torch.dtype = torch.float32) -> float:
 
 def run_single(args: argparse.Namespace) -> dict:
     from equicsp_core.network import CSPNet, DenoiserConfig
+    from equicsp_core.runtime import keep_freed_memory
     from tests.reference_network import ReferenceCSPNet
 
     torch.set_num_threads(args.threads)
+    if not args.default_allocator:
+        keep_freed_memory()
     torch.manual_seed(0)
     config = CONFIGS[args.config]
     denoiser = DenoiserConfig(mode=args.mode, **config)
@@ -116,6 +119,7 @@ def run_single(args: argparse.Namespace) -> dict:
     return {
         "dataset": args.dataset, "config": args.config, "mode": args.mode, "impl": args.impl,
         "precision": args.precision, "direction": args.direction, "threads": args.threads,
+        "allocator": "glibc default" if args.default_allocator else "keep_freed_memory",
         "atoms": int(crystals.num_atoms.sum()), "edges": int((crystals.num_atoms**2).sum()),
         "crystals_per_s": round(crystals.num_crystals / seconds, 2), "seconds": round(seconds, 4),
         "gflops": round(flops / seconds / 1e9, 1), "official_equivalent_gflops": round(official / seconds / 1e9, 1),
@@ -134,6 +138,8 @@ def main() -> None:
     parser.add_argument("--impls", nargs="+", default=["reference", "fast"], choices=["reference", "fast"])
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     parser.add_argument("--out", help="append JSON lines here")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's malloc thresholds alone (the library's CLI raises them)")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dataset", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -162,7 +168,7 @@ def main() -> None:
                             command = [sys.executable, __file__, "--single", "--dataset", dataset, "--config", config,
                                        "--mode", mode, "--impl", impl, "--precision", precision, "--direction", direction,
                                        "--threads", str(args.threads), "--batch-size", str(args.batch_size),
-                                       "--iters", str(args.iters)]
+                                       "--iters", str(args.iters)] + (["--default-allocator"] if args.default_allocator else [])
                             result = subprocess.run(command, capture_output=True, text=True, check=True)
                             line = json.loads(result.stdout.strip().splitlines()[-1])
                             line["fraction_of_matmul"] = round(line["gflops"] / header[f"plain_matmul_gflops_{precision}"], 2)

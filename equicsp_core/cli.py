@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from equicsp_core.config import preset_names
+from equicsp_core.runtime import keep_freed_memory
 
 
 def _threads(value: int | None) -> None:
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         _threads(args.threads)
         return args.func(args)

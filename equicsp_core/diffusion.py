@@ -153,7 +153,10 @@ class CrystalDiffusion(nn.Module):
             return self._equicsp_loss(crystals, generator)
         return self._diffcsp_loss(crystals, generator)
 
-    def _draw(self, crystals: CrystalBatch, lattice_dims: tuple[int, ...], generator: torch.Generator | None):
+    def _draw(
+        self, crystals: CrystalBatch, lattice_dims: tuple[int, ...], generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Time steps ``(B,)``, lattice noise ``(B, *lattice_dims)`` and coordinate noise ``z`` ``(N, 3)``."""
         device, dtype = crystals.frac_coords.device, crystals.frac_coords.dtype
         num_crystals = crystals.num_crystals
         t = torch.randint(1, self.config.num_steps + 1, (num_crystals,), generator=generator, device=device)

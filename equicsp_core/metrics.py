@@ -20,9 +20,12 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import reduce
 from multiprocessing import get_context
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pymatgen.analysis.structure_matcher import StructureMatcher
 
 MIN_DISTANCE = 0.5  # Å
 MIN_VOLUME = 0.1  # Å³
@@ -77,7 +80,7 @@ def is_valid(structure) -> bool:
     return structural_validity(structure) and compositional_validity(structure.atomic_numbers)
 
 
-def _matcher():
+def _matcher() -> StructureMatcher:
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
     return StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,6 +12,9 @@ from equicsp_core.diffusion import CrystalDiffusion
 from equicsp_core.sampler import DEFAULT_STEP_LR, sample
 from equicsp_core.vonmises_tables import MAX_TABLE_ATOMS
 
+if TYPE_CHECKING:
+    from pymatgen.core import Structure
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -18,7 +22,7 @@ class Candidate:
 
     formula: str
     sample_index: int
-    structure: object | None
+    structure: Structure | None
 
 
 def parse_formula(formula: str, max_atoms: int = MAX_TABLE_ATOMS) -> list[int]:

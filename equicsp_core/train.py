@@ -18,6 +18,7 @@ import json
 import math
 import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ def training_splits(
     return train, val, provenance
 
 
-def _batches(crystals: list[Crystal], batch_size: int, order: list[int]):
+def _batches(crystals: list[Crystal], batch_size: int, order: list[int]) -> Iterator[CrystalBatch]:
     for start in range(0, len(order), batch_size):
         yield CrystalBatch.collate([crystals[i] for i in order[start:start + batch_size]])
 
@@ -83,7 +84,7 @@ def validation_loss(
     return total / max(count, 1)
 
 
-def _autocast(device: torch.device, precision: str):
+def _autocast(device: torch.device, precision: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
@@ -186,7 +187,14 @@ def train(
     return {"out_dir": str(out_dir), **state}
 
 
-def _save_resume(path: Path, model, optimizer, scheduler, generator: torch.Generator, state: dict) -> None:
+def _save_resume(
+    path: Path,
+    model: CrystalDiffusion,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
+    generator: torch.Generator,
+    state: dict,
+) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"model": model.net.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "progress": state}, tmp)
