@@ -56,7 +56,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model, _ = load_model(args.checkpoint, args.device)
     step_lr = args.step_lr
     candidates = predict_structures(model, args.formula, args.num_samples, args.steps, step_lr, args.seed,
-                                    args.batch_size, progress=not args.quiet)
+                                    args.batch_size, progress=not args.quiet, lattice_bound=args.lattice_bound)
     out = Path(args.out)
     # Write into a temporary folder first so a failure leaves nothing half-written behind.
     staging = Path(tempfile.mkdtemp(prefix=".equicsp-", dir=out.parent if out.parent.exists() else None))
@@ -95,7 +95,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.indices}: indices must be integers ({error})") from error
     model, card = load_model(args.checkpoint, args.device)
     report = evaluate(model, args.dataset, args.split, args.limit, indices, args.num_samples, args.steps, args.step_lr,
-                      args.seed, args.batch_size, args.processes, args.data_dir, progress=not args.quiet)
+                      args.seed, args.batch_size, args.processes, args.data_dir, progress=not args.quiet,
+                      lattice_bound=args.lattice_bound)
     report["checkpoint"] = {"path": str(args.checkpoint), "dataset": card.get("dataset"), "epochs": card.get("epochs")}
     text = json.dumps(report, indent=1)
     if args.out:
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--steps", type=int, default=None, help="predictor-corrector steps (default: the model's T)")
     p.add_argument("--step-lr", type=float, default=5e-6, help="Langevin step scale")
+    p.add_argument("--lattice-bound", type=float, default=None,
+                   help="clamp of the predicted clean lattice (default: the mode's; inf = the papers' update)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu")
@@ -164,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, help="k samples per crystal (1 or 20 in the papers)")
     p.add_argument("--steps", type=int, default=None, help="predictor-corrector steps (default: the model's T)")
     p.add_argument("--step-lr", type=float, default=5e-6, help="Langevin step scale")
+    p.add_argument("--lattice-bound", type=float, default=None,
+                   help="clamp of the predicted clean lattice (default: the mode's; inf = the papers' update)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--processes", type=int, default=None, help="worker processes for matching (default: all cores)")

@@ -60,6 +60,7 @@ def predict_structures(
     seed: int = 0,
     batch_size: int = 256,
     progress: bool = False,
+    lattice_bound: float | None = None,
 ) -> list[Candidate]:
     """Sample ``num_samples`` structures per formula, in batches of ``batch_size`` crystals.
 
@@ -80,7 +81,8 @@ def predict_structures(
         chunk = jobs[start:start + batch_size]
         numbers = torch.tensor([z for _, _, zs in chunk for z in zs])
         counts = torch.tensor([len(zs) for _, _, zs in chunk])
-        result = sample(model, numbers, counts, steps=steps, step_lr=step_lr, generator=generator, progress=progress)
+        result = sample(model, numbers, counts, steps=steps, step_lr=step_lr, generator=generator, progress=progress,
+                        lattice_bound=lattice_bound)
         for (formula, index, _), crystal in zip(chunk, result.crystals()):
             candidates.append(Candidate(formula, index, crystal.to_structure() if crystal is not None else None))
     return candidates

@@ -23,6 +23,10 @@ from equicsp_core.torus import com_free_direction, wrap_unit
 #: Default Langevin step scale γ (``step_lr``) of EquiCSP's evaluate script, every dataset.
 DEFAULT_STEP_LR = 5e-6
 
+#: Bound on the predicted clean lattice x̂₀ per mode: EquiCSP's C (log-lengths and −cot angles; ±7 is
+#: 1 mÅ–1 km and 8°–172°), DiffCSP's matrix entries in Å.
+LATTICE_X0_BOUND = {"equicsp": 7.0, "diffcsp": 1000.0}
+
 
 def time_grid(num_steps: int, total_steps: int) -> list[int]:
     """Descending integer times ``t_K > … > t_1 ≥ 1`` (``t_K = T``), ``K = num_steps``, evenly spaced."""
@@ -69,6 +73,7 @@ def sample(
     step_lr: float = DEFAULT_STEP_LR,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    lattice_bound: float | None = None,
 ) -> SampleResult:
     """Sample one structure per composition.
 
@@ -79,6 +84,9 @@ def sample(
         steps: number of predictor–corrector steps (default: T, the papers' sampler).
         step_lr: Langevin step scale γ.
         generator: source of all randomness (same seed ⇒ same samples).
+        lattice_bound: clamp the lattice's predicted clean value x̂₀ to ±bound in the DDPM step (ours, see
+            :func:`_lattice_step`); ``None`` takes :data:`LATTICE_X0_BOUND` of the model's mode,
+            ``math.inf`` gives the papers' unclamped update.
 
     Returns:
         A :class:`SampleResult`; fractional coordinates in [0, 1).
@@ -92,6 +100,8 @@ def sample(
         raise ValueError("every crystal needs at least one atom")
     if int(num_atoms.sum()) != atomic_numbers.shape[0]:
         raise ValueError(f"num_atoms sums to {int(num_atoms.sum())} but {atomic_numbers.shape[0]} atoms were given")
+    if lattice_bound is None:
+        lattice_bound = LATTICE_X0_BOUND[model.mode]
     schedules = model.schedules
     total = schedules.num_steps
     grid = time_grid(total if steps is None else steps, total) + [0]
@@ -124,11 +134,8 @@ def sample(
         frac = frac_half - variance_step * d + (sigma_prev**2 * variance_step / sigma**2) ** 0.5 * noise(frac.shape)
         frac = torch.remainder(frac, 1.0)
 
-        alpha_bar, alpha_bar_prev = float(alpha_bars[t]), float(alpha_bars[t_prev])
-        alpha = alpha_bar / alpha_bar_prev
-        beta = 1 - alpha
-        posterior_std = (beta * (1 - alpha_bar_prev) / (1 - alpha_bar)) ** 0.5
-        lattice = (lattice - beta / (1 - alpha_bar) ** 0.5 * out.lattice) / alpha**0.5 + posterior_std * noise(lattice_shape)
+        lattice = _lattice_step(lattice, out.lattice, float(alpha_bars[t]), float(alpha_bars[t_prev]), lattice_bound)
+        lattice = lattice + _posterior_std(float(alpha_bars[t]), float(alpha_bars[t_prev])) * noise(lattice_shape)
 
     if model.mode == "equicsp":
         lengths, angles = equicsp_to_lattice(lattice)
@@ -157,3 +164,26 @@ def _coord_direction(
     neg_score = out.score * kappa_norm.to(out.score).sqrt()[batch, None]
     eps_bar = torch.remainder((out.coord * sample_norm.to(out.coord).sqrt()[batch, None]).clamp(-0.5, 0.5), 1.0)
     return com_free_direction(neg_score, eps_bar, batch, num_atoms)
+
+
+def _lattice_step(
+    lattice: torch.Tensor, noise_pred: torch.Tensor, alpha_bar: float, alpha_bar_prev: float, bound: float
+) -> torch.Tensor:
+    """Posterior mean of the DDPM step ``t → t_prev`` (any gap), through the predicted clean lattice.
+
+    ``x̂₀ = (x_t − sqrt(1 − ᾱ_t) ε̂)/sqrt(ᾱ_t)``, clamped to ±bound, then
+    ``μ = sqrt(ᾱ_prev) β/(1 − ᾱ_t) · x̂₀ + sqrt(α)(1 − ᾱ_prev)/(1 − ᾱ_t) · x_t`` with ``α = ᾱ_t/ᾱ_prev``,
+    ``β = 1 − α``. Unclamped this equals the papers' ``(x_t − β/sqrt(1 − ᾱ_t) ε̂)/sqrt(α)``. The clamp is
+    ours: near t = T, ᾱ_t is ~1e-10, so a jump of several steps multiplies the error of ε̂ by
+    ``1/sqrt(α)`` (≈ 1000 for T → T − 10) and the lattice diverges; a bounded x̂₀ prevents that.
+    """
+    alpha = alpha_bar / alpha_bar_prev
+    beta = 1 - alpha
+    clean = ((lattice - (1 - alpha_bar) ** 0.5 * noise_pred) / alpha_bar**0.5).clamp(-bound, bound)
+    return (alpha_bar_prev**0.5 * beta * clean + alpha**0.5 * (1 - alpha_bar_prev) * lattice) / (1 - alpha_bar)
+
+
+def _posterior_std(alpha_bar: float, alpha_bar_prev: float) -> float:
+    """``σ̃ = sqrt(β (1 − ᾱ_prev)/(1 − ᾱ_t))`` of the step ``t → t_prev``."""
+    beta = 1 - alpha_bar / alpha_bar_prev
+    return (beta * (1 - alpha_bar_prev) / (1 - alpha_bar)) ** 0.5

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from pymatgen.analysis.structure_matcher import StructureMatcher
@@ -126,3 +128,28 @@ def test_canonical_lattice_of_sample_matches_its_parameters():
     result = sample(model, torch.tensor([8, 8]), torch.tensor([2]), steps=1000, generator=torch.Generator().manual_seed(3))
     lattice = lattice_from_parameters(result.batch.lengths.double(), result.batch.angles.double())
     assert torch.isfinite(lattice).all()
+
+
+def test_lattice_step_unclamped_is_the_papers_update():
+    """Without a bound, the x̂₀ form equals (x_t − β/sqrt(1 − ᾱ_t) ε̂)/sqrt(α) for any gap t → t_prev."""
+    from equicsp_core.sampler import _lattice_step
+
+    gen = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(4, 6, generator=gen, dtype=torch.float64), torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    schedules = CrystalDiffusion(TINY).schedules
+    for t, t_prev in [(1000, 999), (1000, 990), (500, 400), (2, 1), (1, 0)]:
+        alpha_bar, alpha_bar_prev = float(schedules.alphas_cumprod[t]), float(schedules.alphas_cumprod[t_prev])
+        alpha = alpha_bar / alpha_bar_prev
+        papers = (x - (1 - alpha) / (1 - alpha_bar) ** 0.5 * eps) / alpha**0.5
+        torch.testing.assert_close(_lattice_step(x, eps, alpha_bar, alpha_bar_prev, math.inf), papers, rtol=1e-9, atol=1e-9)
+
+
+def test_bounded_lattice_step_keeps_few_step_sampling_finite():
+    """With a poor noise prediction, a 10-step sampler diverges unbounded but stays finite with the bound."""
+    torch.manual_seed(0)
+    model = CrystalDiffusion(TINY).eval()
+    numbers, counts = torch.tensor([38, 22, 8, 8, 8] * 4), torch.full((4,), 5)
+    bounded = sample(model, numbers, counts, steps=10, generator=torch.Generator().manual_seed(0))
+    unbounded = sample(model, numbers, counts, steps=10, generator=torch.Generator().manual_seed(0), lattice_bound=math.inf)
+    assert torch.isfinite(bounded.batch.lengths).all() and bounded.batch.lengths.max() <= 1100
+    assert not unbounded.finite.all()
