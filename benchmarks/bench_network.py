@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -26,6 +25,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from equicsp_core.train import cpu_model  # noqa: E402
 
 CONFIGS = {
     "full": {"hidden_dim": 512, "num_layers": 6, "num_freqs": 128},
@@ -153,7 +154,7 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
-    header = {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": str(torch.__version__),
+    header = {"cpu": cpu_model(), "threads": args.threads, "torch": str(torch.__version__),
               "plain_matmul_gflops_fp32": round(plain_matmul_gflops(), 1),
               "plain_matmul_gflops_bf16": round(plain_matmul_gflops(torch.bfloat16), 1),
               "date": time.strftime("%Y-%m-%d")}

@@ -201,6 +201,17 @@ def _save_resume(
     tmp.replace(path)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the machine architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def _card(config: RunConfig, provenance: dict, state: dict, device: torch.device) -> dict[str, Any]:
     return {
         "dataset": config.dataset,
@@ -209,8 +220,7 @@ def _card(config: RunConfig, provenance: dict, state: dict, device: torch.device
         "epochs": state["best_epoch"],
         "val_loss": state["best_val_loss"],
         "train_seconds": round(state["train_seconds"], 1),
-        "device": str(device) if device.type != "cpu" else f"cpu ({platform.processor() or platform.machine()}, "
-                                                           f"{torch.get_num_threads()} threads)",
+        "device": str(device) if device.type != "cpu" else f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)",
         "torch": str(torch.__version__),
         "equicsp": equicsp_core.__version__,
         "date": dt.date.today().isoformat(),

@@ -156,13 +156,13 @@ def test_inverse_bessel_ratio_clamps_uninformative_mean_cosine():
 
 @pytest.mark.parametrize("n", [2, 5])
 def test_shipped_rows_are_reproducible(tables, n):
-    """tables_for(n, σ-slice, 2·10⁵, seed n) reproduces the shipped row n exactly (common random numbers per σ)."""
+    """tables_for(n, σ-slice, 2·10⁵, seed n) reproduces the shipped row n (common random numbers per σ) to
+    1e-9 relative: the same draws, summed in a thread-count-dependent order; another seed differs by ~1e-3."""
     columns = torch.arange(0, tables.log_sigma.numel(), 12)  # 11 σ from 1e-3 to 1
     sigmas = torch.exp(tables.log_sigma)[columns]
     kappa, kappa_norm, sample_norm = tables_for(n, sigmas, 200_000, torch.Generator().manual_seed(0 * 1000 + n))
-    assert torch.equal(kappa, tables.kappa[n, columns])
-    assert torch.equal(kappa_norm, tables.kappa_norm[n, columns])
-    assert torch.equal(sample_norm, tables.sample_norm[n, columns])
+    for got, shipped in ((kappa, tables.kappa), (kappa_norm, tables.kappa_norm), (sample_norm, tables.sample_norm)):
+        torch.testing.assert_close(got, shipped[n, columns], rtol=1e-9, atol=0)
 
 
 def test_tables_for_depends_on_seed(tables):

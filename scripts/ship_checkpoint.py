@@ -1,0 +1,67 @@
+"""Ship a trained model with the package: weights + model card (with its evaluation reports).
+
+    python scripts/ship_checkpoint.py training/perov_5-cpu/best.pt perov_5 --eval eval_full_100.json eval_500_1000.json
+
+Writes ``equicsp_core/checkpoints/<name>.pt`` (weights only, loadable with ``weights_only=True``) and
+``equicsp_core/checkpoints/<name>.md`` (the card for humans). The evaluation JSONs are the reports of
+``equicsp evaluate`` on this very checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from equicsp_core.checkpoint import SHIPPED_DIR, read_checkpoint
+
+
+def card_markdown(name: str, payload: dict) -> str:
+    card = payload["card"]
+    parameters = sum(v.numel() for v in payload["state_dict"].values())
+    lines = [
+        f"# Model card: `{name}`",
+        "",
+        f"- dataset: **{card['dataset']}** ({card['protocol']})",
+        f"- model: {payload['denoiser']['mode']}, hidden {payload['denoiser']['hidden_dim']}, "
+        f"{payload['denoiser']['num_layers']} layers, {payload['denoiser']['num_freqs']} frequencies, "
+        f"{parameters:,} parameters; lattice permutation: {payload['diffusion']['lattice_perm']}",
+        f"- trained: {card['epochs']} epochs (best validation loss {card['val_loss']:.4f}), "
+        f"{card['train_seconds'] / 3600:.2f} h on {card['device']}, torch {card['torch']}, {card['date']}",
+        f"- data sha256: {json.dumps(card['data_sha256'])}",
+        f"- training settings: `{json.dumps(card['config']['train'])}`",
+        "",
+        "## Scores (CSP, the papers' protocol, `equicsp evaluate`)",
+        "",
+        "| split | crystals | k | steps | step_lr | match rate % | RMSE | sampling s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for report in card.get("evaluations", []):
+        rmse = f"{report['rmse']:.4f}" if report["rmse"] is not None else "–"
+        lines.append(f"| {report['split']} | {report['crystals']} | {report['num_samples']} | {report['steps']} | "
+                     f"{report['step_lr']} | {report['match_rate']:.2f} | {rmse} | {report['sampling_seconds']} |")
+    lines += ["", "Reproduce: `equicsp evaluate --checkpoint " + name + " --dataset " + card["dataset"] + " ...` "
+              "with the settings of each row (seed 0)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("name")
+    parser.add_argument("--eval", nargs="*", default=[], help="evaluate reports (JSON) of this checkpoint")
+    args = parser.parse_args()
+    payload = read_checkpoint(args.checkpoint)
+    payload["card"]["evaluations"] = [json.loads(Path(path).read_text()) for path in args.eval]
+    SHIPPED_DIR.mkdir(parents=True, exist_ok=True)
+    target = SHIPPED_DIR / f"{args.name}.pt"
+    torch.save(payload, target)
+    read_checkpoint(target)  # must load back with weights_only=True
+    (SHIPPED_DIR / f"{args.name}.md").write_text(card_markdown(args.name, payload))
+    print(f"shipped {target} ({target.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
