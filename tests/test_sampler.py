@@ -153,3 +153,17 @@ def test_bounded_lattice_step_keeps_few_step_sampling_finite():
     unbounded = sample(model, numbers, counts, steps=10, generator=torch.Generator().manual_seed(0), lattice_bound=math.inf)
     assert torch.isfinite(bounded.batch.lengths).all() and bounded.batch.lengths.max() <= 1100
     assert not unbounded.finite.all()
+
+
+def test_bf16_sampling_path_returns_the_crystal_and_refuses_unknown_precision():
+    """The bf16 path (autocast around the network, outputs cast back) still recovers the crystal with the
+    exact denoiser; an unknown precision is refused. (bf16 accuracy on a trained model: BENCHMARKS.md.)"""
+    crystal, copies = perovskite(), 2
+    model = CrystalDiffusion(DenoiserConfig(hidden_dim=8, num_layers=1, num_freqs=2), DiffusionConfig(lattice_perm="none"))
+    model.net = Oracle(model, crystal, copies)
+    numbers, counts = crystal.atomic_numbers.repeat(copies), torch.full((copies,), crystal.num_atoms)
+    result = sample(model, numbers, counts, steps=50, generator=torch.Generator().manual_seed(0), precision="bf16")
+    matcher = StructureMatcher()
+    assert all(got is not None and matcher.fit(got.to_structure(), crystal.to_structure()) for got in result.crystals())
+    with pytest.raises(ValueError, match="precision"):
+        sample(model, numbers, counts, steps=2, precision="fp16")
