@@ -1,3 +1,11 @@
-"""AiiDA plugin for EquiCSP (not implemented yet: see the README's status section)."""
+"""AiiDA plugin for EquiCSP: the model as data, ``equicsp sample`` as a calculation job, its parser, protocols.
+
+- ``aiida_equicsp.data.model.EquiCSPModelData`` (entry point ``equicsp.model``): a checkpoint file;
+- ``aiida_equicsp.calculations.sample.EquiCSPSampleCalculation`` (``equicsp.sample``): runs the ``equicsp``
+  program on any computer; its parser ``aiida_equicsp.parsers.sample.EquiCSPSampleParser`` (``equicsp.sample``);
+- ``aiida_equicsp.utils.get_builder_from_protocol``: a ready builder from ``protocols/sample.yaml``.
+
+Nothing here imports torch except the check of a checkpoint file and of the inputs before submission.
+"""
 
 __version__ = "0.1.0"

@@ -2,26 +2,64 @@
 
     equicsp train --preset perov_5-cpu --out runs/perov_5 [--set train.epochs=100] [--resume] [--max-minutes 60]
     equicsp sample --checkpoint runs/perov_5/best.pt --formula SrTiO3 --num-samples 4 --out out/
+    equicsp sample --checkpoint runs/perov_5/best.pt --input sample.yaml --out out/
     equicsp evaluate --checkpoint runs/perov_5/best.pt --dataset perov_5 --limit 200 --steps 100 --out eval.json
     equicsp info runs/perov_5/best.pt
     equicsp tables --out tables.pt
 
-Errors in user input print one line naming the problem and exit with status 2; no partial output is left.
+Exit statuses: 0 done; 2 bad input: one line ``equicsp <command>: error: ...`` naming the problem, and no
+output is left; 3 out of memory: the line ``equicsp <command>: error: out of memory``.
+
+``equicsp sample`` takes its settings either from flags or from ``--input FILE``, a YAML mapping with the
+keys of :class:`equicsp_core.predict.SampleSettings` (``formulas`` (a list), ``num_samples``, ``steps``
+(null: the model's T), ``step_lr``, ``lattice_bound``, ``seed``, ``batch_size``, ``device``), never both.
+It writes its output folder (which must be new or empty) batch by batch: after each batch, the batch's CIF
+files, then ``index.json``, rewritten atomically, listing every finished candidate; after the last batch,
+``run.json`` with ``"complete": true``. A run stopped part-way (walltime, out of memory) leaves the finished
+batches and no ``run.json``; a run refused for bad input leaves no folder. Error messages about a bad
+composition contain "formula", those about an unusable checkpoint contain "checkpoint".
+
+Test switch: with ``EQUICSP_TEST_FAIL_ONCE=<marker file>`` in the environment, ``equicsp sample`` checks
+its input and then, if the marker file does not exist, creates it and fails exactly as if it had run out
+of memory before sampling (exit 3); if the marker exists it runs normally. Workflow tests use it to
+exercise a failure and its recovery.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
 import sys
-import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
+from equicsp_core import __version__
 from equicsp_core.config import preset_names
+from equicsp_core.predict import Candidate, SampleSettings, predict_batches
 from equicsp_core.runtime import keep_freed_memory
+
+EXIT_BAD_INPUT = 2
+EXIT_OUT_OF_MEMORY = 3
+
+#: Environment variable of the test switch (see the module docstring).
+TEST_FAIL_ONCE_VARIABLE = "EQUICSP_TEST_FAIL_ONCE"
+
+#: ``equicsp sample`` flag of each :class:`SampleSettings` key.
+SAMPLE_FLAGS = {
+    "formulas": "--formula",
+    "num_samples": "--num-samples",
+    "steps": "--steps",
+    "step_lr": "--step-lr",
+    "lattice_bound": "--lattice-bound",
+    "seed": "--seed",
+    "batch_size": "--batch-size",
+    "device": "--device",
+}
 
 
 def _threads(value: int | None) -> None:
@@ -47,38 +85,95 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    from equicsp_core.checkpoint import load_model
-    from equicsp_core.predict import predict_structures
-
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    model, _ = load_model(args.checkpoint, args.device)
-    step_lr = args.step_lr
-    candidates = predict_structures(model, args.formula, args.num_samples, args.steps, step_lr, args.seed,
-                                    args.batch_size, progress=not args.quiet, lattice_bound=args.lattice_bound)
-    out = Path(args.out)
-    # Write into a temporary folder first so a failure leaves nothing half-written behind.
-    staging = Path(tempfile.mkdtemp(prefix=".equicsp-", dir=out.parent if out.parent.exists() else None))
+def _sample_settings(args: argparse.Namespace) -> SampleSettings:
+    """The run's settings from ``--input FILE`` or from the flags (which must not be mixed)."""
+    given = {key: getattr(args, key) for key in SAMPLE_FLAGS if getattr(args, key) is not None}
+    if args.input is None:
+        if "formulas" not in given:
+            raise ValueError("give the formulas to sample with --formula (repeatable) or an --input file")
+        return SampleSettings.from_mapping(given)
+    if given:
+        raise ValueError(f"--input cannot be combined with {', '.join(SAMPLE_FLAGS[key] for key in given)}")
     try:
-        index = []
-        for cand in candidates:
-            entry = {"formula": cand.formula, "sample": cand.sample_index, "valid": cand.structure is not None, "file": None}
-            if cand.structure is not None:
-                name = f"{cand.formula}_{cand.sample_index:03d}.cif"
-                cand.structure.to(filename=str(staging / name))
-                entry["file"] = name
-            index.append(entry)
-        (staging / "index.json").write_text(json.dumps(
-            {"checkpoint": str(args.checkpoint), "steps": args.steps, "seed": args.seed, "step_lr": step_lr,
-             "samples": index}, indent=1))
-        out.mkdir(parents=True, exist_ok=True)
-        for item in staging.iterdir():
-            shutil.move(str(item), out / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    valid = sum(entry["valid"] for entry in index)
-    print(f"{valid}/{len(index)} valid structures written to {out}")
+        values = yaml.safe_load(Path(args.input).read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"--input {args.input} is not valid YAML ({error})") from error
+    try:
+        return SampleSettings.from_mapping(values)
+    except ValueError as error:
+        raise ValueError(f"--input {args.input}: {error}") from error
+
+
+def _fail_once_if_requested() -> None:
+    """The test switch: on the first run with ``$EQUICSP_TEST_FAIL_ONCE`` set, fail as if out of memory."""
+    marker = os.environ.get(TEST_FAIL_ONCE_VARIABLE)
+    if not marker:
+        return
+    try:
+        Path(marker).open("x").close()
+    except FileExistsError:
+        return
+    raise torch.OutOfMemoryError(f"simulated by {TEST_FAIL_ONCE_VARIABLE} (marker {marker} created)")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _save_batch(out: Path, batch: list[Candidate], header: dict[str, Any], entries: list[dict[str, Any]]) -> None:
+    """Write a finished batch's CIF files, then ``index.json`` listing it after ``entries`` (extended in place)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for cand in batch:
+        entry = {"formula": cand.formula, "sample": cand.sample_index, "valid": cand.structure is not None,
+                 "file": None}
+        if cand.structure is not None:
+            name = f"{cand.formula}_{cand.sample_index:03d}.cif"
+            cand.structure.to(filename=str(out / name))
+            entry["file"] = name
+        entries.append(entry)
+    _write_atomically(out / "index.json", json.dumps({**header, "samples": entries}, indent=1))
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from equicsp_core.checkpoint import CheckpointError, load_model
+
+    settings = _sample_settings(args)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"output folder {out} already exists and is not empty")
+    if torch.device(settings.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {settings.device!r} is not available on this machine")
+    try:
+        model, _ = load_model(args.checkpoint, settings.device)
+    except CheckpointError as error:
+        raise CheckpointError(f"cannot use checkpoint {args.checkpoint}: {error}") from error
+    batches = predict_batches(model, settings.formulas, settings.num_samples, settings.steps, settings.step_lr,
+                              settings.seed, settings.batch_size, progress=not args.quiet,
+                              lattice_bound=settings.lattice_bound)
+    _fail_once_if_requested()
+
+    started = time.perf_counter()
+    header = {"checkpoint": str(args.checkpoint), "steps": settings.steps, "seed": settings.seed,
+              "step_lr": settings.step_lr}
+    entries: list[dict[str, Any]] = []
+    for batch in batches:
+        _save_batch(out, batch, header, entries)
+    valid = sum(entry["valid"] for entry in entries)
+    run = {
+        "complete": True,
+        "requested": len(settings.formulas) * settings.num_samples,
+        "written": len(entries),
+        "valid": valid,
+        "steps": model.schedules.num_steps if settings.steps is None else settings.steps,
+        "batch_size": settings.batch_size,
+        "device": settings.device,
+        "seconds": round(time.perf_counter() - started, 3),
+        "versions": {"equicsp": __version__, "torch": torch.__version__},
+    }
+    _write_atomically(out / "run.json", json.dumps(run, indent=1))
+    print(f"{valid}/{len(entries)} valid structures written to {out}")
     return 0
 
 
@@ -143,18 +238,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="folder of <dataset>/<split>.csv.gz (or $EQUICSP_DATA_DIR)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="predict structures for formulas")
+    p = sub.add_parser("sample", help="predict structures for formulas",
+                       description="Settings come from the flags or from --input, never both.")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or shipped name")
-    p.add_argument("--formula", action="append", required=True, help="cell contents, e.g. SrTiO3 (repeatable)")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--steps", type=int, default=None, help="predictor-corrector steps (default: the model's T)")
-    p.add_argument("--step-lr", type=float, default=5e-6, help="Langevin step scale")
-    p.add_argument("--lattice-bound", type=float, default=None,
+    p.add_argument("--input", default=None, metavar="FILE",
+                   help=f"YAML mapping of the settings ({', '.join(SampleSettings.keys())})")
+    p.add_argument("--formula", dest="formulas", action="append", help="cell contents, e.g. SrTiO3 (repeatable)")
+    p.add_argument("--num-samples", type=int, help=f"candidates per formula (default {SampleSettings.num_samples})")
+    p.add_argument("--steps", type=int, help="predictor-corrector steps (default: the model's T)")
+    p.add_argument("--step-lr", type=float, help=f"Langevin step scale (default {SampleSettings.step_lr})")
+    p.add_argument("--lattice-bound", type=float,
                    help="clamp of the predicted clean lattice (default: the mode's; inf = the papers' update)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="output folder (CIF files + index.json)")
+    p.add_argument("--seed", type=int, help=f"default {SampleSettings.seed}")
+    p.add_argument("--batch-size", type=int, help=f"crystals per batch; results are saved after each "
+                   f"(default {SampleSettings.batch_size})")
+    p.add_argument("--device", help=f"torch device (default {SampleSettings.device})")
+    p.add_argument("--out", required=True, help="new or empty output folder (CIF files, index.json, run.json)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="match rate and RMSE on a benchmark split (the papers' protocol)")
@@ -195,9 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _threads(args.threads)
         return args.func(args)
+    except torch.OutOfMemoryError:
+        print(f"equicsp {args.command}: error: out of memory", file=sys.stderr)
+        return EXIT_OUT_OF_MEMORY
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"equicsp {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

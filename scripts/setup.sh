@@ -9,7 +9,7 @@ python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 # torch first and pinned: a looser requirement lets pip pull a multi-GB CUDA build.
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e '.[dev]'
+.venv/bin/pip install -q -e '.[dev,aiida]'
 .venv/bin/python - <<'PY'
 import torch
 assert torch.__version__ == "2.13.0+cpu", f"torch was replaced by {torch.__version__}"

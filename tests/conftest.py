@@ -25,3 +25,16 @@ def _isolated_equicsp_env(tmp_path_factory):
         patch.setenv("EQUICSP_CACHE_DIR", str(tmp_path_factory.mktemp("equicsp-cache")))
         patch.setenv("EQUICSP_DATA_DIR", str(FIXTURE_DATA_DIR))
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, _isolated_equicsp_env) -> Path:
+    """best.pt of a 1-epoch run of the ``tiny`` preset, trained once per session (a few seconds).
+
+    Its lattices mostly diverge, so most of its candidates are invalid; it is for plumbing, not chemistry.
+    """
+    from equicsp_core.cli import main
+
+    run = tmp_path_factory.mktemp("tiny-model") / "run"
+    assert main(["--quiet", "train", "--preset", "tiny", "--out", str(run), "--set", "train.epochs=1"]) == 0
+    return run / "best.pt"

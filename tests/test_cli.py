@@ -207,7 +207,7 @@ def test_sample_writes_index_with_one_entry_per_sample(checkpoint, tmp_path):
         if entry["file"] is not None:
             assert (out / entry["file"]).is_file()
     listed = {e["file"] for e in entries if e["file"]}
-    assert {p.name for p in out.iterdir()} == listed | {"index.json"}
+    assert {p.name for p in out.iterdir()} == listed | {"index.json", "run.json"}
 
 
 def test_sample_writes_parsable_cifs_for_valid_samples(checkpoint, tmp_path, fixed_cell_sampler):
@@ -271,7 +271,7 @@ BAD_SAMPLE_INPUTS = {
     "unknown element": (None, ["--formula", "Xx2O3"], "Xx2O3"),
     "too many atoms": (None, ["--formula", "C60"], "C60"),
     "fractional formula": (None, ["--formula", "Fe0.5O"], "Fe0.5O"),
-    "zero steps": (None, ["--steps", "0"], "--steps"),
+    "zero steps": (None, ["--steps", "0"], "steps"),
     "more steps than T": (None, ["--steps", "1001"], "steps"),
     "zero samples": (None, ["--num-samples", "0"], "num_samples"),
 }

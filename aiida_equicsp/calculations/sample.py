@@ -1,0 +1,154 @@
+"""``EquiCSPSampleCalculation``: run ``equicsp sample`` on any computer and keep its candidates.
+
+The job writes ``input.yaml`` (the sampling settings, the ``--input`` file of ``equicsp sample``), copies the
+model's checkpoint as ``model.pt`` and runs the ``equicsp`` program of the code::
+
+    equicsp --quiet sample --input input.yaml --checkpoint model.pt --out results
+
+It knows nothing of torch: the program does the work, and the parser turns ``results/`` (CIF files,
+``index.json``, ``run.json``) into nodes. Inputs are checked before submission by the engine's own
+checks (:class:`equicsp_core.predict.SampleSettings`, :func:`equicsp_core.predict.parse_formula`), so a
+request the program would refuse is refused here, with the same message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from aiida import orm
+from aiida.common.datastructures import CalcInfo, CodeInfo
+from aiida.common.folders import Folder
+from aiida.engine import CalcJob, CalcJobProcessSpec
+
+from aiida_equicsp.data.model import EquiCSPModelData
+
+#: Keys of the ``parameters`` input (every other sampling setting has an input of its own).
+PARAMETER_KEYS = ("steps", "seed", "batch_size", "step_lr", "device")
+#: Devices the ``device`` parameter may name.
+DEVICES = ("cpu", "cuda")
+
+
+def validate_compositions(compositions: orm.List, _: Any) -> str | None:
+    """A non-empty list of distinct formula strings, each of which the engine can parse."""
+    from equicsp_core.predict import SampleSettings
+
+    try:
+        SampleSettings(formulas=tuple(compositions.get_list()))
+    except ValueError as error:
+        return f"invalid compositions: {error}"
+    return None
+
+
+def validate_num_samples(num_samples: orm.Int, _: Any) -> str | None:
+    """At least one candidate per formula."""
+    if num_samples.value < 1:
+        return f"num_samples must be >= 1, got {num_samples.value}"
+    return None
+
+
+def validate_parameters(parameters: orm.Dict, _: Any) -> str | None:
+    """Only the keys of :data:`PARAMETER_KEYS`, and a device of :data:`DEVICES` (values: :func:`validate_inputs`)."""
+    values = parameters.get_dict()
+    unknown = sorted(set(values) - set(PARAMETER_KEYS))
+    if unknown:
+        return f"unknown parameter(s) {', '.join(unknown)}; allowed: {', '.join(PARAMETER_KEYS)}"
+    if "device" in values and values["device"] not in DEVICES:
+        return f"device must be one of {', '.join(DEVICES)}, got {values['device']!r}"
+    return None
+
+
+def sample_request(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The content of ``input.yaml``: formulas, samples per formula and the given parameters."""
+    request = {"formulas": list(inputs["compositions"].get_list()), "num_samples": inputs["num_samples"].value}
+    if "parameters" in inputs:
+        request.update(inputs["parameters"].get_dict())
+    return request
+
+
+def validate_inputs(inputs: dict[str, Any], _: Any) -> str | None:
+    """The whole request, as ``equicsp sample`` will check it, against the model's size and step limits."""
+    if any(name not in inputs for name in ("model", "compositions", "num_samples")):
+        return None
+    from equicsp_core.predict import SampleSettings, max_atoms_for_mode, parse_formula
+
+    model: EquiCSPModelData = inputs["model"]
+    try:
+        settings = SampleSettings.from_mapping(sample_request(inputs))
+        for formula in settings.formulas:
+            parse_formula(formula, max_atoms_for_mode(model.mode))
+    except ValueError as error:
+        return str(error)
+    if settings.steps is not None and settings.steps > model.num_steps:
+        return f"steps must be <= the model's T = {model.num_steps}, got {settings.steps}"
+    return None
+
+
+class EquiCSPSampleCalculation(CalcJob):
+    """Sample candidate crystal structures for formulas with a trained EquiCSP model (``equicsp sample``)."""
+
+    INPUT_FILENAME = "input.yaml"
+    MODEL_FILENAME = "model.pt"
+    RESULTS_FOLDER = "results"
+    INDEX_PATH = "results/index.json"
+    RUN_INFO_PATH = "results/run.json"
+    STDOUT_FILENAME = "equicsp.out"
+    STDERR_FILENAME = "equicsp.err"
+
+    @classmethod
+    def define(cls, spec: CalcJobProcessSpec) -> None:  # type: ignore[override]
+        """Inputs with their validators, outputs, and the exit codes of the parser."""
+        super().define(spec)
+        spec.input("model", valid_type=EquiCSPModelData, help="the trained model (a checkpoint file)")
+        spec.input("compositions", valid_type=orm.List, validator=validate_compositions,
+                   help="formulas to sample, e.g. ['SrTiO3', 'CaTiO3']; a formula fixes the cell's contents")
+        spec.input("num_samples", valid_type=orm.Int, validator=validate_num_samples,
+                   help="candidates per formula")
+        spec.input("parameters", valid_type=orm.Dict, required=False, validator=validate_parameters,
+                   help=f"sampler settings ({', '.join(PARAMETER_KEYS)}); unset ones take the engine's defaults")
+        spec.inputs.validator = validate_inputs
+
+        options = spec.inputs["metadata"]["options"]
+        options["parser_name"].default = "equicsp.sample"
+        options["resources"].default = {"num_machines": 1, "num_mpiprocs_per_machine": 1}
+        options["withmpi"].default = False
+
+        spec.output_namespace("structures", valid_type=orm.StructureData, dynamic=True, required=False,
+                              help="every valid candidate, labelled <formula>_<sample>, e.g. SrTiO3_000")
+        spec.output("candidates", valid_type=orm.Dict,
+                    help="'candidates': one {formula, sample, valid, link_label} per sampled candidate")
+        spec.output("run_info", valid_type=orm.Dict,
+                    help="the sampler's run.json: counts, steps, device, seconds, versions")
+
+        spec.exit_code(300, "ERROR_MISSING_OUTPUT",
+                       message="the sampler wrote no results; its last error: {error}")
+        spec.exit_code(301, "ERROR_UNREADABLE_OUTPUT",
+                       message="the sampler's output could not be read: {error}")
+        spec.exit_code(310, "ERROR_OUT_OF_MEMORY",
+                       message="the sampler ran out of memory (finished batches are kept); lower `batch_size`")
+        spec.exit_code(320, "ERROR_INVALID_COMPOSITION",
+                       message="the sampler refused a composition: {error}")
+        spec.exit_code(321, "ERROR_INCOMPATIBLE_CHECKPOINT",
+                       message="the sampler cannot use the model's checkpoint: {error}")
+        spec.exit_code(350, "ERROR_PARTIAL_RESULTS",
+                       message="the sampler stopped before the end (walltime?): {written} of {requested} "
+                               "candidates kept")
+
+    def prepare_for_submission(self, folder: Folder) -> CalcInfo:
+        """Write ``input.yaml``, copy the checkpoint in, and run ``equicsp sample`` into ``results/``."""
+        with folder.open(self.INPUT_FILENAME, "w") as handle:
+            yaml.safe_dump(sample_request(self.inputs), handle, sort_keys=False)
+
+        codeinfo = CodeInfo()
+        codeinfo.code_uuid = self.inputs.code.uuid
+        codeinfo.cmdline_params = ["--quiet", "sample", "--input", self.INPUT_FILENAME,
+                                   "--checkpoint", self.MODEL_FILENAME, "--out", self.RESULTS_FOLDER]
+        codeinfo.stdout_name = self.STDOUT_FILENAME
+        codeinfo.stderr_name = self.STDERR_FILENAME
+
+        calcinfo = CalcInfo()
+        calcinfo.codes_info = [codeinfo]
+        model = self.inputs.model
+        calcinfo.local_copy_list = [(model.uuid, model.filename, self.MODEL_FILENAME)]
+        calcinfo.retrieve_list = [self.RESULTS_FOLDER, self.STDOUT_FILENAME, self.STDERR_FILENAME]
+        return calcinfo

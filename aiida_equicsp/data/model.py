@@ -1,0 +1,113 @@
+"""An EquiCSP checkpoint as AiiDA data: the file, its model card summary, and a content hash to find it again.
+
+Reading a checkpoint needs torch; it is imported only when a file is checked on construction, never when
+a stored node is loaded or queried (the daemon and the parser do not need it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from aiida import orm
+
+#: Model card entries kept as attributes.
+CARD_ATTRIBUTES = ("dataset", "epochs")
+#: Denoiser config entries kept as attributes.
+DENOISER_ATTRIBUTES = ("mode", "hidden_dim", "num_layers", "num_freqs")
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_summary(path: Path) -> dict[str, Any]:
+    """The attributes of an :class:`EquiCSPModelData` for a checkpoint file.
+
+    Raises:
+        ValueError: naming the file, when it is not a readable EquiCSP checkpoint.
+    """
+    from equicsp_core.checkpoint import read_checkpoint
+
+    payload = read_checkpoint(path)
+    try:
+        card, denoiser, diffusion = payload.get("card") or {}, payload["denoiser"], payload["diffusion"]
+        summary = {name: denoiser[name] for name in DENOISER_ATTRIBUTES}
+        summary["num_steps"] = diffusion["num_steps"]
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path} is an incomplete EquiCSP checkpoint (no {error} in its configs)") from error
+    summary.update({name: card.get(name) for name in CARD_ATTRIBUTES})
+    summary["sha256"] = file_sha256(path)
+    return summary
+
+
+class EquiCSPModelData(orm.SinglefileData):
+    """A trained EquiCSP model: one checkpoint file, checked on construction.
+
+    Attributes, from the file: ``dataset`` and ``epochs`` (the model card), ``mode``, ``hidden_dim``,
+    ``num_layers``, ``num_freqs`` (the denoiser), ``num_steps`` (T of the diffusion) and ``sha256`` (the
+    file's hash, by which :meth:`get_or_create` finds a stored copy).
+    """
+
+    def __init__(self, file: str | os.PathLike, filename: str | None = None, **kwargs: Any) -> None:
+        """Hold the checkpoint at path ``file`` (stored as ``filename``, default its own name).
+
+        Raises:
+            ValueError: naming the file, when it is missing or not an EquiCSP checkpoint.
+        """
+        super().__init__(file, filename=filename, **kwargs)
+
+    def set_file(self, file: str | os.PathLike, filename: str | None = None) -> None:  # type: ignore[override]
+        """Replace the checkpoint by the file at path ``file``, after checking it and reading its card."""
+        if not isinstance(file, (str, os.PathLike)):
+            raise TypeError(f"{type(self).__name__} takes the path of a checkpoint file, got {type(file).__name__}")
+        path = Path(file).resolve()
+        if not path.is_file():
+            raise ValueError(f"checkpoint file {file} does not exist")
+        summary = checkpoint_summary(path)
+        super().set_file(path, filename=filename)
+        self.base.attributes.set_many(summary)
+
+    @property
+    def mode(self) -> str:
+        """Denoiser mode, ``"equicsp"`` or ``"diffcsp"``."""
+        return self.base.attributes.get("mode")
+
+    @property
+    def num_steps(self) -> int:
+        """T, the number of diffusion steps the model was trained with (the most a sampler can take)."""
+        return self.base.attributes.get("num_steps")
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the checkpoint file."""
+        return self.base.attributes.get("sha256")
+
+    @classmethod
+    def get_or_create(cls, path: str | os.PathLike) -> EquiCSPModelData:
+        """The stored model node with this file's content, or a new one, checked and stored.
+
+        Nodes are matched by the SHA-256 of the file, so one checkpoint is stored once whatever its name.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"checkpoint file {path} does not exist")
+        query = orm.QueryBuilder().append(cls, filters={"attributes.sha256": file_sha256(path)})
+        existing = query.first(flat=True)
+        if existing is not None:
+            return existing
+        return cls(path).store()
+
+    @classmethod
+    def from_shipped(cls, name: str) -> EquiCSPModelData:
+        """The stored node of a checkpoint shipped with ``equicsp_core`` (see ``equicsp info``), by name."""
+        from equicsp_core.checkpoint import resolve_checkpoint
+
+        return cls.get_or_create(resolve_checkpoint(name))

@@ -1,0 +1,149 @@
+"""``EquiCSPSampleParser``: the files of ``equicsp sample`` into nodes, or the exit code of what went wrong.
+
+What the retrieved files mean (see the ``equicsp`` command's docstring):
+
+- ``results/index.json`` lists every finished candidate; it is rewritten after each batch, so it is there
+  as soon as one batch finished. Each valid candidate's CIF file becomes a ``StructureData`` in the
+  ``structures`` namespace and every candidate an entry of the ``candidates`` Dict.
+- ``results/run.json`` is written at the very end: with it the run is complete (``run_info``); without it
+  the run stopped early and what was finished is kept (``ERROR_OUT_OF_MEMORY`` when the program said so,
+  ``ERROR_PARTIAL_RESULTS`` otherwise, e.g. walltime).
+- No ``index.json``: nothing finished; the program's error line in ``equicsp.err`` tells why
+  (out of memory, a formula, the checkpoint), else ``ERROR_MISSING_OUTPUT``.
+
+Known failures return their exit code; the parser never raises for them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from aiida import orm
+from aiida.engine import ExitCode
+from aiida.parsers import Parser
+
+from aiida_equicsp.calculations.sample import EquiCSPSampleCalculation
+
+#: Start of the one error line ``equicsp sample`` prints to stderr before exiting with status 2 or 3.
+ERROR_PREFIX = "equicsp sample: error: "
+#: The error line's message when the program ran out of memory (exit status 3).
+OUT_OF_MEMORY_MESSAGE = "out of memory"
+
+
+class CandidateFileError(Exception):
+    """A CIF file listed in ``index.json`` that was not retrieved or cannot be read."""
+
+
+def structure_link_prefixes(formulas: list[str]) -> dict[str, str]:
+    """A valid, distinct link-label prefix per formula: ``"SrTiO3"`` → ``"SrTiO3"``, ``"Sr(TiO3)"`` → ``"Sr_TiO3"``.
+
+    Runs of characters other than letters and digits become one underscore (so no ``__``, the namespace
+    separator); a prefix that would start with a digit gets ``formula_`` before it; formulas that would share
+    a prefix get ``_2``, ``_3``, ... after it.
+    """
+    prefixes: dict[str, str] = {}
+    taken: set[str] = set()
+    for formula in formulas:
+        base = re.sub(r"[^A-Za-z0-9]+", "_", formula).strip("_")
+        if not base or base[0].isdigit():
+            base = f"formula_{base}".rstrip("_")
+        prefix, copy = base, 1
+        while prefix in taken:
+            copy += 1
+            prefix = f"{base}_{copy}"
+        prefixes[formula] = prefix
+        taken.add(prefix)
+    return prefixes
+
+
+def stderr_errors(stderr: str) -> tuple[str | None, str | None]:
+    """``(the program's stated error message, the last non-empty line)`` of its stderr; ``None`` where absent."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    stated = [line[len(ERROR_PREFIX):] for line in lines if line.startswith(ERROR_PREFIX)]
+    return (stated[-1] if stated else None), (lines[-1] if lines else None)
+
+
+class EquiCSPSampleParser(Parser):
+    """Parse the retrieved ``results/`` folder and ``equicsp.err`` of an :class:`EquiCSPSampleCalculation`."""
+
+    def parse(self, **kwargs: Any) -> ExitCode:
+        """Store the candidates that finished and return the exit code of the run (0 when complete)."""
+        calc = EquiCSPSampleCalculation
+        stated_error, last_line = stderr_errors(self._read_text(calc.STDERR_FILENAME) or "")
+        index_text = self._read_text(calc.INDEX_PATH)
+        if index_text is None:
+            return self._failure_without_results(stated_error, last_line)
+        try:
+            entries = json.loads(index_text)["samples"]
+            candidates = self._store_candidates(entries)
+        except (ValueError, KeyError, TypeError) as error:
+            return self.exit_codes.ERROR_UNREADABLE_OUTPUT.format(error=f"{calc.INDEX_PATH}: {error}")
+        except CandidateFileError as error:
+            return self.exit_codes.ERROR_UNREADABLE_OUTPUT.format(error=str(error))
+        self.out("candidates", orm.Dict({"candidates": candidates}))
+
+        run_text = self._read_text(calc.RUN_INFO_PATH)
+        if run_text is None:
+            if stated_error == OUT_OF_MEMORY_MESSAGE:
+                return self.exit_codes.ERROR_OUT_OF_MEMORY
+            requested = len(self.node.inputs.compositions.get_list()) * self.node.inputs.num_samples.value
+            return self.exit_codes.ERROR_PARTIAL_RESULTS.format(written=len(candidates), requested=requested)
+        try:
+            run_info = json.loads(run_text)
+            if not isinstance(run_info, dict) or run_info.get("complete") is not True:
+                raise ValueError("no '\"complete\": true' entry")
+        except ValueError as error:
+            return self.exit_codes.ERROR_UNREADABLE_OUTPUT.format(error=f"{calc.RUN_INFO_PATH}: {error}")
+        self.out("run_info", orm.Dict(run_info))
+        return ExitCode(0)
+
+    def _read_text(self, path: str) -> str | None:
+        """A retrieved file's text, or ``None`` when it was not retrieved."""
+        try:
+            return self.retrieved.base.repository.get_object_content(path, mode="r")
+        except OSError:
+            return None
+
+    def _failure_without_results(self, stated_error: str | None, last_line: str | None) -> ExitCode:
+        """The exit code of a run that finished no batch, from the program's stated error."""
+        if stated_error == OUT_OF_MEMORY_MESSAGE:
+            return self.exit_codes.ERROR_OUT_OF_MEMORY
+        if stated_error is not None and "checkpoint" in stated_error:
+            return self.exit_codes.ERROR_INCOMPATIBLE_CHECKPOINT.format(error=stated_error)
+        if stated_error is not None and "formula" in stated_error:
+            return self.exit_codes.ERROR_INVALID_COMPOSITION.format(error=stated_error)
+        return self.exit_codes.ERROR_MISSING_OUTPUT.format(error=stated_error or last_line or "none (stderr empty)")
+
+    def _store_candidates(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Output a ``StructureData`` per valid entry of ``index.json``; return the ``candidates`` list.
+
+        Every listed CIF file is read before anything is output, so an unreadable one outputs nothing.
+
+        Raises:
+            ValueError, KeyError, TypeError: for malformed entries.
+            CandidateFileError: for a listed CIF file that was not retrieved or cannot be read.
+        """
+        from pymatgen.core import Structure
+
+        prefixes = structure_link_prefixes(list(dict.fromkeys(entry["formula"] for entry in entries)))
+        candidates, structures = [], {}
+        for entry in entries:
+            link_label = None
+            if entry["valid"]:
+                link_label = f"{prefixes[entry['formula']]}_{int(entry['sample']):03d}"
+                path = f"{EquiCSPSampleCalculation.RESULTS_FOLDER}/{entry['file']}"
+                cif = self._read_text(path)
+                if cif is None:
+                    raise CandidateFileError(f"{path} is listed in index.json but was not retrieved")
+                try:
+                    structure = Structure.from_str(cif, fmt="cif")
+                except Exception as error:  # pymatgen's CIF parser raises many types
+                    raise CandidateFileError(f"{path} is not a readable CIF file ({error})") from error
+                structures[link_label] = orm.StructureData(pymatgen=structure)
+            candidates.append({"formula": entry["formula"], "sample": int(entry["sample"]),
+                               "valid": bool(entry["valid"]), "link_label": link_label})
+        for link_label, structure in structures.items():
+            self.out(f"structures.{link_label}", structure)
+        return candidates

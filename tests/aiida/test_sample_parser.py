@@ -1,0 +1,156 @@
+"""``EquiCSPSampleParser`` on recorded outputs: one test per outcome, each exit code with its message."""
+
+import json
+
+import pytest
+from pymatgen.core import Composition, Lattice, Structure
+
+from aiida_equicsp.parsers.sample import structure_link_prefixes
+from equicsp_core.cli import main
+
+RUN_INFO = {"complete": True, "requested": 4, "written": 4, "valid": 2, "steps": 5, "batch_size": 256,
+            "device": "cpu", "seconds": 0.1, "versions": {"equicsp": "0.1.0", "torch": "2.13.0+cpu"}}
+
+
+def perovskite_cif(a_site: str) -> str:
+    """A cubic ABO3 perovskite cell (5 atoms) as CIF text."""
+    structure = Structure(Lattice.cubic(3.9), [a_site, "Ti", "O", "O", "O"],
+                          [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    return structure.to(fmt="cif")
+
+
+def results(entries, run_info=RUN_INFO, stderr="") -> dict[str, str]:
+    """Retrieved files of a run: index.json listing ``entries`` (formula, sample, valid), their CIFs, run.json."""
+    samples, files = [], {"equicsp.err": stderr, "equicsp.out": ""}
+    for formula, sample, valid in entries:
+        name = f"{formula}_{sample:03d}.cif" if valid else None
+        samples.append({"formula": formula, "sample": sample, "valid": valid, "file": name})
+        if valid:
+            files[f"results/{name}"] = perovskite_cif(formula[:2])
+    files["results/index.json"] = json.dumps({"checkpoint": "model.pt", "steps": 5, "seed": 0, "step_lr": 5e-6,
+                                              "samples": samples})
+    if run_info is not None:
+        files["results/run.json"] = json.dumps(run_info)
+    return files
+
+
+ALL_ENTRIES = [("SrTiO3", 0, True), ("SrTiO3", 1, False), ("CaTiO3", 0, False), ("CaTiO3", 1, True)]
+
+
+@pytest.fixture
+def cli_stderr(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """The stderr of a failing ``equicsp sample`` run (in-process), so the parser is tested on the real messages."""
+
+    def factory(formula="SrTiO3", checkpoint=tiny_checkpoint, env=None):
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        capsys.readouterr()
+        flags = ["--checkpoint", str(checkpoint), "--formula", formula, "--steps", "2", "--out", str(tmp_path / "out")]
+        assert main(["--quiet", "sample", *flags]) != 0
+        return capsys.readouterr().err
+
+    return factory
+
+
+def test_complete_run(parse_retrieved):
+    """Exit 0: a StructureData per valid candidate, labelled by formula and sample; candidates; run_info."""
+    outputs, calcfunction = parse_retrieved(results(ALL_ENTRIES))
+    assert calcfunction.exit_status == 0
+    assert set(outputs["structures"]) == {"SrTiO3_000", "CaTiO3_001"}
+    assert outputs["structures"]["SrTiO3_000"].get_pymatgen().composition == Composition("SrTiO3")
+    assert outputs["structures"]["CaTiO3_001"].get_pymatgen().composition == Composition("CaTiO3")
+    assert outputs["candidates"]["candidates"] == [
+        {"formula": "SrTiO3", "sample": 0, "valid": True, "link_label": "SrTiO3_000"},
+        {"formula": "SrTiO3", "sample": 1, "valid": False, "link_label": None},
+        {"formula": "CaTiO3", "sample": 0, "valid": False, "link_label": None},
+        {"formula": "CaTiO3", "sample": 1, "valid": True, "link_label": "CaTiO3_001"},
+    ]
+    assert outputs["run_info"].get_dict() == RUN_INFO
+
+
+def test_formulas_become_valid_distinct_link_labels():
+    """Characters outside [A-Za-z0-9] collapse to one underscore; clashes and leading digits are resolved."""
+    assert structure_link_prefixes(["SrTiO3", "Sr(TiO3)", "Sr TiO3", "(Sr)TiO3", "2H2O"]) == {
+        "SrTiO3": "SrTiO3", "Sr(TiO3)": "Sr_TiO3", "Sr TiO3": "Sr_TiO3_2", "(Sr)TiO3": "Sr_TiO3_3",
+        "2H2O": "formula_2H2O"}
+
+
+def test_no_output_at_all_is_missing_output(parse_retrieved):
+    """300: nothing retrieved, no stated error."""
+    _, calcfunction = parse_retrieved({})
+    assert calcfunction.exit_status == 300
+    assert "stderr empty" in calcfunction.exit_message
+
+
+def test_crash_without_results_is_missing_output_quoting_stderr(parse_retrieved):
+    """300: a crash with a traceback; the message quotes its last line."""
+    stderr = "Traceback (most recent call last):\n  ...\nRuntimeError: something unforeseen\n"
+    _, calcfunction = parse_retrieved({"equicsp.err": stderr})
+    assert calcfunction.exit_status == 300
+    assert "RuntimeError: something unforeseen" in calcfunction.exit_message
+
+
+@pytest.mark.parametrize(
+    ("files", "named"),
+    [
+        ({"results/index.json": "{not json"}, "index.json"),
+        ({"results/index.json": json.dumps({"steps": 5})}, "index.json"),
+        ({**results(ALL_ENTRIES), "results/run.json": "{not json"}, "run.json"),
+        ({**results(ALL_ENTRIES), "results/run.json": json.dumps({"valid": 2})}, "complete"),
+        ({**results(ALL_ENTRIES), "results/SrTiO3_000.cif": "data_nothing\n"}, "SrTiO3_000.cif is not a readable CIF"),
+        ({key: value for key, value in results(ALL_ENTRIES).items() if key != "results/CaTiO3_001.cif"},
+         "CaTiO3_001.cif is listed in index.json but was not retrieved"),
+    ],
+    ids=["index not json", "index without samples", "run not json", "run not complete", "bad cif", "missing cif"],
+)
+@pytest.mark.filterwarnings("ignore::UserWarning:pymatgen")
+def test_unreadable_output(parse_retrieved, files, named):
+    """301: index.json, run.json or a listed CIF that cannot be read, named in the message; no run_info."""
+    outputs, calcfunction = parse_retrieved(files)
+    assert calcfunction.exit_status == 301
+    assert named in calcfunction.exit_message
+    assert "run_info" not in outputs
+
+
+def test_out_of_memory_before_any_batch(parse_retrieved, cli_stderr, tmp_path):
+    """310: the program's own out-of-memory line (here from the EQUICSP_TEST_FAIL_ONCE switch), no results."""
+    stderr = cli_stderr(env={"EQUICSP_TEST_FAIL_ONCE": str(tmp_path / "marker")})
+    outputs, calcfunction = parse_retrieved({"equicsp.err": stderr})
+    assert calcfunction.exit_status == 310
+    assert "batch_size" in calcfunction.exit_message
+    assert not outputs
+
+
+def test_out_of_memory_after_some_batches_keeps_them(parse_retrieved):
+    """310 with the finished batches output (no run.json, out of memory stated)."""
+    files = results(ALL_ENTRIES[:2], run_info=None, stderr="equicsp sample: error: out of memory\n")
+    outputs, calcfunction = parse_retrieved(files)
+    assert calcfunction.exit_status == 310
+    assert set(outputs["structures"]) == {"SrTiO3_000"}
+    assert len(outputs["candidates"]["candidates"]) == 2
+
+
+def test_invalid_composition(parse_retrieved, cli_stderr):
+    """320: the program refused a formula (a cell larger than the model supports)."""
+    _, calcfunction = parse_retrieved({"equicsp.err": cli_stderr(formula="C60")})
+    assert calcfunction.exit_status == 320
+    assert "formula 'C60' has 60 atoms" in calcfunction.exit_message
+
+
+def test_incompatible_checkpoint(parse_retrieved, cli_stderr, tmp_path):
+    """321: the program could not use the checkpoint."""
+    (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
+    stderr = cli_stderr(checkpoint=tmp_path / "model.pt")
+    _, calcfunction = parse_retrieved({"equicsp.err": stderr})
+    assert calcfunction.exit_status == 321
+    assert "model.pt" in calcfunction.exit_message
+
+
+def test_stopped_run_keeps_partial_results(parse_retrieved):
+    """350: finished batches but no run.json and no stated error (e.g. killed at the walltime)."""
+    outputs, calcfunction = parse_retrieved(results(ALL_ENTRIES[:2], run_info=None))
+    assert calcfunction.exit_status == 350
+    assert "2 of 4 candidates kept" in calcfunction.exit_message
+    assert set(outputs["structures"]) == {"SrTiO3_000"}
+    assert [c["sample"] for c in outputs["candidates"]["candidates"]] == [0, 1]
+    assert "run_info" not in outputs
