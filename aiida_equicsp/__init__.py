@@ -3,7 +3,10 @@
 - ``aiida_equicsp.data.model.EquiCSPModelData`` (entry point ``equicsp.model``): a checkpoint file;
 - ``aiida_equicsp.calculations.sample.EquiCSPSampleCalculation`` (``equicsp.sample``): runs the ``equicsp``
   program on any computer; its parser ``aiida_equicsp.parsers.sample.EquiCSPSampleParser`` (``equicsp.sample``);
-- ``aiida_equicsp.utils.get_builder_from_protocol``: a ready builder from ``protocols/sample.yaml``.
+- ``aiida_equicsp.utils.get_builder_from_protocol``: a ready builder from ``protocols/sample.yaml``;
+- ``aiida_equicsp.workchains.sample_base.EquiCSPSampleBaseWorkChain`` (``equicsp.sample.base``): the calculation
+  restarted until every requested candidate exists (installed from the repository's ``workchains/`` folder);
+- ``aiida_equicsp.cli``: the ``aiida-equicsp`` command (``sample``, ``results``).
 
 Nothing here imports torch except the check of a checkpoint file and of the inputs before submission.
 """

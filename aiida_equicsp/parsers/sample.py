@@ -58,6 +58,11 @@ def structure_link_prefixes(formulas: list[str]) -> dict[str, str]:
     return prefixes
 
 
+def structure_link_label(prefix: str, sample: int) -> str:
+    """The link label of a candidate's structure: its formula's prefix and the sample index, ``SrTiO3_000``."""
+    return f"{prefix}_{sample:03d}"
+
+
 def stderr_errors(stderr: str) -> tuple[str | None, str | None]:
     """``(the program's stated error message, the last non-empty line)`` of its stderr; ``None`` where absent."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
@@ -132,7 +137,7 @@ class EquiCSPSampleParser(Parser):
         for entry in entries:
             link_label = None
             if entry["valid"]:
-                link_label = f"{prefixes[entry['formula']]}_{int(entry['sample']):03d}"
+                link_label = structure_link_label(prefixes[entry["formula"]], int(entry["sample"]))
                 path = f"{EquiCSPSampleCalculation.RESULTS_FOLDER}/{entry['file']}"
                 cif = self._read_text(path)
                 if cif is None:

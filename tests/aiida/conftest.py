@@ -55,6 +55,12 @@ predict.sample = fixed_cell_sample
 sys.exit(main())
 '''
 
+#: An ``equicsp`` that fails in a way no handler of the restart work chain knows: an error line, no results.
+UNKNOWN_FAILURE_EQUICSP = """#!/bin/sh
+echo "equicsp sample: error: the GPU caught fire" >&2
+exit 1
+"""
+
 
 @pytest.fixture
 def equicsp_code(aiida_code_installed) -> orm.InstalledCode:
@@ -71,6 +77,30 @@ def fixed_cell_equicsp_code(aiida_code_installed, tmp_path_factory) -> orm.Insta
     script.chmod(0o755)
     return aiida_code_installed(label="equicsp-fixed-cell", default_calc_job_plugin="equicsp.sample",
                                 filepath_executable=str(script))
+
+
+@pytest.fixture
+def script_code(aiida_code_installed, tmp_path):
+    """``script_code(name, text)``: ``text`` as an executable ``tmp_path/name`` and a new InstalledCode of it.
+
+    The label ends with the test's folder name, since ``aiida_code_installed`` returns the stored code of a
+    label it has seen.
+    """
+
+    def factory(name: str, text: str) -> orm.InstalledCode:
+        script = tmp_path / name
+        script.write_text(text)
+        script.chmod(0o755)
+        return aiida_code_installed(label=f"{name}-{tmp_path.name}", default_calc_job_plugin="equicsp.sample",
+                                    filepath_executable=str(script))
+
+    return factory
+
+
+@pytest.fixture
+def unknown_failure_code(script_code) -> orm.InstalledCode:
+    """:data:`UNKNOWN_FAILURE_EQUICSP` on localhost."""
+    return script_code("equicsp-on-fire", UNKNOWN_FAILURE_EQUICSP)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,204 @@
+"""``aiida-equicsp``: sample crystal structures with AiiDA from the command line, and list the results.
+
+    aiida-equicsp sample --code equicsp@cluster --model perov_5 --formula SrTiO3 [--formula CaTiO3]
+        [--num-samples 4] [--protocol fast|precise] [--steps S] [--seed X] [--batch-size B] [--device cuda]
+        [--overrides overrides.yaml] [--daemon]
+    aiida-equicsp results PK
+    aiida-equicsp --profile NAME ...
+
+``sample`` builds an :class:`~aiida_equicsp.workchains.sample_base.EquiCSPSampleBaseWorkChain` with its
+``get_builder_from_protocol`` (defaults from ``protocols/sample.yaml``) and runs it here, waiting for the end, or
+submits it to the daemon with ``--daemon``; either way it prints the work chain's pk. ``results`` prints the
+candidates of a sampling work chain or calculation as a table.
+
+The AiiDA profile is the one already loaded (as in tests), else ``--profile NAME``, else the default profile.
+A bad input ends the command with exit status 2 and one line naming the problem; a run that fails, or a
+submission without a daemon, with exit status 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from aiida import load_profile, orm
+from aiida.common.exceptions import ConfigurationError, InvalidOperation, MultipleObjectsError, NotExistent
+from aiida.engine import run_get_node, submit
+
+from aiida_equicsp.calculations.sample import DEVICES, EquiCSPSampleCalculation
+from aiida_equicsp.data.model import EquiCSPModelData
+from aiida_equicsp.utils import deep_merge, load_protocols
+
+#: The protocol file of the sampling defaults.
+PROTOCOLS = load_protocols("sample")
+#: Columns of the ``results`` table.
+RESULT_COLUMNS = ("formula", "sample", "valid", "structure pk", "stored formula", "volume (Å³)")
+
+
+@click.group(name="aiida-equicsp")
+@click.option("--profile", "profile_name", default=None, metavar="NAME",
+              help="AiiDA profile (default: the default profile)")
+def main(profile_name: str | None) -> None:
+    """Crystal structure prediction with EquiCSP through AiiDA."""
+    try:
+        load_profile(profile_name)
+    except (ConfigurationError, InvalidOperation) as error:
+        raise click.UsageError(f"cannot load the AiiDA profile {profile_name or '(default)'}: {error}") from error
+
+
+def _check_formulas(_: click.Context, __: click.Parameter, formulas: tuple[str, ...]) -> list[str]:
+    """The ``--formula`` values, checked as ``equicsp sample`` checks them (parsable, distinct)."""
+    from equicsp_core.predict import SampleSettings
+
+    try:
+        SampleSettings(formulas=formulas)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from error
+    return list(formulas)
+
+
+def _load_code(label: str) -> orm.AbstractCode:
+    """The code of that label (``equicsp@cluster``), or a usage error naming the label."""
+    try:
+        return orm.load_code(label)
+    except NotExistent as error:
+        raise click.BadParameter(f"no code {label!r} (see verdi code list)", param_hint="'--code'") from error
+    except MultipleObjectsError as error:
+        raise click.BadParameter(f"several codes are labelled {label!r}; name one as LABEL@COMPUTER",
+                                 param_hint="'--code'") from error
+
+
+def _load_model(name_or_path: str) -> EquiCSPModelData:
+    """The stored model node of a checkpoint file or of a shipped checkpoint's name, stored first if new."""
+    try:
+        if Path(name_or_path).exists():
+            return EquiCSPModelData.get_or_create(name_or_path)
+        return EquiCSPModelData.from_shipped(name_or_path)
+    except ValueError as error:  # includes equicsp_core.checkpoint.CheckpointError
+        raise click.BadParameter(str(error), param_hint="'--model'") from error
+
+
+def _read_overrides(path: str | None) -> dict[str, Any]:
+    """The overrides of the work chain's ``get_builder_from_protocol`` from a YAML file (none without one)."""
+    if path is None:
+        return {}
+    try:
+        overrides = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as error:
+        raise click.BadParameter(f"{path} is not valid YAML ({error})", param_hint="'--overrides'") from error
+    if not isinstance(overrides, dict):
+        raise click.BadParameter(f"{path} must hold a mapping of inputs", param_hint="'--overrides'")
+    return overrides
+
+
+@main.command(short_help="Sample structures for formulas; print the work chain's pk.")
+@click.option("--code", "code_label", required=True, help="the InstalledCode of `equicsp`, e.g. equicsp@cluster")
+@click.option("--model", "model_name", required=True, help="a checkpoint file or the name of a shipped checkpoint")
+@click.option("--formula", "formulas", multiple=True, required=True, callback=_check_formulas,
+              help="cell contents, e.g. SrTiO3 (repeatable)")
+@click.option("--num-samples", type=click.IntRange(min=1), default=None,
+              help="candidates per formula (default: that of `equicsp sample`)")
+@click.option("--protocol", type=click.Choice(list(PROTOCOLS["protocols"])), default=None,
+              help=f"sampler defaults of protocols/sample.yaml (default: {PROTOCOLS['default_protocol']})")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="predictor-corrector steps")
+@click.option("--seed", type=int, default=None, help="seed of the first calculation (reruns add 1, 2, ...)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="crystals sampled together")
+@click.option("--device", type=click.Choice(DEVICES), default=None, help="torch device of the job")
+@click.option("--overrides", "overrides_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML file of inputs merged over the protocol's: {sample: {metadata: {options: ...}}, ...}")
+@click.option("--daemon", is_flag=True, help="submit to the AiiDA daemon instead of waiting for the end here")
+def sample(code_label: str, model_name: str, formulas: list[str], num_samples: int | None, protocol: str | None,
+           steps: int | None, seed: int | None, batch_size: int | None, device: str | None,
+           overrides_file: str | None, daemon: bool) -> None:
+    """Predict structures for formulas with the restart work chain; prints its pk."""
+    from equicsp_core.predict import SampleSettings
+
+    from aiida_equicsp.workchains.sample_base import EquiCSPSampleBaseWorkChain
+
+    code = _load_code(code_label)
+    model = _load_model(model_name)
+    flags = {"steps": steps, "seed": seed, "batch_size": batch_size, "device": device}
+    parameters = {key: value for key, value in flags.items() if value is not None}
+    overrides = deep_merge(_read_overrides(overrides_file), {"sample": {"parameters": parameters}})
+    try:
+        builder = EquiCSPSampleBaseWorkChain.get_builder_from_protocol(
+            code, model, formulas, num_samples or SampleSettings.num_samples, protocol, overrides)
+    except (ValueError, AttributeError) as error:  # refused by a port, or a key of --overrides with no port
+        raise click.UsageError(str(error)) from error
+    inputs = EquiCSPSampleBaseWorkChain.spec().inputs
+    invalid = inputs.validate(inputs.pre_process(builder._inputs(prune=True)))  # as at launch: defaults filled in
+    if invalid is not None:
+        raise click.UsageError(invalid.message)
+
+    label = EquiCSPSampleBaseWorkChain.__name__
+    if daemon:
+        try:
+            node = submit(builder)
+        except InvalidOperation as error:
+            raise click.ClickException(f"cannot submit to the daemon: {error}") from error
+        click.echo(f"submitted {label}<{node.pk}>; when it is done: aiida-equicsp results {node.pk}")
+        return
+    _, node = run_get_node(builder)
+    if not node.is_finished_ok:
+        raise click.ClickException(f"{label}<{node.pk}> failed with exit status {node.exit_status}: "
+                                   f"{node.exit_message}; see verdi process report {node.pk}")
+    info = node.outputs.run_info
+    click.echo(f"{label}<{node.pk}> finished: {info['valid']} valid of {info['written']} candidates; "
+               f"aiida-equicsp results {node.pk}")
+
+
+def _is_sampling_run(node: orm.Node) -> bool:
+    """Whether ``node`` ran a sample work chain or calculation (or a subclass of one)."""
+    from aiida_equicsp.workchains.sample_base import EquiCSPSampleBaseWorkChain
+
+    if not isinstance(node, (orm.WorkChainNode, orm.CalcJobNode)):
+        return False
+    try:
+        return issubclass(node.process_class, (EquiCSPSampleBaseWorkChain, EquiCSPSampleCalculation))
+    except ValueError:  # its process class cannot be imported here
+        return False
+
+
+def _load_sampling_run(pk: int) -> orm.ProcessNode:
+    """The node of a sample work chain or calculation, or a usage error saying what ``pk`` is instead."""
+    try:
+        node = orm.load_node(pk)
+    except NotExistent as error:
+        raise click.BadParameter(f"no node with pk {pk}", param_hint="'PK'") from error
+    if not _is_sampling_run(node):
+        kind = node.process_label if isinstance(node, orm.ProcessNode) else type(node).__name__
+        raise click.BadParameter(f"node {pk} is a {kind}, not a sampling run (EquiCSPSampleBaseWorkChain or "
+                                 "EquiCSPSampleCalculation)", param_hint="'PK'")
+    return node
+
+
+def _result_rows(node: orm.ProcessNode) -> list[tuple[str, ...]]:
+    """One row of :data:`RESULT_COLUMNS` per candidate of a sampling run's ``candidates`` output."""
+    rows = []
+    for candidate in node.outputs.candidates["candidates"]:
+        row = [candidate["formula"], str(candidate["sample"]), "yes" if candidate["valid"] else "no"]
+        if candidate["valid"]:
+            structure = node.outputs.structures[candidate["link_label"]]
+            row += [str(structure.pk), structure.get_formula(mode="count"), f"{structure.get_cell_volume():.2f}"]
+        else:
+            row += ["-", "-", "-"]
+        rows.append(tuple(row))
+    return rows
+
+
+@main.command()
+@click.argument("pk", type=int)
+def results(pk: int) -> None:
+    """Print the candidates of a sampling work chain or calculation PK."""
+    node = _load_sampling_run(pk)
+    if "candidates" not in node.outputs:
+        raise click.ClickException(f"{node.process_label}<{pk}> has no candidates (state {node.process_state.value}"
+                                   f", exit status {node.exit_status})")
+    rows = _result_rows(node)
+    widths = [max(len(text) for text in column) for column in zip(RESULT_COLUMNS, *rows, strict=True)]
+    for row in (RESULT_COLUMNS, *rows):
+        click.echo("  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)).rstrip())
+    valid = sum(row[2] == "yes" for row in rows)
+    click.echo(f"{len(rows)} candidates, {valid} valid ({node.process_label}<{pk}>)")

@@ -1,0 +1,320 @@
+"""``EquiCSPSampleBaseWorkChain``: run ``EquiCSPSampleCalculation`` until every requested candidate exists.
+
+Recoveries, one process handler per known failure (the pattern of aiida-quantumespresso's ``PwBaseWorkChain``):
+
+- out of memory (exit status 310): halve the number of crystals sampled together and run again;
+- stopped before the end, e.g. at the walltime (350), or out of memory after some batches: keep what finished
+  and run again for what is missing only.
+
+Any other failure is left to :class:`~aiida.engine.BaseRestartWorkChain` (by default: abort with 402).
+
+Rerunning only what is missing
+    Before every rerun, :meth:`~EquiCSPSampleBaseWorkChain.prepare_process` counts per formula the candidates,
+    valid or not, that the earlier calculations produced (their ``candidates`` outputs) and asks the next one
+    only for the formulas still short, with ``num_samples`` the largest shortfall. ``num_samples`` is one
+    number for all formulas, and ``equicsp sample`` works formula by formula, so a stopped run leaves at most
+    one formula partly done: asking every short formula for the largest shortfall costs at most
+    ``num_samples - 1`` extra crystals in the same job, where one calculation per distinct shortfall would
+    queue one more job per shortfall. The merge keeps the first ``num_samples`` candidates of each formula,
+    in the order of the calculations, and drops the surplus.
+
+Seeds
+    Calculation ``i`` (1, 2, ...) runs with ``seed + i - 1`` (``seed`` from ``parameters``, else the engine's
+    default), so a rerun does not repeat the draws of the run before it. The candidates of a restarted work
+    chain are therefore not those of an uninterrupted run with the same seed (a new batch size changes the
+    draws too): each is an equally good sample of the model, not the same one.
+
+Outputs
+    The union of the candidates of all calculations. ``structures``: each valid candidate's ``StructureData``,
+    the node its calculation created, relabelled ``<formula>_<index>`` with the indices renumbered per formula
+    in the order of the calculations; ``candidates`` and ``run_info``: made by the calcfunction
+    :func:`merge_sample_results` from the calculations' outputs, so their provenance is recorded.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from aiida import orm
+from aiida.common import AttributeDict
+from aiida.engine import (
+    BaseRestartWorkChain,
+    ExitCode,
+    ProcessBuilder,
+    ProcessHandlerReport,
+    calcfunction,
+    process_handler,
+    while_,
+)
+from aiida.engine.processes.workchains.workchain import WorkChainSpec
+
+from aiida_equicsp.calculations.sample import EquiCSPSampleCalculation
+from aiida_equicsp.data.model import EquiCSPModelData
+from aiida_equicsp.parsers.sample import structure_link_label, structure_link_prefixes
+from aiida_equicsp.utils import protocol_inputs, set_sample_inputs
+
+#: Exit codes of the calculation that the handlers recover from.
+CALCULATION_EXIT_CODES = EquiCSPSampleCalculation.exit_codes
+
+
+def count_missing_samples(
+    formulas: Sequence[str], num_samples: int, produced: Iterable[Mapping[str, Any]]
+) -> dict[str, int]:
+    """``{formula: candidates it still lacks}`` for the formulas with fewer than ``num_samples``, in their order.
+
+    ``produced`` are ``candidates`` entries (``{"formula": ..., ...}``) of earlier calculations, valid or not.
+    """
+    counts = Counter(candidate["formula"] for candidate in produced)
+    return {formula: num_samples - counts[formula] for formula in formulas if counts[formula] < num_samples}
+
+
+def merge_candidate_lists(
+    formulas: Sequence[str], num_samples: int, runs: Sequence[tuple[int, str, Sequence[Mapping[str, Any]]]]
+) -> list[dict[str, Any]]:
+    """The first ``num_samples`` candidates of each formula over ``runs``, renumbered per formula.
+
+    Args:
+        formulas: the requested formulas; the merged list follows their order.
+        num_samples: candidates per formula; a formula's later candidates (a rerun's surplus) are dropped.
+        runs: per calculation, in the order they ran, ``(pk, uuid, its candidates entries)``.
+
+    Returns:
+        Entries ``{formula, sample, valid, link_label, calculation_pk, calculation_uuid, calculation_sample,
+        calculation_link_label}``: ``sample`` counts 0, 1, ... per formula, ``link_label`` is the structure's
+        new label (``None`` for an invalid candidate), the ``calculation_*`` keys say where it came from.
+    """
+    prefixes = structure_link_prefixes(list(formulas))
+    kept: dict[str, list[dict[str, Any]]] = {formula: [] for formula in formulas}
+    for pk, uuid, candidates in runs:
+        for candidate in candidates:
+            entries = kept[candidate["formula"]]
+            if len(entries) == num_samples:
+                continue
+            index = len(entries)
+            entries.append({
+                "formula": candidate["formula"],
+                "sample": index,
+                "valid": candidate["valid"],
+                "link_label": structure_link_label(prefixes[candidate["formula"]], index) if candidate["valid"]
+                else None,
+                "calculation_pk": pk,
+                "calculation_uuid": uuid,
+                "calculation_sample": candidate["sample"],
+                "calculation_link_label": candidate["link_label"],
+            })
+    return [entry for formula in formulas for entry in kept[formula]]
+
+
+@calcfunction
+def merge_sample_results(
+    compositions: orm.List, num_samples: orm.Int, calculations: orm.Int, run_info: orm.Dict | None = None,
+    **candidates: orm.Dict,
+) -> dict[str, orm.Dict]:
+    """The work chain's ``candidates`` and ``run_info`` from the outputs of its calculations.
+
+    Args:
+        compositions: the requested formulas.
+        num_samples: the requested candidates per formula.
+        calculations: how many calculations the work chain ran.
+        run_info: ``run_info`` of the last calculation that completed, if any.
+        candidates: the calculations' ``candidates`` outputs, labelled ``iteration_<n>`` by the order they ran
+            in; each node's creator is the calculation named in the merged entries.
+
+    Returns:
+        ``candidates``: :func:`merge_candidate_lists` of them; ``run_info``: the given one with the counts of
+        the merged result (``requested``, ``written``, ``valid``, ``complete``) and ``calculations``.
+    """
+    ordered = sorted(candidates.items(), key=lambda item: int(item[0].rsplit("_", 1)[1]))
+    runs = [(node.creator.pk, node.creator.uuid, node["candidates"]) for _, node in ordered]
+    formulas = compositions.get_list()
+    merged = merge_candidate_lists(formulas, num_samples.value, runs)
+    requested = len(formulas) * num_samples.value
+    info = {
+        **(run_info.get_dict() if run_info is not None else {}),
+        "complete": len(merged) == requested,
+        "requested": requested,
+        "written": len(merged),
+        "valid": sum(entry["valid"] for entry in merged),
+        "calculations": calculations.value,
+    }
+    return {"candidates": orm.Dict({"candidates": merged}), "run_info": orm.Dict(info)}
+
+
+class EquiCSPSampleBaseWorkChain(BaseRestartWorkChain):
+    """Sample candidate structures with :class:`EquiCSPSampleCalculation`, restarting after known failures.
+
+    See the module docstring for what a rerun asks for, its seed, and how the outputs are merged.
+    """
+
+    _process_class = EquiCSPSampleCalculation
+
+    @classmethod
+    def define(cls, spec: WorkChainSpec) -> None:  # type: ignore[override]
+        """The calculation's inputs in ``sample``, the restart loop, the merged outputs and the exit codes."""
+        super().define(spec)
+        spec.expose_inputs(EquiCSPSampleCalculation, namespace="sample")
+        spec.outline(
+            cls.setup,
+            while_(cls.should_run_process)(
+                cls.prepare_process,
+                cls.run_process,
+                cls.inspect_process,
+            ),
+            cls.results,
+        )
+        spec.output_namespace("structures", valid_type=orm.StructureData, dynamic=True, required=False,
+                              help="every valid candidate of every calculation, labelled <formula>_<index>")
+        spec.output("candidates", valid_type=orm.Dict,
+                    help="'candidates': one {formula, sample, valid, link_label, calculation_pk, calculation_uuid, "
+                         "calculation_sample, calculation_link_label} per candidate")
+        spec.output("run_info", valid_type=orm.Dict,
+                    help="the last complete calculation's run_info, with the counts of the work chain and the "
+                         "number of calculations")
+        spec.exit_code(410, "ERROR_NO_CANDIDATES",
+                       message="no calculation produced a single candidate in {iterations} iterations")
+
+    @classmethod
+    def get_builder_from_protocol(
+        cls,
+        code: orm.AbstractCode,
+        model: EquiCSPModelData,
+        compositions: Sequence[str] | orm.List,
+        num_samples: int | orm.Int,
+        protocol: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> ProcessBuilder:
+        """A builder with the calculation inputs of a protocol of ``protocols/sample.yaml`` in ``sample``.
+
+        Args:
+            code: an installed ``equicsp`` program.
+            model: the trained model.
+            compositions: formulas to sample.
+            num_samples: candidates per formula.
+            protocol: ``"fast"`` or ``"precise"`` (default: the file's ``default_protocol``, ``fast``).
+            overrides: ``sample``: inputs merged over the protocol's, as for
+                :func:`aiida_equicsp.utils.get_builder_from_protocol`; any other key sets that input of the work
+                chain, e.g. ``{"sample": {"parameters": {"seed": 3}}, "max_iterations": 3}``.
+
+        Raises:
+            ValueError: for an unknown protocol or a refused input.
+        """
+        overrides = dict(overrides or {})
+        builder = cls.get_builder()
+        set_sample_inputs(builder.sample, code, model, compositions, num_samples,
+                          protocol_inputs(protocol, overrides.pop("sample", {})))
+        builder._merge({key: orm.to_aiida_type(value) if isinstance(value, (bool, int, float, str)) else value
+                        for key, value in overrides.items()})
+        return builder
+
+    def setup(self) -> None:
+        """The first calculation's inputs are the ``sample`` inputs; keep its parameters for the reruns."""
+        super().setup()
+        self.ctx.inputs = AttributeDict(self.exposed_inputs(EquiCSPSampleCalculation, "sample"))
+        self.ctx.parameters = self.ctx.inputs.parameters.get_dict() if "parameters" in self.ctx.inputs else {}
+
+    def prepare_process(self) -> None:
+        """Before a rerun: ask only for the candidates still missing, with the current parameters and a new seed."""
+        calculations_run = len(self.ctx.get("children", []))  # not ctx.iteration: a pause may reset it
+        if not calculations_run:
+            return
+        missing = self._missing_samples()
+        if not missing:  # a rerun after an unhandled failure that lost nothing (``on_unhandled_failure``)
+            return
+        from equicsp_core.predict import SampleSettings
+
+        num_samples = max(missing.values())
+        seed = self.ctx.parameters.get("seed", SampleSettings.seed) + calculations_run
+        self.ctx.inputs.compositions = orm.List(list(missing))
+        self.ctx.inputs.num_samples = orm.Int(num_samples)
+        self.ctx.inputs.parameters = orm.Dict({**self.ctx.parameters, "seed": seed})
+        shortfalls = ", ".join(f"{formula} × {count}" for formula, count in missing.items())
+        self.report(f"running the missing candidates only ({shortfalls}): num_samples {num_samples}, seed {seed}")
+
+    def inspect_process(self) -> ExitCode | None:
+        """As the base class; when the iterations run out, output the candidates finished so far, if any."""
+        exit_code = super().inspect_process()
+        if exit_code is not None and exit_code.status == self.exit_codes.ERROR_MAXIMUM_ITERATIONS_EXCEEDED.status:
+            if not self._finished_candidates():
+                return self.exit_codes.ERROR_NO_CANDIDATES.format(iterations=self.ctx.iteration)
+            self.report("outputting the candidates that finished")
+            self._attach_merged_outputs()
+        return exit_code
+
+    def results(self) -> None:
+        """Output the union of the candidates of all calculations."""
+        self.report(f"work chain completed after {self.ctx.iteration} iterations")
+        self._attach_merged_outputs()
+
+    @process_handler(priority=600, exit_codes=[CALCULATION_EXIT_CODES.ERROR_OUT_OF_MEMORY])
+    def handle_out_of_memory(self, calculation: orm.CalcJobNode) -> ProcessHandlerReport | None:
+        """Out of memory: halve the crystals sampled together; the rerun asks only for what is missing.
+
+        The batch that failed held ``min(batch_size, crystals requested)`` crystals, so that is what is halved
+        (``batch_size`` 256 for 4 crystals becomes 2, not 128). With one crystal per batch there is nothing left
+        to lower and the failure is left unhandled.
+        """
+        from equicsp_core.predict import SampleSettings
+
+        batch_size = self.ctx.parameters.get("batch_size", SampleSettings.batch_size)
+        crystals = len(calculation.inputs.compositions.get_list()) * calculation.inputs.num_samples.value
+        failed_batch = min(batch_size, crystals)
+        if failed_batch == 1:
+            self.report(f"{calculation.process_label}<{calculation.pk}> out of memory with one crystal per batch: "
+                        "nothing left to lower")
+            return None
+        self.ctx.parameters["batch_size"] = failed_batch // 2
+        self.report(f"{calculation.process_label}<{calculation.pk}> out of memory: "
+                    f"batch_size {batch_size} → {failed_batch // 2}")
+        return ProcessHandlerReport(do_break=True)
+
+    @process_handler(priority=500, exit_codes=[CALCULATION_EXIT_CODES.ERROR_PARTIAL_RESULTS])
+    def handle_partial_results(self, calculation: orm.CalcJobNode) -> ProcessHandlerReport:
+        """Stopped before the end (walltime?): keep what finished; the rerun asks only for what is missing.
+
+        A run stopped after writing its last candidate but before ``run.json`` misses nothing: the work chain
+        then finishes with what it has.
+        """
+        missing = self._missing_samples()
+        if not missing:
+            self.report(f"{calculation.process_label}<{calculation.pk}> stopped after its last candidate: "
+                        "nothing is missing")
+            self.ctx.is_finished = True
+        else:
+            self.report(f"{calculation.process_label}<{calculation.pk}> stopped early: "
+                        f"{sum(missing.values())} candidates missing, keeping the finished ones")
+        return ProcessHandlerReport(do_break=True)
+
+    def _finished_candidates(self) -> list[dict[str, Any]]:
+        """The ``candidates`` entries of all calculations so far, in the order they ran."""
+        return [candidate for node in self.ctx.children if "candidates" in node.outputs
+                for candidate in node.outputs.candidates["candidates"]]
+
+    def _missing_samples(self) -> dict[str, int]:
+        """``{formula: candidates still missing}`` over all calculations so far (:func:`count_missing_samples`)."""
+        requested = self.inputs.sample
+        return count_missing_samples(requested.compositions.get_list(), requested.num_samples.value,
+                                     self._finished_candidates())
+
+    def _attach_merged_outputs(self) -> None:
+        """Output the merged ``candidates`` and ``run_info`` and, relabelled, every valid candidate's structure."""
+        calculations = self.ctx.children
+        candidates = {f"iteration_{number:02d}": node.outputs.candidates
+                      for number, node in enumerate(calculations, start=1) if "candidates" in node.outputs}
+        complete = [node for node in calculations if "run_info" in node.outputs]
+        run_info = {"run_info": complete[-1].outputs.run_info} if complete else {}
+        merged = merge_sample_results(
+            compositions=self.inputs.sample.compositions, num_samples=self.inputs.sample.num_samples,
+            calculations=orm.Int(len(calculations)), **run_info, **candidates,
+            metadata={"call_link_label": "merge_results"})
+        self.out_many(merged)
+
+        by_uuid = {node.uuid: node for node in calculations}
+        structures = {
+            entry["link_label"]: by_uuid[entry["calculation_uuid"]].outputs.structures[entry["calculation_link_label"]]
+            for entry in merged["candidates"]["candidates"] if entry["valid"]
+        }
+        if structures:
+            self.out("structures", structures)
+
