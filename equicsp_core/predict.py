@@ -75,14 +75,19 @@ def _check_int(name: str, value: Any, minimum: int | None = None) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def _check_number(name: str, value: Any, minimum: float) -> None:
+def _as_number(name: str, value: Any, minimum: float) -> float:
+    """``value`` as a float >= ``minimum``; numeric text is accepted because YAML 1.1 (PyYAML) reads
+    exponent notation without a dot, such as ``5e-6``, as a string."""
     if isinstance(value, str):
-        # YAML 1.1 (PyYAML) reads exponent notation without a dot, such as 5e-6, as text.
-        raise ValueError(f"{name} must be a number, got the text {value!r} (in YAML write 5e-6 as 5.0e-6)")
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got the text {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -126,9 +131,9 @@ class SampleSettings:
         _check_int("num_samples", self.num_samples, minimum=1)
         if self.steps is not None:
             _check_int("steps", self.steps, minimum=1)
-        _check_number("step_lr", self.step_lr, minimum=0)
+        object.__setattr__(self, "step_lr", _as_number("step_lr", self.step_lr, minimum=0))
         if self.lattice_bound is not None:
-            _check_number("lattice_bound", self.lattice_bound, minimum=0)
+            object.__setattr__(self, "lattice_bound", _as_number("lattice_bound", self.lattice_bound, minimum=0))
         _check_int("seed", self.seed)
         _check_int("batch_size", self.batch_size, minimum=1)
         if not isinstance(self.device, str):

@@ -67,7 +67,7 @@ BAD_INPUT_FILES = {
     "fractional seed": ({**SETTINGS, "seed": 1.5}, "seed"),
     "zero batch size": ({**SETTINGS, "batch_size": 0}, "batch_size"),
     "negative step_lr": ({**SETTINGS, "step_lr": -1.0}, "step_lr"),
-    "step_lr as text": ({**SETTINGS, "step_lr": "5e-6"}, "5.0e-6"),
+    "step_lr as words": ({**SETTINGS, "step_lr": "small"}, "step_lr"),
     "unknown device": ({**SETTINGS, "device": "abacus"}, "abacus"),
     "not a mapping": (["SrTiO3"], "mapping"),
 }
@@ -83,6 +83,12 @@ def test_bad_input_file_exits_2_naming_the_problem(tiny_checkpoint, tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("equicsp sample: error: --input") and named in err
     assert not out.exists()
+
+
+def test_exponent_written_without_a_dot_is_read_as_a_number():
+    """YAML 1.1 reads 5e-6 as text; the settings accept it as the number it spells."""
+    settings = SampleSettings(formulas=("SrTiO3",), step_lr="5e-6", lattice_bound="1e3")
+    assert settings.step_lr == 5e-6 and settings.lattice_bound == 1000.0
 
 
 def test_unreadable_input_file_exits_2(tiny_checkpoint, tmp_path, capsys):
