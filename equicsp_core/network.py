@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from equicsp_core.schedules import time_embedding
-from equicsp_core.segment import segment_mean
+from equicsp_core.segment import segment_mean, segment_sum
 
 Mode = Literal["equicsp", "diffcsp"]
 
@@ -153,12 +153,6 @@ def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(values, 0, index[:, None].expand(-1, values.shape[1]))
 
 
-def scatter_rows(values: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """``out[r] = Σ_{e: index[e] = r} values[e]`` with ``scatter_add`` (backward: ``gather``)."""
-    out = values.new_zeros((num_rows, values.shape[1]))
-    return out.scatter_add(0, index[:, None].expand(-1, values.shape[1]), values)
-
-
 class CSPLayer(nn.Module):
     """One pre-LayerNorm message-passing layer (METHOD.md §5.5), first edge Linear split by linearity."""
 
@@ -218,7 +212,7 @@ class CSPLayer(nn.Module):
             pre += gather_rows(source, graph.src)
             pre += gather_rows(target, graph.dst)
             messages = F.silu(self.edge_out(F.silu(pre, inplace=True)), inplace=True)
-        aggregated = scatter_rows(messages, graph.src, h.shape[0]) / graph.degree[:, None].to(h.dtype)
+        aggregated = segment_sum(messages, graph.src, h.shape[0]) / graph.degree[:, None].to(h.dtype)
         return h + self.node_mlp(torch.cat([h_norm, aggregated], dim=-1))
 
 
