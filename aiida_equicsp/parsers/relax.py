@@ -1,0 +1,60 @@
+"""``EquiCSPRelaxParser``: ``results/relax.json`` of ``equicsp relax`` into relaxed structures and a results Dict.
+
+``relax.json`` is rewritten after each structure, so what finished before a walltime is kept
+(``ERROR_PARTIAL_RESULTS``); ``run.json`` marks a complete run. Without ``relax.json`` the program's error line
+says why (a potential that cannot be loaded: ``ERROR_POTENTIAL``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiida import orm
+from aiida.engine import ExitCode
+from aiida.parsers import Parser
+
+from aiida_equicsp.calculations.relax import EquiCSPRelaxCalculation
+from aiida_equicsp.parsers.sample import stderr_errors
+
+#: Start of the error line ``equicsp relax`` prints to stderr before exiting with status 2.
+ERROR_PREFIX = "equicsp relax: error: "
+
+
+class EquiCSPRelaxParser(Parser):
+    """Parse the retrieved ``results/`` folder and ``equicsp.err`` of an :class:`EquiCSPRelaxCalculation`."""
+
+    def parse(self, **kwargs: Any) -> ExitCode:
+        """Output each relaxed structure and the per-structure results; the exit code of the run."""
+        from pymatgen.core import Structure
+
+        calc = EquiCSPRelaxCalculation
+        stated_error, last_line = stderr_errors(self._read_text(calc.STDERR_FILENAME) or "", ERROR_PREFIX)
+        text = self._read_text(calc.RESULTS_PATH)
+        if text is None:
+            if stated_error is not None and "potential" in stated_error:
+                return self.exit_codes.ERROR_POTENTIAL.format(error=stated_error)
+            return self.exit_codes.ERROR_MISSING_OUTPUT.format(error=stated_error or last_line or "none (stderr empty)")
+        try:
+            entries = json.loads(text)["results"]
+            relaxed = {label: Structure.from_dict(entry["structure"])
+                       for label, entry in entries.items() if entry["structure"] is not None}
+            results = {label: {key: entry[key] for key in ("status", "energy_per_atom", "steps", "seconds", "error")}
+                       for label, entry in entries.items()}
+        except (ValueError, KeyError, TypeError) as error:
+            return self.exit_codes.ERROR_UNREADABLE_OUTPUT.format(error=f"{calc.RESULTS_PATH}: {error}")
+        for label, structure in relaxed.items():
+            self.out(f"relaxed.{label}", orm.StructureData(pymatgen=structure))
+        self.out("results", orm.Dict(results))
+
+        if self._read_text(calc.RUN_INFO_PATH) is None:
+            return self.exit_codes.ERROR_PARTIAL_RESULTS.format(done=len(results),
+                                                                requested=len(self.node.inputs.structures))
+        return ExitCode(0)
+
+    def _read_text(self, path: str) -> str | None:
+        """A retrieved file's text, or ``None`` when it was not retrieved."""
+        try:
+            return self.retrieved.base.repository.get_object_content(path, mode="r")
+        except OSError:
+            return None

@@ -1,0 +1,155 @@
+"""Relaxation of predicted crystals with a machine-learned interatomic potential (an ASE calculator).
+
+A potential is named by a key of :data:`POTENTIALS` (``chgnet``, ``sevennet``) or given as
+``"module:factory"``, a callable taking ``device=`` and returning an ASE calculator, so any potential with an
+ASE calculator plugs in. Relaxation is ASE's FIRE on the positions, and on the cell through
+``FrechetCellFilter`` when ``relax_cell`` is set; the energy reported is the calculator's total energy of the
+final structure divided by the number of atoms (eV/atom).
+
+A structure whose relaxation fails (the potential raises, the energy is not finite) gets the status
+``failed`` and its error message; the others go on. Potentials are imported only when asked for: CHGNet
+(the default; its PyPI package ships its weights) and SevenNet's ``7net-0`` (likewise) are optional
+dependencies of the engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ase.calculators.calculator import Calculator
+    from pymatgen.core import Structure
+
+#: Potentials known by name: ``"module:factory"`` of a callable ``factory(device=...) -> ASE calculator``.
+POTENTIALS = {
+    "chgnet": "equicsp_core.relax:chgnet_calculator",
+    "sevennet": "equicsp_core.relax:sevennet_calculator",
+}
+
+#: Statuses of a relaxation: converged below ``fmax``, stopped at ``steps`` without converging, or failed.
+STATUSES = ("converged", "not_converged", "failed")
+
+
+def chgnet_calculator(device: str = "cpu") -> Calculator:
+    """CHGNet's pretrained universal potential (weights shipped in the ``chgnet`` package)."""
+    from chgnet.model.dynamics import CHGNetCalculator
+
+    return CHGNetCalculator(use_device=device, on_isolated_atoms="ignore")
+
+
+def sevennet_calculator(device: str = "cpu") -> Calculator:
+    """SevenNet's pretrained ``7net-0`` (weights shipped in the ``sevenn`` package)."""
+    from sevenn.calculator import SevenNetCalculator
+
+    return SevenNetCalculator(model="7net-0", device=device)
+
+
+def load_calculator(potential: str, device: str = "cpu") -> Calculator:
+    """The ASE calculator of ``potential``: a key of :data:`POTENTIALS` or ``"module:factory"``."""
+    target = POTENTIALS.get(potential, potential)
+    module_name, _, attribute = target.partition(":")
+    if not attribute:
+        raise ValueError(f"unknown potential {potential!r}: use one of {sorted(POTENTIALS)} or 'module:factory'")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"potential {potential!r} cannot be loaded: {error}") from error
+    try:
+        return factory(device=device)
+    except ImportError as error:
+        raise ValueError(f"potential {potential!r} is not installed: {error}") from error
+
+
+@dataclass(frozen=True)
+class RelaxSettings:
+    """How to relax: the potential, the force threshold ``fmax`` (eV/Å), the step cap, whether the cell moves."""
+
+    potential: str = "chgnet"
+    fmax: float = 0.05
+    steps: int = 500
+    relax_cell: bool = True
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.fmax, (int, float)) and self.fmax > 0):
+            raise ValueError(f"fmax must be a number > 0, got {self.fmax!r}")
+        if not (isinstance(self.steps, int) and self.steps >= 0):
+            raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RelaxSettings:
+        """Settings from a mapping (e.g. a YAML file), refusing unknown keys by name."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"relax settings must be a mapping of {sorted(cls.__dataclass_fields__)}; got {values!r}")
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown relax settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**values)
+
+
+@dataclass
+class RelaxResult:
+    """Outcome of one relaxation; ``structure`` and ``energy_per_atom`` (eV/atom) are ``None`` when it failed."""
+
+    status: str
+    structure: Structure | None = None
+    energy_per_atom: float | None = None
+    steps: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: the structure as pymatgen's dict."""
+        return {
+            "status": self.status,
+            "structure": None if self.structure is None else self.structure.as_dict(),
+            "energy_per_atom": self.energy_per_atom,
+            "steps": self.steps,
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+        }
+
+
+def relax_structure(structure: Structure, calculator: Calculator, settings: RelaxSettings) -> RelaxResult:
+    """Relax one structure with ``calculator``; never raises for a failure of the potential or optimiser."""
+    from ase.filters import FrechetCellFilter
+    from ase.optimize import FIRE
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    started = time.perf_counter()
+    try:
+        atoms = AseAtomsAdaptor.get_atoms(structure)
+        atoms.calc = calculator
+        target = FrechetCellFilter(atoms) if settings.relax_cell else atoms
+        optimizer = FIRE(target, logfile=None)
+        converged = bool(optimizer.run(fmax=settings.fmax, steps=settings.steps))
+        energy = float(atoms.get_potential_energy()) / len(atoms)
+        if not math.isfinite(energy):
+            raise FloatingPointError(f"energy is {energy}")
+        final = AseAtomsAdaptor.get_structure(atoms)
+        # ASE may leave fractional coordinates outside [0, 1) after cell moves; wrap for clean CIF files.
+        final = final.__class__(final.lattice, final.species, final.frac_coords % 1.0)
+    except Exception as error:  # a potential or optimiser failure ends this relaxation, not the run
+        return RelaxResult("failed", steps=0, seconds=time.perf_counter() - started,
+                           error=f"{type(error).__name__}: {error}")
+    return RelaxResult("converged" if converged else "not_converged", final, energy, optimizer.nsteps,
+                       time.perf_counter() - started)
+
+
+def relax_structures(
+    structures: Mapping[str, Structure],
+    settings: RelaxSettings,
+    calculator_factory: Callable[[str, str], Calculator] = load_calculator,
+) -> Iterator[tuple[str, RelaxResult]]:
+    """Relax each labelled structure in turn, yielding ``(label, result)`` as each finishes.
+
+    The calculator is built once (loading a potential's weights costs seconds) and reused.
+    """
+    calculator = calculator_factory(settings.potential, settings.device)
+    for label, structure in structures.items():
+        yield label, relax_structure(structure, calculator, settings)

@@ -1,0 +1,130 @@
+"""Screening of predicted crystals before and after relaxation: plausibility, duplicates, symmetry, displacement.
+
+Pure functions on pymatgen ``Structure`` objects, shared by the AiiDA work chains (as calcfunctions, so the
+choices are in the provenance) and the jobflow Makers.
+
+- :func:`implausibility` says why a candidate is not worth relaxing (atoms too close, absurd volume), or
+  ``None``; the thresholds default to the papers' structural validity (METHOD.md §8: every interatomic
+  distance above 0.5 Å, volume above 0.1 Å³) plus an upper bound on the volume per atom that no solid at
+  ambient pressure exceeds.
+- :func:`duplicate_of` maps every structure to the first earlier structure it matches (pymatgen's
+  ``StructureMatcher`` with its default tolerances), so ``[i for i, j in enumerate(m) if j == i]`` are the
+  distinct ones.
+- :func:`space_group` and :func:`displacement` describe what a relaxation did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from pymatgen.core import Structure
+
+#: Closest allowed approach of two atoms, Å (the papers' structural validity).
+MIN_DISTANCE = 0.5
+#: Smallest allowed cell volume, Å³ (the papers' structural validity).
+MIN_VOLUME = 0.1
+#: Largest allowed volume per atom, Å³. Solids at ambient pressure stay below ~120 Å³/atom (Cs ≈ 117);
+#: beyond this a candidate is a gas of atoms, and relaxing it wastes a potential's time.
+MAX_VOLUME_PER_ATOM = 150.0
+
+
+def min_distance(structure: Structure) -> float:
+    """Shortest distance between two atoms, periodic images included, in Å.
+
+    For one atom per cell this is the shortest lattice vector (the atom's distance to its own image).
+    """
+    if len(structure) == 1:
+        return float(min(np.linalg.norm(v) for v in _short_lattice_vectors(structure)))
+    distances = structure.distance_matrix + np.diag(np.full(len(structure), np.inf))
+    shortest = float(distances.min())
+    # An atom's own periodic image can be closer than any other atom in a very thin cell.
+    return min(shortest, float(min(np.linalg.norm(v) for v in _short_lattice_vectors(structure))))
+
+
+def _short_lattice_vectors(structure: Structure) -> list[np.ndarray]:
+    """The non-zero lattice vectors with integer coefficients in {-1, 0, 1} on the LLL-reduced basis."""
+    basis = structure.lattice.get_lll_reduced_lattice().matrix
+    coefficients = np.array(np.meshgrid(*[[-1, 0, 1]] * 3)).reshape(3, -1).T
+    return [c @ basis for c in coefficients if np.any(c)]
+
+
+def implausibility(
+    structure: Structure,
+    min_allowed_distance: float = MIN_DISTANCE,
+    max_volume_per_atom: float = MAX_VOLUME_PER_ATOM,
+) -> str | None:
+    """Why ``structure`` is not a plausible crystal (a short sentence), or ``None`` when it is."""
+    volume = structure.volume
+    if not np.isfinite(volume) or volume < MIN_VOLUME:
+        return f"cell volume {volume:.3g} Å³ below {MIN_VOLUME} Å³"
+    if volume / len(structure) > max_volume_per_atom:
+        return f"volume per atom {volume / len(structure):.1f} Å³ above {max_volume_per_atom} Å³"
+    shortest = min_distance(structure)
+    if shortest < min_allowed_distance:
+        return f"atoms {shortest:.2f} Å apart, closer than {min_allowed_distance} Å"
+    return None
+
+
+def duplicate_of(structures: list[Structure]) -> list[int]:
+    """For each structure, the index of the first structure it matches (itself when it is the first).
+
+    Matching is pymatgen's ``StructureMatcher()`` with default tolerances (ltol 0.2, stol 0.3, angle 5°),
+    comparing each structure with the distinct ones found before it: O(N × distinct) comparisons.
+    """
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    matcher = StructureMatcher()
+    representative: list[int] = []
+    distinct: list[int] = []
+    for index, structure in enumerate(structures):
+        match = next((j for j in distinct if matcher.fit(structures[j], structure)), None)
+        if match is None:
+            distinct.append(index)
+            match = index
+        representative.append(match)
+    return representative
+
+
+@dataclass(frozen=True)
+class SpaceGroup:
+    """International symbol and number of a structure's space group at a given tolerance."""
+
+    symbol: str
+    number: int
+
+    def __str__(self) -> str:
+        return f"{self.symbol} ({self.number})"
+
+
+def space_group(structure: Structure, symprec: float = 0.1) -> SpaceGroup:
+    """The space group that spglib finds at ``symprec`` (Å); P1 when it finds none."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    try:
+        analyzer = SpacegroupAnalyzer(structure, symprec=symprec)
+        return SpaceGroup(analyzer.get_space_group_symbol(), analyzer.get_space_group_number())
+    except Exception:  # spglib gives up on some badly distorted cells
+        return SpaceGroup("P1", 1)
+
+
+def displacement(initial: Structure, final: Structure) -> dict[str, float]:
+    """How far a relaxation moved a structure: ``{"rms_displacement": Å, "max_displacement": Å, "volume_change": ratio - 1}``.
+
+    Atom ``i`` of ``initial`` is atom ``i`` of ``final`` (relaxations keep the order). Displacements are the
+    fractional moves wrapped into [-1/2, 1/2) and measured in the final lattice, so a move across the cell
+    boundary counts as the short way round.
+    """
+    if len(initial) != len(final) or [s.specie for s in initial] != [s.specie for s in final]:
+        raise ValueError("initial and final structures must have the same atoms in the same order")
+    moves = final.frac_coords - initial.frac_coords
+    moves -= np.round(moves)
+    lengths = np.linalg.norm(moves @ final.lattice.matrix, axis=1)
+    return {
+        "rms_displacement": float(np.sqrt(np.mean(lengths**2))),
+        "max_displacement": float(lengths.max()),
+        "volume_change": float(final.volume / initial.volume - 1.0),
+    }

