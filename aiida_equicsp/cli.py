@@ -226,3 +226,224 @@ def install_pseudos(label: str | None, wheel: str | None) -> None:
     click.echo(f"{state}: {family.label} ({len(family.elements)} elements, "
                f"cutoff stringencies {', '.join(family.get_cutoff_stringencies())}, "
                f"default {family.get_default_stringency()})")
+
+
+# --- campaigns: aiida-equicsp campaign submit | status | winners ------------------------------------------------
+
+#: The protocols of the predict-relax work chain.
+PREDICT_RELAX_PROTOCOLS = load_protocols("predict_relax")
+
+
+@main.group()
+def campaign() -> None:
+    """Campaigns: one predict-relax work chain per composition, submitted to the daemon a few at a time.
+
+    \b
+    aiida-equicsp campaign submit LABEL --code equicsp@cluster --model perov_5 --formula SrTiO3 --formula BaTiO3
+        [--formulas-file FILE] [--max-concurrent N] [--wait [--interval S]] [--protocol fast|precise]
+        [--num-samples N] [--overrides FILE] [--dft --pw-code pw@cluster [--pseudo-family F]] [--retry-failed]
+    aiida-equicsp campaign status LABEL
+    aiida-equicsp campaign winners LABEL [--export DIR [--format cif|extxyz]]
+
+    ``submit`` is safe to rerun: it submits only what is missing (see aiida_equicsp.campaign). A later call
+    may leave out the settings (model, protocol, overrides, DFT): the campaign's stored ones are used; given
+    ones must equal them.
+    """
+
+
+def _read_formulas_file(path: str) -> list[str]:
+    """The formulas of a file, one a line; blank lines and ``#`` comments are skipped."""
+    lines = (line.split("#", 1)[0].strip() for line in Path(path).read_text().splitlines())
+    formulas = [line for line in lines if line]
+    if not formulas:
+        raise click.BadParameter(f"{path} holds no formula", param_hint="'--formulas-file'")
+    return formulas
+
+
+def _load_model_or_pk(value: str) -> EquiCSPModelData:
+    """A stored model by pk, else :func:`_load_model` (a checkpoint file or a shipped checkpoint's name)."""
+    if not value.isdigit():
+        return _load_model(value)
+    try:
+        node = orm.load_node(int(value))
+    except NotExistent as error:
+        raise click.BadParameter(f"no node with pk {value}", param_hint="'--model'") from error
+    if not isinstance(node, EquiCSPModelData):
+        raise click.BadParameter(f"node {value} is a {type(node).__name__}, not an EquiCSPModelData",
+                                 param_hint="'--model'")
+    return node
+
+
+def _load_pw_code(label: str) -> orm.AbstractCode:
+    """The pw.x code of that label, or a usage error naming it."""
+    try:
+        return orm.load_code(label)
+    except (NotExistent, MultipleObjectsError) as error:
+        raise click.BadParameter(f"no single code {label!r} (see verdi code list)", param_hint="'--pw-code'") from error
+
+
+def _campaign_settings(stored, model_name, protocol, overrides_file, num_samples, dft, pw_code_label, pseudo_family,
+                       max_concurrent):
+    """The settings of the options, the options left out taken from the stored settings (``None``: new campaign)."""
+    from aiida_equicsp.campaign import DEFAULT_MAX_CONCURRENT, CampaignSettings
+
+    if model_name is not None:
+        model = _load_model_or_pk(model_name)
+    elif stored is not None:
+        model = orm.load_node(stored.model_uuid)
+    else:
+        raise click.UsageError("--model is required to start a campaign")
+    overrides = _read_overrides(overrides_file) if overrides_file else dict(stored.overrides) if stored else {}
+    if num_samples is not None:
+        overrides = deep_merge(overrides, {"num_samples": num_samples})
+    if dft is None:
+        dft = pw_code_label is not None or (stored is not None and stored.pw_code_uuid is not None)
+    pw_code = None
+    if dft:
+        if pw_code_label is not None:
+            pw_code = _load_pw_code(pw_code_label)
+        elif stored is not None and stored.pw_code_uuid is not None:
+            pw_code = orm.load_node(stored.pw_code_uuid)
+        else:
+            raise click.UsageError("--dft needs --pw-code")
+        if pseudo_family is None and stored is not None:
+            pseudo_family = stored.pseudo_family
+    elif pw_code_label is not None or pseudo_family is not None:
+        raise click.UsageError("--pw-code and --pseudo-family are for DFT: leave out --no-dft")
+    try:
+        return CampaignSettings.from_nodes(
+            model, protocol or (stored.protocol if stored else None), overrides, pw_code, pseudo_family,
+            max_concurrent or (stored.max_concurrent if stored else DEFAULT_MAX_CONCURRENT))
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+
+
+@campaign.command("submit")
+@click.argument("label")
+@click.option("--code", "code_label", required=True, help="the InstalledCode of `equicsp`, e.g. equicsp@cluster")
+@click.option("--model", "model_name", default=None, metavar="NAME_OR_PK",
+              help="a shipped checkpoint's name, a checkpoint file or a model's pk (default: the campaign's)")
+@click.option("--formula", "formulas", multiple=True, help="a composition to add, e.g. SrTiO3 (repeatable)")
+@click.option("--formulas-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="a file of compositions, one a line (# comments)")
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
+              help="most work chains of the campaign active at once (default: the campaign's, else 4)")
+@click.option("--protocol", type=click.Choice(list(PREDICT_RELAX_PROTOCOLS["protocols"])), default=None,
+              help=f"protocols/predict_relax.yaml (default: {PREDICT_RELAX_PROTOCOLS['default_protocol']})")
+@click.option("--num-samples", type=click.IntRange(min=1), default=None, help="candidates per composition")
+@click.option("--overrides", "overrides_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML file of overrides of the work chain's protocol: {relax: {parameters: {steps: 30}}, ...}")
+@click.option("--dft/--no-dft", default=None, help="DFT-relax the best candidates with pw.x (default: the campaign's)")
+@click.option("--pw-code", "pw_code_label", default=None, help="the pw.x code for --dft")
+@click.option("--pseudo-family", default=None, help="pseudopotential family for --dft (default: the protocol's)")
+@click.option("--retry-failed", is_flag=True, help="resubmit compositions whose work chains failed")
+@click.option("--wait", is_flag=True, help="keep submitting, every --interval seconds, until all are submitted")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="seconds between two passes with --wait")
+def campaign_submit(label: str, code_label: str, model_name: str | None, formulas: tuple[str, ...],
+                    formulas_file: str | None, max_concurrent: int | None, protocol: str | None,
+                    num_samples: int | None, overrides_file: str | None, dft: bool | None, pw_code_label: str | None,
+                    pseudo_family: str | None, retry_failed: bool, wait: bool, interval: float) -> None:
+    """Add compositions to campaign LABEL and submit what is missing, at most --max-concurrent active at once."""
+    import time
+
+    from aiida_equicsp.campaign import (
+        create_or_load_campaign,
+        load_campaign,
+        submit_campaign,
+        validate_compositions,
+    )
+
+    if formulas and formulas_file:
+        raise click.UsageError("give --formula or --formulas-file, not both")
+    requested = _read_formulas_file(formulas_file) if formulas_file else list(formulas)
+    try:
+        compositions = validate_compositions(requested) if requested else None
+    except ValueError as error:
+        hint = "'--formulas-file'" if formulas_file else "'--formula'"
+        raise click.BadParameter(str(error), param_hint=hint) from error
+    code = _load_code(code_label)
+    try:
+        existing = load_campaign(label)
+    except ValueError:
+        existing = None
+    if compositions is None and (existing is None or not existing.compositions):
+        raise click.UsageError(f"campaign {label!r} has no compositions yet: give --formula or --formulas-file")
+    settings = _campaign_settings(existing.settings if existing else None, model_name, protocol, overrides_file,
+                                  num_samples, dft, pw_code_label, pseudo_family, max_concurrent)
+    try:
+        group = create_or_load_campaign(label, settings)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+
+    while True:
+        try:
+            report = submit_campaign(group, compositions, code, max_concurrent=settings.max_concurrent,
+                                     retry_failed=retry_failed)
+        except ValueError as error:
+            raise click.UsageError(str(error)) from error
+        except InvalidOperation as error:
+            raise click.ClickException(f"cannot submit to the daemon: {error}") from error
+        compositions = None  # in the campaign's queue now
+        for formula, pk in report.submitted.items():
+            click.echo(f"submitted {formula}: EquiCSPPredictRelaxWorkChain<{pk}>")
+        click.echo(f"campaign {label}: {len(report.submitted)} submitted now, {len(report.waiting)} waiting for a "
+                   f"free slot (max {settings.max_concurrent} active), {len(report.active)} active before, "
+                   f"{len(report.finished)} finished, {len(report.failed)} failed"
+                   + ("" if retry_failed or not report.failed else " (resubmit them with --retry-failed)"))
+        if not wait or report.done_submitting:
+            return
+        time.sleep(interval)
+
+
+def _echo_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Print rows under a header, columns left-aligned."""
+    widths = [max(len(text) for text in column) for column in zip(header, *rows, strict=True)]
+    for row in (header, *rows):
+        click.echo("  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _load_campaign_or_fail(label: str):
+    from aiida_equicsp.campaign import load_campaign
+
+    try:
+        return load_campaign(label)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="'LABEL'") from error
+
+
+@campaign.command("status")
+@click.argument("label")
+def campaign_status(label: str) -> None:
+    """Per composition of campaign LABEL: its work chain's pk, process state and exit status."""
+    from aiida_equicsp.campaign import campaign_status as status_of
+
+    statuses = status_of(_load_campaign_or_fail(label))
+    _echo_table(("composition", "pk", "state", "exit status", "attempts"),
+                [(s.composition, "-" if s.pk is None else str(s.pk), s.state,
+                  "-" if s.exit_status is None else str(s.exit_status), str(s.attempts)) for s in statuses])
+    ok = sum(s.state == "finished" and s.exit_status == 0 for s in statuses)
+    click.echo(f"{len(statuses)} compositions, {ok} finished ok (campaign {label})")
+
+
+@campaign.command("winners")
+@click.argument("label")
+@click.option("--export", "folder", type=click.Path(file_okay=False), default=None,
+              help="write each winner's structure to this folder")
+@click.option("--format", "fmt", type=click.Choice(["cif", "extxyz"]), default="cif", show_default=True,
+              help="file format of --export")
+def campaign_winners(label: str, folder: str | None, fmt: str) -> None:
+    """The lowest-energy structure of each composition of campaign LABEL (DFT energy if any, else ML)."""
+    from aiida_equicsp.queries import export_winners, winners_dataframe
+
+    group = _load_campaign_or_fail(label)
+    frame = winners_dataframe(group)
+    if frame.empty:
+        raise click.ClickException(f"campaign {label} has no relaxed structure yet (aiida-equicsp campaign status "
+                                   f"{label})")
+    _echo_table(("composition", "level", "energy (eV/atom)", "space group", "label", "structure pk", "work chain"),
+                [(row.composition, row.level, f"{row.energy_per_atom:.4f}", str(row.space_group), row.label,
+                  str(row.structure_pk), str(row.workchain_pk)) for row in frame.itertuples()])
+    if folder is not None:
+        paths = export_winners(group, folder, fmt)
+        click.echo(f"wrote {len(paths)} {fmt} files to {folder}")

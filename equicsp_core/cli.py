@@ -102,8 +102,9 @@ def _sample_settings(args: argparse.Namespace) -> SampleSettings:
         return SampleSettings.from_mapping(given)
     if given:
         raise ValueError(f"--input cannot be combined with {', '.join(SAMPLE_FLAGS[key] for key in given)}")
+    values = _read_yaml(args.input)  # its errors already name the file
     try:
-        return SampleSettings.from_mapping(_read_yaml(args.input))
+        return SampleSettings.from_mapping(values)
     except ValueError as error:
         raise ValueError(f"--input {args.input}: {error}") from error
 
@@ -113,7 +114,8 @@ def _read_yaml(path: str) -> Any:
     try:
         return yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as error:
-        raise ValueError(f"--input {path} is not valid YAML ({error})") from error
+        # PyYAML's message spans lines; the error must stay one line (see the module docstring).
+        raise ValueError(f"--input {path} is not valid YAML ({' '.join(str(error).split())})") from error
 
 
 def _fail_once_if_requested() -> None:
@@ -194,8 +196,9 @@ def cmd_relax(args: argparse.Namespace) -> int:
 
     from equicsp_core.relax import RelaxSettings, load_calculator, relax_structures
 
+    values = _read_yaml(args.input) if args.input else {}  # its errors already name the file
     try:
-        settings = RelaxSettings.from_mapping(_read_yaml(args.input) if args.input else {})
+        settings = RelaxSettings.from_mapping(values)
     except (TypeError, ValueError) as error:
         raise ValueError(f"--input {args.input}: {error}") from error
     text = Path(args.structures).read_text()  # a missing file: FileNotFoundError naming it

@@ -76,10 +76,13 @@ class RelaxSettings:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.fmax, (int, float)) and self.fmax > 0):
+        # bool is an int to Python, never a threshold or a step count here.
+        if isinstance(self.fmax, bool) or not (isinstance(self.fmax, (int, float)) and self.fmax > 0):
             raise ValueError(f"fmax must be a number > 0, got {self.fmax!r}")
-        if not (isinstance(self.steps, int) and self.steps >= 0):
+        if isinstance(self.steps, bool) or not (isinstance(self.steps, int) and self.steps >= 0):
             raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
+        if not isinstance(self.relax_cell, bool):
+            raise ValueError(f"relax_cell must be true or false, got {self.relax_cell!r}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RelaxSettings:

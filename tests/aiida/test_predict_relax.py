@@ -79,7 +79,7 @@ def test_full_run_with_real_dft(equicsp_code, pw_code, pseudo_family):
     assert set(outputs["dft_relaxed"]) == {best["label"]}
     assert [row["status"] for row in rows[1:]] != ["dft_relaxed"] * (len(rows) - 1)
 
-    # Provenance: formulas -> sampling -> sampled structure -> CHGNet -> relaxed -> PwRelaxWorkChain -> final.
+    # Provenance: formulas -> sampling -> sampled -> CHGNet -> relaxed -> symmetrised -> PwRelaxWorkChain -> final.
     final = outputs["dft_relaxed"][best["label"]]
     query = orm.QueryBuilder()
     query.append(orm.List, filters={"uuid": builder.sample.sample.compositions.uuid}, tag="formulas")
@@ -90,7 +90,9 @@ def test_full_run_with_real_dft(equicsp_code, pw_code, pseudo_family):
     query.append(orm.CalcJobNode, with_incoming="sampled", filters={"process_type": {"like": "%equicsp.relax"}},
                  tag="ml")
     query.append(orm.StructureData, with_incoming="ml", tag="ml_structure")
-    query.append(orm.WorkChainNode, with_incoming="ml_structure", filters={"process_type": {"like": "%pw.relax"}},
+    query.append(orm.CalcFunctionNode, with_incoming="ml_structure", tag="symmetrize")
+    query.append(orm.StructureData, with_incoming="symmetrize", tag="symmetrized")
+    query.append(orm.WorkChainNode, with_incoming="symmetrized", filters={"process_type": {"like": "%pw.relax"}},
                  tag="dft")
     query.append(orm.StructureData, with_incoming="dft", filters={"uuid": final.uuid})
     assert query.count() == 1

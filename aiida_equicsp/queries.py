@@ -1,0 +1,210 @@
+"""QueryBuilder recipes for EquiCSP results: what was sampled, which structure won, which model made it.
+
+The provenance graph already holds every answer; these functions are the queries one would otherwise
+rewrite each time:
+
+- :func:`predicted_structures`: every structure sampled for a formula, over all sampling calculations;
+- :func:`lowest_energy_per_formula`: the winner of each composition of a campaign (DFT energy if it has one,
+  else ML), with its structure node; :func:`winners_dataframe` and :func:`export_winners` tabulate and write them;
+- :func:`checkpoint_of`: the model (checkpoint) a structure comes from, through any relaxation.
+
+Formulas are compared by reduced formula (``Sr2Ti2O6`` is ``SrTiO3``), as the work chain ranks them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiida import orm
+
+from aiida_equicsp.campaign import COMPOSITION_EXTRA, PROCESS_TYPE, CampaignGroup
+from aiida_equicsp.data.model import EquiCSPModelData
+
+#: Process type of the sampling calculation.
+SAMPLE_PROCESS_TYPE = "aiida.calculations:equicsp.sample"
+#: ``fmt`` of :func:`export_winners` -> file extension.
+EXPORT_FORMATS = {"cif": "cif", "extxyz": "xyz"}
+
+
+def reduced_formula(formula: str) -> str:
+    """The reduced formula (``Sr2Ti2O6`` -> ``SrTiO3``) of a formula ``parse_formula`` accepts.
+
+    Raises:
+        ValueError: naming the formula, when it is malformed.
+    """
+    from pymatgen.core import Composition
+
+    from equicsp_core.predict import parse_formula
+
+    parse_formula(formula, max_atoms=None)
+    return Composition(formula).reduced_formula
+
+
+def _structure_reduced_formula(structure: orm.StructureData) -> str:
+    from pymatgen.core import Composition
+
+    return Composition(structure.get_composition()).reduced_formula
+
+
+def predicted_structures(formula: str) -> list[orm.StructureData]:
+    """Every structure sampled for ``formula`` (by reduced formula): the ``structures`` outputs of ``equicsp.sample``.
+
+    The calculations' own outputs, not the work chains' (which return the same nodes again), oldest first.
+    Candidates of other formulas sampled in the same calculation are left out.
+    """
+    target = reduced_formula(formula)
+    calculations = orm.QueryBuilder()
+    calculations.append(orm.CalcJobNode, filters={"process_type": SAMPLE_PROCESS_TYPE}, tag="calc", project="id")
+    calculations.append(orm.List, with_outgoing="calc", edge_filters={"label": "compositions"},
+                        project="attributes.list")
+    pks = {pk for pk, formulas in calculations.all()
+           if any(reduced_formula(entry) == target for entry in formulas or [])}
+    if not pks:
+        return []
+    query = orm.QueryBuilder()
+    query.append(orm.CalcJobNode, filters={"id": {"in": sorted(pks)}}, tag="calc")
+    query.append(orm.StructureData, with_incoming="calc", edge_filters={"label": {"like": "structures__%"}},
+                 project="*")
+    query.order_by({orm.StructureData: {"id": "asc"}})
+    return [node for node in query.all(flat=True) if _structure_reduced_formula(node) == target]
+
+
+@dataclass(frozen=True)
+class Winner:
+    """The best candidate of one composition of a campaign.
+
+    ``level`` is ``"dft"`` when it was DFT-relaxed, else ``"ml"``; ``energy_per_atom`` (eV/atom) is of that
+    level; ``row`` is its row of the work chain's ``ranking`` table.
+    """
+
+    composition: str
+    level: str
+    energy_per_atom: float
+    structure: orm.StructureData
+    workchain: orm.WorkChainNode
+    row: dict[str, Any]
+
+
+def best_row(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]] | None:
+    """``(level, row)`` of the lowest DFT energy per atom if any row has one, else of the lowest ML one; or None.
+
+    A DFT energy beats any ML energy: the two levels' energies are not comparable, and DFT is the better one.
+    """
+    dft = [row for row in rows if row.get("dft_energy_per_atom") is not None]
+    if dft:
+        return "dft", min(dft, key=lambda row: row["dft_energy_per_atom"])
+    ml = [row for row in rows if row.get("ml_rank") is not None and row.get("ml_energy_per_atom") is not None]
+    if ml:
+        return "ml", min(ml, key=lambda row: row["ml_energy_per_atom"])
+    return None
+
+
+def lowest_energy_per_formula(group: CampaignGroup) -> dict[str, Winner]:
+    """``{composition: Winner}`` over the campaign's work chains that output a ``ranking`` table.
+
+    A composition with several work chains (a failed one and its retry) takes its finished-ok one, else the
+    newest; compositions without a relaxed candidate are absent (``campaign_status`` says why).
+    """
+    query = orm.QueryBuilder()
+    query.append(CampaignGroup, filters={"id": group.pk}, tag="group")
+    query.append(orm.WorkChainNode, with_group="group", filters={"process_type": PROCESS_TYPE}, tag="workchain",
+                 project=["*", f"extras.{COMPOSITION_EXTRA}"])
+    query.append(orm.Dict, with_incoming="workchain", edge_filters={"label": "ranking"}, project="attributes.rows")
+    query.order_by({orm.WorkChainNode: {"ctime": "asc"}})
+    chosen: dict[str, tuple[orm.WorkChainNode, list]] = {}
+    for node, composition, rows in query.all():
+        if composition is None:
+            continue
+        previous = chosen.get(composition)
+        if previous is None or node.is_finished_ok or not previous[0].is_finished_ok:
+            chosen[composition] = (node, rows or [])
+    winners = {}
+    for composition in group.compositions + [formula for formula in chosen if formula not in group.compositions]:
+        if composition not in chosen:
+            continue
+        node, rows = chosen[composition]
+        best = best_row(rows)
+        if best is None:
+            continue
+        level, row = best
+        namespace = "dft_relaxed" if level == "dft" else "ml_relaxed"
+        winners[composition] = Winner(composition, level, row[f"{level}_energy_per_atom"],
+                                      node.outputs[namespace][row["label"]], node, row)
+    return winners
+
+
+def checkpoint_of(structure: orm.StructureData) -> EquiCSPModelData:
+    """The model whose sampling produced ``structure``, through any ML or DFT relaxations after it.
+
+    Follows the data provenance (create and input links) back from the structure to an ``equicsp.sample``
+    calculation and takes that calculation's ``model`` input.
+
+    Raises:
+        ValueError: when no EquiCSP sampling is among the structure's ancestors, or several models are.
+    """
+    if not isinstance(structure, orm.StructureData) or not structure.is_stored:
+        raise ValueError(f"expected a stored StructureData, got {structure!r}")
+    query = orm.QueryBuilder()
+    query.append(orm.StructureData, filters={"id": structure.pk}, tag="structure")
+    query.append(orm.CalcJobNode, filters={"process_type": SAMPLE_PROCESS_TYPE}, with_descendants="structure",
+                 tag="sampling")
+    query.append(EquiCSPModelData, with_outgoing="sampling", edge_filters={"label": "model"}, project="*")
+    query.distinct()
+    models = query.all(flat=True)
+    if not models:
+        raise ValueError(f"StructureData<{structure.pk}> does not come from an EquiCSP sampling calculation")
+    if len({model.pk for model in models}) > 1:
+        raise ValueError(f"StructureData<{structure.pk}> comes from several models: "
+                         f"{', '.join(str(model.pk) for model in models)}")
+    return models[0]
+
+
+def winners_dataframe(group: CampaignGroup):
+    """The winners of a campaign as a pandas DataFrame, one row per composition (:func:`lowest_energy_per_formula`)."""
+    import pandas as pd
+
+    columns = ["composition", "reduced_formula", "level", "energy_per_atom", "ml_energy_per_atom",
+               "dft_energy_per_atom", "space_group", "label", "structure_pk", "structure_uuid", "workchain_pk"]
+    records = []
+    for composition, winner in lowest_energy_per_formula(group).items():
+        row = winner.row
+        records.append({
+            "composition": composition, "reduced_formula": row.get("reduced_formula"), "level": winner.level,
+            "energy_per_atom": winner.energy_per_atom, "ml_energy_per_atom": row.get("ml_energy_per_atom"),
+            "dft_energy_per_atom": row.get("dft_energy_per_atom"),
+            "space_group": row.get(f"space_group_{winner.level}"), "label": row["label"],
+            "structure_pk": winner.structure.pk, "structure_uuid": winner.structure.uuid,
+            "workchain_pk": winner.workchain.pk,
+        })
+    return pd.DataFrame.from_records(records, columns=columns)
+
+
+def export_winners(group: CampaignGroup, folder: str | Path, fmt: str = "cif") -> list[Path]:
+    """Write each winner's structure to ``folder/<composition>.<cif|xyz>``; returns the paths written.
+
+    ``extxyz`` files carry the composition, level, energy per atom and node UUIDs in their comment line.
+
+    Raises:
+        ValueError: for an unknown format.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for composition, winner in lowest_energy_per_formula(group).items():
+        path = folder / f"{re.sub(r'[^A-Za-z0-9]+', '_', composition)}.{EXPORT_FORMATS[fmt]}"
+        if fmt == "cif":
+            winner.structure.get_pymatgen().to(filename=str(path), fmt="cif")
+        else:
+            from ase.io import write
+
+            atoms = winner.structure.get_ase()
+            atoms.info.update(composition=composition, level=winner.level, energy_per_atom=winner.energy_per_atom,
+                              structure_uuid=winner.structure.uuid, workchain_uuid=winner.workchain.uuid)
+            write(path, atoms, format="extxyz")
+        paths.append(path)
+    return paths

@@ -1,0 +1,126 @@
+"""Predict crystal structures for a formula, relax them with CHGNet and the best with DFT, rank them.
+
+Run on the AiiDA profile that `bash scripts/setup.sh` made (a `verdi presto` SQLite profile)::
+
+    verdi run examples/predict_and_relax.py
+    verdi run examples/predict_and_relax.py --formula BaTiO3 --num-samples 8 --top-k 2
+    verdi run examples/predict_and_relax.py --no-dft                  # sampling and CHGNet only
+    verdi run examples/predict_and_relax.py --computer my-cluster --equicsp-code equicsp@my-cluster \\
+        --pw-code pw@my-cluster                                       # existing codes on another computer
+
+It sets up what is missing on the chosen computer (default ``localhost``): the ``equicsp`` code (this
+environment's program), the ``pw`` code (``pw.x`` on the PATH) and the PseudoDojo pseudopotential family
+(built offline, ``aiida-equicsp install-pseudos``). Then it runs ``equicsp.predict_relax`` and reads the
+results back from the database with QueryBuilder: the ranking table, and every structure the run produced
+with the level it was relaxed at.
+
+DFT here is a quick look, not production settings: the family's ``low`` cutoff stringency and
+aiida-quantumespresso's ``fast`` protocol (``--stringency normal`` and ``--protocol precise`` for real work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from aiida import orm
+from aiida.engine import run_get_node
+
+from aiida_equicsp.data.model import EquiCSPModelData
+from aiida_equicsp.pseudos import PSEUDODOJO_LABEL, install_pseudodojo_family
+from aiida_equicsp.workchains.predict_relax import EquiCSPPredictRelaxWorkChain
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="verdi run examples/predict_and_relax.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--formula", default="SrTiO3", help="cell contents (default SrTiO3)")
+    parser.add_argument("--model", default="perov_5", help="shipped checkpoint name or file (default perov_5)")
+    parser.add_argument("--num-samples", type=int, default=6, help="candidates to sample (default 6)")
+    parser.add_argument("--top-k", type=int, default=1, help="DFT-relax the best k after CHGNet (default 1)")
+    parser.add_argument("--dft", action=argparse.BooleanOptionalAction, default=True, help="run the DFT stage")
+    parser.add_argument("--protocol", default="fast", choices=["fast", "precise"])
+    parser.add_argument("--stringency", default="low", choices=["low", "normal", "high"],
+                        help="PseudoDojo cutoff hints to use (default low)")
+    parser.add_argument("--computer", default="localhost", help="where the codes run (default localhost)")
+    parser.add_argument("--equicsp-code", default=None, help="label of an equicsp code (default: set one up)")
+    parser.add_argument("--pw-code", default=None, help="label of a pw.x code (default: set one up)")
+    return parser.parse_args(sys.argv[1:])
+
+
+def installed_code(label: str | None, name: str, executable: str | None, plugin: str, computer: str) -> orm.Code:
+    """The code ``label``, or ``name@computer``, created from ``executable`` on the first run."""
+    try:
+        return orm.load_code(label or f"{name}@{computer}")
+    except Exception:  # NotExistent
+        if label is not None:
+            sys.exit(f"code {label} does not exist: create it with `verdi code create core.code.installed`")
+    if executable is None:
+        sys.exit(f"no {name} program found on the PATH to set up code {name}@{computer}: for pw.x install Quantum "
+                 "ESPRESSO (apt-get install quantum-espresso) or give --pw-code, or run with --no-dft")
+    code = orm.InstalledCode(computer=orm.load_computer(computer), filepath_executable=executable, label=name,
+                             default_calc_job_plugin=plugin)
+    return code.store()
+
+
+def main() -> None:
+    args = parse_args()
+    equicsp_code = installed_code(args.equicsp_code, "equicsp", shutil.which("equicsp")
+                                  or str(Path(sys.executable).with_name("equicsp")), "equicsp.sample", args.computer)
+    model = EquiCSPModelData.from_shipped(args.model) if not Path(args.model).exists() else \
+        EquiCSPModelData.get_or_create(args.model)
+    overrides: dict = {"num_samples": args.num_samples, "top_k": args.top_k}
+    pw_code = family = None
+    if args.dft:
+        pw_code = installed_code(args.pw_code, "pw", shutil.which("pw.x"), "quantumespresso.pw", args.computer)
+        try:
+            family = install_pseudodojo_family()
+        except FileNotFoundError as error:
+            sys.exit(str(error))
+        from pymatgen.core import Composition
+
+        elements = tuple(str(element) for element in Composition(args.formula))
+        ecutwfc, ecutrho = family.get_recommended_cutoffs(elements=elements, stringency=args.stringency, unit="Ry")
+        overrides["dft"] = {"overrides": {"meta_convergence": False, "base_relax": {
+            "pw": {"parameters": {"SYSTEM": {"ecutwfc": ecutwfc, "ecutrho": ecutrho}}}}}}
+        print(f"DFT: pw.x with {PSEUDODOJO_LABEL}, {args.stringency} cutoffs {ecutwfc:g}/{ecutrho:g} Ry")
+
+    builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
+        equicsp_code, model, [args.formula], protocol=args.protocol, pw_code=pw_code,
+        pseudo_family=None if family is None else family.label, overrides=overrides)
+    print(f"predicting {args.formula} with model {model.filename} ({args.num_samples} candidates) ...")
+    _, node = run_get_node(builder)
+    print(f"{node.process_label}<{node.pk}> finished: exit status {node.exit_status}"
+          + (f" ({node.exit_message})" if node.exit_status else ""))
+    report(node.pk)
+
+
+def report(pk: int) -> None:
+    """Read the results of work chain ``pk`` back from the database and print them."""
+    query = orm.QueryBuilder()
+    query.append(orm.WorkflowNode, filters={"id": pk}, tag="run")
+    query.append(orm.Dict, with_incoming="run", edge_filters={"label": "ranking"}, project="attributes.rows")
+    rows = query.one()[0] if query.count() else []
+    columns = [("label", "{}"), ("status", "{}"), ("ml_rank", "{}"), ("ml_energy_per_atom", "{:.4f}"),
+               ("dft_energy_per_atom", "{:.4f}"), ("space_group_sampled", "{}"), ("space_group_ml", "{}"),
+               ("space_group_dft", "{}"), ("ml_rms_displacement", "{:.3f}"), ("reason", "{}")]
+    table = [[name for name, _ in columns]]
+    table += [["-" if row.get(name) is None else fmt.format(row[name]) for name, fmt in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    print("\nranking (energies in eV/atom, displacement in Å):")
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
+
+    query = orm.QueryBuilder()
+    query.append(orm.WorkflowNode, filters={"id": pk}, tag="run")
+    query.append(orm.StructureData, with_incoming="run", project=["id", "attributes.cell"],
+                 edge_project="label", edge_filters={"label": {"like": "%relaxed%"}})
+    print("\nrelaxed structures in the database (QueryBuilder):")
+    for pk_, _, label in sorted(query.all(), key=lambda r: r[2]):
+        structure = orm.load_node(pk_)
+        print(f"  {label:28s} StructureData<{pk_}>  {structure.get_formula()}  {structure.get_cell_volume():.2f} Å³")
+
+
+if __name__ == "__main__":
+    main()

