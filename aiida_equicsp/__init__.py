@@ -6,7 +6,15 @@
 - ``aiida_equicsp.utils.get_builder_from_protocol``: a ready builder from ``protocols/sample.yaml``;
 - ``aiida_equicsp.workchains.sample_base.EquiCSPSampleBaseWorkChain`` (``equicsp.sample.base``): the calculation
   restarted until every requested candidate exists (installed from the repository's ``workchains/`` folder);
-- ``aiida_equicsp.cli``: the ``aiida-equicsp`` command (``sample``, ``results``).
+- ``aiida_equicsp.calculations.relax.EquiCSPRelaxCalculation`` (``equicsp.relax``): ``equicsp relax``, an ML
+  potential's relaxation, with its parser;
+- ``aiida_equicsp.workchains.predict_relax.EquiCSPPredictRelaxWorkChain`` (``equicsp.predict_relax``): formulas to
+  relaxed, ranked structures (sampling, screening, ML and DFT relaxation);
+- ``aiida_equicsp.pseudos``: the PseudoDojo pseudopotential family with cutoffs, built offline;
+- ``aiida_equicsp.campaign`` and ``aiida_equicsp.queries``: campaigns over many compositions, and the
+  QueryBuilder recipes to read results back;
+- ``aiida_equicsp.cli``: the ``aiida-equicsp`` command (``sample``, ``results``, ``install-pseudos``,
+  ``campaign``).
 
 Nothing here imports torch except the check of a checkpoint file and of the inputs before submission.
 """

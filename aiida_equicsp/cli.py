@@ -282,8 +282,9 @@ def _load_pw_code(label: str) -> orm.AbstractCode:
         raise click.BadParameter(f"no single code {label!r} (see verdi code list)", param_hint="'--pw-code'") from error
 
 
-def _campaign_settings(stored, model_name, protocol, overrides_file, num_samples, dft, pw_code_label, pseudo_family,
-                       max_concurrent):
+def _campaign_settings(stored: Any, model_name: str | None, protocol: str | None, overrides_file: str | None,
+                       num_samples: int | None, dft: bool | None, pw_code_label: str | None,
+                       pseudo_family: str | None, max_concurrent: int | None) -> Any:
     """The settings of the options, the options left out taken from the stored settings (``None``: new campaign)."""
     from aiida_equicsp.campaign import DEFAULT_MAX_CONCURRENT, CampaignSettings
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
 import sys
 import time
 from datetime import date
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--model", default="perov_5")
     parser.add_argument("--num-samples", type=int, default=6)
     parser.add_argument("--stringency", default="low")
+    parser.add_argument("--kpoints-distance", type=float, default=0.8)
     parser.add_argument("--dft", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--formulas", nargs="*", default=list(CUBIC_PEROVSKITES))
     args = parser.parse_args(sys.argv[1:])
@@ -70,46 +73,63 @@ def main() -> None:
         known = cubic_perovskite(formula, CUBIC_PEROVSKITES[formula])
         overrides = {"num_samples": args.num_samples, "top_k": 1}
         if args.dft:
-            elements = tuple(str(site.specie) for site in known.composition)
+            elements = tuple(str(element) for element in known.composition)
             ecutwfc, ecutrho = family.get_recommended_cutoffs(elements=elements, stringency=args.stringency,
                                                               unit="Ry")
             overrides["dft"] = {"overrides": {"meta_convergence": False, "base_relax": {
-                "pw": {"parameters": {"SYSTEM": {"ecutwfc": ecutwfc, "ecutrho": ecutrho}}}}}}
+                "kpoints_distance": args.kpoints_distance, "pw": {"parameters": {"SYSTEM": {"ecutwfc": ecutwfc, "ecutrho": ecutrho}}}}}}
         builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
             equicsp_code, model, [formula], pw_code=pw_code, pseudo_family=family and family.label,
             overrides=overrides)
         started = time.perf_counter()
         outputs, node = run_get_node(builder)
         seconds = time.perf_counter() - started
-        rows = outputs["ranking"]["rows"] if "ranking" in outputs else []
-
-        def matches(namespace: str, label: str | None) -> bool | None:
-            if label is None or label not in outputs.get(namespace, {}):
-                return None
-            return matcher.fit(outputs[namespace][label].get_pymatgen(), known)
-
-        ranked_ml = [row for row in rows if row.get("ml_rank") == 1]
-        top_dft = next((row for row in rows if row["status"] == "dft_relaxed"), None)
-        result = {
-            "formula": formula, "pk": node.pk, "exit_status": node.exit_status, "seconds": round(seconds, 1),
-            "top_dft_matches": matches("dft_relaxed", top_dft and top_dft["label"]),
-            "top_ml_matches": matches("ml_relaxed", ranked_ml[0]["label"] if ranked_ml else None),
-            "any_sampled_matches": any(matcher.fit(s.get_pymatgen(), known) for s in outputs.get("sampled", {}).values()),
-            "top_space_group": (top_dft or (ranked_ml[0] if ranked_ml else {})).get(
-                "space_group_dft" if top_dft else "space_group_ml"),
-        }
+        result = {"formula": formula, "pk": node.pk, "exit_status": node.exit_status, "seconds": round(seconds, 1),
+                  **compare(outputs, known, matcher)}
         print(json.dumps(result), flush=True)
         results.append(result)
+        write_report(args, results)
 
+
+def compare(outputs: dict, known: Structure, matcher: StructureMatcher) -> dict:
+    """Whether the top DFT-relaxed, the top ML-relaxed and any sampled structure match ``known``."""
+    rows = outputs["ranking"]["rows"] if "ranking" in outputs else []
+
+    def matches(namespace: str, label: str | None) -> bool | None:
+        if label is None or label not in outputs.get(namespace, {}):
+            return None
+        return matcher.fit(outputs[namespace][label].get_pymatgen(), known)
+
+    top_ml = next((row for row in rows if row["ml_rank"] == 1), None)
+    top_dft = next((row for row in rows if row["status"] == "dft_relaxed"), None)
+    return {
+        "top_dft_matches": matches("dft_relaxed", top_dft and top_dft["label"]),
+        "top_ml_matches": matches("ml_relaxed", top_ml and top_ml["label"]),
+        "any_sampled_matches": any(matcher.fit(s.get_pymatgen(), known) for s in outputs.get("sampled", {}).values()),
+        "top_space_group": top_dft["space_group_dft"] if top_dft else top_ml and top_ml["space_group_ml"],
+    }
+
+
+def cpu_model() -> str:
+    """``lscpu``'s model name and the number of cores, e.g. ``AMD EPYC, 2 cores``."""
+    names = [line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True,
+             check=False).stdout.splitlines() if line.startswith("Model name")]
+    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cores"
+
+
+def write_report(args: argparse.Namespace, results: list[dict]) -> None:
+    """The JSON report so far (rewritten after each compound, so a stopped run keeps what finished)."""
     level = "top_dft_matches" if args.dft else "top_ml_matches"
     report = {
         "command": "verdi run benchmarks/bench_ranking.py " + " ".join(sys.argv[1:]),
-        "date": date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+        "date": date.today().isoformat(), "machine": cpu_model(),
         "model": args.model, "num_samples": args.num_samples, "dft": args.dft, "stringency": args.stringency,
+        "kpoints_distance": args.kpoints_distance,
         "hit_rate": sum(bool(r[level]) for r in results) / len(results), "level": level, "results": results,
     }
     Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"top-ranked structure matches the known one: {sum(bool(r[level]) for r in results)}/{len(results)}")
+    print(f"top-ranked structure matches the known one: {sum(bool(r[level]) for r in results)}/{len(results)}",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from equicsp_core.predict import SampleSettings, parse_formula, predict_structur
 from equicsp_core.screening import (
     MAX_VOLUME_PER_ATOM,
     MIN_DISTANCE,
+    UNRELAXED_MATCH_TOLERANCES,
     displacement,
     duplicate_of,
     implausibility,
@@ -144,7 +145,7 @@ class ScreenCandidatesMaker(Maker):
                 plausible.append(candidate)
             else:
                 dropped.append({"index": candidate.index, "reason": reason})
-        representative = duplicate_of([c.structure for c in plausible])
+        representative = duplicate_of([c.structure for c in plausible], **UNRELAXED_MATCH_TOLERANCES)
         survivors = []
         for position, (candidate, first) in enumerate(zip(plausible, representative, strict=True)):
             if first == position:

@@ -8,7 +8,7 @@ choices are in the provenance) and the jobflow Makers.
   distance above 0.5 Å, volume above 0.1 Å³) plus an upper bound on the volume per atom that no solid at
   ambient pressure exceeds.
 - :func:`duplicate_of` maps every structure to the first earlier structure it matches (pymatgen's
-  ``StructureMatcher`` with its default tolerances), so ``[i for i, j in enumerate(m) if j == i]`` are the
+  ``StructureMatcher``; tight tolerances before relaxation, its defaults after), so ``[i for i, j in enumerate(m) if j == i]`` are the
   distinct ones.
 - :func:`space_group` and :func:`displacement` describe what a relaxation did.
 """
@@ -69,15 +69,21 @@ def implausibility(
     return None
 
 
-def duplicate_of(structures: list[Structure]) -> list[int]:
+#: Tolerances for candidates before relaxation: only near-copies are duplicates. At pymatgen's defaults a
+#: polar P4mm distortion and the cubic Pm-3m parent match, and relaxing one of them only loses a basin.
+UNRELAXED_MATCH_TOLERANCES = {"ltol": 0.1, "stol": 0.1, "angle_tol": 2.0}
+
+
+def duplicate_of(structures: list[Structure], ltol: float = 0.2, stol: float = 0.3, angle_tol: float = 5.0) -> list[int]:
     """For each structure, the index of the first structure it matches (itself when it is the first).
 
-    Matching is pymatgen's ``StructureMatcher()`` with default tolerances (ltol 0.2, stol 0.3, angle 5°),
-    comparing each structure with the distinct ones found before it: O(N × distinct) comparisons.
+    Matching is pymatgen's ``StructureMatcher`` (defaults: its own, for relaxed structures; see
+    :data:`UNRELAXED_MATCH_TOLERANCES`), comparing each structure with the distinct ones found before it:
+    O(N × distinct) comparisons.
     """
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
-    matcher = StructureMatcher()
+    matcher = StructureMatcher(ltol=ltol, stol=stol, angle_tol=angle_tol)
     representative: list[int] = []
     distinct: list[int] = []
     for index, structure in enumerate(structures):

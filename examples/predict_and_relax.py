@@ -14,8 +14,9 @@ environment's program), the ``pw`` code (``pw.x`` on the PATH) and the PseudoDoj
 results back from the database with QueryBuilder: the ranking table, and every structure the run produced
 with the level it was relaxed at.
 
-DFT here is a quick look, not production settings: the family's ``low`` cutoff stringency and
-aiida-quantumespresso's ``fast`` protocol (``--stringency normal`` and ``--protocol precise`` for real work).
+DFT here is a quick look, not production settings: the family's ``low`` cutoff stringency, a coarse k-point
+spacing and aiida-quantumespresso's ``fast`` protocol, one cell-volume cycle (``--stringency normal
+--kpoints-distance 0.3 --protocol precise`` for real work).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--protocol", default="fast", choices=["fast", "precise"])
     parser.add_argument("--stringency", default="low", choices=["low", "normal", "high"],
                         help="PseudoDojo cutoff hints to use (default low)")
+    parser.add_argument("--kpoints-distance", type=float, default=0.8,
+                        help="k-point spacing in 1/Å (default 0.8: coarse; the protocols use 0.15-0.5)")
     parser.add_argument("--computer", default="localhost", help="where the codes run (default localhost)")
     parser.add_argument("--equicsp-code", default=None, help="label of an equicsp code (default: set one up)")
     parser.add_argument("--pw-code", default=None, help="label of a pw.x code (default: set one up)")
@@ -83,8 +86,10 @@ def main() -> None:
         elements = tuple(str(element) for element in Composition(args.formula))
         ecutwfc, ecutrho = family.get_recommended_cutoffs(elements=elements, stringency=args.stringency, unit="Ry")
         overrides["dft"] = {"overrides": {"meta_convergence": False, "base_relax": {
+            "kpoints_distance": args.kpoints_distance,
             "pw": {"parameters": {"SYSTEM": {"ecutwfc": ecutwfc, "ecutrho": ecutrho}}}}}}
-        print(f"DFT: pw.x with {PSEUDODOJO_LABEL}, {args.stringency} cutoffs {ecutwfc:g}/{ecutrho:g} Ry")
+        print(f"DFT: pw.x with {PSEUDODOJO_LABEL}, {args.stringency} cutoffs {ecutwfc:g}/{ecutrho:g} Ry, "
+              f"k-point spacing {args.kpoints_distance} 1/Å")
 
     builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
         equicsp_code, model, [args.formula], protocol=args.protocol, pw_code=pw_code,

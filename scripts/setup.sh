@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up aiida-equicsp on a fresh machine (CPU) and run the main job.
-#   bash scripts/setup.sh                 # install + predict structures through AiiDA with the shipped perov_5 model
+#   bash scripts/setup.sh                 # install + predict, relax (CHGNet, pw.x) and rank SrTiO3 through AiiDA
 #   bash scripts/setup.sh --install-only  # install only (what CI does before the tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,15 +25,11 @@ print(f"torch {torch.__version__} OK")
 PY
 
 if [ "${1:-}" != "--install-only" ]; then
-    # The main job: predict structures through AiiDA on its embedded default (a `verdi presto` SQLite
-    # profile, no services), with the shipped perov_5 model, then query the candidates back.
+    # The main job on AiiDA's embedded default (a `verdi presto` SQLite profile, no services): predict SrTiO3
+    # with the shipped perov_5 model, relax the candidates with CHGNet and the best with pw.x, rank them and
+    # query the results back (examples/predict_and_relax.py sets up its codes and pseudopotentials).
     export PATH="$PWD/.venv/bin:$PATH"
     verdi profile show equicsp > /dev/null 2>&1 || verdi presto --profile-name equicsp
     verdi profile set-default equicsp
-    verdi code show equicsp@localhost > /dev/null 2>&1 || verdi code create core.code.installed --label equicsp \
-        --computer localhost --filepath-executable "$PWD/.venv/bin/equicsp" --non-interactive
-    summary=$(aiida-equicsp sample --code equicsp@localhost --model perov_5 --formula SrTiO3 --formula CaTiO3 \
-        --num-samples 4 | tail -n 1)
-    echo "$summary"
-    aiida-equicsp results "${summary##* }"
+    verdi run examples/predict_and_relax.py
 fi

@@ -75,9 +75,11 @@ def screen_candidates(candidates: orm.Dict, parameters: orm.Dict, **structures: 
 
     ``candidates`` is the sampler's list (invalid samples included, ``link_label`` None); ``structures`` its valid
     ones by link label; ``parameters``: ``min_distance`` (Å), ``max_volume_per_atom`` (Å³). Duplicates are found
-    within each reduced composition among the plausible candidates; the first one sampled is kept.
+    within each reduced composition among the plausible candidates, as near-copies only
+    (:data:`~equicsp_core.screening.UNRELAXED_MATCH_TOLERANCES`: distinct distortions may relax to distinct
+    minima, and relaxing costs seconds); the first one sampled is kept.
     """
-    from equicsp_core.screening import duplicate_of, implausibility
+    from equicsp_core.screening import UNRELAXED_MATCH_TOLERANCES, duplicate_of, implausibility
 
     settings = parameters.get_dict()
     pymatgen = {label: node.get_pymatgen() for label, node in structures.items()}
@@ -90,7 +92,8 @@ def screen_candidates(candidates: orm.Dict, parameters: orm.Dict, **structures: 
         if reason is None:
             plausible.setdefault(_reduced_formula(structure), []).append(label)
     for labels in plausible.values():
-        for label, first in zip(labels, duplicate_of([pymatgen[label] for label in labels])):
+        for label, first in zip(labels, duplicate_of([pymatgen[label] for label in labels],
+                                                     **UNRELAXED_MATCH_TOLERANCES)):
             if labels[first] != label:
                 decisions[label] = {"kept": False, "status": "duplicate", "reason": f"duplicate of {labels[first]}"}
     invalid = [entry for entry in candidates["candidates"] if not entry["valid"]]

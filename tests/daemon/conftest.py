@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -108,6 +109,17 @@ orm.load_computer("localhost").set_minimum_job_poll_interval(1.0)
 """
 
 
+def stop_daemon(profile: DaemonProfile) -> None:
+    """``verdi daemon stop``; if that fails, SIGTERM to the circus arbiter of the pid file (it stops its workers)."""
+    if profile.verdi("daemon", "stop", check=False, timeout=120).returncode == 0:
+        return
+    for pid_file in (profile.root / ".aiida").rglob(f"circus-{profile.name}.pid"):
+        try:
+            os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+        except (ValueError, ProcessLookupError):
+            pass
+
+
 @pytest.fixture(scope="module")
 def daemon_profile(tmp_path_factory):
     """A PostgreSQL + RabbitMQ profile with a configured localhost and the ``equicsp`` code; deleted afterwards."""
@@ -136,6 +148,8 @@ def daemon_profile(tmp_path_factory):
                     "--repository-uri", f"file://{root / 'repository'}", "--broker", "core.rabbitmq")
         created.append("profile")
         profile.verdi("config", "set", "warnings.rabbitmq_version", "False")
+        # The daemon answers its controller within 2 s by default: too short on a machine busy with jobs.
+        profile.verdi("config", "set", "daemon.timeout", "30")
         profile.verdi("computer", "setup", "--non-interactive", "--label", "localhost", "--hostname", "localhost",
                       "--transport", "core.local", "--scheduler", "core.direct", "--work-dir", str(root / "work"),
                       "--mpiprocs-per-machine", "1", "--prepend-text", "export OMP_NUM_THREADS=1")
@@ -147,7 +161,7 @@ def daemon_profile(tmp_path_factory):
         yield profile
     finally:
         if "profile" in created:
-            profile.verdi("daemon", "stop", check=False, timeout=120)
+            stop_daemon(profile)
             profile.python(DELETE_BROKER_OBJECTS, check=False, timeout=60)
             profile.verdi("profile", "delete", "--force", "--delete-data", name, check=False, timeout=120)
         if "database" in created:
