@@ -122,8 +122,8 @@ while True:
 COLLECT = """
 import json
 
-from aiida import orm
 from aiida.cmdline.utils.common import get_workchain_report
+from aiida.common.links import LinkType
 
 from aiida_equicsp.campaign import campaign_status, current_work_chains, load_campaign
 from aiida_equicsp.queries import winners_dataframe
@@ -141,10 +141,10 @@ for status in campaign_status(group):
     if node is not None:
         entry.update(times(node))
         entry["exit_message"] = node.exit_message
+        called = node.base.links.get_outgoing(link_type=(LinkType.CALL_CALC, LinkType.CALL_WORK)).all()
         entry["called"] = [{"link": link.link_label, "process": link.node.process_label,
                             "exit_status": link.node.exit_status, **times(link.node)}
-                           for link in node.base.links.get_outgoing(link_type=(orm.LinkType.CALL_CALC,
-                                                                               orm.LinkType.CALL_WORK)).all()]
+                           for link in sorted(called, key=lambda link: link.node.ctime)]
         pw = [descendant for descendant in node.called_descendants
               if descendant.process_label == "PwCalculation"]
         entry["pw_calculations"] = len(pw)

@@ -221,15 +221,15 @@ def test_the_calculator_is_built_once():
     assert len(results) == 2 and built == [("anything", "cpu")]
 
 
-def test_chgnet_relaxes_a_perturbed_perovskite():
-    """The default potential, for real (CHGNet's weights ship with its package; loading takes seconds)."""
-    pytest.importorskip("chgnet")
+@pytest.mark.parametrize("potential", ["chgnet", "sevennet"])
+def test_pretrained_potential_relaxes_a_perturbed_perovskite(potential):
+    """The two shipped potentials, for real (their weights come with their packages; loading takes seconds)."""
     perovskite = Structure(Lattice.cubic(3.95), ["Sr", "Ti", "O", "O", "O"],
                            [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
-    settings = RelaxSettings(potential="chgnet", fmax=0.1, steps=200)
-    result = relax_structure(rattled(perovskite, 0.05), load_calculator("chgnet"), settings)
+    settings = RelaxSettings(potential=potential, fmax=0.1, steps=200)
+    result = relax_structure(rattled(perovskite, 0.05), load_calculator(potential), settings)
     assert result.status == "converged", result.error
-    assert -9.5 < result.energy_per_atom < -7.0  # CHGNet's SrTiO3: about -8.1 eV/atom
+    assert -9.5 < result.energy_per_atom < -7.0  # SrTiO3 measured here: CHGNet -8.42, SevenNet 7net-0 -8.02 eV/atom
     assert result.structure.composition == perovskite.composition
 
 
