@@ -236,21 +236,27 @@ def create_profile(profile: DaemonProfile, password: str, pw_executable: str, cr
 
 
 def kill_leftovers(root: Path) -> list[int]:
-    """SIGKILL every process of this user whose working directory is inside ``root`` (jobs the daemon left
-    running, a daemon that did not stop): only this script starts processes there. Returns their pids."""
+    """Stop every process of this user whose working directory is inside ``root`` (jobs the daemon left
+    running, a daemon still shutting down): only this script starts processes there. SIGTERM, then SIGKILL
+    after 10 s. Returns their pids."""
     import psutil
 
-    killed = []
-    for process in psutil.process_iter(["pid", "uids"]):
+    found = []
+    for process in psutil.process_iter():
         try:
-            if process.pid == os.getpid() or process.uids().real != os.getuid():
-                continue
-            if Path(process.cwd()).is_relative_to(root):
-                process.kill()
-                killed.append(process.pid)
+            if process.pid != os.getpid() and process.uids().real == os.getuid() \
+                    and Path(process.cwd()).is_relative_to(root):
+                process.terminate()
+                found.append(process)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
             continue
-    return killed
+    _, alive = psutil.wait_procs(found, timeout=10)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return [process.pid for process in found]
 
 
 def tear_down(profile: DaemonProfile, created: list[str], children: list[subprocess.Popen]) -> None:

@@ -67,13 +67,15 @@ def load_calculator(potential: str, device: str = "cpu") -> Calculator:
 
 @dataclass(frozen=True)
 class RelaxSettings:
-    """How to relax: the potential, the force threshold ``fmax`` (eV/Å), the step cap, whether the cell moves."""
+    """How to relax: the potential, the force threshold ``fmax`` (eV/Å), the step cap, whether the cell moves,
+    and whether to check the relaxed structure's phonons for imaginary modes (:mod:`equicsp_core.phonons`)."""
 
     potential: str = "chgnet"
     fmax: float = 0.05
     steps: int = 500
     relax_cell: bool = True
     device: str = "cpu"
+    phonons: bool = False
 
     def __post_init__(self) -> None:
         # bool is an int to Python, never a threshold or a step count here.
@@ -81,8 +83,9 @@ class RelaxSettings:
             raise ValueError(f"fmax must be a number > 0, got {self.fmax!r}")
         if isinstance(self.steps, bool) or not (isinstance(self.steps, int) and self.steps >= 0):
             raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
-        if not isinstance(self.relax_cell, bool):
-            raise ValueError(f"relax_cell must be true or false, got {self.relax_cell!r}")
+        for name in ("relax_cell", "phonons"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RelaxSettings:
@@ -105,6 +108,7 @@ class RelaxResult:
     steps: int = 0
     seconds: float = 0.0
     error: str | None = None
+    phonons: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: the structure as pymatgen's dict."""
@@ -115,6 +119,7 @@ class RelaxResult:
             "steps": self.steps,
             "seconds": round(self.seconds, 3),
             "error": self.error,
+            "phonons": self.phonons,
         }
 
 
@@ -140,8 +145,16 @@ def relax_structure(structure: Structure, calculator: Calculator, settings: Rela
     except Exception as error:  # a potential or optimiser failure ends this relaxation, not the run
         return RelaxResult("failed", steps=0, seconds=time.perf_counter() - started,
                            error=f"{type(error).__name__}: {error}")
-    return RelaxResult("converged" if converged else "not_converged", final, energy, optimizer.nsteps,
-                       time.perf_counter() - started)
+    result = RelaxResult("converged" if converged else "not_converged", final, energy, optimizer.nsteps)
+    if settings.phonons:
+        from equicsp_core.phonons import dynamical_stability
+
+        try:
+            result.phonons = dynamical_stability(final, calculator)
+        except Exception as error:  # a failed phonon check is reported; the relaxation stands
+            result.phonons = {"error": f"{type(error).__name__}: {error}"}
+    result.seconds = time.perf_counter() - started
+    return result
 
 
 def relax_structures(

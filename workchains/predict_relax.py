@@ -7,6 +7,8 @@ Steps::
       -> ML relax (EquiCSPRelaxCalculation: all survivors in one job, CHGNet by default)
       -> rank (calcfunction rank_candidates: ML-relaxed duplicates merged, ranked by energy per atom,
          the best ``top_k`` of each composition chosen for DFT)
+      -> phonons (optional, ``phonons``: EquiCSPRelaxCalculation with no step, phonopy with the ML potential:
+         imaginary modes of the best ``top_k``)
       -> symmetrise (calcfunction symmetrize: exact symmetry, so that pw.x uses it; ``dft.symprec``)
       -> DFT relax (one aiida-quantumespresso PwRelaxWorkChain per chosen candidate; only with ``dft`` inputs)
       -> table (calcfunction tabulate_ranking: one row per sampled candidate)
@@ -65,8 +67,8 @@ def _cell_formula(structure) -> str:
 #: Columns of a ranking row, every row having all of them (``None`` where a level was not reached).
 ROW_COLUMNS = ("label", "formula", "reduced_formula", "sample", "status", "reason", "space_group_sampled",
                "ml_energy_per_atom", "ml_converged", "ml_rank", "space_group_ml", "ml_rms_displacement",
-               "ml_volume_change", "dft_energy_per_atom", "space_group_dft", "dft_rms_displacement",
-               "dft_volume_change")
+               "ml_volume_change", "ml_imaginary_modes", "ml_min_frequency_thz", "dft_energy_per_atom",
+               "space_group_dft", "dft_rms_displacement", "dft_volume_change")
 
 
 @calcfunction
@@ -139,11 +141,13 @@ def rank_candidates(ml_results: orm.Dict, top_k: orm.Int, **relaxed: orm.Structu
 
 
 @calcfunction
-def tabulate_ranking(screening: orm.Dict, ml_ranking: orm.Dict, ml_results: orm.Dict, **nodes: orm.Data) -> orm.Dict:
+def tabulate_ranking(screening: orm.Dict, ml_ranking: orm.Dict, ml_results: orm.Dict, phonons: orm.Dict | None = None,
+                     **nodes: orm.Data) -> orm.Dict:
     """The ranking table: one row per sampled candidate, best first (``"rows"``), and the column meanings.
 
     Every row has the keys of :data:`ROW_COLUMNS`. ``nodes`` holds, by link label ``L``: ``sampled_L``, ``ml_L`` (ML-relaxed), ``dft_L`` and ``dft_parameters_L``
-    (the PwRelaxWorkChain's ``output_structure`` and ``output_parameters``). Rows are ordered by reduced
+    (the PwRelaxWorkChain's ``output_structure`` and ``output_parameters``); ``phonons`` is the phonon check's
+    ``results`` (imaginary modes of the ML-relaxed winners, on the ML potential's surface). Rows are ordered by reduced
     composition, then by the energy of the highest level reached (DFT-relaxed rows first), then by label.
     """
     from pymatgen.core import Composition
@@ -175,6 +179,10 @@ def tabulate_ranking(screening: orm.Dict, ml_ranking: orm.Dict, ml_results: orm.
                 row.update(ml_energy_per_atom=result["energy_per_atom"],
                            ml_converged=result["status"] == "converged", space_group_ml=str(space_group(ml)),
                            ml_rms_displacement=moved["rms_displacement"], ml_volume_change=moved["volume_change"])
+            checked = (phonons.get_dict() if phonons is not None else {}).get(label, {}).get("phonons") or {}
+            if "imaginary_modes" in checked:
+                row.update(ml_imaginary_modes=checked["imaginary_modes"],
+                           ml_min_frequency_thz=checked["min_frequency_thz"])
             dft = structure("dft", label)
             if dft is not None:
                 parameters = nodes[f"dft_parameters_{label}"].get_dict()
@@ -290,7 +298,9 @@ class EquiCSPPredictRelaxWorkChain(WorkChain):
         spec.expose_inputs(EquiCSPRelaxCalculation, namespace="relax", exclude=("structures",),
                            namespace_options={"help": "inputs of the ML relaxation (the code is an equicsp program)"})
         spec.input("top_k", valid_type=orm.Int, default=lambda: orm.Int(1),
-                   help="DFT-relax the best k ML-relaxed candidates of each composition")
+                   help="DFT-relax (and phonon-check) the best k ML-relaxed candidates of each composition")
+        spec.input("phonons", valid_type=orm.Bool, default=lambda: orm.Bool(False),
+                   help="check the best k for imaginary phonon modes with the ML potential (phonopy)")
         spec.input_namespace("dft", required=False, populate_defaults=False, validator=validate_dft,
                              help="DFT relaxation with aiida-quantumespresso's PwRelaxWorkChain; absent: no DFT")
         spec.input("dft.code", valid_type=orm.AbstractCode, required=False, help="a pw.x code")
@@ -311,6 +321,10 @@ class EquiCSPPredictRelaxWorkChain(WorkChain):
             cls.screen,
             cls.run_ml_relax,
             cls.inspect_ml_relax,
+            if_(cls.should_check_phonons)(
+                cls.run_phonons,
+                cls.inspect_phonons,
+            ),
             if_(cls.should_run_dft)(
                 cls.run_dft,
                 cls.inspect_dft,
@@ -354,7 +368,7 @@ class EquiCSPPredictRelaxWorkChain(WorkChain):
             pw_code: a pw.x code; ``None``: no DFT stage.
             pseudo_family: label of an installed ``pseudo.family.cutoffs`` family for DFT (default: the
                 PwRelaxWorkChain protocol's, SSSP).
-            overrides: merged over the protocol: ``num_samples``, ``top_k``, ``screening``, ``relax``
+            overrides: merged over the protocol: ``num_samples``, ``top_k``, ``phonons``, ``screening``, ``relax``
                 (``parameters``, ``metadata``), ``sample`` (inputs of the sampling work chain's ``sample``),
                 ``dft`` (``protocol``, ``relax_type``, ``overrides``, ``options``).
 
@@ -378,6 +392,7 @@ class EquiCSPPredictRelaxWorkChain(WorkChain):
             # (metadata.options.resources) and refuse any options that do not repeat them
             builder.relax._merge({"metadata": inputs["relax"]["metadata"]})
         builder.top_k = orm.Int(inputs["top_k"])
+        builder.phonons = orm.Bool(inputs.get("phonons", False))
         if "screening" in inputs:
             builder.screening = orm.Dict(inputs["screening"])
         if pw_code is not None:
@@ -450,6 +465,25 @@ class EquiCSPPredictRelaxWorkChain(WorkChain):
                                               **self.ctx.ml_relaxed, metadata={"call_link_label": "rank"})
         return None
 
+    def should_check_phonons(self) -> bool:
+        """Phonons when asked for."""
+        return self.inputs.phonons.value
+
+    def run_phonons(self):
+        """The winners' phonons with the ML potential: an ``EquiCSPRelaxCalculation`` with no step and ``phonons``."""
+        inputs = AttributeDict(self.exposed_inputs(EquiCSPRelaxCalculation, "relax"))
+        parameters = inputs.parameters.get_dict() if "parameters" in inputs else {}
+        inputs.parameters = orm.Dict({**parameters, "steps": 0, "phonons": True})
+        inputs.structures = {label: self.ctx.ml_relaxed[label] for label in self.ctx.ml_ranking["dft"]}
+        inputs.metadata = {**inputs.get("metadata", {}), "call_link_label": "phonons"}
+        return ToContext(phonons=self.submit(EquiCSPRelaxCalculation, **inputs))
+
+    def inspect_phonons(self) -> None:
+        """A failed phonon check is reported and leaves the columns empty; the pipeline goes on."""
+        node = self.ctx.phonons
+        if "results" not in node.outputs:
+            self.report(f"phonon check {node.process_label}<{node.pk}> failed: exit status {node.exit_status}")
+
     def should_run_dft(self) -> bool:
         """DFT when ``dft`` inputs are given."""
         return bool(self.inputs.get("dft"))
@@ -513,6 +547,9 @@ class EquiCSPPredictRelaxWorkChain(WorkChain):
             else:
                 nodes[f"dft_failed_{label}"] = orm.Str(f"PwRelaxWorkChain<{node.pk}> exit status {node.exit_status}: "
                                                        f"{node.exit_message}")
+        phonons = self.ctx.get("phonons")
+        if phonons is not None and "results" in phonons.outputs:
+            nodes["phonons"] = phonons.outputs.results
         self.out("ranking", tabulate_ranking(screening=self.ctx.screening, ml_ranking=ml_ranking,
                                              ml_results=ml_results, **nodes,
                                              metadata={"call_link_label": "tabulate"}))

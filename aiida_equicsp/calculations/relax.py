@@ -60,7 +60,7 @@ class EquiCSPRelaxCalculation(CalcJob):
                              validator=validate_structures, help="the structures to relax, by link label")
         spec.input("parameters", valid_type=orm.Dict, required=False, validator=validate_parameters,
                    help="relax settings: potential (chgnet, sevennet or module:factory), fmax (eV/Å), steps, "
-                        "relax_cell, device")
+                        "relax_cell, device, phonons (check the relaxed structures for imaginary modes)")
 
         options = spec.inputs["metadata"]["options"]
         options["parser_name"].default = "equicsp.relax"
@@ -71,7 +71,7 @@ class EquiCSPRelaxCalculation(CalcJob):
                               help="each relaxed structure under its input's link label (failed ones absent)")
         spec.output("results", valid_type=orm.Dict,
                     help="per link label: status (converged, not_converged, failed), energy_per_atom (eV/atom), "
-                         "steps, seconds, error")
+                         "steps, seconds, error, phonons (min_frequency_thz, imaginary_modes, stable, ...)")
 
         spec.exit_code(300, "ERROR_MISSING_OUTPUT", message="the relaxation wrote no results; its last error: {error}")
         spec.exit_code(301, "ERROR_UNREADABLE_OUTPUT", message="the relaxation's output could not be read: {error}")

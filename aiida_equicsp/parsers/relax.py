@@ -20,6 +20,8 @@ from aiida_equicsp.parsers.sample import stderr_errors
 
 #: Start of the error line ``equicsp relax`` prints to stderr before exiting with status 2.
 ERROR_PREFIX = "equicsp relax: error: "
+#: Keys every structure's entry of ``relax.json`` has, passed on to ``results`` (with ``phonons``, when asked for).
+RESULT_KEYS = ("status", "energy_per_atom", "steps", "seconds", "error")
 #: What :func:`equicsp_core.relax.load_calculator` says about a potential it cannot use: "potential 'x' ...".
 POTENTIAL_ERROR = re.compile(r"\bpotential '")
 
@@ -42,7 +44,7 @@ class EquiCSPRelaxParser(Parser):
             entries = json.loads(text)["results"]
             relaxed = {label: Structure.from_dict(entry["structure"])
                        for label, entry in entries.items() if entry["structure"] is not None}
-            results = {label: {key: entry[key] for key in ("status", "energy_per_atom", "steps", "seconds", "error")}
+            results = {label: {**{key: entry[key] for key in RESULT_KEYS}, "phonons": entry.get("phonons")}
                        for label, entry in entries.items()}
         except (ValueError, KeyError, TypeError) as error:
             return self.exit_codes.ERROR_UNREADABLE_OUTPUT.format(error=f"{calc.RESULTS_PATH}: {error}")

@@ -17,9 +17,10 @@ SMALL = {"num_samples": 3, "sample": {"parameters": {"steps": 5}},
 
 
 def test_ml_only_run_ranks_every_candidate(fixed_cell_equicsp_code, model):
-    """Without DFT: every sampled candidate has a row; the relaxed ones are ranked by ML energy per atom."""
+    """Without DFT: every sampled candidate has a row; the relaxed ones are ranked by ML energy per atom; the
+    winner's phonons are checked with the same potential."""
     builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
-        fixed_cell_equicsp_code, model, ["SrTiO3"], overrides=SMALL)
+        fixed_cell_equicsp_code, model, ["SrTiO3"], overrides={**SMALL, "phonons": True})
     outputs, node = run_get_node(builder)
     assert node.exit_status == 0, node.exit_message
     rows = outputs["ranking"]["rows"]
@@ -37,6 +38,12 @@ def test_ml_only_run_ranks_every_candidate(fixed_cell_equicsp_code, model):
         assert structure.get_pymatgen().composition == Composition("SrTiO3")
         assert structure.creator.process_type == "aiida.calculations:equicsp.relax"
     assert "dft_relaxed" not in outputs
+    winner = ranked[0]
+    assert isinstance(winner["ml_imaginary_modes"], int) and winner["ml_min_frequency_thz"] is not None
+    assert all(row["ml_imaginary_modes"] is None for row in ranked[1:])  # top_k 1: only the winner is checked
+    phonon_check = next(c for c in node.called if c.base.links.get_incoming().all() and
+                        c.process_type == "aiida.calculations:equicsp.relax" and c.inputs.parameters["steps"] == 0)
+    assert phonon_check.inputs.parameters["phonons"] is True
 
 
 @pytest.fixture
