@@ -249,7 +249,7 @@ def test_parser_complete_run(parse_relax_retrieved, recorded):
     assert results["al"] == {"status": "failed", "energy_per_atom": None, "steps": 0,
                              "seconds": results["al"]["seconds"],
                              "error": "RuntimeError: this potential refuses aluminium", "phonons": None}
-    assert set(results["cu_big"]) == {"status", "energy_per_atom", "steps", "seconds", "error"}
+    assert set(results["cu_big"]) == {"status", "energy_per_atom", "steps", "seconds", "error", "phonons"}
     assert outputs["relaxed"]["cu_small"].get_pymatgen().composition.reduced_formula == "Cu"
 
 
