@@ -39,17 +39,20 @@ def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[st
     return merged
 
 
-def protocol_inputs(protocol: str | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The calculation inputs of a protocol of ``protocols/sample.yaml`` with ``overrides`` merged over them.
+def protocol_inputs(
+    protocol: str | None = None, overrides: Mapping[str, Any] | None = None, name: str = "sample"
+) -> dict[str, Any]:
+    """The inputs of a protocol of ``protocols/<name>.yaml`` with ``overrides`` merged over them.
 
     Args:
         protocol: ``"fast"`` or ``"precise"`` (default: the file's ``default_protocol``).
         overrides: inputs merged over the protocol's, e.g. ``{"parameters": {"seed": 3}}``.
+        name: the protocol file, ``sample`` (the calculation's) or ``predict_relax`` (the work chain's).
 
     Raises:
         ValueError: for an unknown protocol.
     """
-    protocols = load_protocols("sample")
+    protocols = load_protocols(name)
     protocol = protocol or protocols["default_protocol"]
     if protocol not in protocols["protocols"]:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(protocols['protocols'])}")

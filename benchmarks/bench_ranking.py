@@ -98,14 +98,15 @@ def compare(outputs: dict, known: Structure, matcher: StructureMatcher) -> dict:
     def matches(namespace: str, label: str | None) -> bool | None:
         if label is None or label not in outputs.get(namespace, {}):
             return None
-        return matcher.fit(outputs[namespace][label].get_pymatgen(), known)
+        return bool(matcher.fit(outputs[namespace][label].get_pymatgen(), known))
 
     top_ml = next((row for row in rows if row["ml_rank"] == 1), None)
     top_dft = next((row for row in rows if row["status"] == "dft_relaxed"), None)
     return {
         "top_dft_matches": matches("dft_relaxed", top_dft and top_dft["label"]),
         "top_ml_matches": matches("ml_relaxed", top_ml and top_ml["label"]),
-        "any_sampled_matches": any(matcher.fit(s.get_pymatgen(), known) for s in outputs.get("sampled", {}).values()),
+        "any_sampled_matches": any(bool(matcher.fit(s.get_pymatgen(), known))
+                                   for s in outputs.get("sampled", {}).values()),
         "top_space_group": top_dft["space_group_dft"] if top_dft else top_ml and top_ml["space_group_ml"],
     }
 

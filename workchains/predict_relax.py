@@ -36,7 +36,7 @@ from aiida.engine.processes.workchains.workchain import WorkChainSpec
 
 from aiida_equicsp.calculations.relax import EquiCSPRelaxCalculation
 from aiida_equicsp.data.model import EquiCSPModelData
-from aiida_equicsp.utils import deep_merge, load_protocols
+from aiida_equicsp.utils import deep_merge, load_protocols, protocol_inputs
 from aiida_equicsp.workchains.sample_base import EquiCSPSampleBaseWorkChain
 
 #: Tolerance (Å) of the symmetrisation before DFT: ML-relaxed crystals are symmetric to ~0.01 Å.
@@ -375,11 +375,8 @@ class EquiCSPPredictRelaxWorkChain(WorkChain):
         Raises:
             ValueError: for an unknown protocol.
         """
-        protocols = load_protocols("predict_relax")
-        protocol = protocol or protocols["default_protocol"]
-        if protocol not in protocols["protocols"]:
-            raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(protocols['protocols'])}")
-        inputs = deep_merge(protocols["protocols"][protocol], overrides or {})
+        protocol = protocol or load_protocols("predict_relax")["default_protocol"]
+        inputs = protocol_inputs(protocol, overrides, name="predict_relax")
 
         builder = cls.get_builder()
         sample = EquiCSPSampleBaseWorkChain.get_builder_from_protocol(

@@ -16,7 +16,7 @@ from aiida.engine import ExitCode
 from aiida.parsers import Parser
 
 from aiida_equicsp.calculations.relax import EquiCSPRelaxCalculation
-from aiida_equicsp.parsers.sample import stderr_errors
+from aiida_equicsp.parsers.sample import read_retrieved_text, stderr_errors
 
 #: Start of the error line ``equicsp relax`` prints to stderr before exiting with status 2.
 ERROR_PREFIX = "equicsp relax: error: "
@@ -58,8 +58,4 @@ class EquiCSPRelaxParser(Parser):
         return ExitCode(0)
 
     def _read_text(self, path: str) -> str | None:
-        """A retrieved file's text, or ``None`` when it was not retrieved."""
-        try:
-            return self.retrieved.base.repository.get_object_content(path, mode="r")
-        except OSError:
-            return None
+        return read_retrieved_text(self.retrieved, path)

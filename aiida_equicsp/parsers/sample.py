@@ -63,6 +63,14 @@ def structure_link_label(prefix: str, sample: int) -> str:
     return f"{prefix}_{sample:03d}"
 
 
+def read_retrieved_text(retrieved: orm.FolderData, path: str) -> str | None:
+    """A retrieved file's text, or ``None`` when it was not retrieved."""
+    try:
+        return retrieved.base.repository.get_object_content(path, mode="r")
+    except OSError:
+        return None
+
+
 def stderr_errors(stderr: str, prefix: str = ERROR_PREFIX) -> tuple[str | None, str | None]:
     """``(the program's stated error message, the last non-empty line)`` of its stderr; ``None`` where absent.
 
@@ -108,11 +116,7 @@ class EquiCSPSampleParser(Parser):
         return ExitCode(0)
 
     def _read_text(self, path: str) -> str | None:
-        """A retrieved file's text, or ``None`` when it was not retrieved."""
-        try:
-            return self.retrieved.base.repository.get_object_content(path, mode="r")
-        except OSError:
-            return None
+        return read_retrieved_text(self.retrieved, path)
 
     def _failure_without_results(self, stated_error: str | None, last_line: str | None) -> ExitCode:
         """The exit code of a run that finished no batch, from the program's stated error."""
