@@ -42,6 +42,7 @@ import platform
 import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -389,8 +390,8 @@ def run_campaign(args: argparse.Namespace, profile: DaemonProfile, root: Path,
         "span_s": None if span is None else round(span, 1),
         "compositions_per_hour": None if not span or not ok else round(len(ok) / span * 3600, 2),
         "observed_wall_s": round(observed, 1),
-        "composition_seconds": {"min": min(seconds), "median": sorted(seconds)[len(seconds) // 2],
-                                "max": max(seconds), "mean": round(sum(seconds) / len(seconds), 1)}
+        "composition_seconds": {"min": min(seconds), "median": round(statistics.median(seconds), 1),
+                                "max": max(seconds), "mean": round(statistics.mean(seconds), 1)}
         if seconds else None,
         "states": {state: sum(entry["state"] == state for entry in collected["compositions"])
                    for state in sorted({entry["state"] for entry in collected["compositions"]})},

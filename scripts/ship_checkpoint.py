@@ -1,6 +1,7 @@
 """Ship a trained model with the package: weights + model card (with its evaluation reports).
 
-    python scripts/ship_checkpoint.py training/perov_5-cpu/best.pt perov_5 --eval eval_full_100.json eval_500_1000.json
+    python scripts/ship_checkpoint.py training/perov_5-cpu/best.pt perov_5 --eval eval_full_100.json eval_500_1000.json \
+        --subsets "541 crystals = test rows 0, 7, 14, … (--indices); 2 threads of the CPU above."
 
 Writes ``equicsp_core/checkpoints/<name>.pt`` (weights only, loadable with ``weights_only=True``) and
 ``equicsp_core/checkpoints/<name>.md`` (the card for humans). The evaluation JSONs are the reports of
@@ -18,7 +19,9 @@ import torch
 from equicsp_core.checkpoint import SHIPPED_DIR, read_checkpoint
 
 
-def card_markdown(name: str, payload: dict) -> str:
+def card_markdown(name: str, payload: dict, subsets: str) -> str:
+    """The model card: training facts from the checkpoint, one table row per evaluation, ``subsets`` (which
+    crystals the rows' subsets are, and the machine) after the table."""
     card = payload["card"]
     parameters = sum(v.numel() for v in payload["state_dict"].values())
     lines = [
@@ -44,8 +47,7 @@ def card_markdown(name: str, payload: dict) -> str:
                      f"{report['step_lr']} | {report['lattice_bound']} | {report['precision']} | "
                      f"{report['match_rate']:.2f} | {rmse} | {report['sampling_seconds']} |")
     lines += ["", "Reproduce: `equicsp evaluate --checkpoint " + name + " --dataset " + card["dataset"] + " ...` "
-              "with the settings of each row (seed 0); 541 crystals = test rows 0, 7, 14, … (`--indices`), "
-              "100 crystals = `--limit 100`. 2 threads of the CPU above."]
+              "with the settings of each row (seed 0). " + subsets]
     return "\n".join(lines) + "\n"
 
 
@@ -54,6 +56,9 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("name")
     parser.add_argument("--eval", nargs="*", default=[], help="evaluate reports (JSON) of this checkpoint")
+    parser.add_argument("--subsets", required=True,
+                        help="which crystals the subsets are and where it ran, e.g. '541 crystals = test rows 0, 7, "
+                             "14, … (`--indices`); 2 threads of the CPU above.'")
     args = parser.parse_args()
     payload = read_checkpoint(args.checkpoint)
     payload["card"]["evaluations"] = [json.loads(Path(path).read_text()) for path in args.eval]
@@ -61,7 +66,7 @@ def main() -> None:
     target = SHIPPED_DIR / f"{args.name}.pt"
     torch.save(payload, target)
     read_checkpoint(target)  # must load back with weights_only=True
-    (SHIPPED_DIR / f"{args.name}.md").write_text(card_markdown(args.name, payload))
+    (SHIPPED_DIR / f"{args.name}.md").write_text(card_markdown(args.name, payload, args.subsets))
     print(f"shipped {target} ({target.stat().st_size / 1e6:.1f} MB)")
 
 
