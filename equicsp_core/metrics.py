@@ -59,7 +59,8 @@ def compositional_validity(atomic_numbers: Sequence[int]) -> bool:
     stoichiometry = [count // divisor for count in counts.values()]
     elements = smact.element_dictionary(tuple(symbols))
     electronegativities = [elements[s].pauling_eneg for s in symbols]
-    oxidation_states = [elements[s].oxidation_states for s in symbols]
+    # SMACT knows no oxidation state of some elements (He, Ne, Ar, Pm, At, Rn, Fr, Ra): none to balance with.
+    oxidation_states = [elements[s].oxidation_states or [] for s in symbols]
     if math.prod(len(states) for states in oxidation_states) > MAX_OXIDATION_COMBINATIONS:
         return False
     threshold = max(stoichiometry)

@@ -64,6 +64,12 @@ def test_compositional_validity():
     assert compositional_validity([26, 28])  # Fe-Ni alloy: all metals
 
 
+def test_element_without_oxidation_states_makes_a_compound_invalid():
+    """SMACT has no oxidation states for Ar, Ra, ...: nothing balances (an mp_20 test crystal has one)."""
+    assert not compositional_validity([18, 9, 9])  # ArF2
+    assert not compositional_validity([88, 8])  # RaO (Ra is a metal, O is not: the SMACT test applies)
+
+
 def test_k1_match_rate_counts_invalid_and_unmatched_as_misses():
     """k = 1: matched / total, RMSE over matches only; an invalid prediction or reference is a miss."""
     references = [rocksalt(), rocksalt(), rocksalt(), rocksalt()]
