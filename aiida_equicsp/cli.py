@@ -5,6 +5,9 @@
         [--overrides overrides.yaml] [--daemon]
     aiida-equicsp results PK
     aiida-equicsp install-pseudos [--label L] [--wheel PATH]
+    aiida-equicsp structures FORMULA          # every structure sampled for a formula
+    aiida-equicsp checkpoint-of PK            # the model that produced a structure
+    aiida-equicsp campaign submit|status|winners ...
     aiida-equicsp --profile NAME ...
 
 ``sample`` builds an :class:`~aiida_equicsp.workchains.sample_base.EquiCSPSampleBaseWorkChain` with its
@@ -448,3 +451,33 @@ def campaign_winners(label: str, folder: str | None, fmt: str) -> None:
     if folder is not None:
         paths = export_winners(group, folder, fmt)
         click.echo(f"wrote {len(paths)} {fmt} files to {folder}")
+
+
+@main.command("structures")
+@click.argument("formula")
+def structures(formula: str) -> None:
+    """Every structure sampled for FORMULA (any cell size of its reduced formula), oldest first."""
+    from aiida_equicsp.queries import predicted_structures
+
+    try:
+        nodes = predicted_structures(formula)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="'FORMULA'") from error
+    _echo_table(("structure pk", "formula", "volume (Å³)", "sampled by", "created"),
+                [(str(node.pk), node.get_formula(mode="hill_compact"), f"{node.get_cell_volume():.2f}",
+                  f"{node.creator.process_label}<{node.creator.pk}>", node.ctime.strftime("%Y-%m-%d %H:%M"))
+                 for node in nodes])
+    click.echo(f"{len(nodes)} structures sampled for {formula}")
+
+
+@main.command("checkpoint-of")
+@click.argument("pk", type=int)
+def checkpoint_of(pk: int) -> None:
+    """The model (checkpoint) whose sampling produced structure PK, through its relaxations."""
+    from aiida_equicsp.queries import checkpoint_of as model_of
+
+    try:
+        model = model_of(orm.load_node(pk))
+    except (NotExistent, ValueError) as error:
+        raise click.BadParameter(str(error), param_hint="'PK'") from error
+    click.echo(f"EquiCSPModelData<{model.pk}> {model.filename} sha256 {model.sha256}")

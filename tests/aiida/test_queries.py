@@ -163,3 +163,27 @@ def test_cli_winners_and_export(campaign, tmp_path):
         assert str(winner.structure.pk) in line.split()
     assert lines[3] == f"wrote 2 extxyz files to {tmp_path}"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["CaTiO3.xyz", "SrTiO3.xyz"]
+
+
+def test_cli_structures_and_checkpoint_of(campaign):
+    """``structures FORMULA`` lists what the recipe finds; ``checkpoint-of PK`` names the model; bad input: 2."""
+    from click.testing import CliRunner
+
+    from aiida_equicsp import cli
+
+    runner = CliRunner()
+    sampled = predicted_structures("SrTiO3")
+    result = runner.invoke(cli.main, ["structures", "Sr2Ti2O6"])
+    assert result.exit_code == 0, result.output
+    listed = [int(line.split()[0]) for line in result.output.splitlines()[1:-1]]
+    assert listed == [node.pk for node in sampled]
+    assert result.output.splitlines()[-1] == f"{len(sampled)} structures sampled for Sr2Ti2O6"
+
+    winner = lowest_energy_per_formula(campaign)["SrTiO3"].structure
+    result = runner.invoke(cli.main, ["checkpoint-of", str(winner.pk)])
+    assert result.exit_code == 0, result.output
+    model = EquiCSPModelData.from_shipped("perov_5")
+    assert result.output.strip() == f"EquiCSPModelData<{model.pk}> {model.filename} sha256 {model.sha256}"
+
+    assert runner.invoke(cli.main, ["structures", "Xx2O3"]).exit_code == 2
+    assert runner.invoke(cli.main, ["checkpoint-of", str(model.pk)]).exit_code == 2  # not a structure
