@@ -174,7 +174,8 @@ def test_strained_fcc_copper_relaxes_to_convergence():
     assert final.volume < 0.9 * initial.volume
     assert final.lattice.a == pytest.approx(3.59, abs=0.02)
     assert np.all((final.frac_coords >= 0) & (final.frac_coords < 1))
-    assert set(result.as_dict()) == {"status", "structure", "energy_per_atom", "steps", "seconds", "error"}
+    assert set(result.as_dict()) == {"status", "structure", "energy_per_atom", "steps", "seconds", "error", "phonons"}
+    assert result.phonons is None  # not asked for
     assert Structure.from_dict(result.as_dict()["structure"]) == final
 
 
@@ -257,7 +258,7 @@ def test_cli_relaxes_every_structure(tmp_path, capsys):
 
     relax = json.loads((out / "relax.json").read_text())
     assert relax["settings"] == {"potential": EMT_POTENTIAL, "fmax": 0.05, "steps": 50, "relax_cell": True,
-                                 "device": "cpu"}
+                                 "device": "cpu", "phonons": False}
     assert list(relax["results"]) == ["cu_big", "cu_small"]
     for entry in relax["results"].values():
         assert entry["status"] in {"converged", "not_converged"}
