@@ -37,6 +37,8 @@ from aiida_equicsp.calculations.sample import DEVICES, EquiCSPSampleCalculation
 from aiida_equicsp.data.model import EquiCSPModelData
 from aiida_equicsp.utils import deep_merge, load_protocols
 
+#: The model of a new campaign without --model: the general-purpose one (89 elements, up to 20 atoms).
+DEFAULT_CAMPAIGN_MODEL = "mp_20"
 #: The protocol file of the sampling defaults.
 PROTOCOLS = load_protocols("sample")
 #: Columns of the ``results`` table.
@@ -296,7 +298,7 @@ def _campaign_settings(stored: Any, model_name: str | None, protocol: str | None
     elif stored is not None:
         model = orm.load_node(stored.model_uuid)
     else:
-        raise click.UsageError("--model is required to start a campaign")
+        model = _load_model_or_pk(DEFAULT_CAMPAIGN_MODEL)
     overrides = _read_overrides(overrides_file) if overrides_file else dict(stored.overrides) if stored else {}
     if num_samples is not None:
         overrides = deep_merge(overrides, {"num_samples": num_samples})
@@ -326,7 +328,8 @@ def _campaign_settings(stored: Any, model_name: str | None, protocol: str | None
 @click.argument("label")
 @click.option("--code", "code_label", required=True, help="the InstalledCode of `equicsp`, e.g. equicsp@cluster")
 @click.option("--model", "model_name", default=None, metavar="NAME_OR_PK",
-              help="a shipped checkpoint's name, a checkpoint file or a model's pk (default: the campaign's)")
+              help="a shipped checkpoint's name, a checkpoint file or a model's pk (default: the campaign's; "
+                   f"for a new campaign {DEFAULT_CAMPAIGN_MODEL}, the general-purpose model)")
 @click.option("--formula", "formulas", multiple=True, help="a composition to add, e.g. SrTiO3 (repeatable)")
 @click.option("--formulas-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="a file of compositions, one a line (# comments)")

@@ -26,6 +26,7 @@ from aiida_equicsp.campaign import (
     submit_campaign,
     validate_compositions,
 )
+from aiida_equicsp.data.model import EquiCSPModelData
 
 
 def created_work_chain(label: str, description: str) -> orm.WorkChainNode:
@@ -196,8 +197,6 @@ def test_status_and_orphans(settings, label, equicsp_code, fake_submit):
 def test_other_model_or_bad_overrides_are_refused(settings, label, equicsp_code, model, fake_submit, tmp_path):
     """Another model than the campaign's, or overrides the work chain refuses: ValueError, nothing submitted."""
     group = create_or_load_campaign(label, settings)
-    from aiida_equicsp.data.model import EquiCSPModelData
-
     other = EquiCSPModelData.from_shipped("perov_5")
     with pytest.raises(ValueError, match="is not the model of campaign"):
         submit_campaign(group, ["SrTiO3"], equicsp_code, other)
@@ -242,12 +241,13 @@ def test_cli_submit_status_and_errors(equicsp_code, tiny_checkpoint, model, labe
     result = invoke("campaign", "submit", "new-" + label, "--code", equicsp_code.full_label, "--model",
                     str(tiny_checkpoint), "--formula", "SrTiO3", "--formula", "Sr2Ti2O6", "--formula", "SrTiO3")
     assert result.exit_code == 2 and "composition 'SrTiO3' is given twice" in result.output
-    result = invoke("campaign", "submit", "new-" + label, "--code", equicsp_code.full_label, "--formula", "SrTiO3")
-    assert result.exit_code == 2 and "--model is required to start a campaign" in result.output
+    result = invoke("campaign", "submit", "mp20-" + label, "--code", equicsp_code.full_label, "--formula", "SrTiO3")
+    assert result.exit_code == 0, result.output  # a new campaign without --model: the general-purpose model
+    assert load_campaign("mp20-" + label).settings.model_uuid == EquiCSPModelData.from_shipped("mp_20").uuid
     result = invoke("campaign", "submit", label, "--code", equicsp_code.full_label, "--dft")
     assert result.exit_code == 2 and "--dft needs --pw-code" in result.output
     result = invoke("campaign", "status", "no-such-" + label)
     assert result.exit_code == 2 and f"no campaign 'no-such-{label}'" in result.output
     result = invoke("campaign", "winners", label)
     assert result.exit_code == 1 and "has no relaxed structure yet" in result.output
-    assert len(fake_submit.builders) == 2
+    assert len(fake_submit.builders) == 3  # 2 of the first campaign, 1 of the mp_20 one
