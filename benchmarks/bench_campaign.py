@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import platform
-import secrets
 import shutil
 import signal
 import statistics
@@ -57,13 +56,14 @@ sys.path.insert(0, str(REPO))
 
 from tests.daemon.conftest import (  # the repository root is on the path only now
     DELETE_BROKER_OBJECTS,
-    FAST_POLLING,
     PG_HOST,
     PG_PORT,
     RABBITMQ,
     VENV_BIN,
     DaemonProfile,
     _listening,
+    create_profile,
+    new_profile,
     psql,
     stop_daemon,
 )
@@ -195,42 +195,12 @@ def machine() -> dict:
             "load_average_at_start": [round(load, 2) for load in os.getloadavg()], "nice": os.nice(0)}
 
 
-def new_profile(root: Path) -> tuple[DaemonProfile, str]:
-    """A profile object (nothing created yet) of its own name and ``AIIDA_PATH``, and its database password."""
-    name = f"equicsp_bench_{secrets.token_hex(4)}"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("AIIDA_")}
-    env.update(AIIDA_PATH=str(root), PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1")
-    return DaemonProfile(name, root, env), secrets.token_hex(8)
-
-
-def create_profile(profile: DaemonProfile, password: str, pw_executable: str, created: list[str]) -> None:
-    """The profile of ``tests/daemon/conftest.py``'s ``daemon_profile`` fixture, plus a ``pw`` code.
+def create_bench_profile(profile: DaemonProfile, password: str, pw_executable: str, created: list[str]) -> None:
+    """The profile of the daemon tests (``tests/daemon/conftest.py``), plus a ``pw`` code.
 
     ``created`` collects what exists so far ("role", "database", "profile"): :func:`tear_down` deletes that.
     """
-    name, root = profile.name, profile.root
-    psql(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
-    created.append("role")
-    psql(f"CREATE DATABASE {name} OWNER {name} ENCODING 'UTF8' LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8' "
-         "TEMPLATE template0")
-    created.append("database")
-    profile.run(str(VENV_BIN / "verdi"), "profile", "setup", "core.psql_dos", "--non-interactive",
-                "--profile-name", name, "--set-as-default", "--email", "bench@example.org",
-                "--first-name", "Campaign", "--last-name", "Benchmark", "--institution", "aiida-equicsp",
-                "--database-hostname", PG_HOST, "--database-port", PG_PORT, "--database-username", name,
-                "--database-password", password, "--database-name", name,
-                "--repository-uri", f"file://{root / 'repository'}", "--broker", "core.rabbitmq")
-    created.append("profile")
-    profile.verdi("config", "set", "warnings.rabbitmq_version", "False")
-    profile.verdi("config", "set", "daemon.timeout", "30")
-    profile.verdi("computer", "setup", "--non-interactive", "--label", "localhost", "--hostname", "localhost",
-                  "--transport", "core.local", "--scheduler", "core.direct", "--work-dir", str(root / "work"),
-                  "--mpiprocs-per-machine", "1", "--prepend-text", "export OMP_NUM_THREADS=1")
-    profile.verdi("computer", "configure", "core.local", "localhost", "--non-interactive", "--safe-interval", "0")
-    profile.python(FAST_POLLING)
-    profile.verdi("code", "create", "core.code.installed", "--non-interactive", "--label", "equicsp",
-                  "--computer", "localhost", "--filepath-executable", str(VENV_BIN / "equicsp"),
-                  "--default-calc-job-plugin", "equicsp.sample")
+    create_profile(profile, password, created)
     profile.verdi("code", "create", "core.code.installed", "--non-interactive", "--label", "pw",
                   "--computer", "localhost", "--filepath-executable", pw_executable,
                   "--default-calc-job-plugin", "quantumespresso.pw")
@@ -437,11 +407,11 @@ def main() -> int:
     report = {"command": "python benchmarks/bench_campaign.py " + " ".join(sys.argv[1:]),
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine()}
     root = Path(tempfile.mkdtemp(prefix="equicsp-bench-campaign-"))
-    profile, password = new_profile(root)
+    profile, password = new_profile(root, "equicsp_bench")
     created: list[str] = []
     children: list[subprocess.Popen] = []
     try:
-        create_profile(profile, password, args.pw_executable, created)
+        create_bench_profile(profile, password, args.pw_executable, created)
         report.update(run_campaign(args, profile, root, children))
         report["machine"]["load_average_at_end"] = [round(load, 2) for load in os.getloadavg()]
     except BaseException:

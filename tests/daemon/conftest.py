@@ -120,6 +120,45 @@ def stop_daemon(profile: DaemonProfile) -> None:
             pass
 
 
+def new_profile(root: Path, prefix: str) -> tuple[DaemonProfile, str]:
+    """A profile object (nothing created yet) of its own name and ``AIIDA_PATH``, and its database password."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AIIDA_")}
+    env.update(AIIDA_PATH=str(root), PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1")
+    return DaemonProfile(name, root, env), secrets.token_hex(8)
+
+
+def create_profile(profile: DaemonProfile, password: str, created: list[str]) -> None:
+    """Role, database and profile of ``profile`` (PostgreSQL + RabbitMQ), localhost and the ``equicsp`` code.
+
+    ``created`` collects what exists so far ("role", "database", "profile"), for the caller's teardown.
+    """
+    name, root = profile.name, profile.root
+    psql(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
+    created.append("role")
+    psql(f"CREATE DATABASE {name} OWNER {name} ENCODING 'UTF8' LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8' "
+         "TEMPLATE template0")
+    created.append("database")
+    profile.run(str(VENV_BIN / "verdi"), "profile", "setup", "core.psql_dos", "--non-interactive",
+                "--profile-name", name, "--set-as-default", "--email", "campaign@example.org",
+                "--first-name", "Campaign", "--last-name", "Test", "--institution", "aiida-equicsp",
+                "--database-hostname", PG_HOST, "--database-port", PG_PORT, "--database-username", name,
+                "--database-password", password, "--database-name", name,
+                "--repository-uri", f"file://{root / 'repository'}", "--broker", "core.rabbitmq")
+    created.append("profile")
+    profile.verdi("config", "set", "warnings.rabbitmq_version", "False")
+    # The daemon answers its controller within 2 s by default: too short on a machine busy with jobs.
+    profile.verdi("config", "set", "daemon.timeout", "30")
+    profile.verdi("computer", "setup", "--non-interactive", "--label", "localhost", "--hostname", "localhost",
+                  "--transport", "core.local", "--scheduler", "core.direct", "--work-dir", str(root / "work"),
+                  "--mpiprocs-per-machine", "1", "--prepend-text", "export OMP_NUM_THREADS=1")
+    profile.verdi("computer", "configure", "core.local", "localhost", "--non-interactive", "--safe-interval", "0")
+    profile.python(FAST_POLLING)
+    profile.verdi("code", "create", "core.code.installed", "--non-interactive", "--label", "equicsp",
+                  "--computer", "localhost", "--filepath-executable", str(VENV_BIN / "equicsp"),
+                  "--default-calc-job-plugin", "equicsp.sample")
+
+
 @pytest.fixture(scope="module")
 def daemon_profile(tmp_path_factory):
     """A PostgreSQL + RabbitMQ profile with a configured localhost and the ``equicsp`` code; deleted afterwards."""
@@ -127,37 +166,11 @@ def daemon_profile(tmp_path_factory):
         pytest.skip(f"needs psql and PostgreSQL on {PG_HOST}:{PG_PORT}")
     if not _listening(*RABBITMQ):
         pytest.skip(f"needs RabbitMQ on {RABBITMQ[0]}:{RABBITMQ[1]}")
-    name = f"equicsp_daemon_{secrets.token_hex(4)}"
-    password = secrets.token_hex(8)
-    root = tmp_path_factory.mktemp("aiida-daemon")
-    env = {key: value for key, value in os.environ.items() if not key.startswith("AIIDA_")}
-    env.update(AIIDA_PATH=str(root), PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1")
-    profile = DaemonProfile(name, root, env)
-    created = []
+    profile, password = new_profile(tmp_path_factory.mktemp("aiida-daemon"), "equicsp_daemon")
+    name = profile.name
+    created: list[str] = []
     try:
-        psql(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
-        created.append("role")
-        psql(f"CREATE DATABASE {name} OWNER {name} ENCODING 'UTF8' LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8' "
-             "TEMPLATE template0")
-        created.append("database")
-        profile.run(str(VENV_BIN / "verdi"), "profile", "setup", "core.psql_dos", "--non-interactive",
-                    "--profile-name", name, "--set-as-default", "--email", "campaign@example.org",
-                    "--first-name", "Campaign", "--last-name", "Test", "--institution", "aiida-equicsp",
-                    "--database-hostname", PG_HOST, "--database-port", PG_PORT, "--database-username", name,
-                    "--database-password", password, "--database-name", name,
-                    "--repository-uri", f"file://{root / 'repository'}", "--broker", "core.rabbitmq")
-        created.append("profile")
-        profile.verdi("config", "set", "warnings.rabbitmq_version", "False")
-        # The daemon answers its controller within 2 s by default: too short on a machine busy with jobs.
-        profile.verdi("config", "set", "daemon.timeout", "30")
-        profile.verdi("computer", "setup", "--non-interactive", "--label", "localhost", "--hostname", "localhost",
-                      "--transport", "core.local", "--scheduler", "core.direct", "--work-dir", str(root / "work"),
-                      "--mpiprocs-per-machine", "1", "--prepend-text", "export OMP_NUM_THREADS=1")
-        profile.verdi("computer", "configure", "core.local", "localhost", "--non-interactive", "--safe-interval", "0")
-        profile.python(FAST_POLLING)
-        profile.verdi("code", "create", "core.code.installed", "--non-interactive", "--label", "equicsp",
-                      "--computer", "localhost", "--filepath-executable", str(VENV_BIN / "equicsp"),
-                      "--default-calc-job-plugin", "equicsp.sample")
+        create_profile(profile, password, created)
         yield profile
     finally:
         if "profile" in created:
