@@ -20,13 +20,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+# The papers' structural validity (METHOD.md §8): closest approach of two atoms (Å), smallest cell volume (Å³).
+from equicsp_core.metrics import MIN_DISTANCE, MIN_VOLUME
+
 if TYPE_CHECKING:
     from pymatgen.core import Structure
 
-#: Closest allowed approach of two atoms, Å (the papers' structural validity).
-MIN_DISTANCE = 0.5
-#: Smallest allowed cell volume, Å³ (the papers' structural validity).
-MIN_VOLUME = 0.1
 #: Largest allowed volume per atom, Å³. Solids at ambient pressure stay below ~120 Å³/atom (Cs ≈ 117);
 #: beyond this a candidate is a gas of atoms, and relaxing it wastes a potential's time.
 MAX_VOLUME_PER_ATOM = 150.0
