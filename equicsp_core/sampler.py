@@ -120,23 +120,23 @@ def sample(
     sigmas, alpha_bars = schedules.sigmas, schedules.alphas_cumprod
     sigma_begin = float(sigmas[1])
 
+    def direction(coords, lattice, time, sigma) -> tuple[torch.Tensor, DenoiserOutput]:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model.denoise(atomic_numbers, coords, lattice, time, num_atoms, batch, graph)
+        out = DenoiserOutput(*(None if x is None else x.to(dtype) for x in out))
+        return _coord_direction(model, out, time, sigma, num_atoms, batch), out
+
     for t, t_prev in tqdm(list(zip(grid[:-1], grid[1:])), desc="sampling", disable=not progress, leave=False):
         sigma, sigma_prev = float(sigmas[t]), float(sigmas[t_prev])
         time = torch.full((num_atoms.shape[0],), t, device=device, dtype=torch.long)
         last = t_prev == 0
         noise = (lambda shape: torch.zeros(shape, device=device, dtype=dtype)) if last else randn
 
-        def direction(coords: torch.Tensor) -> tuple[torch.Tensor, DenoiserOutput]:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                out = model.denoise(atomic_numbers, coords, lattice, time, num_atoms, batch, graph)
-            out = DenoiserOutput(*(None if x is None else x.to(dtype) for x in out))
-            return _coord_direction(model, out, time, sigma, num_atoms, batch), out
-
         step = step_lr * (sigma / sigma_begin) ** 2
-        d, _ = direction(frac)
+        d, _ = direction(frac, lattice, time, sigma)
         frac_half = frac - step * d + (2 * step) ** 0.5 * noise(frac.shape)
 
-        d, out = direction(frac_half)
+        d, out = direction(frac_half, lattice, time, sigma)
         variance_step = sigma**2 - sigma_prev**2
         frac = frac_half - variance_step * d + (sigma_prev**2 * variance_step / sigma**2) ** 0.5 * noise(frac.shape)
         frac = torch.remainder(frac, 1.0)

@@ -12,7 +12,6 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from equicsp_core.network import CSPNet, DenoiserConfig, DenoiserOutput
 from equicsp_core.schedules import time_embedding

@@ -34,7 +34,7 @@ def test_ml_only_run_ranks_every_candidate(fixed_cell_equicsp_code, model):
     for row in rows:
         assert row["status"] in {"implausible", "duplicate", "ml_relaxed", "ml_failed"}
         assert (row["status"] == "ml_relaxed") == (row["ml_rank"] is not None)
-    for label, structure in outputs["ml_relaxed"].items():
+    for structure in outputs["ml_relaxed"].values():
         assert structure.get_pymatgen().composition == Composition("SrTiO3")
         assert structure.creator.process_type == "aiida.calculations:equicsp.relax"
     assert "dft_relaxed" not in outputs
