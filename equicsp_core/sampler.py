@@ -120,7 +120,9 @@ def sample(
     sigmas, alpha_bars = schedules.sigmas, schedules.alphas_cumprod
     sigma_begin = float(sigmas[1])
 
-    def direction(coords, lattice, time, sigma) -> tuple[torch.Tensor, DenoiserOutput]:
+    def direction(
+        coords: torch.Tensor, lattice: torch.Tensor, time: torch.Tensor, sigma: float
+    ) -> tuple[torch.Tensor, DenoiserOutput]:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model.denoise(atomic_numbers, coords, lattice, time, num_atoms, batch, graph)
         out = DenoiserOutput(*(None if x is None else x.to(dtype) for x in out))
