@@ -419,6 +419,15 @@ def test_evaluate_defaults_to_the_reserved_rows(checkpoint, tmp_path):
     assert (report["split"], report["crystals"]) == ("reserved", 2)
 
 
+def test_evaluate_symmetrised_reports_it(checkpoint, tmp_path):
+    """--symmetrise samples with the six-ordering average and says so in the report."""
+    out = tmp_path / "eval.json"
+    assert run_cli("evaluate", "--checkpoint", checkpoint, "--dataset", "perov_5", "--limit", 2, "--steps", 2,
+                   "--symmetrise", "--processes", 1, "--out", out) == 0
+    report = json.loads(out.read_text())
+    assert report["symmetrised"] is True and report["crystals"] == 2
+
+
 def test_evaluate_refuses_repeated_indices(checkpoint, tmp_path, capsys):
     indices = tmp_path / "rows.txt"
     indices.write_text("0 0 0")
