@@ -66,7 +66,7 @@ def main() -> None:
         result = json.loads(report.read_text())
         report.unlink()
         record(out, {"name": name.strip(), "flags": flags.strip(), **{key: result[key] for key in (
-            "split", "crystals", "num_samples", "steps", "step_lr", "lattice_bound", "precision", "symmetrised",
+            "split", "crystals", "num_samples", "steps", "step_lr", "lattice_bound", "precision", "symmetrised", "grid_power",
             "match_rate", "rmse", "valid_predictions", "sampling_seconds")}})
 
 

@@ -248,7 +248,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, card = load_model(args.checkpoint, args.device)
     report = evaluate(model, args.dataset, args.split, args.limit, indices, args.num_samples, args.steps, args.step_lr,
                       args.seed, args.batch_size, args.processes, args.data_dir, progress=not args.quiet,
-                      lattice_bound=args.lattice_bound, precision=args.precision, symmetrise=args.symmetrise)
+                      lattice_bound=args.lattice_bound, precision=args.precision, symmetrise=args.symmetrise,
+                      grid_power=args.grid_power)
     report["checkpoint"] = {"path": str(args.checkpoint), "dataset": card.get("dataset"), "epochs": card.get("epochs")}
     text = json.dumps(report, indent=1)
     print(text, flush=True)  # first: a failing write below must not lose the evaluation
@@ -334,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clamp of the predicted clean lattice (default: the mode's; inf = the papers' update)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="network arithmetic while sampling (fp32: the papers'; bf16 autocast: faster where supported)")
+    p.add_argument("--grid-power", type=float, default=1.0, help="spacing of a sub-sampled time grid: 1 = even "
+                   "(the papers'), > 1 = more steps at small t")
     p.add_argument("--symmetrise", action="store_true", help="average the denoiser over the six lattice-vector "
                    "orderings at every step (exact lattice-permutation equivariance, 6x the network cost)")
     p.add_argument("--seed", type=int, default=0)

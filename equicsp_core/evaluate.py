@@ -60,6 +60,7 @@ def evaluate(
     lattice_bound: float | None = None,
     precision: str = "fp32",
     symmetrise: bool = False,
+    grid_power: float = 1.0,
 ) -> dict[str, Any]:
     """Match rate (%) and RMSE of ``model`` on a split (default: the one figures are reported on);
     returns a JSON-ready dict with settings and versions. ``symmetrise`` samples with the denoiser averaged
@@ -90,7 +91,8 @@ def evaluate(
     for _, start in tqdm(chunks, desc=f"sampling {dataset}/{split}", disable=not progress, unit="batch"):
         chunk = selected[start:start + batch_size]
         result = sample(model, torch.cat([c.atomic_numbers for c in chunk]), torch.tensor([c.num_atoms for c in chunk]),
-                        steps=steps, step_lr=step_lr, generator=generator, lattice_bound=lattice_bound, precision=precision)
+                        steps=steps, step_lr=step_lr, generator=generator, lattice_bound=lattice_bound, precision=precision,
+                        grid_power=grid_power)
         for offset, crystal in enumerate(result.crystals()):
             predictions[start + offset].append(crystal.to_structure() if crystal is not None else None)
     sampling_seconds = time.perf_counter() - started
@@ -101,7 +103,7 @@ def evaluate(
         "dataset": dataset, "split": split, "crystals": len(rows), "num_samples": num_samples,
         "steps": steps or model.schedules.num_steps, "step_lr": step_lr, "seed": seed,
         "lattice_bound": lattice_bound if lattice_bound is not None else LATTICE_X0_BOUND[model.mode],
-        "precision": precision, "symmetrised": symmetrise,
+        "precision": precision, "symmetrised": symmetrise, "grid_power": grid_power,
         "match_rate": 100.0 * scores.match_rate, "rmse": scores.rmse, **{k: v for k, v in scores.to_dict().items()
                                                                          if k not in ("match_rate", "rmse")},
         "sampling_seconds": round(sampling_seconds, 1), "matching_seconds": round(time.perf_counter() - started, 1),
