@@ -133,13 +133,13 @@ def check_not_trained_on(dataset: str, rows: list[Row], data_dir: str | os.PathL
 def load_rows(dataset: str, rows: list[Row], data_dir: str | os.PathLike | None = None,
               progress: bool = True) -> list[Crystal]:
     """The preprocessed crystals of ``rows``, in order (each file parsed once, from the cache when fresh)."""
-    files = {row.file: load_split(dataset, row.file, data_dir, progress=progress) for row in rows}
+    files = {file: load_split(dataset, file, data_dir, progress=progress) for file in {row.file for row in rows}}
     return [files[row.file][row.index] for row in rows]
 
 
 def load_cifs(dataset: str, rows: list[Row], data_dir: str | os.PathLike | None = None) -> list[str]:
     """The ``cif`` text of ``rows``, in order (the ground truth of the papers' metrics: no Niggli reduction)."""
-    files = {row.file: read_column(split_path(dataset, row.file, data_dir), "cif") for row in rows}
+    files = {file: read_column(split_path(dataset, file, data_dir), "cif") for file in {row.file for row in rows}}
     return [files[row.file][row.index] for row in rows]
 
 
