@@ -86,3 +86,16 @@ def test_shared_data_protocol_sizes(dataset, sizes):
                                   for name in ("train", "selection", "reserved"))
     assert (len(train), len(selection), len(reserved)) == sizes
     assert not train & selection and not train & reserved and not selection & reserved
+
+
+def test_load_rows_reads_each_file_once(fixture_data_dir, monkeypatch):
+    """Loading the protocol's train rows parses val and test once each, not once per row."""
+    import equicsp_core.splits as splits
+
+    calls = []
+    real = splits.load_split
+    monkeypatch.setattr(splits, "load_split", lambda dataset, file, *a, **k: calls.append(file) or real(dataset, file, *a, **k))
+    rows = split_rows("mp_20", "train", fixture_data_dir)
+    crystals = splits.load_rows("mp_20", rows, fixture_data_dir, progress=False)
+    assert len(crystals) == len(rows) == 35
+    assert sorted(calls) == ["test", "val"]
