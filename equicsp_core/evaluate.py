@@ -1,4 +1,4 @@
-"""The papers' CSP evaluation protocol (METHOD.md §8) on a benchmark split.
+"""The papers' CSP evaluation protocol (docs/method.md §8) on a benchmark split.
 
 For each selected test crystal: sample ``num_samples`` structures with its true composition, then score
 them against the ground truth parsed from the split's ``cif`` column as is (no Niggli reduction).
