@@ -88,7 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}")
     config = load_run_config(args.preset or args.dataset, overrides)
     summary = train(config, args.out, resume=args.resume, max_minutes=args.max_minutes, device=args.device,
-                    data_dir=args.data_dir, progress=not args.quiet)
+                    data_dir=args.data_dir, progress=not args.quiet, init_from=args.init_from)
     print(json.dumps(summary))
     return 0
 
@@ -242,18 +242,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             indices = [int(token) for token in text.replace(",", " ").split()]
         except ValueError as error:
             raise ValueError(f"{args.indices}: indices must be integers ({error})") from error
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise ValueError(f"--out {out} cannot be written (a folder, or its folder does not exist)")
     model, card = load_model(args.checkpoint, args.device)
     report = evaluate(model, args.dataset, args.split, args.limit, indices, args.num_samples, args.steps, args.step_lr,
                       args.seed, args.batch_size, args.processes, args.data_dir, progress=not args.quiet,
-                      lattice_bound=args.lattice_bound)
+                      lattice_bound=args.lattice_bound, precision=args.precision, symmetrise=args.symmetrise)
     report["checkpoint"] = {"path": str(args.checkpoint), "dataset": card.get("dataset"), "epochs": card.get("epochs")}
     text = json.dumps(report, indent=1)
-    if args.out:
-        out = Path(args.out)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
-    print(text)
+    print(text, flush=True)  # first: a failing write below must not lose the evaluation
+    if out is not None:
+        _write_atomically(out, text)
     return 0
 
 
@@ -287,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config value")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT|RUN",
+                   help="start a new run from these weights (a checkpoint, or a run folder: weights + optimiser)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop at the first epoch end after this long")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", default=None, help="folder of <dataset>/<split>.csv.gz (or $EQUICSP_DATA_DIR)")
@@ -320,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="match rate and RMSE on a benchmark split (the papers' protocol)")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or shipped name")
     p.add_argument("--dataset", required=True)
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default=None, help="train, selection, reserved, val or test (default: the split the "
+                   "dataset's figures are reported on: reserved, or test for perov_5); training rows are refused")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--limit", type=int, default=None, help="first N crystals of the split")
     group.add_argument("--indices", default=None, help="file of row indices (whitespace or comma separated)")
@@ -329,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-lr", type=float, default=5e-6, help="Langevin step scale")
     p.add_argument("--lattice-bound", type=float, default=None,
                    help="clamp of the predicted clean lattice (default: the mode's; inf = the papers' update)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="network arithmetic while sampling (fp32: the papers'; bf16 autocast: faster where supported)")
+    p.add_argument("--symmetrise", action="store_true", help="average the denoiser over the six lattice-vector "
+                   "orderings at every step (exact lattice-permutation equivariance, 6x the network cost)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--processes", type=int, default=None, help="worker processes for matching (default: all cores)")
