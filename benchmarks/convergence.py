@@ -3,7 +3,7 @@
 Every variant trains the preset with the same seed (data order, noise, time steps) plus its own settings, in
 chunks; after each chunk the checkpoint selected so far (``best.pt``, lowest validation loss) samples the first
 ``--val-crystals`` crystals of the selection split (perov_5: val; mp_20: the held-out 10 % of val) with ``--steps`` predictor-corrector steps and is matched against
-them (the papers' protocol, METHOD.md §8). Two uses:
+them (the papers' protocol, docs/method.md §8). Two uses:
 
 * EquiCSP vs DiffCSP at the same budget (the default variants; the paper claims EquiCSP converges faster)::
 

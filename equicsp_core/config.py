@@ -30,7 +30,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings (METHOD.md §6.3; defaults are the papers' except where noted).
+    """Optimisation settings (docs/method.md §6.4; defaults are the papers' except where noted).
 
     Attributes:
         epochs: total epochs of the run.

@@ -1,6 +1,6 @@
 """The CSP benchmark splits (perov_5, carbon_24, mp_20, mpts_52), preprocessed and cached.
 
-Each split is a gzip CSV with a ``cif`` column. Preprocessing follows METHOD.md §1.3: parse the CIF,
+Each split is a gzip CSV with a ``cif`` column. Preprocessing follows docs/method.md §1.5: parse the CIF,
 Niggli-reduce, rebuild on the canonical lattice of the reduced cell. The parsed tensors are cached
 (keyed by the file's SHA-256 and the preprocessing version), so only the first run pays for pymatgen.
 
@@ -80,7 +80,7 @@ def load_split(
     niggli: bool = True,
     progress: bool = True,
 ) -> list[Crystal]:
-    """Preprocessed crystals of one split (METHOD.md §1.3), from the cache when it is fresh."""
+    """Preprocessed crystals of one split (docs/method.md §1.5), from the cache when it is fresh."""
     path = split_path(dataset, split, data_dir)
     digest = file_sha256(path)
     cache = _cache_dir() / f"{dataset}_{split}_{digest[:16]}_v{PREPROCESSING_VERSION}_niggli{int(niggli)}.pt"

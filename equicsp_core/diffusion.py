@@ -1,4 +1,4 @@
-"""The joint diffusion over lattices and fractional coordinates, and its training losses (METHOD.md §3, §4, §6).
+"""The joint diffusion over lattices and fractional coordinates, and its training losses (docs/method.md §3, §4, §6).
 
 :class:`CrystalDiffusion` wraps the denoiser with its schedules and normalisers. Two modes:
 
@@ -7,7 +7,7 @@
   handled by ``lattice_perm``:
 
   - ``"regularised"`` (the paper): a second, permuted branch and the losses L_pC + L_pF;
-  - ``"symmetrised"`` (ours, METHOD.md §12.1): ε̂^sym(C, F) = (1/6) Σ_P P⁻¹ ε̂(PC, F Pᵀ), exact;
+  - ``"symmetrised"`` (ours, docs/method.md §6.3): ε̂^sym(C, F) = (1/6) Σ_P P⁻¹ ε̂(PC, F Pᵀ), exact;
   - ``"none"``: neither (ablation).
 
 * ``diffcsp``: the baseline; raw lattice matrix under DDPM, wrapped-normal score targets.
@@ -40,7 +40,7 @@ LatticePerm = Literal["regularised", "symmetrised", "none"]
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """Diffusion settings (METHOD.md §3, §6; defaults are the papers').
+    """Diffusion settings (docs/method.md §3, §6; defaults are the papers').
 
     Attributes:
         num_steps: T.
@@ -142,7 +142,7 @@ class CrystalDiffusion(nn.Module):
     # Training
 
     def loss(self, crystals: CrystalBatch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """One stochastic evaluation of the training loss (METHOD.md §6.1, §6.2).
+        """One stochastic evaluation of the training loss (docs/method.md §6.1, §6.2).
 
         All randomness (t, noise, permutations) comes from ``generator``, so a run is reproducible.
 
@@ -199,7 +199,7 @@ class CrystalDiffusion(nn.Module):
 
         kappa, kappa_norm, sample_norm = self.tables.lookup(num_atoms, sigma)
         eps_bar = com_free(eps, batch, num_atoms)
-        multi = (num_atoms > 1)[batch]  # single-atom crystals have ε̄ ≡ 0: no coordinate target (§11.1)
+        multi = (num_atoms > 1)[batch]  # ε̄ ≡ 0 for one atom: no coordinate target (docs/method.md §10.1)
         safe = lambda x: torch.where(x > 0, x, torch.ones_like(x)).to(z)  # noqa: E731
         target_coord = wrap_centered(eps_bar) / safe(sample_norm).sqrt()[batch, None]
         target_score = (TWO_PI * kappa.to(z))[batch, None] * torch.sin(TWO_PI * eps_bar) / safe(kappa_norm).sqrt()[batch, None]
@@ -229,7 +229,7 @@ class CrystalDiffusion(nn.Module):
 
 
 def symmetrised(model: CrystalDiffusion) -> CrystalDiffusion:
-    """The same weights behind the exactly lattice-permutation-equivariant denoiser (§12.1).
+    """The same weights behind the exactly lattice-permutation-equivariant denoiser (docs/method.md §6.3).
 
     For a model trained with ``"regularised"`` (which only approximates the symmetry), sampling with the
     returned twin averages every denoiser call over the six orderings of the lattice vectors:

@@ -1,4 +1,4 @@
-"""The papers' CSP evaluation protocol (METHOD.md §8) on a split of the data protocol.
+"""The papers' CSP evaluation protocol (docs/method.md §8) on a split of the data protocol.
 
 For each selected crystal: sample ``num_samples`` structures with its true composition, then score them
 against the ground truth parsed from the file's ``cif`` column as is (no Niggli reduction). Splits are

@@ -1,4 +1,4 @@
-"""Predictor–corrector sampling for CSP (METHOD.md §7), on the full or a sub-sampled time grid (§12.2).
+"""Predictor–corrector sampling for CSP (docs/method.md §7), on the full or a sub-sampled time grid (§7.3).
 
 Per step ``t_k → t_{k−1}`` (``t_0 = 0``): a Langevin corrector on the coordinates, then a reverse VE step
 for the coordinates and a DDPM ancestral step for the lattice. On a sub-sampled grid every "t − 1" becomes
@@ -181,7 +181,7 @@ def _coord_direction(
     num_atoms: torch.Tensor,
     batch: torch.Tensor,
 ) -> torch.Tensor:
-    """``d ≈ −∇_F log q_t(F)`` from the network output (METHOD.md §7, COORD_DIRECTION)."""
+    """``d ≈ −∇_F log q_t(F)`` from the network output (docs/method.md §7.2)."""
     if model.mode == "diffcsp":
         return out.coord * model.score_norm[time].to(out.coord).sqrt()[batch, None]
     _, kappa_norm, sample_norm = model.tables.lookup(num_atoms, torch.full_like(time, 0, dtype=torch.float64) + sigma)

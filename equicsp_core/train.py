@@ -1,4 +1,4 @@
-"""Training loop: Adam, ReduceLROnPlateau, clipping by value, exact resume (METHOD.md §6.3).
+"""Training loop: Adam, ReduceLROnPlateau, clipping by value, exact resume (docs/method.md §6.4).
 
 A run lives in one folder::
 

@@ -1,4 +1,4 @@
-"""Training losses of both modes (METHOD.md §6) and float32 symmetry tolerances."""
+"""Training losses of both modes (docs/method.md §6) and float32 symmetry tolerances."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_loss_terms_are_finite(mode, perm, terms):
 
 
 def test_single_atom_batch_has_zero_coordinate_loss():
-    """Single-atom crystals carry no coordinate target (ε̄ ≡ 0): the terms are 0, not NaN (METHOD.md §11.1)."""
+    """Single-atom crystals carry no coordinate target (ε̄ ≡ 0): the terms are 0, not NaN (docs/method.md §10.1)."""
     model = CrystalDiffusion(DenoiserConfig(**TINY))
     out = model.loss(random_batch(sizes=(1, 1)), torch.Generator().manual_seed(0))
     assert float(out["coord"]) == 0.0 and float(out["score"]) == 0.0
@@ -75,7 +75,7 @@ def test_loss_falls_when_training_a_tiny_model(mode):
 
 
 def test_float32_translation_and_integer_shift_tolerance():
-    """In float32 the symmetries hold to 1e-4 absolute on O(1) outputs (METHOD.md §10 tolerances)."""
+    """In float32 the symmetries hold to 1e-4 absolute on O(1) outputs (docs/method.md §11 tolerances)."""
     torch.manual_seed(0)
     model = CrystalDiffusion(DenoiserConfig())  # full size, float32
     batch = random_batch(sizes=(1, 5, 20))

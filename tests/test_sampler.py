@@ -1,4 +1,4 @@
-"""Predictor–corrector sampler (METHOD.md §7, §10 items 13–14, §12.2)."""
+"""Predictor–corrector sampler (docs/method.md §7, §11 items 13–14, §7.3)."""
 
 from __future__ import annotations
 
