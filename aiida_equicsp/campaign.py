@@ -25,6 +25,14 @@ Never twice
     crash that kept it out of the group is adopted by the next pass (its label is the composition and its
     description names the campaign), so it is not submitted twice either. Run one submitter per campaign at a
     time: two at once could both see a free slot.
+
+A daemon killed mid-step
+    A work chain resumes from its last checkpoint, so the step that was running when its daemon worker died
+    runs again. A calculation function that step called (ranking, screening, tabulating) ran inside the dead
+    worker and has no checkpoint of its own: AiiDA leaves its node ``running`` forever, beside the twin the
+    replayed step calls. Each pass closes such a node as ``killed`` once its twin (same caller, same link
+    label, created later) exists (:func:`close_interrupted_functions`), so nothing of the campaign stays
+    stuck; the twin's outputs are the ones the work chain uses.
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aiida import orm
-from aiida.engine import submit
+from aiida.common.links import LinkType
+from aiida.engine import ProcessState, submit
 
 from aiida_equicsp.data.model import EquiCSPModelData
 
@@ -288,6 +297,38 @@ def _adopt_orphans(group: CampaignGroup) -> None:
             group.add_nodes(node)
 
 
+def close_interrupted_functions(group: CampaignGroup) -> list[int]:
+    """Mark ``killed`` the process functions of the campaign that a dead daemon worker left running and whose
+    caller has since run them again (see the module docstring); returns their pks."""
+    members = {node.pk for node in group.nodes}
+    query = orm.QueryBuilder().append((orm.CalcFunctionNode, orm.WorkFunctionNode), filters={
+        "attributes.process_state": {"in": [state.value for state in ProcessState if not _is_terminal(state)]}})
+    closed = []
+    for node in query.all(flat=True):
+        call = node.base.links.get_incoming(link_type=(LinkType.CALL_CALC, LinkType.CALL_WORK)).first()
+        if call is None or _top_caller(call.node).pk not in members:
+            continue
+        twins = call.node.base.links.get_outgoing(link_type=(LinkType.CALL_CALC, LinkType.CALL_WORK),
+                                                  link_label_filter=call.link_label).all()
+        later = [twin.node for twin in twins if twin.node.ctime > node.ctime]
+        if later:
+            node.set_process_state(ProcessState.KILLED)
+            node.set_process_status(f"its daemon worker died while it ran; its caller ran it again as {later[0].pk}")
+            node.seal()
+            closed.append(node.pk)
+    return closed
+
+
+def _is_terminal(state: ProcessState) -> bool:
+    return state in (ProcessState.FINISHED, ProcessState.EXCEPTED, ProcessState.KILLED)
+
+
+def _top_caller(node: orm.ProcessNode) -> orm.ProcessNode:
+    while node.caller is not None:
+        node = node.caller
+    return node
+
+
 def _work_chains(group: CampaignGroup) -> dict[tuple[int, ...], list[orm.WorkChainNode]]:
     """The group's work chains by composition key, oldest first."""
     query = orm.QueryBuilder()
@@ -355,7 +396,8 @@ def submit_campaign(
     if not queue:
         raise ValueError(f"campaign {group.label!r} has no compositions yet: give at least one formula")
 
-    _adopt_orphans(group)  # a repair of earlier passes, the one write before the checks below
+    _adopt_orphans(group)  # repairs of earlier passes and of killed daemons, the writes before the checks below
+    close_interrupted_functions(group)
     attempts = _work_chains(group)
     report = SubmissionReport()
     to_submit = []

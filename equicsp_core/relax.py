@@ -51,6 +51,8 @@ def sevennet_calculator(device: str = "cpu") -> Calculator:
 
 def load_calculator(potential: str, device: str = "cpu") -> Calculator:
     """The ASE calculator of ``potential``: a key of :data:`POTENTIALS` or ``"module:factory"``."""
+    from ase.calculators.calculator import BaseCalculator
+
     target = POTENTIALS.get(potential, potential)
     module_name, _, attribute = target.partition(":")
     if not attribute:
@@ -60,9 +62,15 @@ def load_calculator(potential: str, device: str = "cpu") -> Calculator:
     except (ImportError, AttributeError) as error:
         raise ValueError(f"potential {potential!r} cannot be loaded: {error}") from error
     try:
-        return factory(device=device)
+        calculator = factory(device=device)
     except ImportError as error:
         raise ValueError(f"potential {potential!r} is not installed: {error}") from error
+    except TypeError as error:  # not callable as factory(device=...)
+        raise ValueError(f"potential {potential!r} is not a calculator factory: {error}") from error
+    if not isinstance(calculator, BaseCalculator):
+        raise ValueError(f"potential {potential!r} is not a calculator factory: it returned a "
+                         f"{type(calculator).__name__}, not an ASE calculator")
+    return calculator
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 from aiida import orm
+from aiida.common.links import LinkType
 from aiida.engine import ProcessState
 from click.testing import CliRunner
 
@@ -281,3 +282,32 @@ def test_refused_submit_stores_nothing(equicsp_code, model, label, fake_submit, 
     assert result.exit_code == 0, result.output
     assert "num_samples" not in load_campaign(f"plain-{label}").settings.overrides
     assert fake_submit.builders[-1].sample.sample.num_samples.value != 0
+
+
+def function_call(caller: orm.WorkChainNode, label: str, state: ProcessState) -> orm.CalcFunctionNode:
+    """A calculation function node called by ``caller`` under link ``label``, in ``state``."""
+    node = orm.CalcFunctionNode()
+    node.set_process_state(state)
+    node.base.links.add_incoming(caller, link_type=LinkType.CALL_CALC, link_label=label)
+    return node.store()
+
+
+def test_a_function_left_running_by_a_killed_daemon_is_closed_once_rerun(settings, label, equicsp_code,
+                                                                        fake_submit):
+    """A process function that a dead worker left running: killed (sealed) once its caller ran it again;
+    one still running without a twin, and one of another group, are left alone."""
+    group = create_or_load_campaign(label, settings, equicsp_code, ["SrTiO3"])
+    report = submit_campaign(group, ["SrTiO3", "BaTiO3"], equicsp_code)
+    first, second = (orm.load_node(pk) for pk in report.submitted.values())
+    interrupted = function_call(first, "rank", ProcessState.RUNNING)
+    rerun = function_call(first, "rank", ProcessState.FINISHED)
+    running = function_call(second, "rank", ProcessState.RUNNING)
+    stranger = created_work_chain("CaTiO3", "not a campaign's")
+    foreign = function_call(stranger, "rank", ProcessState.RUNNING)
+    function_call(stranger, "rank", ProcessState.FINISHED)
+
+    submit_campaign(group, None, equicsp_code)
+    assert interrupted.process_state == ProcessState.KILLED and interrupted.is_sealed
+    assert interrupted.process_status == f"its daemon worker died while it ran; its caller ran it again as {rerun.pk}"
+    assert rerun.process_state == ProcessState.FINISHED
+    assert running.process_state == foreign.process_state == ProcessState.RUNNING
