@@ -11,7 +11,12 @@
 Exit statuses: 0 done; 2 bad input: one line ``equicsp <command>: error: ...`` naming the problem, and no
 output is left; 3 out of memory: the line ``equicsp <command>: error: out of memory``; 4 device not
 available (``cuda`` on a machine without a visible GPU): the line ``equicsp <command>: error: device '...'
-is not available: ...``, and no output is left. Device names and their resolution: :mod:`equicsp_core.hardware`.
+is not available: ...``, and no output is left; 130 interrupted (Ctrl-C): the line
+``equicsp <command>: interrupted``, what finished is kept. Device names and their resolution:
+:mod:`equicsp_core.hardware`.
+
+``--checkpoint`` is a shipped checkpoint's name (``perov_5``, ``mp_20``) or a path, which must contain a ``/``
+or end in ``.pt`` (``./model``, ``best.pt``): a name is never read from the working directory.
 
 Messages: the engine logs through :mod:`logging` (logger ``equicsp_core``) to stderr, at INFO by default,
 WARNING with ``-q/--quiet`` and DEBUG with ``-v/--verbose``. Progress bars are drawn only when stderr is a
@@ -23,8 +28,10 @@ keys of :class:`equicsp_core.predict.SampleSettings` (``formulas`` (a list), ``n
 never both.
 It writes its output folder (which must be new or empty) batch by batch: after each batch, the batch's CIF
 files, then ``index.json``, rewritten atomically, listing every finished candidate; after the last batch,
-``run.json`` with ``"complete": true``. A run stopped part-way (walltime, out of memory) leaves the finished
-batches and no ``run.json``; a run refused for bad input leaves no folder. Error messages about a bad
+``run.json`` with ``"complete": true``. ``index.json`` names the checkpoint with its file's SHA-256 and the
+requested counts (``formulas``, ``num_samples``, ``requested``), so a run stopped part-way (walltime, out of
+memory, Ctrl-C) is visibly partial: its finished batches, fewer ``samples`` than ``requested`` and no
+``run.json``. A run refused for bad input (an ``--out`` that cannot be written too) leaves no folder. Error messages about a bad
 composition contain "formula", those about an unusable checkpoint contain "checkpoint".
 
 ``equicsp relax`` relaxes the structures of ``--structures PATH`` (a JSON file of label → pymatgen structure
@@ -65,6 +72,7 @@ from equicsp_core.runtime import keep_freed_memory
 EXIT_BAD_INPUT = 2
 EXIT_OUT_OF_MEMORY = 3
 EXIT_DEVICE_UNAVAILABLE = 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a program stopped by Ctrl-C
 
 logger = logging.getLogger(__name__)
 
@@ -135,10 +143,42 @@ def _sample_settings(args: argparse.Namespace) -> SampleSettings:
         raise ValueError(f"--input {args.input}: {error}") from error
 
 
+def _read_text(path: str, option: str) -> str:
+    """The text of the file given to ``option``; a folder or an unreadable file becomes a one-line ValueError."""
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError) as error:
+        reason = "it is a folder" if Path(path).is_dir() else getattr(error, "strerror", None) or str(error)
+        raise ValueError(f"{option} {path} cannot be read: {reason}") from error
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an output folder that cannot be created or written, before any work is done; leaves nothing.
+
+    Creates the missing folders and a probe file, then removes them again: the same calls the run makes later.
+    """
+    created = []
+    try:
+        for folder in [*reversed(out.parents), out]:
+            if not folder.is_dir():
+                folder.mkdir()
+                created.append(folder)
+        probe = out / ".equicsp-write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"--out {out} cannot be written: {error.strerror or error}") from error
+    finally:
+        for folder in reversed(created):
+            folder.rmdir()
+
+
 def _read_yaml(path: str) -> Any:
     """The parsed YAML of ``path``; a syntax error becomes a ValueError naming the file."""
     try:
-        return yaml.safe_load(Path(path).read_text())
+        return yaml.safe_load(_read_text(path, "--input"))
     except yaml.YAMLError as error:
         # PyYAML's message spans lines; the error must stay one line (see the module docstring).
         raise ValueError(f"--input {path} is not valid YAML ({' '.join(str(error).split())})") from error
@@ -177,7 +217,7 @@ def _save_batch(out: Path, batch: list[Candidate], header: dict[str, Any], entri
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from equicsp_core.checkpoint import CheckpointError, load_model
+    from equicsp_core.checkpoint import CheckpointError, file_sha256, load_model, resolve_checkpoint
 
     settings = _sample_settings(args)
     out = Path(args.out)
@@ -185,8 +225,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise FileExistsError(f"output folder {out} already exists and is not empty")
     device = resolve_device(settings.device)
     threads = _job_threads(args, settings.threads)
+    _check_writable(out)
     try:
         model, _ = load_model(args.checkpoint, device)
+        checkpoint_sha256 = file_sha256(resolve_checkpoint(args.checkpoint))
     except CheckpointError as error:
         raise CheckpointError(f"cannot use checkpoint {args.checkpoint}: {error}") from error
     logger.info("sampling on %s with %d CPU thread(s)", device, threads)
@@ -196,15 +238,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _fail_once_if_requested()
 
     started = time.perf_counter()
-    header = {"checkpoint": str(args.checkpoint), "steps": settings.steps, "seed": settings.seed,
-              "step_lr": settings.step_lr}
+    requested = len(settings.formulas) * settings.num_samples
+    header = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": checkpoint_sha256, "steps": settings.steps,
+              "seed": settings.seed, "step_lr": settings.step_lr, "formulas": list(settings.formulas),
+              "num_samples": settings.num_samples, "requested": requested}
     entries: list[dict[str, Any]] = []
     for batch in batches:
         _save_batch(out, batch, header, entries)
     valid = sum(entry["valid"] for entry in entries)
     run = {
         "complete": True,
-        "requested": len(settings.formulas) * settings.num_samples,
+        "checkpoint_sha256": checkpoint_sha256,
+        "requested": requested,
         "written": len(entries),
         "valid": valid,
         "steps": model.schedules.num_steps if settings.steps is None else settings.steps,
@@ -232,6 +277,7 @@ def cmd_relax(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output folder {out} already exists and is not empty")
+    _check_writable(out)
     threads = _job_threads(args, settings.threads)
     # A device this machine lacks or a bad potential: refused before any output.
     calculator = load_calculator(settings.potential, settings.device)
@@ -293,6 +339,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_tables(args: argparse.Namespace) -> int:
     from equicsp_core.vonmises_tables import compute_tables
 
+    _check_writable(Path(args.out).parent)
     compute_tables(samples=args.samples, seed=args.seed, progress=_show_progress(args)).save(args.out)
     print(f"tables written to {args.out}")
     return 0
@@ -424,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     except DeviceUnavailableError as error:
         print(f"equicsp {args.command}: error: {error}", file=sys.stderr)
         return EXIT_DEVICE_UNAVAILABLE
+    except KeyboardInterrupt:
+        print(f"equicsp {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"equicsp {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

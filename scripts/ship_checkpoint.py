@@ -3,9 +3,10 @@
     python scripts/ship_checkpoint.py training/perov_5-cpu/best.pt perov_5 --eval eval_full_100.json eval_500_1000.json \
         --subsets "541 crystals = test rows 0, 7, 14, … (--indices); 2 threads of the CPU above."
 
-Writes ``equicsp_core/checkpoints/<name>.pt`` (weights only, loadable with ``weights_only=True``) and
-``equicsp_core/checkpoints/<name>.md`` (the card for humans). The evaluation JSONs are the reports of
-``equicsp evaluate`` on this very checkpoint.
+Writes ``equicsp_core/checkpoints/<name>.pt`` (weights only, loadable with ``weights_only=True``),
+``equicsp_core/checkpoints/<name>.md`` (the card for humans, with the file's SHA-256) and the file's pin in
+``equicsp_core/checkpoint_pins.py``. The evaluation JSONs are the reports of ``equicsp evaluate`` on this very
+checkpoint.
 """
 
 from __future__ import annotations
@@ -16,10 +17,18 @@ from pathlib import Path
 
 import torch
 
-from equicsp_core.checkpoint import SHIPPED_DIR, read_checkpoint
+from equicsp_core import checkpoint_pins
+from equicsp_core.checkpoint import SHIPPED_DIR, file_sha256, read_checkpoint
 
 
-def card_markdown(name: str, payload: dict, subsets: str) -> str:
+def write_pins(pins: dict[str, str]) -> None:
+    """Rewrite ``equicsp_core/checkpoint_pins.py`` with ``pins`` (name → file SHA-256), its docstring kept."""
+    module = Path(checkpoint_pins.__file__)
+    lines = [f'    "{name}": "{pins[name]}",' for name in sorted(pins)]
+    module.write_text(f'"""{checkpoint_pins.__doc__}"""\n\nSHIPPED_SHA256 = {{\n' + "\n".join(lines) + "\n}\n")
+
+
+def card_markdown(name: str, payload: dict, subsets: str, sha256: str) -> str:
     """The model card: training facts from the checkpoint, one table row per evaluation, ``subsets`` (which
     crystals the rows' subsets are, and the machine) after the table."""
     card = payload["card"]
@@ -35,6 +44,8 @@ def card_markdown(name: str, payload: dict, subsets: str) -> str:
         f"{card['train_seconds'] / 3600:.2f} h on {card['device']}, torch {card['torch']}, {card['date']}",
         f"- data sha256: {json.dumps(card['data_sha256'])}",
         f"- training settings: `{json.dumps(card['config']['train'])}`",
+        f"- file sha256: `{sha256}` (pinned in `equicsp_core/checkpoint_pins.py`, checked on every load); "
+        f"model sha256 (configs and weights): `{payload['model_sha256']}`",
         "",
         "## Scores (CSP, the papers' protocol, `equicsp evaluate`)",
         "",
@@ -65,9 +76,12 @@ def main() -> None:
     SHIPPED_DIR.mkdir(parents=True, exist_ok=True)
     target = SHIPPED_DIR / f"{args.name}.pt"
     torch.save(payload, target)
-    read_checkpoint(target)  # must load back with weights_only=True
-    (SHIPPED_DIR / f"{args.name}.md").write_text(card_markdown(args.name, payload, args.subsets))
-    print(f"shipped {target} ({target.stat().st_size / 1e6:.1f} MB)")
+    sha256 = file_sha256(target)
+    write_pins({**checkpoint_pins.SHIPPED_SHA256, args.name: sha256})
+    checkpoint_pins.SHIPPED_SHA256[args.name] = sha256
+    read_checkpoint(target)  # must load back with weights_only=True, its pin and model hash checked
+    (SHIPPED_DIR / f"{args.name}.md").write_text(card_markdown(args.name, payload, args.subsets, sha256))
+    print(f"shipped {target} ({target.stat().st_size / 1e6:.1f} MB, sha256 {sha256})")
 
 
 if __name__ == "__main__":
