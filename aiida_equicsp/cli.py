@@ -33,7 +33,7 @@ from aiida import load_profile, orm
 from aiida.common.exceptions import ConfigurationError, InvalidOperation, MultipleObjectsError, NotExistent
 from aiida.engine import run_get_node, submit
 
-from aiida_equicsp.calculations.sample import DEVICES, EquiCSPSampleCalculation
+from aiida_equicsp.calculations.sample import EquiCSPSampleCalculation
 from aiida_equicsp.data.model import EquiCSPModelData
 from aiida_equicsp.utils import deep_merge, load_protocols
 
@@ -113,7 +113,7 @@ def _read_overrides(path: str | None) -> dict[str, Any]:
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="predictor-corrector steps")
 @click.option("--seed", type=int, default=None, help="seed of the first calculation (reruns add 1, 2, ...)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="crystals sampled together")
-@click.option("--device", type=click.Choice(DEVICES), default=None, help="torch device of the job")
+@click.option("--device", default=None, help="device of the job: auto (default), cpu, cuda, cuda:N or mps")
 @click.option("--overrides", "overrides_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="YAML file of inputs merged over the protocol's: {sample: {metadata: {options: ...}}, ...}")
 @click.option("--daemon", is_flag=True, help="submit to the AiiDA daemon instead of waiting for the end here")

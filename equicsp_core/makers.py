@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 from pymatgen.core import Structure
 
 from equicsp_core.checkpoint import load_model, resolve_checkpoint
+from equicsp_core.hardware import resolve_device
 from equicsp_core.predict import SampleSettings, parse_formula, predict_structures
 from equicsp_core.screening import (
     MAX_VOLUME_PER_ATOM,
@@ -115,7 +116,7 @@ class EquiCSPSampleMaker(Maker):
         """Sample the candidates of ``formula`` (the cell contents, e.g. ``"SrTiO3"`` is a 5-atom cell)."""
         settings = self.settings(formula)
         path = resolve_checkpoint(self.checkpoint)
-        model, _ = load_model(path, settings.device)
+        model, _ = load_model(path, resolve_device(settings.device))
         samples = predict_structures(model, list(settings.formulas), settings.num_samples, settings.steps,
                                      settings.step_lr, settings.seed, settings.batch_size,
                                      lattice_bound=settings.lattice_bound)

@@ -7,7 +7,9 @@ caller can save each batch as it finishes, and :func:`predict_structures` return
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -16,11 +18,14 @@ import torch
 
 from equicsp_core.crystal import MAX_ATOMIC_NUMBER
 from equicsp_core.diffusion import CrystalDiffusion
+from equicsp_core.hardware import check_device_name, check_threads
 from equicsp_core.sampler import DEFAULT_STEP_LR, sample, time_grid
 from equicsp_core.vonmises_tables import MAX_TABLE_ATOMS
 
 if TYPE_CHECKING:
     from pymatgen.core import Structure
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,9 @@ class SampleSettings:
         lattice_bound: clamp of the predicted clean lattice (``None``: the mode's; ``inf``: the papers' update).
         seed: seed of all randomness (same seed ⇒ same candidates).
         batch_size: crystals sampled together; results are saved after each batch.
-        device: torch device, e.g. ``"cpu"`` or ``"cuda"``.
+        device: ``auto`` (CUDA if present, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``
+            (:mod:`equicsp_core.hardware`).
+        threads: CPU threads of torch (``None``: every CPU the process may use).
     """
 
     formulas: tuple[str, ...]
@@ -113,7 +120,8 @@ class SampleSettings:
     lattice_bound: float | None = None
     seed: int = 0
     batch_size: int = 256
-    device: str = "cpu"
+    device: str = "auto"
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.formulas, str) or not isinstance(self.formulas, (list, tuple)):
@@ -136,12 +144,8 @@ class SampleSettings:
             object.__setattr__(self, "lattice_bound", _as_number("lattice_bound", self.lattice_bound, minimum=0))
         _check_int("seed", self.seed)
         _check_int("batch_size", self.batch_size, minimum=1)
-        if not isinstance(self.device, str):
-            raise ValueError(f"device must be a string such as 'cpu' or 'cuda', got {self.device!r}")
-        try:
-            torch.device(self.device)
-        except RuntimeError as error:
-            raise ValueError(f"device {self.device!r} is not a torch device such as 'cpu' or 'cuda'") from error
+        check_device_name(self.device)
+        check_threads(self.threads)
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -211,12 +215,16 @@ def _sample_batches(
     """The sampling loop of :func:`predict_batches`; ``jobs`` are ``(formula, sample index, atomic numbers)``."""
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
-    for start in range(0, len(jobs), batch_size):
+    batches = math.ceil(len(jobs) / batch_size)
+    for number, start in enumerate(range(0, len(jobs), batch_size), start=1):
         chunk = jobs[start:start + batch_size]
         numbers = torch.tensor([z for _, _, zs in chunk for z in zs])
         counts = torch.tensor([len(zs) for _, _, zs in chunk])
+        started = time.perf_counter()
         result = sample(model, numbers, counts, steps=steps, step_lr=step_lr, generator=generator, progress=progress,
                         lattice_bound=lattice_bound)
+        logger.info("batch %d/%d: %d crystals sampled in %.1f s", number, batches, len(chunk),
+                    time.perf_counter() - started)
         yield [Candidate(formula, index, crystal.to_structure() if crystal is not None else None)
                for (formula, index, _), crystal in zip(chunk, result.crystals(), strict=True)]
 

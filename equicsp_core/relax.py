@@ -15,15 +15,20 @@ dependencies of the engine.
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from equicsp_core.hardware import check_device_name, check_threads, resolve_device
+
 if TYPE_CHECKING:
     from ase.calculators.calculator import Calculator
     from pymatgen.core import Structure
+
+logger = logging.getLogger(__name__)
 
 #: Potentials known by name: ``"module:factory"`` of a callable ``factory(device=...) -> ASE calculator``.
 POTENTIALS = {
@@ -49,10 +54,16 @@ def sevennet_calculator(device: str = "cpu") -> Calculator:
     return SevenNetCalculator(model="7net-0", device=device)
 
 
-def load_calculator(potential: str, device: str = "cpu") -> Calculator:
-    """The ASE calculator of ``potential``: a key of :data:`POTENTIALS` or ``"module:factory"``."""
+def load_calculator(potential: str, device: str = "auto") -> Calculator:
+    """The ASE calculator of ``potential`` (a key of :data:`POTENTIALS` or ``"module:factory"``) on ``device``.
+
+    The factory gets the resolved torch device as text (``"cpu"``, ``"cuda:0"``; :func:`resolve_device`), so
+    a device this machine lacks raises :class:`~equicsp_core.hardware.DeviceUnavailableError` before any
+    weights load.
+    """
     from ase.calculators.calculator import BaseCalculator
 
+    device = str(resolve_device(device))
     target = POTENTIALS.get(potential, potential)
     module_name, _, attribute = target.partition(":")
     if not attribute:
@@ -76,16 +87,21 @@ def load_calculator(potential: str, device: str = "cpu") -> Calculator:
 @dataclass(frozen=True)
 class RelaxSettings:
     """How to relax: the potential, the force threshold ``fmax`` (eV/Å), the step cap, whether the cell moves,
-    and whether to check the relaxed structure's phonons for imaginary modes (:mod:`equicsp_core.phonons`)."""
+    the device (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``: :mod:`equicsp_core.hardware`), the CPU threads
+    of torch (``None``: every CPU the process may use), and whether to check the relaxed structure's phonons for
+    imaginary modes (:mod:`equicsp_core.phonons`)."""
 
     potential: str = "chgnet"
     fmax: float = 0.05
     steps: int = 500
     relax_cell: bool = True
-    device: str = "cpu"
+    device: str = "auto"
+    threads: int | None = None
     phonons: bool = False
 
     def __post_init__(self) -> None:
+        check_device_name(self.device)
+        check_threads(self.threads)
         # bool is an int to Python, never a threshold or a step count here.
         if isinstance(self.fmax, bool) or not (isinstance(self.fmax, (int, float)) and self.fmax > 0):
             raise ValueError(f"fmax must be a number > 0, got {self.fmax!r}")
@@ -176,4 +192,9 @@ def relax_structures(
     """
     calculator = calculator_factory(settings.potential, settings.device)
     for label, structure in structures.items():
-        yield label, relax_structure(structure, calculator, settings)
+        result = relax_structure(structure, calculator, settings)
+        energy = "-" if result.energy_per_atom is None else f"{result.energy_per_atom:.4f} eV/atom"
+        logger.info("%s: %s after %d steps, %s", label, result.status, result.steps, energy)
+        if result.error is not None:
+            logger.warning("%s: %s", label, result.error)
+        yield label, result

@@ -1,4 +1,4 @@
-"""EquiCSP's normalisation tables κ, K, S as smooth functions of (n, log σ) (METHOD.md §4.2–4.4).
+"""EquiCSP's normalisation tables κ, K, S as smooth functions of (n, log σ) (docs/method.md §4.3–4.4).
 
 For ``n`` atoms and noise level σ, the CoM-free noise ``ε̄ = m(σz)`` (per axis) is modelled as a von Mises
 ``V(x; 0, κ) ∝ exp(κ cos 2πx)``:

@@ -2,7 +2,8 @@
 
 ``relax.json`` is rewritten after each structure, so what finished before a walltime is kept
 (``ERROR_PARTIAL_RESULTS``); ``run.json`` marks a complete run. Without ``relax.json`` the program's error line
-says why (a potential that cannot be loaded: ``ERROR_POTENTIAL``).
+says why (a potential that cannot be loaded: ``ERROR_POTENTIAL``; a device the computer lacks:
+``ERROR_DEVICE_NOT_AVAILABLE``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from aiida.engine import ExitCode
 from aiida.parsers import Parser
 
 from aiida_equicsp.calculations.relax import EquiCSPRelaxCalculation
-from aiida_equicsp.parsers.sample import read_retrieved_text, stderr_errors
+from aiida_equicsp.parsers.sample import DEVICE_UNAVAILABLE_MESSAGE, read_retrieved_text, stderr_errors
 
 #: Start of the error line ``equicsp relax`` prints to stderr before exiting with status 2.
 ERROR_PREFIX = "equicsp relax: error: "
@@ -37,6 +38,8 @@ class EquiCSPRelaxParser(Parser):
         stated_error, last_line = stderr_errors(self._read_text(calc.STDERR_FILENAME) or "", ERROR_PREFIX)
         text = self._read_text(calc.RESULTS_PATH)
         if text is None:
+            if stated_error is not None and DEVICE_UNAVAILABLE_MESSAGE.match(stated_error):
+                return self.exit_codes.ERROR_DEVICE_NOT_AVAILABLE.format(error=stated_error)
             if stated_error is not None and POTENTIAL_ERROR.search(stated_error):
                 return self.exit_codes.ERROR_POTENTIAL.format(error=stated_error)
             return self.exit_codes.ERROR_MISSING_OUTPUT.format(error=stated_error or last_line or "none (stderr empty)")

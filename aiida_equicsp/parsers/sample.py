@@ -9,7 +9,7 @@ What the retrieved files mean (see the ``equicsp`` command's docstring):
   the run stopped early and what was finished is kept (``ERROR_OUT_OF_MEMORY`` when the program said so,
   ``ERROR_PARTIAL_RESULTS`` otherwise, e.g. walltime).
 - No ``index.json``: nothing finished; the program's error line in ``equicsp.err`` tells why
-  (out of memory, a formula, the checkpoint), else ``ERROR_MISSING_OUTPUT``.
+  (out of memory, a device the computer lacks, a formula, the checkpoint), else ``ERROR_MISSING_OUTPUT``.
 
 Known failures return their exit code; the parser never raises for them.
 """
@@ -30,6 +30,9 @@ from aiida_equicsp.calculations.sample import EquiCSPSampleCalculation
 ERROR_PREFIX = "equicsp sample: error: "
 #: The error line's message when the program ran out of memory (exit status 3).
 OUT_OF_MEMORY_MESSAGE = "out of memory"
+#: The error line's message when the computer lacks the requested device (exit status 4;
+#: :class:`equicsp_core.hardware.DeviceUnavailableError`).
+DEVICE_UNAVAILABLE_MESSAGE = re.compile(r"^device '[^']*' is not available")
 
 
 class CandidateFileError(Exception):
@@ -122,6 +125,8 @@ class EquiCSPSampleParser(Parser):
         """The exit code of a run that finished no batch, from the program's stated error."""
         if stated_error == OUT_OF_MEMORY_MESSAGE:
             return self.exit_codes.ERROR_OUT_OF_MEMORY
+        if stated_error is not None and DEVICE_UNAVAILABLE_MESSAGE.match(stated_error):
+            return self.exit_codes.ERROR_DEVICE_NOT_AVAILABLE.format(error=stated_error)
         if stated_error is not None and "checkpoint" in stated_error:
             return self.exit_codes.ERROR_INCOMPATIBLE_CHECKPOINT.format(error=stated_error)
         if stated_error is not None and "formula" in stated_error:

@@ -146,6 +146,20 @@ def test_incompatible_checkpoint(parse_retrieved, cli_stderr, tmp_path):
     assert "model.pt" in calcfunction.exit_message
 
 
+def test_device_not_available(parse_retrieved, tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """330: the program's real line for a device the computer lacks (here: no GPU visible)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    capsys.readouterr()
+    assert main(["--quiet", "sample", "--checkpoint", str(tiny_checkpoint), "--formula", "SrTiO3",
+                 "--device", "cuda", "--out", str(tmp_path / "out")]) == 4
+    outputs, calcfunction = parse_retrieved({"equicsp.err": capsys.readouterr().err})
+    assert calcfunction.exit_status == 330
+    assert "device 'cuda' is not available" in calcfunction.exit_message
+    assert not outputs
+
+
 def test_stopped_run_keeps_partial_results(parse_retrieved):
     """350: finished batches but no run.json and no stated error (e.g. killed at the walltime)."""
     outputs, calcfunction = parse_retrieved(results(ALL_ENTRIES[:2], run_info=None))
