@@ -90,9 +90,12 @@ def test_bad_thread_counts_are_refused(threads):
         check_threads(threads)
 
 
-def test_set_threads_defaults_to_the_cpus_of_the_affinity_mask():
+def test_set_threads_defaults_to_omp_num_threads_else_the_cpus_of_the_affinity_mask(monkeypatch):
     before = torch.get_num_threads()
     try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert set_threads(None) == 3 == torch.get_num_threads()
+        monkeypatch.delenv("OMP_NUM_THREADS")
         assert set_threads(None) == available_cpus() == torch.get_num_threads()
         assert set_threads(1) == 1 == torch.get_num_threads()
     finally:
