@@ -11,7 +11,12 @@
 Exit statuses: 0 done; 2 bad input: one line ``equicsp <command>: error: ...`` naming the problem, and no
 output is left; 3 out of memory: the line ``equicsp <command>: error: out of memory``; 4 device not
 available (``cuda`` on a machine without a visible GPU): the line ``equicsp <command>: error: device '...'
-is not available: ...``, and no output is left. Device names and their resolution: :mod:`equicsp_core.hardware`.
+is not available: ...``, and no output is left; 130 interrupted (Ctrl-C): the line
+``equicsp <command>: interrupted``, what finished is kept. Device names and their resolution:
+:mod:`equicsp_core.hardware`.
+
+``--checkpoint`` is a shipped checkpoint's name (``perov_5``, ``mp_20``) or a path, which must contain a ``/``
+or end in ``.pt`` (``./model``, ``best.pt``): a name is never read from the working directory.
 
 Messages: the engine logs through :mod:`logging` (logger ``equicsp_core``) to stderr, at INFO by default,
 WARNING with ``-q/--quiet`` and DEBUG with ``-v/--verbose``. Progress bars are drawn only when stderr is a
@@ -23,8 +28,10 @@ keys of :class:`equicsp_core.predict.SampleSettings` (``formulas`` (a list), ``n
 never both.
 It writes its output folder (which must be new or empty) batch by batch: after each batch, the batch's CIF
 files, then ``index.json``, rewritten atomically, listing every finished candidate; after the last batch,
-``run.json`` with ``"complete": true``. A run stopped part-way (walltime, out of memory) leaves the finished
-batches and no ``run.json``; a run refused for bad input leaves no folder. Error messages about a bad
+``run.json`` with ``"complete": true``. ``index.json`` names the checkpoint with its file's SHA-256 and the
+requested counts (``formulas``, ``num_samples``, ``requested``), so a run stopped part-way (walltime, out of
+memory, Ctrl-C) is visibly partial: its finished batches, fewer ``samples`` than ``requested`` and no
+``run.json``. A run refused for bad input (an ``--out`` that cannot be written too) leaves no folder. Error messages about a bad
 composition contain "formula", those about an unusable checkpoint contain "checkpoint".
 
 ``equicsp relax`` relaxes the structures of ``--structures PATH`` (a JSON file of label → pymatgen structure
@@ -65,6 +72,7 @@ from equicsp_core.runtime import keep_freed_memory
 EXIT_BAD_INPUT = 2
 EXIT_OUT_OF_MEMORY = 3
 EXIT_DEVICE_UNAVAILABLE = 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a program stopped by Ctrl-C
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +121,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}")
     config = load_run_config(args.preset or args.dataset, overrides)
     summary = train(config, args.out, resume=args.resume, max_minutes=args.max_minutes,
-                    device=str(resolve_device(args.device)), data_dir=args.data_dir, progress=_show_progress(args))
+                    device=str(resolve_device(args.device)), data_dir=args.data_dir, progress=_show_progress(args),
+                    init_from=args.init_from)
     print(json.dumps(summary))
     return 0
 
@@ -134,10 +143,42 @@ def _sample_settings(args: argparse.Namespace) -> SampleSettings:
         raise ValueError(f"--input {args.input}: {error}") from error
 
 
+def _read_text(path: str, option: str) -> str:
+    """The text of the file given to ``option``; a folder or an unreadable file becomes a one-line ValueError."""
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError) as error:
+        reason = "it is a folder" if Path(path).is_dir() else getattr(error, "strerror", None) or str(error)
+        raise ValueError(f"{option} {path} cannot be read: {reason}") from error
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an output folder that cannot be created or written, before any work is done; leaves nothing.
+
+    Creates the missing folders and a probe file, then removes them again: the same calls the run makes later.
+    """
+    created = []
+    try:
+        for folder in [*reversed(out.parents), out]:
+            if not folder.is_dir():
+                folder.mkdir()
+                created.append(folder)
+        probe = out / ".equicsp-write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"--out {out} cannot be written: {error.strerror or error}") from error
+    finally:
+        for folder in reversed(created):
+            folder.rmdir()
+
+
 def _read_yaml(path: str) -> Any:
     """The parsed YAML of ``path``; a syntax error becomes a ValueError naming the file."""
     try:
-        return yaml.safe_load(Path(path).read_text())
+        return yaml.safe_load(_read_text(path, "--input"))
     except yaml.YAMLError as error:
         # PyYAML's message spans lines; the error must stay one line (see the module docstring).
         raise ValueError(f"--input {path} is not valid YAML ({' '.join(str(error).split())})") from error
@@ -176,7 +217,7 @@ def _save_batch(out: Path, batch: list[Candidate], header: dict[str, Any], entri
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from equicsp_core.checkpoint import CheckpointError, load_model
+    from equicsp_core.checkpoint import CheckpointError, file_sha256, load_model, resolve_checkpoint
 
     settings = _sample_settings(args)
     out = Path(args.out)
@@ -184,8 +225,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise FileExistsError(f"output folder {out} already exists and is not empty")
     device = resolve_device(settings.device)
     threads = _job_threads(args, settings.threads)
+    _check_writable(out)
     try:
         model, _ = load_model(args.checkpoint, device)
+        checkpoint_sha256 = file_sha256(resolve_checkpoint(args.checkpoint))
     except CheckpointError as error:
         raise CheckpointError(f"cannot use checkpoint {args.checkpoint}: {error}") from error
     logger.info("sampling on %s with %d CPU thread(s)", device, threads)
@@ -195,15 +238,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _fail_once_if_requested()
 
     started = time.perf_counter()
-    header = {"checkpoint": str(args.checkpoint), "steps": settings.steps, "seed": settings.seed,
-              "step_lr": settings.step_lr}
+    requested = len(settings.formulas) * settings.num_samples
+    header = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": checkpoint_sha256, "steps": settings.steps,
+              "seed": settings.seed, "step_lr": settings.step_lr, "formulas": list(settings.formulas),
+              "num_samples": settings.num_samples, "requested": requested}
     entries: list[dict[str, Any]] = []
     for batch in batches:
         _save_batch(out, batch, header, entries)
     valid = sum(entry["valid"] for entry in entries)
     run = {
         "complete": True,
-        "requested": len(settings.formulas) * settings.num_samples,
+        "checkpoint_sha256": checkpoint_sha256,
+        "requested": requested,
         "written": len(entries),
         "valid": valid,
         "steps": model.schedules.num_steps if settings.steps is None else settings.steps,
@@ -231,6 +277,7 @@ def cmd_relax(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output folder {out} already exists and is not empty")
+    _check_writable(out)
     threads = _job_threads(args, settings.threads)
     # A device this machine lacks or a bad potential: refused before any output.
     calculator = load_calculator(settings.potential, settings.device)
@@ -263,18 +310,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             indices = [int(token) for token in text.replace(",", " ").split()]
         except ValueError as error:
             raise ValueError(f"{args.indices}: indices must be integers ({error})") from error
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise ValueError(f"--out {out} cannot be written (a folder, or its folder does not exist)")
     model, card = load_model(args.checkpoint, resolve_device(args.device))
     report = evaluate(model, args.dataset, args.split, args.limit, indices, args.num_samples, args.steps, args.step_lr,
                       args.seed, args.batch_size, args.processes, args.data_dir, progress=_show_progress(args),
-                      lattice_bound=args.lattice_bound)
+                      lattice_bound=args.lattice_bound, precision=args.precision, symmetrise=args.symmetrise,
+                      grid_power=args.grid_power)
     report["checkpoint"] = {"path": str(args.checkpoint), "dataset": card.get("dataset"), "epochs": card.get("epochs")}
     text = json.dumps(report, indent=1)
-    if args.out:
-        out = Path(args.out)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
-    print(text)
+    print(text, flush=True)  # first: a failing write below must not lose the evaluation
+    if out is not None:
+        _write_atomically(out, text)
     return 0
 
 
@@ -291,6 +339,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_tables(args: argparse.Namespace) -> int:
     from equicsp_core.vonmises_tables import compute_tables
 
+    _check_writable(Path(args.out).parent)
     compute_tables(samples=args.samples, seed=args.seed, progress=_show_progress(args)).save(args.out)
     print(f"tables written to {args.out}")
     return 0
@@ -313,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config value")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT|RUN",
+                   help="start a new run from these weights (a checkpoint, or a run folder: weights + optimiser)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop at the first epoch end after this long")
     p.add_argument("--device", default="cpu", help=f"{DEVICE_CHOICES} (default cpu)")
     p.add_argument("--data-dir", default=None, help="folder of <dataset>/<split>.csv.gz (or $EQUICSP_DATA_DIR)")
@@ -348,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="match rate and RMSE on a benchmark split (the papers' protocol)")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or shipped name")
     p.add_argument("--dataset", required=True)
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default=None, help="train, selection, reserved, val or test (default: the split the "
+                   "dataset's figures are reported on: reserved, or test for perov_5); training rows are refused")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--limit", type=int, default=None, help="first N crystals of the split")
     group.add_argument("--indices", default=None, help="file of row indices (whitespace or comma separated)")
@@ -357,6 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-lr", type=float, default=5e-6, help="Langevin step scale")
     p.add_argument("--lattice-bound", type=float, default=None,
                    help="clamp of the predicted clean lattice (default: the mode's; inf = the papers' update)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="network arithmetic while sampling (fp32: the papers'; bf16 autocast: faster where supported)")
+    p.add_argument("--grid-power", type=float, default=1.0, help="spacing of a sub-sampled time grid: 1 = even "
+                   "(the papers'), > 1 = more steps at small t")
+    p.add_argument("--symmetrise", action="store_true", help="average the denoiser over the six lattice-vector "
+                   "orderings at every step (exact lattice-permutation equivariance, 6x the network cost)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--processes", type=int, default=None, help="worker processes for matching (default: all cores)")
@@ -413,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     except DeviceUnavailableError as error:
         print(f"equicsp {args.command}: error: {error}", file=sys.stderr)
         return EXIT_DEVICE_UNAVAILABLE
+    except KeyboardInterrupt:
+        print(f"equicsp {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"equicsp {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

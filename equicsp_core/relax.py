@@ -61,6 +61,8 @@ def load_calculator(potential: str, device: str = "auto") -> Calculator:
     a device this machine lacks raises :class:`~equicsp_core.hardware.DeviceUnavailableError` before any
     weights load.
     """
+    from ase.calculators.calculator import BaseCalculator
+
     device = str(resolve_device(device))
     target = POTENTIALS.get(potential, potential)
     module_name, _, attribute = target.partition(":")
@@ -71,9 +73,15 @@ def load_calculator(potential: str, device: str = "auto") -> Calculator:
     except (ImportError, AttributeError) as error:
         raise ValueError(f"potential {potential!r} cannot be loaded: {error}") from error
     try:
-        return factory(device=device)
+        calculator = factory(device=device)
     except ImportError as error:
         raise ValueError(f"potential {potential!r} is not installed: {error}") from error
+    except TypeError as error:  # not callable as factory(device=...)
+        raise ValueError(f"potential {potential!r} is not a calculator factory: {error}") from error
+    if not isinstance(calculator, BaseCalculator):
+        raise ValueError(f"potential {potential!r} is not a calculator factory: it returned a "
+                         f"{type(calculator).__name__}, not an ASE calculator")
+    return calculator
 
 
 @dataclass(frozen=True)

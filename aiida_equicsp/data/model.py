@@ -45,6 +45,7 @@ def checkpoint_summary(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is an incomplete EquiCSP checkpoint (no {error} in its configs)") from error
     summary.update({name: card.get(name) for name in CARD_ATTRIBUTES})
     summary["sha256"] = file_sha256(path)
+    summary["model_sha256"] = payload["model_sha256"]
     return summary
 
 
@@ -52,8 +53,9 @@ class EquiCSPModelData(orm.SinglefileData):
     """A trained EquiCSP model: one checkpoint file, checked on construction.
 
     Attributes, from the file: ``dataset`` and ``epochs`` (the model card), ``mode``, ``hidden_dim``,
-    ``num_layers``, ``num_freqs`` (the denoiser), ``num_steps`` (T of the diffusion) and ``sha256`` (the
-    file's hash, by which :meth:`get_or_create` finds a stored copy).
+    ``num_layers``, ``num_freqs`` (the denoiser), ``num_steps`` (T of the diffusion), ``sha256`` (the
+    file's hash, by which :meth:`get_or_create` finds a stored copy) and ``model_sha256`` (the hash of the
+    configs and weights the file carries, checked on construction).
     """
 
     def __init__(self, file: str | os.PathLike, filename: str | None = None, **kwargs: Any) -> None:
