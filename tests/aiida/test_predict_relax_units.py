@@ -393,6 +393,27 @@ def test_options_go_to_both_equicsp_jobs_not_to_dft(equicsp_code, model, pw_code
     assert builder.dft.options.get_dict()["queue_name"] == "cpu"
 
 
+def test_gpu_cluster_overrides_send_the_equicsp_jobs_to_the_gpu_partition_and_dft_to_cpu(equicsp_code, model,
+                                                                                           pw_code):
+    """examples/gpu_cluster_overrides.yaml as documented in docs/cluster.md: a valid builder whose sampling and ML
+    relaxation ask Slurm for a GPU (``--gres``, partition, account, qos, 8 cores = 8 threads) and whose pw.x runs
+    on the CPU partition with MPI."""
+    import yaml
+
+    overrides = yaml.safe_load((REPO_ROOT / "examples" / "gpu_cluster_overrides.yaml").read_text())
+    builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
+        equicsp_code, model, ["SrTiO3"], "fast", pw_code=pw_code, overrides=overrides)
+    for job in (builder.sample.sample, builder.relax):
+        options = job.metadata.options
+        assert (options.custom_scheduler_commands, options.queue_name, options.account, options.qos) == (
+            "#SBATCH --gres=gpu:1", "gpu", "my_project", "normal")
+        assert options.resources["num_cores_per_mpiproc"] == 8
+        assert job.parameters["device"] == "cuda"
+    assert builder.sample.sample.parameters["steps"] == 100  # the protocol's, kept beside the overrides
+    dft = builder.dft.options.get_dict()
+    assert (dft["queue_name"], dft["withmpi"], dft["resources"]["num_mpiprocs_per_machine"]) == ("cpu", True, 32)
+
+
 # ------------------------------------------------------------------------------------------------
 # real runs, ML only (seconds each: two or three `equicsp` jobs on localhost)
 
