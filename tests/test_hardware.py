@@ -138,6 +138,25 @@ def test_relax_on_a_missing_device_exits_4_before_any_output(tmp_path, capsys, g
     assert not out.exists()
 
 
+def test_mps_off_a_mac_exits_4_with_one_line(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    status = main(["--quiet", "sample", "--checkpoint", str(tiny_checkpoint), "--formula", "SrTiO3",
+                   "--device", "mps", "--out", str(tmp_path / "out")])
+    assert status == 4
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "equicsp sample: error: device 'mps' is not available: this machine has no usable Apple GPU"]
+
+
+@pytest.mark.parametrize("command", [["train", "--preset", "tiny"], ["evaluate", "--checkpoint", "perov_5",
+                                                                     "--dataset", "perov_5", "--limit", "1"]])
+def test_train_and_evaluate_refuse_a_bad_device_name_in_one_line(tmp_path, capsys, command):
+    status = main(["--quiet", *command, "--device", "meta", "--out", str(tmp_path / "out")])
+    assert status == 2
+    assert capsys.readouterr().err.strip() == (f"equicsp {command[0]}: error: device must be one of auto, cpu, "
+                                               "cuda, cuda:N or mps, got 'meta'")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("device", ["meta", "mps:0"])
 def test_sample_with_a_bad_device_name_exits_2(tiny_checkpoint, tmp_path, capsys, device):
     status = main(["--quiet", "sample", "--checkpoint", str(tiny_checkpoint), "--formula", "SrTiO3",
