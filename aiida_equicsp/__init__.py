@@ -3,9 +3,10 @@
 - ``aiida_equicsp.data.model.EquiCSPModelData`` (entry point ``equicsp.model``): a checkpoint file;
 - ``aiida_equicsp.calculations.sample.EquiCSPSampleCalculation`` (``equicsp.sample``): runs the ``equicsp``
   program on any computer; its parser ``aiida_equicsp.parsers.sample.EquiCSPSampleParser`` (``equicsp.sample``);
-- ``aiida_equicsp.utils.get_builder_from_protocol``: a ready builder from ``protocols/sample.yaml``;
 - ``aiida_equicsp.workchains.sample_base.EquiCSPSampleBaseWorkChain`` (``equicsp.sample.base``): the calculation
-  restarted until every requested candidate exists (installed from the repository's ``workchains/`` folder);
+  restarted until every requested candidate exists (installed from the repository's ``workchains/`` folder), with
+  ``get_builder_from_protocol`` from ``protocols/sample.yaml``;
+- ``aiida_equicsp.protocols``: the protocol files and aiida-quantumespresso's ``ProtocolMixin`` over them;
 - ``aiida_equicsp.calculations.relax.EquiCSPRelaxCalculation`` (``equicsp.relax``): ``equicsp relax``, an ML
   potential's relaxation, with its parser;
 - ``aiida_equicsp.workchains.predict_relax.EquiCSPPredictRelaxWorkChain`` (``equicsp.predict_relax``): formulas to

@@ -105,11 +105,14 @@ class CampaignSettings:
     max_concurrent: int = DEFAULT_MAX_CONCURRENT
 
     def __post_init__(self) -> None:
-        """Refuse an unknown protocol, a ``max_concurrent`` below 1 and overrides that are not plain data."""
-        from aiida_equicsp.utils import load_protocols
+        """Refuse an unknown protocol, a ``max_concurrent`` below 1 and overrides that are not plain data.
 
-        protocols = load_protocols("predict_relax")["protocols"]
-        if self.protocol not in protocols:
+        A campaign stored under a protocol's old name (``precise``) keeps it; its builds use the new one.
+        """
+        from aiida_equicsp.workchains.predict_relax import EquiCSPPredictRelaxWorkChain as workchain
+
+        protocols = workchain.get_available_protocols()
+        if self.protocol not in protocols and self.protocol not in workchain.RENAMED_PROTOCOLS:
             raise ValueError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(protocols)}")
         if not isinstance(self.max_concurrent, int) or self.max_concurrent < 1:
             raise ValueError(f"max_concurrent must be an integer of at least 1, got {self.max_concurrent!r}")
@@ -134,15 +137,16 @@ class CampaignSettings:
     ) -> CampaignSettings:
         """Settings from the arguments of ``EquiCSPPredictRelaxWorkChain.get_builder_from_protocol``.
 
-        ``protocol`` ``None`` is resolved to the default protocol, so the stored settings say which it was.
+        ``protocol`` ``None`` is resolved to the default protocol and an old name to the new one, so the stored
+        settings say which it was.
         """
-        from aiida_equicsp.utils import load_protocols
+        from aiida_equicsp.workchains.predict_relax import EquiCSPPredictRelaxWorkChain
 
         if not isinstance(model, EquiCSPModelData) or not model.is_stored:
             raise ValueError(f"model must be a stored EquiCSPModelData, got {model!r}")
         if pw_code is not None and not pw_code.is_stored:
             raise ValueError("pw_code must be a stored code")
-        return cls(model_uuid=model.uuid, protocol=protocol or load_protocols("predict_relax")["default_protocol"],
+        return cls(model_uuid=model.uuid, protocol=EquiCSPPredictRelaxWorkChain.resolve_protocol(protocol),
                    overrides=dict(overrides or {}), pw_code_uuid=None if pw_code is None else pw_code.uuid,
                    pseudo_family=pseudo_family, max_concurrent=max_concurrent)
 

@@ -1,7 +1,7 @@
 """``aiida-equicsp``: sample crystal structures with AiiDA from the command line, and list the results.
 
     aiida-equicsp sample --code equicsp@cluster --model perov_5 --formula SrTiO3 [--formula CaTiO3]
-        [--num-samples 4] [--protocol fast|precise] [--steps S] [--seed X] [--batch-size B] [--device cuda]
+        [--num-samples 4] [--protocol fast|balanced|stringent] [--steps S] [--seed X] [--batch-size B] [--device cuda]
         [--overrides overrides.yaml] [--daemon]
     aiida-equicsp results PK
     aiida-equicsp install-pseudos [--label L] [--wheel PATH]
@@ -32,15 +32,23 @@ import yaml
 from aiida import load_profile, orm
 from aiida.common.exceptions import ConfigurationError, InvalidOperation, MultipleObjectsError, NotExistent
 from aiida.engine import run_get_node, submit
+from aiida_quantumespresso.workflows.protocols.utils import recursive_merge
 
 from aiida_equicsp.calculations.sample import EquiCSPSampleCalculation
 from aiida_equicsp.data.model import EquiCSPModelData
-from aiida_equicsp.utils import deep_merge, load_protocols
+from aiida_equicsp.workchains.predict_relax import EquiCSPPredictRelaxWorkChain
+from aiida_equicsp.workchains.sample_base import EquiCSPSampleBaseWorkChain
 
 #: The model of a new campaign without --model: the general-purpose one (89 elements, up to 20 atoms).
 DEFAULT_CAMPAIGN_MODEL = "mp_20"
-#: The protocol file of the sampling defaults.
-PROTOCOLS = load_protocols("sample")
+
+
+def _protocol_option(workchain: type[EquiCSPSampleBaseWorkChain | EquiCSPPredictRelaxWorkChain]) -> Any:
+    """``--protocol``: the work chain's protocols and their old names (accepted with a warning)."""
+    names = [*workchain.get_available_protocols(), *workchain.RENAMED_PROTOCOLS]
+    return click.option("--protocol", type=click.Choice(names), default=None,
+                        help=f"{workchain.__name__}'s protocol (default: {workchain.get_default_protocol()})")
+
 #: Columns of the ``results`` table.
 RESULT_COLUMNS = ("formula", "sample", "valid", "structure pk", "stored formula", "volume (Å³)")
 
@@ -108,8 +116,7 @@ def _read_overrides(path: str | None) -> dict[str, Any]:
               help="cell contents, e.g. SrTiO3 (repeatable)")
 @click.option("--num-samples", type=click.IntRange(min=1), default=None,
               help="candidates per formula (default: that of `equicsp sample`)")
-@click.option("--protocol", type=click.Choice(list(PROTOCOLS["protocols"])), default=None,
-              help=f"sampler defaults of protocols/sample.yaml (default: {PROTOCOLS['default_protocol']})")
+@_protocol_option(EquiCSPSampleBaseWorkChain)
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="predictor-corrector steps")
 @click.option("--seed", type=int, default=None, help="seed of the first calculation (reruns add 1, 2, ...)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="crystals sampled together")
@@ -123,13 +130,11 @@ def sample(code_label: str, model_name: str, formulas: list[str], num_samples: i
     """Predict structures for formulas with the restart work chain; prints its pk."""
     from equicsp_core.predict import SampleSettings
 
-    from aiida_equicsp.workchains.sample_base import EquiCSPSampleBaseWorkChain
-
     code = _load_code(code_label)
     model = _load_model(model_name)
     flags = {"steps": steps, "seed": seed, "batch_size": batch_size, "device": device}
     parameters = {key: value for key, value in flags.items() if value is not None}
-    overrides = deep_merge(_read_overrides(overrides_file), {"sample": {"parameters": parameters}})
+    overrides = recursive_merge(_read_overrides(overrides_file), {"sample": {"parameters": parameters}})
     try:
         builder = EquiCSPSampleBaseWorkChain.get_builder_from_protocol(
             code, model, formulas, num_samples or SampleSettings.num_samples, protocol, overrides)
@@ -159,7 +164,6 @@ def sample(code_label: str, model_name: str, formulas: list[str], num_samples: i
 
 def _is_sampling_run(node: orm.Node) -> bool:
     """Whether ``node`` ran a sample work chain or calculation (or a subclass of one)."""
-    from aiida_equicsp.workchains.sample_base import EquiCSPSampleBaseWorkChain
 
     if not isinstance(node, (orm.WorkChainNode, orm.CalcJobNode)):
         return False
@@ -235,17 +239,13 @@ def install_pseudos(label: str | None, wheel: str | None) -> None:
 
 # --- campaigns: aiida-equicsp campaign submit | status | winners ------------------------------------------------
 
-#: The protocols of the predict-relax work chain.
-PREDICT_RELAX_PROTOCOLS = load_protocols("predict_relax")
-
-
 @main.group()
 def campaign() -> None:
     """Campaigns: one predict-relax work chain per composition, submitted to the daemon a few at a time.
 
     \b
     aiida-equicsp campaign submit LABEL --code equicsp@cluster --model perov_5 --formula SrTiO3 --formula BaTiO3
-        [--formulas-file FILE] [--max-concurrent N] [--wait [--interval S]] [--protocol fast|precise]
+        [--formulas-file FILE] [--max-concurrent N] [--wait [--interval S]] [--protocol fast|balanced|stringent]
         [--num-samples N] [--overrides FILE] [--dft --pw-code pw@cluster [--pseudo-family F]] [--retry-failed]
     aiida-equicsp campaign status LABEL
     aiida-equicsp campaign winners LABEL [--export DIR [--format cif|extxyz]]
@@ -301,7 +301,7 @@ def _campaign_settings(stored: Any, model_name: str | None, protocol: str | None
         model = _load_model_or_pk(DEFAULT_CAMPAIGN_MODEL)
     overrides = _read_overrides(overrides_file) if overrides_file else dict(stored.overrides) if stored else {}
     if num_samples is not None:
-        overrides = deep_merge(overrides, {"num_samples": num_samples})
+        overrides = recursive_merge(overrides, {"num_samples": num_samples})
     if dft is None:
         dft = pw_code_label is not None or (stored is not None and stored.pw_code_uuid is not None)
     pw_code = None
@@ -335,8 +335,7 @@ def _campaign_settings(stored: Any, model_name: str | None, protocol: str | None
               help="a file of compositions, one a line (# comments)")
 @click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
               help="most work chains of the campaign active at once (default: the campaign's, else 4)")
-@click.option("--protocol", type=click.Choice(list(PREDICT_RELAX_PROTOCOLS["protocols"])), default=None,
-              help=f"protocols/predict_relax.yaml (default: {PREDICT_RELAX_PROTOCOLS['default_protocol']})")
+@_protocol_option(EquiCSPPredictRelaxWorkChain)
 @click.option("--num-samples", type=click.IntRange(min=1), default=None, help="candidates per composition")
 @click.option("--overrides", "overrides_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="YAML file of overrides of the work chain's protocol: {relax: {parameters: {steps: 30}}, ...}")

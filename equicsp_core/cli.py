@@ -65,7 +65,7 @@ import yaml
 
 from equicsp_core import __version__
 from equicsp_core.config import preset_names
-from equicsp_core.hardware import DEVICE_CHOICES, DeviceUnavailableError, available_cpus, resolve_device, set_threads
+from equicsp_core.hardware import DEVICE_CHOICES, DeviceUnavailableError, resolve_device, set_threads
 from equicsp_core.predict import Candidate, SampleSettings, predict_batches
 from equicsp_core.runtime import keep_freed_memory
 
@@ -101,8 +101,8 @@ def _threads(value: int | None) -> None:
 
 def _job_threads(args: argparse.Namespace, threads: int | None) -> int:
     """Set torch's threads for a sampling or relaxation job: its ``threads`` setting, else ``--threads``, else
-    every CPU the process may use (:func:`equicsp_core.hardware.available_cpus`); returns the count."""
-    return set_threads(threads if threads is not None else args.threads or available_cpus())
+    :func:`equicsp_core.hardware.default_threads`; returns the count."""
+    return set_threads(threads if threads is not None else args.threads)
 
 
 def _show_progress(args: argparse.Namespace) -> bool:
@@ -350,8 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="equicsp", description="EquiCSP crystal structure prediction")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (sample, relax: default every CPU the process may use; "
-                             "a `threads` setting of --input wins)")
+                        help="CPU threads for torch (sample, relax: default $OMP_NUM_THREADS, else every CPU the "
+                             "process may use; a `threads` setting of --input wins)")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug messages too")

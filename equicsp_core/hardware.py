@@ -82,18 +82,27 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def default_threads() -> int:
+    """The thread count when none is set: ``$OMP_NUM_THREADS`` when it holds a count >= 1 (torch's own
+    convention), else :func:`available_cpus`."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) >= 1 else available_cpus()
+
+
 def check_threads(threads: object) -> int | None:
     """``threads`` if it is ``None`` or an integer >= 1; a ValueError otherwise."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be an integer >= 1 (or null: every CPU the job may use), got {threads!r}")
+        raise ValueError(f"threads must be an integer >= 1 (or null: $OMP_NUM_THREADS, else every CPU the job may "
+                         f"use), got {threads!r}")
     return threads
 
 
 def set_threads(threads: int | None) -> int:
-    """Make torch compute on ``threads`` CPU threads (``None``: :func:`available_cpus`); returns the count.
+    """Make torch compute on ``threads`` CPU threads (``None``: :func:`default_threads`); returns the count.
 
-    torch's own default is every core of the machine, which oversubscribes a node shared by several jobs.
+    Without ``OMP_NUM_THREADS`` torch's own default is every core of the machine, which oversubscribes a node
+    shared by several jobs; the affinity mask is the job's share.
     """
-    count = available_cpus() if check_threads(threads) is None else threads
+    count = default_threads() if check_threads(threads) is None else threads
     torch.set_num_threads(count)
     return count

@@ -110,7 +110,7 @@ class SampleSettings:
         batch_size: crystals sampled together; results are saved after each batch.
         device: ``auto`` (CUDA if present, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``
             (:mod:`equicsp_core.hardware`).
-        threads: CPU threads of torch (``None``: every CPU the process may use).
+        threads: CPU threads of torch (``None``: ``$OMP_NUM_THREADS``, else every CPU the process may use).
     """
 
     formulas: tuple[str, ...]

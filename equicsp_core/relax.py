@@ -87,9 +87,9 @@ def load_calculator(potential: str, device: str = "auto") -> Calculator:
 @dataclass(frozen=True)
 class RelaxSettings:
     """How to relax: the potential, the force threshold ``fmax`` (eV/Å), the step cap, whether the cell moves,
-    the device (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``: :mod:`equicsp_core.hardware`), the CPU threads
-    of torch (``None``: every CPU the process may use), and whether to check the relaxed structure's phonons for
-    imaginary modes (:mod:`equicsp_core.phonons`)."""
+    the device (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``: :mod:`equicsp_core.hardware`), the CPU
+    threads of torch (``None``: ``$OMP_NUM_THREADS``, else every CPU the process may use), and whether to check
+    the relaxed structure's phonons for imaginary modes (:mod:`equicsp_core.phonons`)."""
 
     potential: str = "chgnet"
     fmax: float = 0.05

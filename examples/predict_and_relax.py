@@ -16,7 +16,7 @@ with the level it was relaxed at.
 
 DFT here is a quick look, not production settings: the family's ``low`` cutoff stringency, a coarse k-point
 spacing and aiida-quantumespresso's ``fast`` protocol, one cell-volume cycle (``--stringency normal
---kpoints-distance 0.3 --protocol precise`` for real work).
+--kpoints-distance 0.3 --protocol stringent`` for real work).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=6, help="candidates to sample (default 6)")
     parser.add_argument("--top-k", type=int, default=1, help="DFT-relax the best k after CHGNet (default 1)")
     parser.add_argument("--dft", action=argparse.BooleanOptionalAction, default=True, help="run the DFT stage")
-    parser.add_argument("--protocol", default="fast", choices=["fast", "precise"])
+    parser.add_argument("--protocol", default="fast", choices=["fast", "balanced", "stringent"])
     parser.add_argument("--stringency", default="low", choices=["low", "normal", "high"],
                         help="PseudoDojo cutoff hints to use (default low)")
     parser.add_argument("--kpoints-distance", type=float, default=0.8,

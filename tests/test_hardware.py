@@ -90,9 +90,12 @@ def test_bad_thread_counts_are_refused(threads):
         check_threads(threads)
 
 
-def test_set_threads_defaults_to_the_cpus_of_the_affinity_mask():
+def test_set_threads_defaults_to_omp_num_threads_else_the_cpus_of_the_affinity_mask(monkeypatch):
     before = torch.get_num_threads()
     try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert set_threads(None) == 3 == torch.get_num_threads()
+        monkeypatch.delenv("OMP_NUM_THREADS")
         assert set_threads(None) == available_cpus() == torch.get_num_threads()
         assert set_threads(1) == 1 == torch.get_num_threads()
     finally:
@@ -133,6 +136,25 @@ def test_relax_on_a_missing_device_exits_4_before_any_output(tmp_path, capsys, g
     assert status == 4
     assert capsys.readouterr().err.startswith("equicsp relax: error: device 'cuda' is not available")
     assert not out.exists()
+
+
+def test_mps_off_a_mac_exits_4_with_one_line(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    status = main(["--quiet", "sample", "--checkpoint", str(tiny_checkpoint), "--formula", "SrTiO3",
+                   "--device", "mps", "--out", str(tmp_path / "out")])
+    assert status == 4
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "equicsp sample: error: device 'mps' is not available: this machine has no usable Apple GPU"]
+
+
+@pytest.mark.parametrize("command", [["train", "--preset", "tiny"], ["evaluate", "--checkpoint", "perov_5",
+                                                                     "--dataset", "perov_5", "--limit", "1"]])
+def test_train_and_evaluate_refuse_a_bad_device_name_in_one_line(tmp_path, capsys, command):
+    status = main(["--quiet", *command, "--device", "meta", "--out", str(tmp_path / "out")])
+    assert status == 2
+    assert capsys.readouterr().err.strip() == (f"equicsp {command[0]}: error: device must be one of auto, cpu, "
+                                               "cuda, cuda:N or mps, got 'meta'")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("device", ["meta", "mps:0"])

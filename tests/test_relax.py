@@ -385,3 +385,12 @@ def test_cli_refuses_an_existing_file_as_output(tmp_path, capsys):
     assert main(["--quiet", "relax", "--structures", str(structures), "--input", str(settings), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert out.read_text() == "a file"
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"device": "meta"}, "device must be one of auto, cpu, cuda, cuda:N or mps, got 'meta'"),
+    ({"threads": 0}, "threads must be an integer >= 1"),
+])
+def test_device_and_threads_are_checked_with_the_settings(values, message):
+    with pytest.raises(ValueError, match=message):
+        RelaxSettings.from_mapping(values)

@@ -36,7 +36,9 @@ from aiida.engine.processes.workchains.workchain import WorkChainSpec
 
 from aiida_equicsp.calculations.relax import EquiCSPRelaxCalculation
 from aiida_equicsp.data.model import EquiCSPModelData
-from aiida_equicsp.utils import deep_merge, load_protocols, protocol_inputs
+from aiida_quantumespresso.workflows.protocols.utils import recursive_merge
+
+from aiida_equicsp.protocols import EquiCSPProtocolMixin
 from aiida_equicsp.workchains.replay import call_function_once, submit_once
 from aiida_equicsp.workchains.sample_base import EquiCSPSampleBaseWorkChain
 
@@ -285,8 +287,10 @@ def validate_inputs(inputs: Mapping[str, Any], _: Any) -> str | None:
     return None
 
 
-class EquiCSPPredictRelaxWorkChain(WorkChain):
+class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
     """Predict crystal structures for formulas, relax them with an ML potential, then the best with DFT; rank."""
+
+    _protocol_filename = "predict_relax.yaml"
 
     @classmethod
     def define(cls, spec: WorkChainSpec) -> None:  # type: ignore[override]
@@ -358,6 +362,7 @@ class EquiCSPPredictRelaxWorkChain(WorkChain):
         pw_code: orm.AbstractCode | None = None,
         pseudo_family: str | None = None,
         overrides: Mapping[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> ProcessBuilder:
         """A builder with the inputs of a protocol of ``protocols/predict_relax.yaml``.
 
@@ -365,24 +370,30 @@ class EquiCSPPredictRelaxWorkChain(WorkChain):
             code: an installed ``equicsp`` program (runs sampling and the ML relaxation).
             model: the trained model.
             compositions: formulas to predict, e.g. ``["SrTiO3"]``.
-            protocol: ``"fast"`` or ``"precise"`` (default ``fast``); also the sampling protocol.
+            protocol: ``fast``, ``balanced`` (the default) or ``stringent`` (:meth:`get_available_protocols`), also
+                the sampling protocol; ``precise``, the old name of ``stringent``, is accepted with a
+                ``FutureWarning``.
             pw_code: a pw.x code; ``None``: no DFT stage.
             pseudo_family: label of an installed ``pseudo.family.cutoffs`` family for DFT (default: the
                 PwRelaxWorkChain protocol's, SSSP).
             overrides: merged over the protocol: ``num_samples``, ``top_k``, ``phonons``, ``screening``, ``relax``
                 (``parameters``, ``metadata``), ``sample`` (inputs of the sampling work chain's ``sample``),
                 ``dft`` (``protocol``, ``relax_type``, ``overrides``, ``options``).
+            options: scheduler options (``metadata.options``) of the ``equicsp`` jobs, sampling and ML relaxation,
+                merged over those of ``overrides``; pw.x takes its own in ``dft.options`` (``overrides``).
 
         Raises:
             ValueError: for an unknown protocol.
         """
-        protocol = protocol or load_protocols("predict_relax")["default_protocol"]
-        inputs = protocol_inputs(protocol, overrides, name="predict_relax")
+        protocol = cls.resolve_protocol(protocol)
+        inputs = cls.get_protocol_inputs(protocol, overrides)
+        if options:
+            inputs["relax"] = recursive_merge(inputs["relax"], {"metadata": {"options": dict(options)}})
 
         builder = cls.get_builder()
         sample = EquiCSPSampleBaseWorkChain.get_builder_from_protocol(
-            code, model, compositions, inputs["num_samples"], protocol, {"sample": inputs.get("sample", {})})
-        builder.sample = sample._inputs(prune=True)
+            code, model, compositions, inputs["num_samples"], protocol, {"sample": inputs.get("sample", {})}, options)
+        builder.sample._merge(sample._inputs(prune=True))  # port by port, as ``relax.metadata`` below
         builder.relax.code = code
         builder.relax.parameters = orm.Dict(inputs["relax"]["parameters"])
         if "metadata" in inputs["relax"]:
@@ -398,7 +409,7 @@ class EquiCSPPredictRelaxWorkChain(WorkChain):
             dft_overrides = dict(dft.get("overrides", {}))
             if pseudo_family is not None:
                 for namespace in ("base_relax", "base_init_relax"):
-                    dft_overrides = deep_merge(dft_overrides, {namespace: {"pseudo_family": pseudo_family}})
+                    dft_overrides = recursive_merge(dft_overrides, {namespace: {"pseudo_family": pseudo_family}})
             builder.dft.code = pw_code
             builder.dft.protocol = orm.Str(dft["protocol"])
             builder.dft.relax_type = orm.Str(dft["relax_type"])

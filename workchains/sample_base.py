@@ -52,12 +52,15 @@ from aiida.engine import (
     process_handler,
     while_,
 )
+from aiida.engine.processes.builder import ProcessBuilderNamespace
 from aiida.engine.processes.workchains.workchain import WorkChainSpec
+
+from aiida_quantumespresso.workflows.protocols.utils import recursive_merge
 
 from aiida_equicsp.calculations.sample import EquiCSPSampleCalculation
 from aiida_equicsp.data.model import EquiCSPModelData
 from aiida_equicsp.parsers.sample import structure_link_label, structure_link_prefixes
-from aiida_equicsp.utils import protocol_inputs, set_sample_inputs
+from aiida_equicsp.protocols import EquiCSPProtocolMixin
 from aiida_equicsp.workchains.replay import call_function_once
 
 #: Exit codes of the calculation that the handlers recover from.
@@ -147,13 +150,38 @@ def merge_sample_results(
     return {"candidates": orm.Dict({"candidates": merged}), "run_info": orm.Dict(info)}
 
 
-class EquiCSPSampleBaseWorkChain(BaseRestartWorkChain):
+def set_sample_inputs(
+    namespace: ProcessBuilderNamespace,
+    code: orm.AbstractCode,
+    model: EquiCSPModelData,
+    compositions: Sequence[str] | orm.List,
+    num_samples: int | orm.Int,
+    inputs: Mapping[str, Any],
+) -> None:
+    """Fill a builder namespace of :class:`EquiCSPSampleCalculation` inputs: the request, then ``inputs``.
+
+    ``inputs`` are plain values as a protocol file holds them; ``parameters`` becomes a ``Dict``.
+    """
+    if isinstance(compositions, str):
+        raise ValueError(f"compositions must be a list of formulas, got the string {compositions!r}")
+    inputs = dict(inputs)
+    namespace.code = code
+    namespace.model = model
+    namespace.compositions = compositions if isinstance(compositions, orm.List) else orm.List(list(compositions))
+    namespace.num_samples = num_samples if isinstance(num_samples, orm.Int) else orm.Int(num_samples)
+    if "parameters" in inputs:
+        namespace.parameters = orm.Dict(inputs.pop("parameters"))
+    namespace._merge(inputs)
+
+
+class EquiCSPSampleBaseWorkChain(EquiCSPProtocolMixin, BaseRestartWorkChain):
     """Sample candidate structures with :class:`EquiCSPSampleCalculation`, restarting after known failures.
 
     See the module docstring for what a rerun asks for, its seed, and how the outputs are merged.
     """
 
     _process_class = EquiCSPSampleCalculation
+    _protocol_filename = "sample.yaml"
 
     @classmethod
     def define(cls, spec: WorkChainSpec) -> None:  # type: ignore[override]
@@ -191,28 +219,35 @@ class EquiCSPSampleBaseWorkChain(BaseRestartWorkChain):
         num_samples: int | orm.Int,
         protocol: str | None = None,
         overrides: Mapping[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> ProcessBuilder:
-        """A builder with the calculation inputs of a protocol of ``protocols/sample.yaml`` in ``sample``.
+        """A builder with the inputs of a protocol of ``protocols/sample.yaml``.
 
         Args:
             code: an installed ``equicsp`` program.
             model: the trained model.
-            compositions: formulas to sample.
+            compositions: formulas to sample (a list, never one string).
             num_samples: candidates per formula.
-            protocol: ``"fast"`` or ``"precise"`` (default: the file's ``default_protocol``, ``fast``).
-            overrides: ``sample``: inputs merged over the protocol's, as for
-                :func:`aiida_equicsp.utils.get_builder_from_protocol`; any other key sets that input of the work
-                chain, e.g. ``{"sample": {"parameters": {"seed": 3}}, "max_iterations": 3}``.
+            protocol: ``fast``, ``balanced`` (the default) or ``stringent`` (:meth:`get_available_protocols`);
+                ``precise``, the old name of ``stringent``, is accepted with a ``FutureWarning``.
+            overrides: merged over the protocol's inputs: ``sample`` holds the calculation's inputs, any other
+                key is that input of the work chain, e.g. ``{"sample": {"parameters": {"seed": 3}},
+                "max_iterations": 3}``.
+            options: scheduler options of the calculations (``metadata.options``: ``resources``,
+                ``max_wallclock_seconds``, ``queue_name``, ``account``, ``custom_scheduler_commands``, ...),
+                merged over those of the protocol and ``overrides``.
 
         Raises:
             ValueError: for an unknown protocol or a refused input.
         """
-        overrides = dict(overrides or {})
+        inputs = cls.get_protocol_inputs(protocol, overrides)
+        sample = inputs.pop("sample", {})
+        if options:
+            sample = recursive_merge(sample, {"metadata": {"options": dict(options)}})
         builder = cls.get_builder()
-        set_sample_inputs(builder.sample, code, model, compositions, num_samples,
-                          protocol_inputs(protocol, overrides.pop("sample", {})))
+        set_sample_inputs(builder.sample, code, model, compositions, num_samples, sample)
         builder._merge({key: orm.to_aiida_type(value) if isinstance(value, (bool, int, float, str)) else value
-                        for key, value in overrides.items()})
+                        for key, value in inputs.items()})
         return builder
 
     def setup(self) -> None:

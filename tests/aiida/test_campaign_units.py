@@ -108,8 +108,8 @@ def test_settings_conflict_and_reload(settings, label, model, equicsp_code):
     assert create_or_load_campaign(label, settings, equicsp_code, ["SrTiO3"]).pk == group.pk
     assert load_campaign(label).pk == group.pk
 
-    other = CampaignSettings.from_nodes(model, protocol="precise", overrides={"num_samples": 2})
-    with pytest.raises(ValueError, match=rf"campaign '{label}' already holds another campaign \(protocol: 'fast'"):
+    other = CampaignSettings.from_nodes(model, protocol="stringent", overrides={"num_samples": 2})
+    with pytest.raises(ValueError, match=rf"campaign '{label}' already holds another campaign \(protocol: 'balanced'"):
         create_or_load_campaign(label, other, equicsp_code, [])
     wider = CampaignSettings.from_nodes(model, overrides={"num_samples": 2}, max_concurrent=7)
     assert create_or_load_campaign(label, wider, equicsp_code, []).pk == group.pk
@@ -238,8 +238,8 @@ def test_cli_submit_status_and_errors(equicsp_code, tiny_checkpoint, model, labe
     assert lines[3].split() == ["CaTiO3", "-", "not", "submitted", "-", "0"]
     assert lines[-1] == f"3 compositions, 0 finished ok (campaign {label})"
 
-    result = invoke("campaign", "submit", label, "--code", equicsp_code.full_label, "--protocol", "precise")
-    assert result.exit_code == 2 and "already holds another campaign (protocol: 'fast'" in result.output
+    result = invoke("campaign", "submit", label, "--code", equicsp_code.full_label, "--protocol", "stringent")
+    assert result.exit_code == 2 and "already holds another campaign (protocol: 'balanced'" in result.output
     result = invoke("campaign", "submit", "new-" + label, "--code", equicsp_code.full_label, "--model",
                     str(tiny_checkpoint), "--formula", "SrTiO3", "--formula", "Sr2Ti2O6", "--formula", "SrTiO3")
     assert result.exit_code == 2 and "composition 'SrTiO3' is given twice" in result.output

@@ -361,6 +361,59 @@ def test_relax_metadata_overrides_keep_the_default_resources(equicsp_code, model
     assert validation_error(builder) is None
 
 
+@pytest.mark.parametrize(("protocol", "expected"), [
+    (None, (20, 2, False, 0.03, 200)),
+    ("fast", (8, 1, False, 0.05, 100)),
+    ("stringent", (20, 3, True, 0.02, 1000)),
+])
+def test_protocols_set_the_stages(equicsp_code, model, protocol, expected):
+    """``balanced`` by default; each protocol's candidates, DFT count, phonons, fmax and sampling protocol."""
+    builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(equicsp_code, model, ["SrTiO3"], protocol)
+    relax = builder.relax.parameters.get_dict()
+    assert (builder.sample.sample.num_samples.value, builder.top_k.value, builder.phonons.value, relax["fmax"],
+            builder.sample.sample.parameters["steps"]) == expected
+    assert (relax["potential"], relax["relax_cell"]) == ("chgnet", True)  # from default_inputs
+
+
+def test_the_old_name_precise_warns_once_and_is_stringent(equicsp_code, model):
+    with pytest.warns(FutureWarning, match="protocol 'precise' is deprecated") as warned:
+        builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(equicsp_code, model, ["SrTiO3"], "precise")
+    assert len([w for w in warned if issubclass(w.category, FutureWarning)]) == 1
+    assert builder.sample.sample.parameters["steps"] == 1000 and builder.top_k.value == 3
+
+
+def test_options_go_to_both_equicsp_jobs_not_to_dft(equicsp_code, model, pw_code):
+    options = {"queue_name": "gpu", "custom_scheduler_commands": "#SBATCH --gres=gpu:1"}
+    builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
+        equicsp_code, model, ["SrTiO3"], "fast", pw_code=pw_code, options=options,
+        overrides={"dft": {"options": {"queue_name": "cpu"}}})
+    for job in (builder.sample.sample, builder.relax):
+        assert (job.metadata.options.queue_name, job.metadata.options.custom_scheduler_commands) == (
+            "gpu", "#SBATCH --gres=gpu:1")
+    assert builder.dft.options.get_dict()["queue_name"] == "cpu"
+
+
+def test_gpu_cluster_overrides_send_the_equicsp_jobs_to_the_gpu_partition_and_dft_to_cpu(equicsp_code, model,
+                                                                                           pw_code):
+    """examples/gpu_cluster_overrides.yaml as documented in docs/cluster.md: a valid builder whose sampling and ML
+    relaxation ask Slurm for a GPU (``--gres``, partition, account, qos, 8 cores = 8 threads) and whose pw.x runs
+    on the CPU partition with MPI."""
+    import yaml
+
+    overrides = yaml.safe_load((REPO_ROOT / "examples" / "gpu_cluster_overrides.yaml").read_text())
+    builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
+        equicsp_code, model, ["SrTiO3"], "fast", pw_code=pw_code, overrides=overrides)
+    for job in (builder.sample.sample, builder.relax):
+        options = job.metadata.options
+        assert (options.custom_scheduler_commands, options.queue_name, options.account, options.qos) == (
+            "#SBATCH --gres=gpu:1", "gpu", "my_project", "normal")
+        assert options.resources["num_cores_per_mpiproc"] == 8
+        assert job.parameters["device"] == "cuda"
+    assert builder.sample.sample.parameters["steps"] == 100  # the protocol's, kept beside the overrides
+    dft = builder.dft.options.get_dict()
+    assert (dft["queue_name"], dft["withmpi"], dft["resources"]["num_mpiprocs_per_machine"]) == ("cpu", True, 32)
+
+
 # ------------------------------------------------------------------------------------------------
 # real runs, ML only (seconds each: two or three `equicsp` jobs on localhost)
 

@@ -279,10 +279,12 @@ def test_entry_point_and_spec():
                         "handle_partial_results": 500}
 
 
-@pytest.mark.parametrize(("protocol", "steps"), [(None, 100), ("fast", 100), ("precise", 1000)])
+@pytest.mark.parametrize(("protocol", "steps"), [(None, 200), ("fast", 100), ("balanced", 200), ("stringent", 1000)])
 def test_builder_from_protocol(equicsp_code, model, protocol, steps):
+    """The protocols set the sampler's steps; ``balanced`` is the default; the work chain's own defaults too."""
     builder = EquiCSPSampleBaseWorkChain.get_builder_from_protocol(equicsp_code, model, FORMULAS, 3, protocol)
     assert builder.sample.parameters.get_dict() == {"steps": steps}
+    assert builder.max_iterations.value == 5
     assert builder.sample.compositions.get_list() == FORMULAS
     assert builder.sample.num_samples.value == 3
     assert builder.sample.code.uuid == equicsp_code.uuid
@@ -290,11 +292,41 @@ def test_builder_from_protocol(equicsp_code, model, protocol, steps):
 
 def test_builder_overrides_go_to_the_calculation_and_the_work_chain(equicsp_code, model):
     builder = EquiCSPSampleBaseWorkChain.get_builder_from_protocol(
-        equicsp_code, model, FORMULAS, 2, "precise",
+        equicsp_code, model, FORMULAS, 2, "stringent",
         overrides={"sample": {"parameters": {"device": "cuda"}, "metadata": {"options": {
             "custom_scheduler_commands": "#SBATCH --gres=gpu:1"}}}, "max_iterations": 3, "clean_workdir": True})
     assert builder.sample.parameters.get_dict() == {"steps": 1000, "device": "cuda"}
     assert builder.sample.metadata.options.custom_scheduler_commands == "#SBATCH --gres=gpu:1"
     assert (builder.max_iterations.value, builder.clean_workdir.value) == (3, True)
-    with pytest.raises(ValueError, match="unknown protocol 'slow'"):
+    with pytest.raises(ValueError, match="unknown protocol 'slow'; choose one of fast, balanced, stringent"):
         EquiCSPSampleBaseWorkChain.get_builder_from_protocol(equicsp_code, model, FORMULAS, 2, "slow")
+
+
+def test_protocols_are_listed_like_aiida_quantumespresso_s():
+    protocols = EquiCSPSampleBaseWorkChain.get_available_protocols()
+    assert list(protocols) == ["fast", "balanced", "stringent"]
+    assert all(entry["description"] for entry in protocols.values())
+    assert EquiCSPSampleBaseWorkChain.get_default_protocol() == "balanced"
+
+
+def test_the_old_name_precise_is_stringent_with_a_warning(equicsp_code, model):
+    with pytest.warns(FutureWarning, match="protocol 'precise' is deprecated: it is now called 'stringent'"):
+        builder = EquiCSPSampleBaseWorkChain.get_builder_from_protocol(equicsp_code, model, FORMULAS, 2, "precise")
+    assert builder.sample.parameters.get_dict() == {"steps": 1000}
+
+
+def test_options_are_the_scheduler_options_of_the_calculations(equicsp_code, model):
+    """``options=`` as in aiida-quantumespresso: merged over the protocol's and the overrides' options."""
+    builder = EquiCSPSampleBaseWorkChain.get_builder_from_protocol(
+        equicsp_code, model, FORMULAS, 2, "fast",
+        overrides={"sample": {"metadata": {"options": {"max_wallclock_seconds": 600, "queue_name": "cpu"}}}},
+        options={"queue_name": "gpu", "account": "proj42",
+                 "resources": {"num_machines": 1, "num_mpiprocs_per_machine": 1, "num_cores_per_mpiproc": 8}})
+    options = builder.sample.metadata.options
+    assert (options.queue_name, options.account, options.max_wallclock_seconds) == ("gpu", "proj42", 600)
+    assert options.resources["num_cores_per_mpiproc"] == 8
+
+
+def test_a_bare_string_is_not_a_list_of_formulas(equicsp_code, model):
+    with pytest.raises(ValueError, match="compositions must be a list of formulas, got the string 'SrTiO3'"):
+        EquiCSPSampleBaseWorkChain.get_builder_from_protocol(equicsp_code, model, "SrTiO3", 2)

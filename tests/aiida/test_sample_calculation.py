@@ -1,4 +1,4 @@
-"""``EquiCSPSampleCalculation``: input validation before submission, the files it writes, the protocol builder."""
+"""``EquiCSPSampleCalculation``: input validation before submission, the files it writes, its thread count."""
 
 import pytest
 import yaml
@@ -6,7 +6,6 @@ from aiida import orm
 from aiida.engine import run
 
 from aiida_equicsp.calculations.sample import EquiCSPSampleCalculation
-from aiida_equicsp.utils import get_builder_from_protocol
 
 FORMULAS = ["SrTiO3", "CaTiO3"]
 
@@ -124,38 +123,6 @@ def test_exit_codes_are_stable():
         "ERROR_MISSING_OUTPUT": 300, "ERROR_UNREADABLE_OUTPUT": 301, "ERROR_OUT_OF_MEMORY": 310,
         "ERROR_INVALID_COMPOSITION": 320, "ERROR_INCOMPATIBLE_CHECKPOINT": 321, "ERROR_DEVICE_NOT_AVAILABLE": 330,
         "ERROR_PARTIAL_RESULTS": 350}
-
-
-# ------------------------------------------------------------------------------------------------
-# get_builder_from_protocol
-
-
-@pytest.mark.parametrize(("protocol", "steps"), [(None, 100), ("fast", 100), ("precise", 1000)])
-def test_protocols_set_the_steps(equicsp_code, model, protocol, steps):
-    """The default protocol is fast (100 steps); precise takes the papers' 1000."""
-    builder = get_builder_from_protocol(equicsp_code, model, FORMULAS, 3, protocol=protocol)
-    assert builder.parameters.get_dict() == {"steps": steps}
-    assert builder.compositions.get_list() == FORMULAS
-    assert builder.num_samples.value == 3
-    assert builder.model.uuid == model.uuid
-
-
-def test_overrides_are_merged_over_the_protocol(equicsp_code, model):
-    """Overrides add to the protocol's parameters and set options; the rest keeps its defaults."""
-    builder = get_builder_from_protocol(
-        equicsp_code, model, orm.List(FORMULAS), orm.Int(2), protocol="precise",
-        overrides={"parameters": {"seed": 4, "batch_size": 16}, "metadata": {"options": {"max_wallclock_seconds": 60}}})
-    assert builder.parameters.get_dict() == {"steps": 1000, "seed": 4, "batch_size": 16}
-    assert builder.metadata.options.max_wallclock_seconds == 60
-
-
-def test_unknown_protocol_and_bad_overrides_are_refused(equicsp_code, model):
-    with pytest.raises(ValueError, match="unknown protocol 'slow'.*fast, precise"):
-        get_builder_from_protocol(equicsp_code, model, FORMULAS, 2, protocol="slow")
-    with pytest.raises(ValueError, match="unknown parameter.*colour"):
-        get_builder_from_protocol(equicsp_code, model, FORMULAS, 2, overrides={"parameters": {"colour": "red"}})
-    with pytest.raises(AttributeError, match="temperature"):
-        get_builder_from_protocol(equicsp_code, model, FORMULAS, 2, overrides={"temperature": 300})
 
 
 @pytest.mark.parametrize(("parameters", "resources", "threads"), [

@@ -7,7 +7,6 @@ from aiida.manage.caching import enable_caching
 from pymatgen.core import Composition
 
 from aiida_equicsp.calculations.sample import EquiCSPSampleCalculation
-from aiida_equicsp.utils import get_builder_from_protocol
 
 FORMULAS = ["SrTiO3", "CaTiO3"]
 CALC_IDENTIFIER = "aiida.calculations:equicsp.sample"
@@ -16,8 +15,12 @@ pytestmark = pytest.mark.slow
 
 
 def sample_builder(code, model, **parameters):
-    """2 formulas x 2 samples, 5 steps (the fast protocol with overrides)."""
-    return get_builder_from_protocol(code, model, FORMULAS, 2, overrides={"parameters": {"steps": 5, **parameters}})
+    """2 formulas x 2 samples, 5 steps and ``parameters``."""
+    builder = EquiCSPSampleCalculation.get_builder()
+    builder.code, builder.model = code, model
+    builder.compositions, builder.num_samples = orm.List(FORMULAS), orm.Int(2)
+    builder.parameters = orm.Dict({"steps": 5, **parameters})
+    return builder
 
 
 def structures_created_from(calc: orm.CalcJobNode, calc_input: orm.Node, input_label: str) -> set[str]:
