@@ -97,7 +97,7 @@ def test_overrides_file_sets_scheduler_options_and_work_chain_inputs(equicsp_cod
     ("replace", "message"),
     [
         ({"--code": "no-such-code"}, "Invalid value for '--code': no code 'no-such-code'"),
-        ({"--model": "no_such_model"}, "Invalid value for '--model': .*neither a file nor a shipped checkpoint"),
+        ({"--model": "no_such_model"}, "Invalid value for '--model': .*'no_such_model' is not a shipped checkpoint"),
         ({"--model": "NOT_A_CHECKPOINT"}, "Invalid value for '--model': .*not a readable checkpoint"),
         ({"--formula": "Xx2O3"}, "Invalid value for '--formula': .*formula 'Xx2O3'"),
         ({"--formula": "C60"}, "formula 'C60' has 60 atoms; the model supports at most"),
