@@ -113,6 +113,14 @@ def test_figure_script_draws_from_the_recorded_results(tmp_path, name):
     assert path == tmp_path / f"{name}.png" and path.stat().st_size > 10_000
 
 
+@pytest.mark.slow
+def test_figure_script_draws_a_predicted_structure_next_to_the_known_one(tmp_path):
+    """The shipped perov_5 model samples the fixture rows of the perov_5 test split (``EQUICSP_DATA_DIR``: the
+    fixtures, 12 rows) and one of its samples matches closely enough to be drawn."""
+    path = _figure_script().structure(tmp_path, rows=12)
+    assert path == tmp_path / "structure.png" and path.stat().st_size > 10_000
+
+
 def test_committed_figures_are_small_and_shown():
     shown = (ROOT / "README.md").read_text() + "".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
     pictures = sorted(FIGURES.glob("*.png"))
