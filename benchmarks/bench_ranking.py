@@ -79,7 +79,7 @@ def main() -> None:
             overrides["dft"] = {"overrides": {"meta_convergence": False, "base_relax": {
                 "kpoints_distance": args.kpoints_distance, "pw": {"parameters": {"SYSTEM": {"ecutwfc": ecutwfc, "ecutrho": ecutrho}}}}}}
         builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
-            equicsp_code, model, [formula], pw_code=pw_code, pseudo_family=family and family.label,
+            equicsp_code, model, [formula], "fast", pw_code=pw_code, pseudo_family=family and family.label,
             overrides=overrides)
         started = time.perf_counter()
         outputs, node = run_get_node(builder)

@@ -70,7 +70,8 @@ def main() -> None:
                                         3)
     report = {"rows": rows, "mib_per_crystal": per_crystal, "threads": args.threads, "device": "cpu",
               "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
-              "command": "python benchmarks/sampling_memory.py --threads 1 --out benchmarks/results/sampling_memory.json"}
+              "command": "python benchmarks/sampling_memory.py --threads 1 "
+                         "--out benchmarks/results/sampling_memory.json"}
     print(json.dumps(per_crystal))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -63,6 +63,10 @@ def test_a_folder_given_as_a_file_is_one_line(tiny_checkpoint, tmp_path, capsys)
     folder.mkdir()
     assert run("sample", "--checkpoint", tiny_checkpoint, "--input", folder, "--out", tmp_path / "out") == 2
     assert error_line(capsys) == f"equicsp sample: error: --input {folder} cannot be read: it is a folder"
+    # a folder is what `equicsp sample` writes, so `relax` reads one, but only a folder that holds its index.json
+    assert run("relax", "--structures", folder, "--out", tmp_path / "out") == 2
+    assert error_line(capsys) == (f"equicsp relax: error: cannot read structures from {folder}: the folder has no "
+                                  "index.json: it is not an output folder of `equicsp sample`")
     settings = tmp_path / "relax.yaml"
     settings.mkdir()
     structures = tmp_path / "s.json"

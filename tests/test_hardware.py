@@ -62,7 +62,8 @@ def test_a_device_beyond_the_visible_ones_is_unavailable_and_names_the_mask(gpus
     gpus(2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
     with pytest.raises(DeviceUnavailableError,
-                       match=r"^device 'cuda:2' is not available: 2 CUDA device\(s\) visible \(CUDA_VISIBLE_DEVICES='4,5'\)"):
+                       match=r"^device 'cuda:2' is not available: 2 CUDA device\(s\) visible "
+                             r"\(CUDA_VISIBLE_DEVICES='4,5'\)"):
         resolve_device("cuda:2")
 
 

@@ -101,7 +101,8 @@ def test_overrides_file_sets_scheduler_options_and_work_chain_inputs(equicsp_cod
         ({"--model": "NOT_A_CHECKPOINT"}, "Invalid value for '--model': .*not a readable checkpoint"),
         ({"--formula": "Xx2O3"}, "Invalid value for '--formula': .*formula 'Xx2O3'"),
         ({"--formula": "C60"}, "formula 'C60' has 60 atoms; the model supports at most"),
-        ({"--protocol": "slow"}, "Invalid value for '--protocol': 'slow' is not one of 'fast', 'balanced', 'stringent', 'precise'"),
+        ({"--protocol": "slow"},
+         "Invalid value for '--protocol': 'slow' is not one of 'fast', 'balanced', 'stringent', 'precise'"),
     ],
 )
 def test_bad_sample_input_is_a_usage_error_naming_it(equicsp_code, tiny_checkpoint, tmp_path, replace, message):

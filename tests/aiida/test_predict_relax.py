@@ -11,7 +11,8 @@ from aiida_equicsp.workchains.predict_relax import EquiCSPPredictRelaxWorkChain
 
 pytestmark = pytest.mark.slow
 
-#: Tiny settings: 3 candidates of SrTiO3, 5 sampling steps, 30 CHGNet steps.
+#: Tiny settings over the ``fast`` protocol (DFT and phonons on the best candidate only): 3 candidates of SrTiO3,
+#: 5 sampling steps, 30 CHGNet steps.
 SMALL = {"num_samples": 3, "sample": {"parameters": {"steps": 5}},
          "relax": {"parameters": {"potential": "chgnet", "fmax": 0.1, "steps": 30}}}
 
@@ -20,7 +21,7 @@ def test_ml_only_run_ranks_every_candidate(fixed_cell_equicsp_code, model):
     """Without DFT: every sampled candidate has a row; the relaxed ones are ranked by ML energy per atom; the
     winner's phonons are checked with the same potential."""
     builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
-        fixed_cell_equicsp_code, model, ["SrTiO3"], overrides={**SMALL, "phonons": True})
+        fixed_cell_equicsp_code, model, ["SrTiO3"], "fast", overrides={**SMALL, "phonons": True})
     outputs, node = run_get_node(builder)
     assert node.exit_status == 0, node.exit_message
     rows = outputs["ranking"]["rows"]
@@ -75,7 +76,7 @@ def test_full_run_with_real_dft(equicsp_code, pw_code, pseudo_family):
     """
     overrides = {**SMALL, "sample": {"parameters": {"steps": 50}}, "dft": {"overrides": LOW_CUTOFF_DFT}}
     builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
-        equicsp_code, EquiCSPModelData.from_shipped("perov_5"), ["SrTiO3"], pw_code=pw_code,
+        equicsp_code, EquiCSPModelData.from_shipped("perov_5"), ["SrTiO3"], "fast", pw_code=pw_code,
         pseudo_family=pseudo_family, overrides=overrides)
     outputs, node = run_get_node(builder)
     assert node.exit_status == 0, node.exit_message
