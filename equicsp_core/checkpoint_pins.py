@@ -6,6 +6,6 @@ file matches its pin and that every pin has its file.
 """
 
 SHIPPED_SHA256 = {
-    "mp_20": "d858d13c0abaf108921a533b801f7aa9c750bb6129fcb066d32f3b46fc84eba1",
+    "mp_20": "a772ebac4d5728a8e4538011fbdfccfa43a3bde798195ebaa8022abe104c94eb",
     "perov_5": "d486647ec30f377d39e4b99bd0e573987f767ce61f87487de482a14ece955e5d",
 }
