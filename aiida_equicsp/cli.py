@@ -1,7 +1,7 @@
 """``aiida-equicsp``: sample crystal structures with AiiDA from the command line, and list the results.
 
     aiida-equicsp sample --code equicsp@cluster --model perov_5 --formula SrTiO3 [--formula CaTiO3]
-        [--num-samples 4] [--protocol fast|precise] [--steps S] [--seed X] [--batch-size B] [--device cuda]
+        [--num-samples 4] [--protocol fast|precise] [--steps S] [--seed X] [--batch-size B] [--device cuda] ...
         [--overrides overrides.yaml] [--daemon]
     aiida-equicsp results PK
     aiida-equicsp install-pseudos [--label L] [--wheel PATH]
@@ -24,6 +24,7 @@ submission without a daemon, with exit status 1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,9 @@ from aiida import load_profile, orm
 from aiida.common.exceptions import ConfigurationError, InvalidOperation, MultipleObjectsError, NotExistent
 from aiida.engine import run_get_node, submit
 
-from aiida_equicsp.calculations.sample import DEVICES, EquiCSPSampleCalculation
+from equicsp_core.settings import SampleSettings, SettingsError
+
+from aiida_equicsp.calculations.sample import PARAMETER_KEYS, EquiCSPSampleCalculation
 from aiida_equicsp.data.model import EquiCSPModelData
 from aiida_equicsp.utils import deep_merge, load_protocols
 
@@ -58,13 +61,27 @@ def main(profile_name: str | None) -> None:
 
 def _check_formulas(_: click.Context, __: click.Parameter, formulas: tuple[str, ...]) -> list[str]:
     """The ``--formula`` values, checked as ``equicsp sample`` checks them (parsable, distinct)."""
-    from equicsp_core.predict import SampleSettings
-
     try:
         SampleSettings(formulas=formulas)
-    except ValueError as error:
+    except SettingsError as error:
         raise click.BadParameter(str(error)) from error
     return list(formulas)
+
+
+def sampler_options(command: Callable) -> Callable:
+    """One option per sampling parameter of the calculation (:data:`PARAMETER_KEYS`), from :class:`SampleSettings`.
+
+    Every option defaults to ``None`` (unset: the protocol's or the engine's default).
+    """
+    for key in reversed(PARAMETER_KEYS):
+        kind = SampleSettings.scalar_type(key)
+        help_text = SampleSettings.model_fields[key].description
+        if kind is bool:
+            option = click.option(SampleSettings.flag(key), key, is_flag=True, default=None, help=help_text)
+        else:
+            option = click.option(SampleSettings.flag(key), key, type=kind, default=None, help=help_text)
+        command = option(command)
+    return command
 
 
 def _load_code(label: str) -> orm.AbstractCode:
@@ -110,29 +127,25 @@ def _read_overrides(path: str | None) -> dict[str, Any]:
               help="candidates per formula (default: that of `equicsp sample`)")
 @click.option("--protocol", type=click.Choice(list(PROTOCOLS["protocols"])), default=None,
               help=f"sampler defaults of protocols/sample.yaml (default: {PROTOCOLS['default_protocol']})")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="predictor-corrector steps")
-@click.option("--seed", type=int, default=None, help="seed of the first calculation (reruns add 1, 2, ...)")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="crystals sampled together")
-@click.option("--device", type=click.Choice(DEVICES), default=None, help="torch device of the job")
+@sampler_options
 @click.option("--overrides", "overrides_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="YAML file of inputs merged over the protocol's: {sample: {metadata: {options: ...}}, ...}")
 @click.option("--daemon", is_flag=True, help="submit to the AiiDA daemon instead of waiting for the end here")
 def sample(code_label: str, model_name: str, formulas: list[str], num_samples: int | None, protocol: str | None,
-           steps: int | None, seed: int | None, batch_size: int | None, device: str | None,
-           overrides_file: str | None, daemon: bool) -> None:
-    """Predict structures for formulas with the restart work chain; prints its pk."""
-    from equicsp_core.predict import SampleSettings
+           overrides_file: str | None, daemon: bool, **sampler: Any) -> None:
+    """Predict structures for formulas with the restart work chain; prints its pk.
 
+    The seed is that of the first calculation (reruns add 1, 2, ...).
+    """
     from aiida_equicsp.workchains.sample_base import EquiCSPSampleBaseWorkChain
 
     code = _load_code(code_label)
     model = _load_model(model_name)
-    flags = {"steps": steps, "seed": seed, "batch_size": batch_size, "device": device}
-    parameters = {key: value for key, value in flags.items() if value is not None}
+    parameters = {key: value for key, value in sampler.items() if value is not None}
     overrides = deep_merge(_read_overrides(overrides_file), {"sample": {"parameters": parameters}})
     try:
         builder = EquiCSPSampleBaseWorkChain.get_builder_from_protocol(
-            code, model, formulas, num_samples or SampleSettings.num_samples, protocol, overrides)
+            code, model, formulas, num_samples or SampleSettings.default("num_samples"), protocol, overrides)
     except (ValueError, AttributeError) as error:  # refused by a port, or a key of --overrides with no port
         raise click.UsageError(str(error)) from error
     inputs = EquiCSPSampleBaseWorkChain.spec().inputs

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from equicsp_core.diffusion import CrystalDiffusion, DiffusionConfig
+from equicsp_core.files import atomic_path
 from equicsp_core.network import DenoiserConfig
 
 FORMAT = "equicsp-checkpoint"
@@ -63,9 +64,8 @@ def save_checkpoint(model: CrystalDiffusion, path: str | os.PathLike, card: dict
     """Write weights + configs + card atomically (a crash never leaves a half-written file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(build_payload(model, card), tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(build_payload(model, card), tmp)
 
 
 def read_checkpoint(name_or_path: str | os.PathLike) -> dict[str, Any]:

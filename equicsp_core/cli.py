@@ -9,23 +9,24 @@
     equicsp tables --out tables.pt
 
 Exit statuses: 0 done; 2 bad input: one line ``equicsp <command>: error: ...`` naming the problem, and no
-output is left; 3 out of memory: the line ``equicsp <command>: error: out of memory``.
+output is left; 3 out of memory: the line ``equicsp <command>: error: out of memory``. ``--status-file
+FILE`` also writes, as JSON, the exit status, which input was refused (a formula, the checkpoint, the
+potential: :class:`equicsp_core.runfolder.Failure`) and that line, for programs that run ``equicsp`` (the
+AiiDA parsers), so they never read the message's words.
 
 ``equicsp sample`` takes its settings either from flags or from ``--input FILE``, a YAML mapping with the
-keys of :class:`equicsp_core.predict.SampleSettings` (``formulas`` (a list), ``num_samples``, ``steps``
-(null: the model's T), ``step_lr``, ``lattice_bound``, ``seed``, ``batch_size``, ``device``), never both.
-It writes its output folder (which must be new or empty) batch by batch: after each batch, the batch's CIF
-files, then ``index.json``, rewritten atomically, listing every finished candidate; after the last batch,
-``run.json`` with ``"complete": true``. A run stopped part-way (walltime, out of memory) leaves the finished
-batches and no ``run.json``; a run refused for bad input leaves no folder. Error messages about a bad
-composition contain "formula", those about an unusable checkpoint contain "checkpoint".
+keys of :class:`equicsp_core.settings.SampleSettings` (``formulas`` (a list), ``num_samples``, ``steps``
+(null: the model's T), ``step_lr``, ``lattice_bound``, ``seed``, ``batch_size``, ``device``,
+``allow_outside_domain``), never both; the flags are derived from the same model. It writes its output
+folder (which must be new or empty) batch by batch, as :mod:`equicsp_core.runfolder` describes: a run
+stopped part-way (walltime, out of memory) leaves the finished batches and no ``run.json``; a run refused
+for bad input leaves no folder.
 
 ``equicsp relax`` relaxes the structures of ``--structures FILE`` (JSON: label → pymatgen structure dict)
 with a machine-learned potential; ``--input FILE`` is a YAML mapping of the keys of
-:class:`equicsp_core.relax.RelaxSettings` (``potential``, ``fmax``, ``steps``, ``relax_cell``, ``device``).
-It rewrites ``relax.json`` (label → status, energy per atom, structure, error) after each structure and
-writes ``run.json`` at the end. A structure whose relaxation fails is reported with status ``failed`` and
-the run goes on.
+:class:`equicsp_core.settings.RelaxSettings`. It rewrites ``relax.json`` after each structure and writes
+``run.json`` at the end. A structure whose relaxation fails is reported with status ``failed`` and the run
+goes on.
 
 Test switch: with ``EQUICSP_TEST_FAIL_ONCE=<marker file>`` in the environment, ``equicsp sample`` checks
 its input and then, if the marker file does not exist, creates it and fails exactly as if it had run out
@@ -46,28 +47,34 @@ from typing import Any
 import torch
 import yaml
 
-from equicsp_core import __version__
+from equicsp_core import __version__, runfolder
 from equicsp_core.config import preset_names
-from equicsp_core.predict import Candidate, SampleSettings, predict_batches
+from equicsp_core.files import write_text_atomically
+from equicsp_core.predict import Candidate
 from equicsp_core.runtime import keep_freed_memory
+from equicsp_core.settings import FormulaError, PotentialError, RelaxSettings, SampleSettings, Settings
 
-EXIT_BAD_INPUT = 2
-EXIT_OUT_OF_MEMORY = 3
+Failure = runfolder.Failure
 
 #: Environment variable of the test switch (see the module docstring).
 TEST_FAIL_ONCE_VARIABLE = "EQUICSP_TEST_FAIL_ONCE"
 
+
 #: ``equicsp sample`` flag of each :class:`SampleSettings` key.
-SAMPLE_FLAGS = {
-    "formulas": "--formula",
-    "num_samples": "--num-samples",
-    "steps": "--steps",
-    "step_lr": "--step-lr",
-    "lattice_bound": "--lattice-bound",
-    "seed": "--seed",
-    "batch_size": "--batch-size",
-    "device": "--device",
-}
+SAMPLE_FLAGS = {key: SampleSettings.flag(key) for key in SampleSettings.keys()}
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, model: type[Settings]) -> None:
+    """One flag per knob of ``model`` (:meth:`Settings.flag`), unset by default so a file can supply it instead."""
+    for key, info in model.model_fields.items():
+        kind = model.scalar_type(key)
+        if key == "formulas":
+            parser.add_argument(model.flag(key), dest=key, action="append", help=f"{info.description} (repeatable)")
+        elif kind is bool:
+            parser.add_argument(model.flag(key), dest=key, action="store_const", const=True, default=None,
+                                help=info.description)
+        else:
+            parser.add_argument(model.flag(key), dest=key, type=kind, help=model.describe(key))
 
 
 def _threads(value: int | None) -> None:
@@ -102,11 +109,7 @@ def _sample_settings(args: argparse.Namespace) -> SampleSettings:
         return SampleSettings.from_mapping(given)
     if given:
         raise ValueError(f"--input cannot be combined with {', '.join(SAMPLE_FLAGS[key] for key in given)}")
-    values = _read_yaml(args.input)  # its errors already name the file
-    try:
-        return SampleSettings.from_mapping(values)
-    except ValueError as error:
-        raise ValueError(f"--input {args.input}: {error}") from error
+    return SampleSettings.from_mapping(_read_yaml(args.input), where=f"--input {args.input}: ")
 
 
 def _read_yaml(path: str) -> Any:
@@ -130,12 +133,6 @@ def _fail_once_if_requested() -> None:
     raise torch.OutOfMemoryError(f"simulated by {TEST_FAIL_ONCE_VARIABLE} (marker {marker} created)")
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _save_batch(out: Path, batch: list[Candidate], header: dict[str, Any], entries: list[dict[str, Any]]) -> None:
     """Write a finished batch's CIF files, then ``index.json`` listing it after ``entries`` (extended in place)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -143,15 +140,16 @@ def _save_batch(out: Path, batch: list[Candidate], header: dict[str, Any], entri
         entry = {"formula": cand.formula, "sample": cand.sample_index, "valid": cand.structure is not None,
                  "file": None}
         if cand.structure is not None:
-            name = f"{cand.formula}_{cand.sample_index:03d}.cif"
+            name = runfolder.sample_file_name(cand.formula, cand.sample_index)
             cand.structure.to(filename=str(out / name))
             entry["file"] = name
         entries.append(entry)
-    _write_atomically(out / "index.json", json.dumps({**header, "samples": entries}, indent=1))
+    runfolder.write_index(out, header, entries)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from equicsp_core.checkpoint import CheckpointError, load_model
+    from equicsp_core.predict import predict_with_settings
 
     settings = _sample_settings(args)
     out = Path(args.out)
@@ -160,12 +158,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if torch.device(settings.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {settings.device!r} is not available on this machine")
     try:
-        model, _ = load_model(args.checkpoint, settings.device)
+        model, card = load_model(args.checkpoint, settings.device)
     except CheckpointError as error:
         raise CheckpointError(f"cannot use checkpoint {args.checkpoint}: {error}") from error
-    batches = predict_batches(model, settings.formulas, settings.num_samples, settings.steps, settings.step_lr,
-                              settings.seed, settings.batch_size, progress=not args.quiet,
-                              lattice_bound=settings.lattice_bound)
+    batches = predict_with_settings(model, card, settings, progress=not args.quiet)
     _fail_once_if_requested()
 
     started = time.perf_counter()
@@ -176,7 +172,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         _save_batch(out, batch, header, entries)
     valid = sum(entry["valid"] for entry in entries)
     run = {
-        "complete": True,
         "requested": len(settings.formulas) * settings.num_samples,
         "written": len(entries),
         "valid": valid,
@@ -186,7 +181,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - started, 3),
         "versions": {"equicsp": __version__, "torch": torch.__version__},
     }
-    _write_atomically(out / "run.json", json.dumps(run, indent=1))
+    runfolder.write_run(out, run)
     print(f"{valid}/{len(entries)} valid structures written to {out}")
     return 0
 
@@ -194,13 +189,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_relax(args: argparse.Namespace) -> int:
     from pymatgen.core import Structure
 
-    from equicsp_core.relax import RelaxSettings, load_calculator, relax_structures
+    from equicsp_core.relax import load_calculator, relax_structures
 
     values = _read_yaml(args.input) if args.input else {}  # its errors already name the file
-    try:
-        settings = RelaxSettings.from_mapping(values)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"--input {args.input}: {error}") from error
+    settings = RelaxSettings.from_mapping(values, where=f"--input {args.input}: ")
     text = Path(args.structures).read_text()  # a missing file: FileNotFoundError naming it
     try:
         structures = {label: Structure.from_dict(value) for label, value in json.loads(text).items()}
@@ -221,12 +213,11 @@ def cmd_relax(args: argparse.Namespace) -> int:
         if not args.quiet:
             energy = "-" if result.energy_per_atom is None else f"{result.energy_per_atom:.4f} eV/atom"
             print(f"{label}: {result.status} after {result.steps} steps, {energy}", flush=True)
-        _write_atomically(out / "relax.json", json.dumps({"settings": vars(settings), "results": results}))
+        runfolder.write_relax(out, settings.to_dict(), results)
     counts = {status: sum(r["status"] == status for r in results.values()) for status in ("converged",
                                                                                           "not_converged", "failed")}
-    run = {"complete": True, "counts": counts, "seconds": round(time.perf_counter() - started, 3),
-           "versions": {"equicsp": __version__, "torch": torch.__version__}}
-    _write_atomically(out / "run.json", json.dumps(run, indent=1))
+    runfolder.write_run(out, {"counts": counts, "seconds": round(time.perf_counter() - started, 3),
+                              "versions": {"equicsp": __version__, "torch": torch.__version__}})
     print(f"relaxed {len(results)} structures: {counts}")
     return 0
 
@@ -249,10 +240,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report["checkpoint"] = {"path": str(args.checkpoint), "dataset": card.get("dataset"), "epochs": card.get("epochs")}
     text = json.dumps(report, indent=1)
     if args.out:
-        out = Path(args.out)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+        write_text_atomically(Path(args.out), text)
     print(text)
     return 0
 
@@ -279,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="equicsp", description="EquiCSP crystal structure prediction")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--status-file", default=None, metavar="FILE",
+                        help="write {exit_status, error} here when the command ends (equicsp_core.runfolder)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model (resumable)")
@@ -297,16 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint file or shipped name")
     p.add_argument("--input", default=None, metavar="FILE",
                    help=f"YAML mapping of the settings ({', '.join(SampleSettings.keys())})")
-    p.add_argument("--formula", dest="formulas", action="append", help="cell contents, e.g. SrTiO3 (repeatable)")
-    p.add_argument("--num-samples", type=int, help=f"candidates per formula (default {SampleSettings.num_samples})")
-    p.add_argument("--steps", type=int, help="predictor-corrector steps (default: the model's T)")
-    p.add_argument("--step-lr", type=float, help=f"Langevin step scale (default {SampleSettings.step_lr})")
-    p.add_argument("--lattice-bound", type=float,
-                   help="clamp of the predicted clean lattice (default: the mode's; inf = the papers' update)")
-    p.add_argument("--seed", type=int, help=f"default {SampleSettings.seed}")
-    p.add_argument("--batch-size", type=int, help=f"crystals per batch; results are saved after each "
-                   f"(default {SampleSettings.batch_size})")
-    p.add_argument("--device", help=f"torch device (default {SampleSettings.device})")
+    add_settings_flags(p, SampleSettings)
     p.add_argument("--out", required=True, help="new or empty output folder (CIF files, index.json, run.json)")
     p.set_defaults(func=cmd_sample)
 
@@ -349,18 +330,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def failure_of(error: BaseException) -> Failure | None:
+    """The :class:`~equicsp_core.runfolder.Failure` of a known error, ``None`` for an unexpected one."""
+    from equicsp_core.checkpoint import CheckpointError
+
+    for kind, failure in ((torch.OutOfMemoryError, Failure.OUT_OF_MEMORY),
+                          (FormulaError, Failure.INVALID_FORMULA),
+                          (CheckpointError, Failure.UNUSABLE_CHECKPOINT),
+                          (PotentialError, Failure.UNUSABLE_POTENTIAL),
+                          ((ValueError, FileNotFoundError, FileExistsError), Failure.BAD_INPUT)):
+        if isinstance(error, kind):
+            return failure
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
+    failure, message = Failure.FAILED, "unexpected error (see the traceback on stderr)"
     try:
         _threads(args.threads)
-        return args.func(args)
-    except torch.OutOfMemoryError:
-        print(f"equicsp {args.command}: error: out of memory", file=sys.stderr)
-        return EXIT_OUT_OF_MEMORY
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"equicsp {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        exit_status = args.func(args)
+        failure, message = None, None
+        return exit_status
+    except Exception as error:
+        failure = failure_of(error)
+        if failure is None:
+            failure = Failure.FAILED
+            raise
+        message = "out of memory" if failure is Failure.OUT_OF_MEMORY else str(error)
+        print(f"equicsp {args.command}: error: {message}", file=sys.stderr)
+        return failure.exit_status
+    finally:
+        if args.status_file:
+            runfolder.write_status(args.status_file, failure, message)
 
 
 if __name__ == "__main__":

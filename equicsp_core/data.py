@@ -10,13 +10,13 @@ next to the repository.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 
 from equicsp_core.crystal import Crystal
+from equicsp_core.files import atomic_path, sha256_of
 
 DATASETS: tuple[str, ...] = ("perov_5", "carbon_24", "mp_20", "mpts_52")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -51,10 +51,6 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("EQUICSP_CACHE_DIR", Path.home() / ".cache" / "equicsp"))
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def read_cifs(path: Path) -> list[str]:
     """The ``cif`` column of a split file, in file order."""
     import pandas as pd
@@ -71,7 +67,7 @@ def load_split(
 ) -> list[Crystal]:
     """Preprocessed crystals of one split (METHOD.md §1.3), from the cache when it is fresh."""
     path = split_path(dataset, split, data_dir)
-    digest = _sha256(path)
+    digest = sha256_of(path)
     cache = _cache_dir() / f"{dataset}_{split}_{digest[:16]}_v{PREPROCESSING_VERSION}_niggli{int(niggli)}.pt"
     if cache.is_file():
         try:
@@ -80,9 +76,8 @@ def load_split(
             cache.unlink(missing_ok=True)
     crystals = parse_cifs(read_cifs(path), niggli=niggli, progress=progress, desc=f"{dataset}/{split}")
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save(_pack(crystals), tmp)
-    tmp.replace(cache)
+    with atomic_path(cache) as tmp:
+        torch.save(_pack(crystals), tmp)
     return crystals
 
 
@@ -126,4 +121,4 @@ def _unpack(packed: dict[str, torch.Tensor]) -> list[Crystal]:
 
 def data_fingerprint(dataset: str, split: str, data_dir: str | os.PathLike | None = None) -> str:
     """SHA-256 of a split file, recorded in model cards."""
-    return _sha256(split_path(dataset, split, data_dir))
+    return sha256_of(split_path(dataset, split, data_dir))

@@ -16,7 +16,8 @@ import equicsp_core
 from equicsp_core.data import load_split, read_cifs, split_path
 from equicsp_core.diffusion import CrystalDiffusion
 from equicsp_core.metrics import match_rate
-from equicsp_core.sampler import DEFAULT_STEP_LR, LATTICE_X0_BOUND, sample
+from equicsp_core.sampler import LATTICE_X0_BOUND, sample
+from equicsp_core.settings import DEFAULT_STEP_LR
 
 
 def select_indices(total: int, limit: int | None = None, indices: list[int] | None = None) -> list[int]:

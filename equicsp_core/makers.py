@@ -25,7 +25,8 @@ from pydantic import BaseModel, Field
 from pymatgen.core import Structure
 
 from equicsp_core.checkpoint import load_model, resolve_checkpoint
-from equicsp_core.predict import SampleSettings, parse_formula, predict_structures
+from equicsp_core.predict import predict_structures
+from equicsp_core.settings import SampleSettings, parse_formula
 from equicsp_core.screening import (
     MAX_VOLUME_PER_ATOM,
     MIN_DISTANCE,
@@ -185,7 +186,7 @@ class PredictRelaxMaker(Maker):
             raise ValueError(f"top_k must be an integer >= 1, got {self.top_k!r}")
 
     def make(self, formula: str) -> Flow:
-        parse_formula(formula, max_atoms=None)  # a bad formula fails here, before anything is submitted
+        parse_formula(formula)  # a bad formula fails here, before anything is submitted
         sample = self.sample_maker.make(formula)
         sample.name = f"{sample.name} {formula}"
         screen = self.screen_maker.make(sample.output.candidates)

@@ -1,23 +1,22 @@
 """Structure prediction for given compositions: formulas in, pymatgen ``Structure`` objects out.
 
-:class:`SampleSettings` holds everything a sampling run needs besides the model (the keys of
-``equicsp sample --input FILE``, with their defaults); :func:`predict_batches` samples batch by batch so a
-caller can save each batch as it finishes, and :func:`predict_structures` returns all candidates at once.
+:func:`predict_batches` samples batch by batch so a caller can save each batch as it finishes, and
+:func:`predict_structures` returns all candidates at once; :func:`predict_with_settings` samples with the
+knobs of :class:`equicsp_core.settings.SampleSettings` (their one definition and check).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from equicsp_core.crystal import MAX_ATOMIC_NUMBER
 from equicsp_core.diffusion import CrystalDiffusion
-from equicsp_core.sampler import DEFAULT_STEP_LR, sample, time_grid
-from equicsp_core.vonmises_tables import MAX_TABLE_ATOMS
+from equicsp_core.domain import check_cells
+from equicsp_core.sampler import sample, time_grid
+from equicsp_core.settings import DEFAULT_STEP_LR, SampleSettings, parse_formula
 
 if TYPE_CHECKING:
     from pymatgen.core import Structure
@@ -30,142 +29,6 @@ class Candidate:
     formula: str
     sample_index: int
     structure: Structure | None
-
-
-def max_atoms_for_mode(mode: str) -> int | None:
-    """Largest cell a model of this denoiser mode can sample (``None``: no limit).
-
-    EquiCSP mode needs the von Mises normalisation tables, which cover cells of up to
-    :data:`MAX_TABLE_ATOMS` atoms; DiffCSP mode has no such limit.
-    """
-    return MAX_TABLE_ATOMS if mode == "equicsp" else None
-
-
-def parse_formula(formula: str, max_atoms: int | None = MAX_TABLE_ATOMS) -> list[int]:
-    """Atomic numbers of the cell a formula describes (``"SrTiO3"`` → 5 atoms), with clear errors.
-
-    The formula fixes the cell contents, so ``"Sr2Ti2O6"`` asks for a 10-atom cell. ``max_atoms=None``
-    checks the formula without a size limit.
-    """
-    from pymatgen.core import Composition
-
-    try:
-        composition = Composition(formula)
-    except Exception as error:
-        raise ValueError(f"cannot parse formula {formula!r}: {error}") from error
-    numbers: list[int] = []
-    for element, amount in composition.items():
-        z = getattr(element, "Z", None)
-        if z is None or not 1 <= z <= MAX_ATOMIC_NUMBER:
-            raise ValueError(f"formula {formula!r}: unsupported element {element}")
-        if abs(amount - round(amount)) > 1e-8 or amount < 1:
-            raise ValueError(f"formula {formula!r}: {element} count {amount} is not a positive integer")
-        numbers += [z] * round(amount)
-    if not numbers:
-        raise ValueError(f"formula {formula!r} has no atoms")
-    if max_atoms is not None and len(numbers) > max_atoms:
-        raise ValueError(f"formula {formula!r} has {len(numbers)} atoms; the model supports at most {max_atoms}")
-    return numbers
-
-
-def _check_int(name: str, value: Any, minimum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _as_number(name: str, value: Any, minimum: float) -> float:
-    """``value`` as a float >= ``minimum``; numeric text is accepted because YAML 1.1 (PyYAML) reads
-    exponent notation without a dot, such as ``5e-6``, as a string."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ValueError(f"{name} must be a number, got the text {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class SampleSettings:
-    """A sampling run's settings besides the model: ``equicsp sample``'s flags or its ``--input`` file.
-
-    Attributes:
-        formulas: cell contents, e.g. ``("SrTiO3", "CaTiO3")``; each formula fixes the atom count, and
-            a formula may appear only once (it names the output files).
-        num_samples: candidates per formula.
-        steps: predictor–corrector steps (``None``: the model's T, the papers' sampler).
-        step_lr: Langevin step scale γ.
-        lattice_bound: clamp of the predicted clean lattice (``None``: the mode's; ``inf``: the papers' update).
-        seed: seed of all randomness (same seed ⇒ same candidates).
-        batch_size: crystals sampled together; results are saved after each batch.
-        device: torch device, e.g. ``"cpu"`` or ``"cuda"``.
-    """
-
-    formulas: tuple[str, ...]
-    num_samples: int = 1
-    steps: int | None = None
-    step_lr: float = DEFAULT_STEP_LR
-    lattice_bound: float | None = None
-    seed: int = 0
-    batch_size: int = 256
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.formulas, str) or not isinstance(self.formulas, (list, tuple)):
-            raise ValueError(f"formulas must be a list of formula strings, got {self.formulas!r}")
-        object.__setattr__(self, "formulas", tuple(self.formulas))
-        if not self.formulas:
-            raise ValueError("no formula given")
-        for formula in self.formulas:
-            if not isinstance(formula, str):
-                raise ValueError(f"formulas must be strings, got {formula!r}")
-            parse_formula(formula, max_atoms=None)
-        repeated = sorted({formula for formula in self.formulas if self.formulas.count(formula) > 1})
-        if repeated:
-            raise ValueError(f"formula {repeated[0]!r} is given more than once (use num_samples for more candidates)")
-        _check_int("num_samples", self.num_samples, minimum=1)
-        if self.steps is not None:
-            _check_int("steps", self.steps, minimum=1)
-        object.__setattr__(self, "step_lr", _as_number("step_lr", self.step_lr, minimum=0))
-        if self.lattice_bound is not None:
-            object.__setattr__(self, "lattice_bound", _as_number("lattice_bound", self.lattice_bound, minimum=0))
-        _check_int("seed", self.seed)
-        _check_int("batch_size", self.batch_size, minimum=1)
-        if not isinstance(self.device, str):
-            raise ValueError(f"device must be a string such as 'cpu' or 'cuda', got {self.device!r}")
-        try:
-            torch.device(self.device)
-        except RuntimeError as error:
-            raise ValueError(f"device {self.device!r} is not a torch device such as 'cpu' or 'cuda'") from error
-
-    @classmethod
-    def keys(cls) -> tuple[str, ...]:
-        """The setting names, in declaration order (the keys an ``--input`` file may use)."""
-        return tuple(field.name for field in fields(cls))
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> SampleSettings:
-        """Settings from a mapping such as a parsed ``--input`` file; unknown or missing keys are named."""
-        if not isinstance(values, Mapping):
-            raise ValueError(f"sample settings must be a mapping of {', '.join(cls.keys())}; got {values!r}")
-        unknown = sorted(set(values) - set(cls.keys()))
-        if unknown:
-            raise ValueError(f"unknown sample setting(s) {', '.join(map(str, unknown))}; "
-                             f"allowed: {', '.join(cls.keys())}")
-        if "formulas" not in values:
-            raise ValueError("sample settings need 'formulas', the list of formulas to sample")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as plain values (``formulas`` as a list), ready for YAML or JSON."""
-        values = {field.name: getattr(self, field.name) for field in fields(self)}
-        values["formulas"] = list(self.formulas)
-        return values
 
 
 def predict_batches(
@@ -187,14 +50,43 @@ def predict_batches(
     """
     if not formulas:
         raise ValueError("no formula given")
+    cells = {formula: parse_formula(formula) for formula in formulas}
+    return _predict_cells(model, cells, num_samples, steps, step_lr, seed, batch_size, progress, lattice_bound)
+
+
+def predict_with_settings(
+    model: CrystalDiffusion, card: Mapping[str, Any], settings: SampleSettings, progress: bool = False
+) -> Iterator[list[Candidate]]:
+    """:func:`predict_batches` with the knobs of ``settings``, for a model and its card (from :func:`load_model`).
+
+    The formulas are checked against the model's limits and its training domain
+    (:func:`~equicsp_core.domain.check_cells`) before anything is sampled.
+    """
+    check_cells(settings.cells, model.mode, card.get("dataset"), settings.allow_outside_domain)
+    return _predict_cells(model, settings.cells, settings.num_samples, settings.steps, settings.step_lr,
+                          settings.seed, settings.batch_size, progress, settings.lattice_bound)
+
+
+def _predict_cells(
+    model: CrystalDiffusion,
+    cells: Mapping[str, Sequence[int]],
+    num_samples: int,
+    steps: int | None,
+    step_lr: float,
+    seed: int,
+    batch_size: int,
+    progress: bool,
+    lattice_bound: float | None,
+) -> Iterator[list[Candidate]]:
+    """:func:`predict_batches` on parsed formulas (``cells``: formula → atomic numbers)."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     total_steps = model.schedules.num_steps
     time_grid(total_steps if steps is None else steps, total_steps)
-    max_atoms = max_atoms_for_mode(model.mode)
-    jobs = [(formula, index, parse_formula(formula, max_atoms)) for formula in formulas for index in range(num_samples)]
+    check_cells(cells, model.mode, None, allow_outside_domain=True)  # the model's hard limit
+    jobs = [(formula, index, list(cell)) for formula, cell in cells.items() for index in range(num_samples)]
     return _sample_batches(model, jobs, steps, step_lr, seed, batch_size, progress, lattice_bound)
 
 
@@ -238,3 +130,4 @@ def predict_structures(
     """
     batches = predict_batches(model, formulas, num_samples, steps, step_lr, seed, batch_size, progress, lattice_bound)
     return [candidate for batch in batches for candidate in batch]
+

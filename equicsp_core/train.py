@@ -32,6 +32,7 @@ from equicsp_core.config import RunConfig
 from equicsp_core.crystal import Crystal, CrystalBatch
 from equicsp_core.data import data_fingerprint, load_split, split_path
 from equicsp_core.diffusion import CrystalDiffusion
+from equicsp_core.files import atomic_path
 
 
 def training_splits(
@@ -195,10 +196,9 @@ def _save_resume(
     generator: torch.Generator,
     state: dict,
 ) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.net.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "progress": state}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.net.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "progress": state}, tmp)
 
 
 def cpu_model() -> str:

@@ -49,6 +49,7 @@ from aiida.engine import (
     while_,
 )
 from aiida.engine.processes.workchains.workchain import WorkChainSpec
+from equicsp_core.settings import SampleSettings
 
 from aiida_equicsp.calculations.sample import EquiCSPSampleCalculation
 from aiida_equicsp.data.model import EquiCSPModelData
@@ -222,10 +223,8 @@ class EquiCSPSampleBaseWorkChain(BaseRestartWorkChain):
         missing = self._missing_samples()
         if not missing:  # a rerun after an unhandled failure that lost nothing (``on_unhandled_failure``)
             return
-        from equicsp_core.predict import SampleSettings
-
         num_samples = max(missing.values())
-        seed = self.ctx.parameters.get("seed", SampleSettings.seed) + calculations_run
+        seed = self.ctx.parameters.get("seed", SampleSettings.default("seed")) + calculations_run
         self.ctx.inputs.compositions = orm.List(list(missing))
         self.ctx.inputs.num_samples = orm.Int(num_samples)
         self.ctx.inputs.parameters = orm.Dict({**self.ctx.parameters, "seed": seed})
@@ -255,9 +254,7 @@ class EquiCSPSampleBaseWorkChain(BaseRestartWorkChain):
         (``batch_size`` 256 for 4 crystals becomes 2, not 128). With one crystal per batch there is nothing left
         to lower and the failure is left unhandled.
         """
-        from equicsp_core.predict import SampleSettings
-
-        batch_size = self.ctx.parameters.get("batch_size", SampleSettings.batch_size)
+        batch_size = self.ctx.parameters.get("batch_size", SampleSettings.default("batch_size"))
         crystals = len(calculation.inputs.compositions.get_list()) * calculation.inputs.num_samples.value
         failed_batch = min(batch_size, crystals)
         if failed_batch == 1:

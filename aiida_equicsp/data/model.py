@@ -6,26 +6,18 @@ a stored node is loaded or queried (the daemon and the parser do not need it).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 from aiida import orm
 
+from equicsp_core.files import sha256_of
+
 #: Model card entries kept as attributes.
 CARD_ATTRIBUTES = ("dataset", "epochs")
 #: Denoiser config entries kept as attributes.
 DENOISER_ATTRIBUTES = ("mode", "hidden_dim", "num_layers", "num_freqs")
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_summary(path: Path) -> dict[str, Any]:
@@ -44,7 +36,7 @@ def checkpoint_summary(path: Path) -> dict[str, Any]:
     except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path} is an incomplete EquiCSP checkpoint (no {error} in its configs)") from error
     summary.update({name: card.get(name) for name in CARD_ATTRIBUTES})
-    summary["sha256"] = file_sha256(path)
+    summary["sha256"] = sha256_of(path)
     return summary
 
 
@@ -81,6 +73,11 @@ class EquiCSPModelData(orm.SinglefileData):
         return self.base.attributes.get("mode")
 
     @property
+    def dataset(self) -> str | None:
+        """The dataset the model was trained on (its card's), ``None`` when the card does not say."""
+        return self.base.attributes.get("dataset")
+
+    @property
     def num_steps(self) -> int:
         """T, the number of diffusion steps the model was trained with (the most a sampler can take)."""
         return self.base.attributes.get("num_steps")
@@ -99,7 +96,7 @@ class EquiCSPModelData(orm.SinglefileData):
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"checkpoint file {path} does not exist")
-        query = orm.QueryBuilder().append(cls, filters={"attributes.sha256": file_sha256(path)})
+        query = orm.QueryBuilder().append(cls, filters={"attributes.sha256": sha256_of(path)})
         existing = query.first(flat=True)
         if existing is not None:
             return existing
