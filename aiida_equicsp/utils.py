@@ -18,6 +18,7 @@ import yaml
 from aiida import orm
 from aiida.engine import ProcessBuilder
 from aiida.engine.processes.builder import ProcessBuilderNamespace
+from equicsp_core.settings import formula_list
 
 from aiida_equicsp.calculations.sample import EquiCSPSampleCalculation
 from aiida_equicsp.data.model import EquiCSPModelData
@@ -75,7 +76,7 @@ def set_sample_inputs(
     inputs = dict(inputs)
     namespace.code = code
     namespace.model = model
-    namespace.compositions = compositions if isinstance(compositions, orm.List) else orm.List(list(compositions))
+    namespace.compositions = compositions if isinstance(compositions, orm.List) else orm.List(list(formula_list(compositions)))
     namespace.num_samples = num_samples if isinstance(num_samples, orm.Int) else orm.Int(num_samples)
     if "parameters" in inputs:
         namespace.parameters = orm.Dict(inputs.pop("parameters"))

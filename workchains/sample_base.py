@@ -49,11 +49,11 @@ from aiida.engine import (
     while_,
 )
 from aiida.engine.processes.workchains.workchain import WorkChainSpec
+from equicsp_core.pipeline import candidate_label, label_prefixes
 from equicsp_core.settings import SampleSettings
 
 from aiida_equicsp.calculations.sample import EquiCSPSampleCalculation
 from aiida_equicsp.data.model import EquiCSPModelData
-from aiida_equicsp.parsers.sample import structure_link_label, structure_link_prefixes
 from aiida_equicsp.utils import protocol_inputs, set_sample_inputs
 
 #: Exit codes of the calculation that the handlers recover from.
@@ -86,7 +86,7 @@ def merge_candidate_lists(
         calculation_link_label}``: ``sample`` counts 0, 1, ... per formula, ``link_label`` is the structure's
         new label (``None`` for an invalid candidate), the ``calculation_*`` keys say where it came from.
     """
-    prefixes = structure_link_prefixes(list(formulas))
+    prefixes = label_prefixes(list(formulas))
     kept: dict[str, list[dict[str, Any]]] = {formula: [] for formula in formulas}
     for pk, uuid, candidates in runs:
         for candidate in candidates:
@@ -98,7 +98,7 @@ def merge_candidate_lists(
                 "formula": candidate["formula"],
                 "sample": index,
                 "valid": candidate["valid"],
-                "link_label": structure_link_label(prefixes[candidate["formula"]], index) if candidate["valid"]
+                "link_label": candidate_label(prefixes[candidate["formula"]], index) if candidate["valid"]
                 else None,
                 "calculation_pk": pk,
                 "calculation_uuid": uuid,

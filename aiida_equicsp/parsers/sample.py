@@ -19,13 +19,13 @@ Known failures return their exit code; the parser never raises for them.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from aiida import orm
 from aiida.engine import ExitCode
 from aiida.parsers import Parser
 
+from equicsp_core.pipeline import candidate_label, label_prefixes
 from equicsp_core.runfolder import Failure, read_complete_run, read_status
 
 from aiida_equicsp.calculations.sample import EquiCSPSampleCalculation
@@ -40,33 +40,6 @@ EXIT_CODE_OF_FAILURE = {
 
 class CandidateFileError(Exception):
     """A CIF file listed in ``index.json`` that was not retrieved or cannot be read."""
-
-
-def structure_link_prefixes(formulas: list[str]) -> dict[str, str]:
-    """A valid, distinct link-label prefix per formula: ``"SrTiO3"`` → ``"SrTiO3"``, ``"Sr(TiO3)"`` → ``"Sr_TiO3"``.
-
-    Runs of characters other than letters and digits become one underscore (so no ``__``, the namespace
-    separator); a prefix that would start with a digit gets ``formula_`` before it; formulas that would share
-    a prefix get ``_2``, ``_3``, ... after it.
-    """
-    prefixes: dict[str, str] = {}
-    taken: set[str] = set()
-    for formula in formulas:
-        base = re.sub(r"[^A-Za-z0-9]+", "_", formula).strip("_")
-        if not base or base[0].isdigit():
-            base = f"formula_{base}".rstrip("_")
-        prefix, copy = base, 1
-        while prefix in taken:
-            copy += 1
-            prefix = f"{base}_{copy}"
-        prefixes[formula] = prefix
-        taken.add(prefix)
-    return prefixes
-
-
-def structure_link_label(prefix: str, sample: int) -> str:
-    """The link label of a candidate's structure: its formula's prefix and the sample index, ``SrTiO3_000``."""
-    return f"{prefix}_{sample:03d}"
 
 
 def read_retrieved_text(retrieved: orm.FolderData, path: str) -> str | None:
@@ -142,12 +115,12 @@ class EquiCSPSampleParser(Parser):
         """
         from pymatgen.core import Structure
 
-        prefixes = structure_link_prefixes(list(dict.fromkeys(entry["formula"] for entry in entries)))
+        prefixes = label_prefixes(list(dict.fromkeys(entry["formula"] for entry in entries)))
         candidates, structures = [], {}
         for entry in entries:
             link_label = None
             if entry["valid"]:
-                link_label = structure_link_label(prefixes[entry["formula"]], int(entry["sample"]))
+                link_label = candidate_label(prefixes[entry["formula"]], int(entry["sample"]))
                 path = f"{EquiCSPSampleCalculation.RESULTS_FOLDER}/{entry['file']}"
                 cif = self._read_text(path)
                 if cif is None:

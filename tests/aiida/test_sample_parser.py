@@ -5,7 +5,7 @@ import json
 import pytest
 from pymatgen.core import Composition, Lattice, Structure
 
-from aiida_equicsp.parsers.sample import structure_link_prefixes
+from equicsp_core.pipeline import label_prefixes
 from equicsp_core.cli import main
 
 RUN_INFO = {"complete": True, "requested": 4, "written": 4, "valid": 2, "steps": 5, "batch_size": 256,
@@ -71,7 +71,7 @@ def test_complete_run(parse_retrieved):
 
 def test_formulas_become_valid_distinct_link_labels():
     """Characters outside [A-Za-z0-9] collapse to one underscore; clashes and leading digits are resolved."""
-    assert structure_link_prefixes(["SrTiO3", "Sr(TiO3)", "Sr TiO3", "(Sr)TiO3", "2H2O"]) == {
+    assert label_prefixes(["SrTiO3", "Sr(TiO3)", "Sr TiO3", "(Sr)TiO3", "2H2O"]) == {
         "SrTiO3": "SrTiO3", "Sr(TiO3)": "Sr_TiO3", "Sr TiO3": "Sr_TiO3_2", "(Sr)TiO3": "Sr_TiO3_3",
         "2H2O": "formula_2H2O"}
 
