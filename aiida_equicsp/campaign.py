@@ -25,6 +25,14 @@ Never twice
     crash that kept it out of the group is adopted by the next pass (its label is the composition and its
     description names the campaign), so it is not submitted twice either. Run one submitter per campaign at a
     time: two at once could both see a free slot.
+
+A daemon killed mid-step
+    A work chain resumes from its last checkpoint, so the step that was running when its daemon worker died
+    runs again. A calculation function that step called (ranking, screening, tabulating) ran inside the dead
+    worker and has no checkpoint of its own: AiiDA leaves its node ``running`` forever, beside the twin the
+    replayed step calls. Each pass closes such a node as ``killed`` once its twin (same caller, same link
+    label, created later) exists (:func:`close_interrupted_functions`), so nothing of the campaign stays
+    stuck; the twin's outputs are the ones the work chain uses.
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aiida import orm
-from aiida.engine import submit
+from aiida.common.links import LinkType
+from aiida.engine import ProcessState, submit
 
 from aiida_equicsp.data.model import EquiCSPModelData
 
@@ -204,26 +213,65 @@ def load_campaign(label: str) -> CampaignGroup:
     return group
 
 
-def create_or_load_campaign(label: str, settings: CampaignSettings) -> CampaignGroup:
+def create_or_load_campaign(label: str, settings: CampaignSettings, code: orm.AbstractCode,
+                            compositions: Sequence[str]) -> CampaignGroup:
     """The campaign ``label`` with these settings: created if new, loaded if it has the same settings.
 
-    A different ``max_concurrent`` is stored, not refused (see :class:`CampaignSettings`).
+    Everything is checked before anything is stored: the settings against a campaign of that label, and the
+    work chain inputs the settings give for ``compositions`` (the campaign's queue when empty) with ``code``
+    (:func:`check_work_chain_inputs`). So a refused call leaves no group and no settings behind, and a corrected
+    retry starts afresh. A different ``max_concurrent`` is stored, not refused (see :class:`CampaignSettings`).
 
     Raises:
-        ValueError: when the group holds a campaign with other settings, naming the settings that differ.
+        ValueError: when the group holds a campaign with other settings (naming the settings that differ),
+            when a new campaign gets no composition, or when the work chain refuses the inputs.
     """
     if not isinstance(settings, CampaignSettings):
         raise TypeError(f"settings must be CampaignSettings, got {type(settings).__name__}")
-    group, created = CampaignGroup.collection.get_or_create(label=label)
-    stored = None if created else group.settings
+    group = orm.QueryBuilder().append(CampaignGroup, filters={"label": label}).first(flat=True)
+    stored = None if group is None else group.settings
     if stored is not None and stored.identity() != settings.identity():
         old, new = json.loads(stored.identity()), json.loads(settings.identity())
         differences = ", ".join(f"{key}: {old[key]!r} (stored) != {new[key]!r}" for key in old if old[key] != new[key])
         raise ValueError(f"campaign {label!r} already holds another campaign ({differences}); "
                          "choose another label or the same settings")
+    formulas = validate_compositions(compositions) if compositions else [] if group is None else group.compositions
+    if group is None and not formulas:
+        raise ValueError(f"campaign {label!r} is new: give at least one formula (its inputs are checked first)")
+    check_work_chain_inputs(settings, code, formulas)
+    if group is None:
+        group = CampaignGroup(label=label).store()
     if stored != settings:
         group.base.extras.set(SETTINGS_EXTRA, asdict(settings))
     return group
+
+
+def check_work_chain_inputs(settings: CampaignSettings, code: orm.AbstractCode,
+                            formulas: Sequence[str]) -> dict[str, Any]:
+    """``{formula: builder}`` of the campaign's work chains, every input checked as at launch; nothing stored.
+
+    Raises:
+        ValueError: naming the formula, when a port or a validator of the work chain refuses its inputs.
+    """
+    from aiida_equicsp.workchains.predict_relax import EquiCSPPredictRelaxWorkChain
+
+    if not isinstance(code, orm.AbstractCode):
+        raise ValueError(f"code must be an AiiDA code, got {type(code).__name__}")
+    model = orm.load_node(settings.model_uuid)
+    pw_code = None if settings.pw_code_uuid is None else orm.load_node(settings.pw_code_uuid)
+    spec = EquiCSPPredictRelaxWorkChain.spec().inputs
+    builders = {}
+    for formula in formulas:
+        try:  # a port refuses a bad value on assignment, the validators at launch: both here, before submitting
+            builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
+                code, model, [formula], settings.protocol, pw_code, settings.pseudo_family, settings.overrides)
+            invalid = spec.validate(spec.pre_process(builder._inputs(prune=True)))
+        except (ValueError, AttributeError) as error:  # AttributeError: an overrides key with no port
+            raise ValueError(f"the work chain refuses the inputs of {formula!r}: {error}") from error
+        if invalid is not None:
+            raise ValueError(f"the work chain refuses the inputs of {formula!r}: {invalid.message}")
+        builders[formula] = builder
+    return builders
 
 
 def _phase(node: orm.ProcessNode) -> str:
@@ -247,6 +295,38 @@ def _adopt_orphans(group: CampaignGroup) -> None:
         if node.pk not in members:
             node.base.extras.set(COMPOSITION_EXTRA, node.label)
             group.add_nodes(node)
+
+
+def close_interrupted_functions(group: CampaignGroup) -> list[int]:
+    """Mark ``killed`` the process functions of the campaign that a dead daemon worker left running and whose
+    caller has since run them again (see the module docstring); returns their pks."""
+    members = {node.pk for node in group.nodes}
+    query = orm.QueryBuilder().append((orm.CalcFunctionNode, orm.WorkFunctionNode), filters={
+        "attributes.process_state": {"in": [state.value for state in ProcessState if not _is_terminal(state)]}})
+    closed = []
+    for node in query.all(flat=True):
+        call = node.base.links.get_incoming(link_type=(LinkType.CALL_CALC, LinkType.CALL_WORK)).first()
+        if call is None or _top_caller(call.node).pk not in members:
+            continue
+        twins = call.node.base.links.get_outgoing(link_type=(LinkType.CALL_CALC, LinkType.CALL_WORK),
+                                                  link_label_filter=call.link_label).all()
+        later = [twin.node for twin in twins if twin.node.ctime > node.ctime]
+        if later:
+            node.set_process_state(ProcessState.KILLED)
+            node.set_process_status(f"its daemon worker died while it ran; its caller ran it again as {later[0].pk}")
+            node.seal()
+            closed.append(node.pk)
+    return closed
+
+
+def _is_terminal(state: ProcessState) -> bool:
+    return state in (ProcessState.FINISHED, ProcessState.EXCEPTED, ProcessState.KILLED)
+
+
+def _top_caller(node: orm.ProcessNode) -> orm.ProcessNode:
+    while node.caller is not None:
+        node = node.caller
+    return node
 
 
 def _work_chains(group: CampaignGroup) -> dict[tuple[int, ...], list[orm.WorkChainNode]]:
@@ -301,16 +381,12 @@ def submit_campaign(
         ValueError: for an empty list, a malformed or duplicated formula, another model than the campaign's,
             or inputs the work chain refuses; raised before anything is stored or submitted.
     """
-    from aiida_equicsp.workchains.predict_relax import EquiCSPPredictRelaxWorkChain
-
     settings = group.settings
     if settings is None:
         raise ValueError(f"group {group.label!r} has no campaign settings: create it with create_or_load_campaign")
     new = validate_compositions(compositions) if compositions is not None else []
     if model is not None and model.uuid != settings.model_uuid:
         raise ValueError(f"model {model.uuid} is not the model of campaign {group.label!r} ({settings.model_uuid})")
-    if not isinstance(code, orm.AbstractCode):
-        raise ValueError(f"code must be an AiiDA code, got {type(code).__name__}")
     if max_concurrent is not None and max_concurrent != settings.max_concurrent:
         settings = CampaignSettings(**{**asdict(settings), "max_concurrent": max_concurrent})  # checked here
 
@@ -320,7 +396,8 @@ def submit_campaign(
     if not queue:
         raise ValueError(f"campaign {group.label!r} has no compositions yet: give at least one formula")
 
-    _adopt_orphans(group)  # a repair of earlier passes, the one write before the checks below
+    _adopt_orphans(group)  # repairs of earlier passes and of killed daemons, the writes before the checks below
+    close_interrupted_functions(group)
     attempts = _work_chains(group)
     report = SubmissionReport()
     to_submit = []
@@ -331,22 +408,10 @@ def submit_campaign(
         else:
             getattr(report, phase).append(formula)
 
-    model_node = orm.load_node(settings.model_uuid)
-    pw_code = None if settings.pw_code_uuid is None else orm.load_node(settings.pw_code_uuid)
-    spec = EquiCSPPredictRelaxWorkChain.spec().inputs
-    builders = {}
-    for formula in to_submit:
-        try:  # a port refuses a bad value on assignment, the validators at launch: both here, before submitting
-            builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
-                code, model_node, [formula], settings.protocol, pw_code, settings.pseudo_family, settings.overrides)
-            invalid = spec.validate(spec.pre_process(builder._inputs(prune=True)))
-        except (ValueError, AttributeError) as error:  # AttributeError: an overrides key with no port
-            raise ValueError(f"the work chain refuses the inputs of {formula!r}: {error}") from error
-        if invalid is not None:
-            raise ValueError(f"the work chain refuses the inputs of {formula!r}: {invalid.message}")
+    builders = check_work_chain_inputs(settings, code, to_submit)
+    for formula, builder in builders.items():
         builder.metadata.label = formula
         builder.metadata.description = _marker(group)
-        builders[formula] = builder
 
     if settings != group.settings:
         group.base.extras.set(SETTINGS_EXTRA, asdict(settings))

@@ -392,7 +392,7 @@ def campaign_submit(label: str, code_label: str, model_name: str | None, formula
     settings = _campaign_settings(existing.settings if existing else None, model_name, protocol, overrides_file,
                                   num_samples, dft, pw_code_label, pseudo_family, max_concurrent)
     try:
-        group = create_or_load_campaign(label, settings)
+        group = create_or_load_campaign(label, settings, code, compositions or [])
     except ValueError as error:
         raise click.UsageError(str(error)) from error
 

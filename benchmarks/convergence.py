@@ -2,8 +2,8 @@
 
 Every variant trains the preset with the same seed (data order, noise, time steps) plus its own settings, in
 chunks; after each chunk the checkpoint selected so far (``best.pt``, lowest validation loss) samples the first
-``--val-crystals`` crystals of the val split with ``--steps`` predictor-corrector steps and is matched against
-them (the papers' protocol, METHOD.md §8). Two uses:
+``--val-crystals`` crystals of the selection split (perov_5: val; mp_20: the held-out 10 % of val) with ``--steps`` predictor-corrector steps and is matched against
+them (the papers' protocol, docs/method.md §8). Two uses:
 
 * EquiCSP vs DiffCSP at the same budget (the default variants; the paper claims EquiCSP converges faster)::
 
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="JSONL file: one line per (variant, epochs)")
     parser.add_argument("--runs", default="runs/convergence", help="folder of the variants' training runs")
     parser.add_argument("--preset", default="perov_5-cpu")
-    parser.add_argument("--dataset", default="perov_5", help="the preset's dataset, whose val split is matched")
+    parser.add_argument("--dataset", default="perov_5", help="the preset's dataset, whose selection split is matched")
     parser.add_argument("--epochs", type=int, nargs="+", default=[3, 6, 9, 12], help="evaluate after these epochs")
     parser.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "SECTION.FIELD=VALUE"),
                         help="a named variant and its settings (repeatable; default: the equicsp and diffcsp modes)")
@@ -80,7 +80,7 @@ def main() -> None:
                     *(["--resume"] if (run / "resume.pt").exists() else []), threads=args.threads)
             report = run / f"val_match_{epochs}.json"
             equicsp("evaluate", "--checkpoint", str(run / "best.pt"), "--dataset", args.dataset,
-                    "--split", "val", "--limit", str(args.val_crystals), "--steps", str(args.steps), *bound,
+                    "--split", "selection", "--limit", str(args.val_crystals), "--steps", str(args.steps), *bound,
                     "--processes", str(args.threads), "--out", str(report), threads=args.threads)
             result = json.loads(report.read_text())
             parameters = json.loads(equicsp("info", str(run / "best.pt"), threads=args.threads))["parameters"]

@@ -9,24 +9,44 @@
     equicsp tables --out tables.pt
 
 Exit statuses: 0 done; 2 bad input: one line ``equicsp <command>: error: ...`` naming the problem, and no
-output is left; 3 out of memory: the line ``equicsp <command>: error: out of memory``. ``--status-file
-FILE`` also writes, as JSON, the exit status, which input was refused (a formula, the checkpoint, the
-potential: :class:`equicsp_core.runfolder.Failure`) and that line, for programs that run ``equicsp`` (the
-AiiDA parsers), so they never read the message's words.
+output is left; 3 out of memory: the line ``equicsp <command>: error: out of memory``; 4 device not
+available (``cuda`` on a machine without a visible GPU): the line ``equicsp <command>: error: device '...'
+is not available: ...``, and no output is left; 130 interrupted (Ctrl-C): the line
+``equicsp <command>: interrupted``, what finished is kept. Device names and their resolution:
+:mod:`equicsp_core.hardware`.
+
+``--checkpoint`` is a shipped checkpoint's name (``perov_5``, ``mp_20``) or a path, which must contain a ``/``
+or end in ``.pt`` (``./model``, ``best.pt``): a name is never read from the working directory.
+
+Messages: the engine logs through :mod:`logging` (logger ``equicsp_core``) to stderr, at INFO by default,
+WARNING with ``-q/--quiet`` and DEBUG with ``-v/--verbose``. Progress bars are drawn only when stderr is a
+terminal (never with ``--quiet``); elsewhere (a batch job's log) progress is a log line per batch.
+
+``--status-file FILE`` also writes, as JSON, the exit status, which input was refused (a formula, the
+checkpoint, the potential, the device: :class:`equicsp_core.runfolder.Failure`) and the error line, for
+programs that run ``equicsp`` (the AiiDA parsers), so that they never read the message's words.
 
 ``equicsp sample`` takes its settings either from flags or from ``--input FILE``, a YAML mapping with the
 keys of :class:`equicsp_core.settings.SampleSettings` (``formulas`` (a list), ``num_samples``, ``steps``
-(null: the model's T), ``step_lr``, ``lattice_bound``, ``seed``, ``batch_size``, ``device``,
-``allow_outside_domain``), never both; the flags are derived from the same model. It writes its output
-folder (which must be new or empty) batch by batch, as :mod:`equicsp_core.runfolder` describes: a run
-stopped part-way (walltime, out of memory) leaves the finished batches and no ``run.json``; a run refused
-for bad input leaves no folder.
+(null: the model's T), ``step_lr``, ``lattice_bound``, ``seed``, ``batch_size``, ``device``, ``threads``,
+``allow_outside_domain``), never both; the flags are derived from the same model (``threads``: the global
+``--threads``). It writes its output folder (which must be new or empty) batch by batch, as
+:mod:`equicsp_core.runfolder` describes: after each batch, the batch's CIF files, then ``index.json``,
+rewritten atomically, listing every finished candidate; after the last batch, ``run.json`` with
+``"complete": true``. ``index.json`` names the checkpoint with its file's SHA-256 and the
+requested counts (``formulas``, ``num_samples``, ``requested``), so a run stopped part-way (walltime, out of
+memory, Ctrl-C) is visibly partial: its finished batches, fewer ``samples`` than ``requested`` and no
+``run.json``. A run refused for bad input (an ``--out`` that cannot be written too) leaves no folder. Error messages about a bad
+composition contain "formula", those about an unusable checkpoint contain "checkpoint".
 
-``equicsp relax`` relaxes the structures of ``--structures FILE`` (JSON: label → pymatgen structure dict)
-with a machine-learned potential; ``--input FILE`` is a YAML mapping of the keys of
-:class:`equicsp_core.settings.RelaxSettings`. It rewrites ``relax.json`` after each structure and writes
-``run.json`` at the end. A structure whose relaxation fails is reported with status ``failed`` and the run
-goes on.
+``equicsp relax`` relaxes the structures of ``--structures PATH`` (a JSON file of label → pymatgen structure
+dict, a CIF file, an extended XYZ file, or the output folder of ``equicsp sample``:
+:func:`equicsp_core.structure_files.read_structures`) with a machine-learned potential; ``--input FILE`` is a
+YAML mapping of the keys of :class:`equicsp_core.settings.RelaxSettings` (``potential``, ``fmax``, ``steps``,
+``relax_cell``, ``device``, ``threads``, ``phonons``).
+It rewrites ``relax.json`` (label → status, energy per atom, structure, error) after each structure and
+writes ``run.json`` at the end. A structure whose relaxation fails is reported with status ``failed`` and
+the run goes on.
 
 Test switch: with ``EQUICSP_TEST_FAIL_ONCE=<marker file>`` in the environment, ``equicsp sample`` checks
 its input and then, if the marker file does not exist, creates it and fails exactly as if it had run out
@@ -38,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -50,24 +71,28 @@ import yaml
 from equicsp_core import __version__, runfolder
 from equicsp_core.config import preset_names
 from equicsp_core.files import write_text_atomically
+from equicsp_core.hardware import DEVICE_CHOICES, DeviceUnavailableError, available_cpus, resolve_device, set_threads
 from equicsp_core.predict import Candidate
 from equicsp_core.runtime import keep_freed_memory
 from equicsp_core.settings import FormulaError, PotentialError, RelaxSettings, SampleSettings, Settings
 
 Failure = runfolder.Failure
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a program stopped by Ctrl-C
+
+logger = logging.getLogger(__name__)
 
 #: Environment variable of the test switch (see the module docstring).
 TEST_FAIL_ONCE_VARIABLE = "EQUICSP_TEST_FAIL_ONCE"
 
+#: ``equicsp sample`` flag of each :class:`SampleSettings` key (``threads``: the global ``--threads``).
+SAMPLE_FLAGS = {key: SampleSettings.flag(key) for key in SampleSettings.keys() if key != "threads"}
 
-#: ``equicsp sample`` flag of each :class:`SampleSettings` key.
-SAMPLE_FLAGS = {key: SampleSettings.flag(key) for key in SampleSettings.keys()}
 
-
-def add_settings_flags(parser: argparse.ArgumentParser, model: type[Settings]) -> None:
-    """One flag per knob of ``model`` (:meth:`Settings.flag`), unset by default so a file can supply it instead."""
-    for key, info in model.model_fields.items():
-        kind = model.scalar_type(key)
+def add_settings_flags(parser: argparse.ArgumentParser, model: type[Settings], keys: list[str]) -> None:
+    """One flag per knob of ``model`` in ``keys`` (:meth:`Settings.flag`), unset by default so that a file can
+    supply it instead."""
+    for key in keys:
+        info, kind = model.model_fields[key], model.scalar_type(key)
         if key == "formulas":
             parser.add_argument(model.flag(key), dest=key, action="append", help=f"{info.description} (repeatable)")
         elif kind is bool:
@@ -84,6 +109,17 @@ def _threads(value: int | None) -> None:
         torch.set_num_threads(value)
 
 
+def _job_threads(args: argparse.Namespace, threads: int | None) -> int:
+    """Set torch's threads for a sampling or relaxation job: its ``threads`` setting, else ``--threads``, else
+    every CPU the process may use (:func:`equicsp_core.hardware.available_cpus`); returns the count."""
+    return set_threads(threads if threads is not None else args.threads or available_cpus())
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars only on a terminal: in a batch job's log a bar's every redraw would stay as text."""
+    return not args.quiet and sys.stderr.isatty()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from equicsp_core.config import load_run_config
     from equicsp_core.train import train
@@ -94,8 +130,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}")
     config = load_run_config(args.preset or args.dataset, overrides)
-    summary = train(config, args.out, resume=args.resume, max_minutes=args.max_minutes, device=args.device,
-                    data_dir=args.data_dir, progress=not args.quiet)
+    summary = train(config, args.out, resume=args.resume, max_minutes=args.max_minutes,
+                    device=str(resolve_device(args.device)), data_dir=args.data_dir, progress=_show_progress(args),
+                    init_from=args.init_from)
     print(json.dumps(summary))
     return 0
 
@@ -112,10 +149,42 @@ def _sample_settings(args: argparse.Namespace) -> SampleSettings:
     return SampleSettings.from_mapping(_read_yaml(args.input), where=f"--input {args.input}: ")
 
 
+def _read_text(path: str, option: str) -> str:
+    """The text of the file given to ``option``; a folder or an unreadable file becomes a one-line ValueError."""
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError) as error:
+        reason = "it is a folder" if Path(path).is_dir() else getattr(error, "strerror", None) or str(error)
+        raise ValueError(f"{option} {path} cannot be read: {reason}") from error
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an output folder that cannot be created or written, before any work is done; leaves nothing.
+
+    Creates the missing folders and a probe file, then removes them again: the same calls the run makes later.
+    """
+    created = []
+    try:
+        for folder in [*reversed(out.parents), out]:
+            if not folder.is_dir():
+                folder.mkdir()
+                created.append(folder)
+        probe = out / ".equicsp-write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"--out {out} cannot be written: {error.strerror or error}") from error
+    finally:
+        for folder in reversed(created):
+            folder.rmdir()
+
+
 def _read_yaml(path: str) -> Any:
     """The parsed YAML of ``path``; a syntax error becomes a ValueError naming the file."""
     try:
-        return yaml.safe_load(Path(path).read_text())
+        return yaml.safe_load(_read_text(path, "--input"))
     except yaml.YAMLError as error:
         # PyYAML's message spans lines; the error must stay one line (see the module docstring).
         raise ValueError(f"--input {path} is not valid YAML ({' '.join(str(error).split())})") from error
@@ -148,36 +217,44 @@ def _save_batch(out: Path, batch: list[Candidate], header: dict[str, Any], entri
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from equicsp_core.checkpoint import CheckpointError, load_model
+    from equicsp_core.checkpoint import CheckpointError, load_model, resolve_checkpoint
+    from equicsp_core.files import file_sha256
     from equicsp_core.predict import predict_with_settings
 
     settings = _sample_settings(args)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output folder {out} already exists and is not empty")
-    if torch.device(settings.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {settings.device!r} is not available on this machine")
+    device = resolve_device(settings.device)
+    threads = _job_threads(args, settings.threads)
+    _check_writable(out)
     try:
-        model, card = load_model(args.checkpoint, settings.device)
+        model, card = load_model(args.checkpoint, device)
+        checkpoint_sha256 = file_sha256(resolve_checkpoint(args.checkpoint))
     except CheckpointError as error:
         raise CheckpointError(f"cannot use checkpoint {args.checkpoint}: {error}") from error
-    batches = predict_with_settings(model, card, settings, progress=not args.quiet)
+    logger.info("sampling on %s with %d CPU thread(s)", device, threads)
+    batches = predict_with_settings(model, card, settings, progress=_show_progress(args))
     _fail_once_if_requested()
 
     started = time.perf_counter()
-    header = {"checkpoint": str(args.checkpoint), "steps": settings.steps, "seed": settings.seed,
-              "step_lr": settings.step_lr}
+    requested = len(settings.formulas) * settings.num_samples
+    header = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": checkpoint_sha256, "steps": settings.steps,
+              "seed": settings.seed, "step_lr": settings.step_lr, "formulas": list(settings.formulas),
+              "num_samples": settings.num_samples, "requested": requested}
     entries: list[dict[str, Any]] = []
     for batch in batches:
         _save_batch(out, batch, header, entries)
     valid = sum(entry["valid"] for entry in entries)
     run = {
-        "requested": len(settings.formulas) * settings.num_samples,
+        "checkpoint_sha256": checkpoint_sha256,
+        "requested": requested,
         "written": len(entries),
         "valid": valid,
         "steps": model.schedules.num_steps if settings.steps is None else settings.steps,
         "batch_size": settings.batch_size,
-        "device": settings.device,
+        "device": str(device),
+        "threads": threads,
         "seconds": round(time.perf_counter() - started, 3),
         "versions": {"equicsp": __version__, "torch": torch.__version__},
     }
@@ -187,32 +264,27 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_relax(args: argparse.Namespace) -> int:
-    from pymatgen.core import Structure
-
     from equicsp_core.relax import load_calculator, relax_structures
+    from equicsp_core.structure_files import read_structures
 
     values = _read_yaml(args.input) if args.input else {}  # its errors already name the file
     settings = RelaxSettings.from_mapping(values, where=f"--input {args.input}: ")
-    text = Path(args.structures).read_text()  # a missing file: FileNotFoundError naming it
-    try:
-        structures = {label: Structure.from_dict(value) for label, value in json.loads(text).items()}
-    except Exception as error:
-        raise ValueError(f"cannot read structures from {args.structures}: {error}") from error
-    if not structures:
-        raise ValueError(f"no structures in {args.structures}")
+    structures = read_structures(args.structures)  # errors name the path
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output folder {out} already exists and is not empty")
-    calculator = load_calculator(settings.potential, settings.device)  # bad potential: refused before output
+    _check_writable(out)
+    threads = _job_threads(args, settings.threads)
+    # A device this machine lacks or a bad potential: refused before any output.
+    calculator = load_calculator(settings.potential, settings.device)
+    logger.info("relaxing %d structure(s) with %s on %s with %d CPU thread(s)", len(structures), settings.potential,
+                resolve_device(settings.device), threads)
     out.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
     results: dict[str, Any] = {}
     for label, result in relax_structures(structures, settings, lambda *_: calculator):
         results[label] = result.as_dict()
-        if not args.quiet:
-            energy = "-" if result.energy_per_atom is None else f"{result.energy_per_atom:.4f} eV/atom"
-            print(f"{label}: {result.status} after {result.steps} steps, {energy}", flush=True)
         runfolder.write_relax(out, settings.to_dict(), results)
     counts = {status: sum(r["status"] == status for r in results.values()) for status in ("converged",
                                                                                           "not_converged", "failed")}
@@ -233,15 +305,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             indices = [int(token) for token in text.replace(",", " ").split()]
         except ValueError as error:
             raise ValueError(f"{args.indices}: indices must be integers ({error})") from error
-    model, card = load_model(args.checkpoint, args.device)
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise ValueError(f"--out {out} cannot be written (a folder, or its folder does not exist)")
+    model, card = load_model(args.checkpoint, resolve_device(args.device))
     report = evaluate(model, args.dataset, args.split, args.limit, indices, args.num_samples, args.steps, args.step_lr,
-                      args.seed, args.batch_size, args.processes, args.data_dir, progress=not args.quiet,
-                      lattice_bound=args.lattice_bound)
+                      args.seed, args.batch_size, args.processes, args.data_dir, progress=_show_progress(args),
+                      lattice_bound=args.lattice_bound, precision=args.precision, symmetrise=args.symmetrise,
+                      grid_power=args.grid_power)
     report["checkpoint"] = {"path": str(args.checkpoint), "dataset": card.get("dataset"), "epochs": card.get("epochs")}
     text = json.dumps(report, indent=1)
-    if args.out:
-        write_text_atomically(Path(args.out), text)
-    print(text)
+    print(text, flush=True)  # first: a failing write below must not lose the evaluation
+    if out is not None:
+        write_text_atomically(out, text)
     return 0
 
 
@@ -258,17 +334,23 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_tables(args: argparse.Namespace) -> int:
     from equicsp_core.vonmises_tables import compute_tables
 
-    compute_tables(samples=args.samples, seed=args.seed, progress=not args.quiet).save(args.out)
+    _check_writable(Path(args.out).parent)
+    compute_tables(samples=args.samples, seed=args.seed, progress=_show_progress(args)).save(args.out)
     print(f"tables written to {args.out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="equicsp", description="EquiCSP crystal structure prediction")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (sample, relax: default every CPU the process may use; "
+                             "a `threads` setting of --input wins)")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
     parser.add_argument("--status-file", default=None, metavar="FILE",
-                        help="write {exit_status, error} here when the command ends (equicsp_core.runfolder)")
+                        help="write {exit_status, failure, error} here when the command ends (equicsp_core.runfolder)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model (resumable)")
@@ -277,8 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config value")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT|RUN",
+                   help="start a new run from these weights (a checkpoint, or a run folder: weights + optimiser)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop at the first epoch end after this long")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help=f"{DEVICE_CHOICES} (default cpu)")
     p.add_argument("--data-dir", default=None, help="folder of <dataset>/<split>.csv.gz (or $EQUICSP_DATA_DIR)")
     p.set_defaults(func=cmd_train)
 
@@ -287,21 +371,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint file or shipped name")
     p.add_argument("--input", default=None, metavar="FILE",
                    help=f"YAML mapping of the settings ({', '.join(SampleSettings.keys())})")
-    add_settings_flags(p, SampleSettings)
+    add_settings_flags(p, SampleSettings, list(SAMPLE_FLAGS))
     p.add_argument("--out", required=True, help="new or empty output folder (CIF files, index.json, run.json)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("relax", help="relax structures with a machine-learned potential (CHGNet by default)")
-    p.add_argument("--structures", required=True, help="JSON file: label -> pymatgen structure dict")
-    p.add_argument("--input", default=None, metavar="FILE", help="YAML mapping of the relax settings "
-                   "(potential, fmax, steps, relax_cell, device)")
+    p.add_argument("--structures", required=True, metavar="PATH",
+                   help="JSON file (label -> pymatgen structure dict), CIF file, extended XYZ file, or the output "
+                        "folder of `equicsp sample`")
+    p.add_argument("--input", default=None, metavar="FILE",
+                   help=f"YAML mapping of the relax settings ({', '.join(RelaxSettings.keys())})")
     p.add_argument("--out", required=True, help="new or empty output folder (relax.json, run.json)")
     p.set_defaults(func=cmd_relax)
 
     p = sub.add_parser("evaluate", help="match rate and RMSE on a benchmark split (the papers' protocol)")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or shipped name")
     p.add_argument("--dataset", required=True)
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default=None, help="train, selection, reserved, val or test (default: the split the "
+                   "dataset's figures are reported on: reserved, or test for perov_5); training rows are refused")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--limit", type=int, default=None, help="first N crystals of the split")
     group.add_argument("--indices", default=None, help="file of row indices (whitespace or comma separated)")
@@ -310,10 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-lr", type=float, default=5e-6, help="Langevin step scale")
     p.add_argument("--lattice-bound", type=float, default=None,
                    help="clamp of the predicted clean lattice (default: the mode's; inf = the papers' update)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="network arithmetic while sampling (fp32: the papers'; bf16 autocast: faster where supported)")
+    p.add_argument("--grid-power", type=float, default=1.0, help="spacing of a sub-sampled time grid: 1 = even "
+                   "(the papers'), > 1 = more steps at small t")
+    p.add_argument("--symmetrise", action="store_true", help="average the denoiser over the six lattice-vector "
+                   "orderings at every step (exact lattice-permutation equivariance, 6x the network cost)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--processes", type=int, default=None, help="worker processes for matching (default: all cores)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help=f"{DEVICE_CHOICES} (default cpu)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.set_defaults(func=cmd_evaluate)
@@ -330,11 +423,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to ``sys.stderr`` as it is at each record (so a replaced stderr is followed)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):  # the base class sets it in __init__
+        pass
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    """The engine's log records to stderr, at the level of ``-q``/``-v`` (INFO by default)."""
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    engine = logging.getLogger("equicsp_core")
+    engine.setLevel(level)
+    if not any(isinstance(handler, _StderrHandler) for handler in engine.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        engine.addHandler(handler)
+
+
 def failure_of(error: BaseException) -> Failure | None:
     """The :class:`~equicsp_core.runfolder.Failure` of a known error, ``None`` for an unexpected one."""
     from equicsp_core.checkpoint import CheckpointError
 
     for kind, failure in ((torch.OutOfMemoryError, Failure.OUT_OF_MEMORY),
+                          (DeviceUnavailableError, Failure.DEVICE_UNAVAILABLE),
                           (FormulaError, Failure.INVALID_FORMULA),
                           (CheckpointError, Failure.UNUSABLE_CHECKPOINT),
                           (PotentialError, Failure.UNUSABLE_POTENTIAL),
@@ -346,6 +463,7 @@ def failure_of(error: BaseException) -> Failure | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _configure_logging(args)
     keep_freed_memory()
     failure, message = Failure.FAILED, "unexpected error (see the traceback on stderr)"
     try:
@@ -353,6 +471,10 @@ def main(argv: list[str] | None = None) -> int:
         exit_status = args.func(args)
         failure, message = None, None
         return exit_status
+    except KeyboardInterrupt:
+        failure, message = Failure.INTERRUPTED, "interrupted"
+        print(f"equicsp {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as error:
         failure = failure_of(error)
         if failure is None:

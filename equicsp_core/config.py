@@ -13,6 +13,7 @@ Overrides are dotted ``section.field=value`` strings, values parsed as YAML (``t
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import UnionType
@@ -29,7 +30,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings (METHOD.md §6.3; defaults are the papers' except where noted).
+    """Optimisation settings (docs/method.md §6.4; defaults are the papers' except where noted).
 
     Attributes:
         epochs: total epochs of the run.
@@ -40,7 +41,9 @@ class TrainConfig:
         grad_clip_value: gradient clipping **by value**.
         val_every: validate every this many epochs.
         seed: seeds data order, noise, time steps and permutations (one generator).
-        val_fraction: share of the val split held out for selection when a dataset has no train split.
+        ema_decay: decay of the exponential moving average of the weights that is validated and saved in
+            ``best.pt`` (``None``: the raw weights, the papers' choice). Per step:
+            ``ema ← decay · ema + (1 − decay) · weights``; 0.999 averages over about 1000 steps.
         max_train_crystals, max_val_crystals: cap the data (smoke runs); ``None`` = all.
         precision: ``fp32``, or ``bf16`` autocast (fast on CPUs with native bf16 and on GPUs).
     """
@@ -54,7 +57,7 @@ class TrainConfig:
     grad_clip_value: float = 0.5
     val_every: int = 5
     seed: int = 42
-    val_fraction: float = 0.1
+    ema_decay: float | None = None
     max_train_crystals: int | None = None
     max_val_crystals: int | None = None
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -63,10 +66,13 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "val_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"train.val_fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("lr", "min_lr", "grad_clip_value"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"train.{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not 0 < self.lr_factor < 1:
+            raise ValueError(f"train.lr_factor must be in (0, 1), got {self.lr_factor}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"train.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {self.precision!r}")
 

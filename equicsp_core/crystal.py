@@ -1,6 +1,6 @@
 """Crystals as tensors, one at a time (:class:`Crystal`) or batched as one flat graph (:class:`CrystalBatch`).
 
-A crystal is ``(A, F, L)`` (METHOD.md §1.1): atomic numbers ``A`` ``(n,)``, fractional coordinates ``F``
+A crystal is ``(A, F, L)`` (docs/method.md §1.1): atomic numbers ``A`` ``(n,)``, fractional coordinates ``F``
 ``(n, 3)`` in [0, 1) and the lattice, stored as lengths (Å) and angles (degrees) so the orientation is
 always the canonical one of :func:`equicsp_core.lattice.lattice_from_parameters`.
 
@@ -85,7 +85,7 @@ class Crystal:
         """From a pymatgen ``Structure`` (ordered, elements only); optionally Niggli-reduced first.
 
         The orientation is discarded: the crystal is rebuilt on the canonical lattice of its six
-        parameters, keeping the fractional coordinates (METHOD.md §1.3, step 4).
+        parameters, keeping the fractional coordinates (docs/method.md §1.5, step 3).
         """
         if len(structure) == 0:
             raise ValueError("structure has no atoms")

@@ -1,6 +1,6 @@
 """The CSP benchmark splits (perov_5, carbon_24, mp_20, mpts_52), preprocessed and cached.
 
-Each split is a gzip CSV with a ``cif`` column. Preprocessing follows METHOD.md §1.3: parse the CIF,
+Each split is a gzip CSV with a ``cif`` column. Preprocessing follows docs/method.md §1.5: parse the CIF,
 Niggli-reduce, rebuild on the canonical lattice of the reduced cell. The parsed tensors are cached
 (keyed by the file's SHA-256 and the preprocessing version), so only the first run pays for pymatgen.
 
@@ -10,13 +10,14 @@ next to the repository.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import torch
 
 from equicsp_core.crystal import Crystal
-from equicsp_core.files import atomic_path, sha256_of
+from equicsp_core.files import atomic_path, file_sha256
 
 DATASETS: tuple[str, ...] = ("perov_5", "carbon_24", "mp_20", "mpts_52")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -51,11 +52,20 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("EQUICSP_CACHE_DIR", Path.home() / ".cache" / "equicsp"))
 
 
-def read_cifs(path: Path) -> list[str]:
-    """The ``cif`` column of a split file, in file order."""
+def read_column(path: Path, column: str) -> list:
+    """One column of a split file, in file order (memoised per file version: the protocol reads ids often)."""
+    stat = path.stat()
+    return list(_read_column(str(path), column, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=16)
+def _read_column(path: str, column: str, _mtime_ns: int, _size: int) -> tuple:
     import pandas as pd
 
-    return pd.read_csv(path, usecols=["cif"])["cif"].tolist()
+    try:
+        return tuple(pd.read_csv(path, usecols=[column])[column].tolist())
+    except ValueError as error:  # pandas: "Usecols do not match columns"
+        raise ValueError(f"{path} has no {column!r} column") from error
 
 
 def load_split(
@@ -65,16 +75,16 @@ def load_split(
     niggli: bool = True,
     progress: bool = True,
 ) -> list[Crystal]:
-    """Preprocessed crystals of one split (METHOD.md §1.3), from the cache when it is fresh."""
+    """Preprocessed crystals of one split (docs/method.md §1.5), from the cache when it is fresh."""
     path = split_path(dataset, split, data_dir)
-    digest = sha256_of(path)
+    digest = file_sha256(path)
     cache = _cache_dir() / f"{dataset}_{split}_{digest[:16]}_v{PREPROCESSING_VERSION}_niggli{int(niggli)}.pt"
     if cache.is_file():
         try:
             return _unpack(torch.load(cache, weights_only=True))
         except Exception:  # a corrupt cache is rebuilt, never trusted
             cache.unlink(missing_ok=True)
-    crystals = parse_cifs(read_cifs(path), niggli=niggli, progress=progress, desc=f"{dataset}/{split}")
+    crystals = parse_cifs(read_column(path, "cif"), niggli=niggli, progress=progress, desc=f"{dataset}/{split}")
     cache.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(cache) as tmp:
         torch.save(_pack(crystals), tmp)
@@ -121,4 +131,4 @@ def _unpack(packed: dict[str, torch.Tensor]) -> list[Crystal]:
 
 def data_fingerprint(dataset: str, split: str, data_dir: str | os.PathLike | None = None) -> str:
     """SHA-256 of a split file, recorded in model cards."""
-    return sha256_of(split_path(dataset, split, data_dir))
+    return file_sha256(split_path(dataset, split, data_dir))

@@ -1,4 +1,4 @@
-"""The joint diffusion over lattices and fractional coordinates, and its training losses (METHOD.md §3, §4, §6).
+"""The joint diffusion over lattices and fractional coordinates, and its training losses (docs/method.md §3, §4, §6).
 
 :class:`CrystalDiffusion` wraps the denoiser with its schedules and normalisers. Two modes:
 
@@ -7,7 +7,7 @@
   handled by ``lattice_perm``:
 
   - ``"regularised"`` (the paper): a second, permuted branch and the losses L_pC + L_pF;
-  - ``"symmetrised"`` (ours, METHOD.md §12.1): ε̂^sym(C, F) = (1/6) Σ_P P⁻¹ ε̂(PC, F Pᵀ), exact;
+  - ``"symmetrised"`` (ours, docs/method.md §6.3): ε̂^sym(C, F) = (1/6) Σ_P P⁻¹ ε̂(PC, F Pᵀ), exact;
   - ``"none"``: neither (ablation).
 
 * ``diffcsp``: the baseline; raw lattice matrix under DDPM, wrapped-normal score targets.
@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
@@ -40,7 +40,7 @@ LatticePerm = Literal["regularised", "symmetrised", "none"]
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """Diffusion settings (METHOD.md §3, §6; defaults are the papers').
+    """Diffusion settings (docs/method.md §3, §6; defaults are the papers').
 
     Attributes:
         num_steps: T.
@@ -142,7 +142,7 @@ class CrystalDiffusion(nn.Module):
     # Training
 
     def loss(self, crystals: CrystalBatch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """One stochastic evaluation of the training loss (METHOD.md §6.1, §6.2).
+        """One stochastic evaluation of the training loss (docs/method.md §6.1, §6.2).
 
         All randomness (t, noise, permutations) comes from ``generator``, so a run is reproducible.
 
@@ -199,7 +199,7 @@ class CrystalDiffusion(nn.Module):
 
         kappa, kappa_norm, sample_norm = self.tables.lookup(num_atoms, sigma)
         eps_bar = com_free(eps, batch, num_atoms)
-        multi = (num_atoms > 1)[batch]  # single-atom crystals have ε̄ ≡ 0: no coordinate target (§11.1)
+        multi = (num_atoms > 1)[batch]  # ε̄ ≡ 0 for one atom: no coordinate target (docs/method.md §10.1)
         safe = lambda x: torch.where(x > 0, x, torch.ones_like(x)).to(z)  # noqa: E731
         target_coord = wrap_centered(eps_bar) / safe(sample_norm).sqrt()[batch, None]
         target_score = (TWO_PI * kappa.to(z))[batch, None] * torch.sin(TWO_PI * eps_bar) / safe(kappa_norm).sqrt()[batch, None]
@@ -226,6 +226,51 @@ class CrystalDiffusion(nn.Module):
     def _total(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         total = sum(terms.values())
         return {"loss": total, **{name: value.detach() for name, value in terms.items()}}
+
+
+def symmetrised(model: CrystalDiffusion) -> CrystalDiffusion:
+    """The same weights behind the exactly lattice-permutation-equivariant denoiser (docs/method.md §6.3).
+
+    For a model trained with ``"regularised"`` (which only approximates the symmetry), sampling with the
+    returned twin averages every denoiser call over the six orderings of the lattice vectors:
+    ε̂^sym(C, F) = (1/6) Σ_P P⁻¹ ε̂(PC, F Pᵀ), at six times the network cost. The twin shares ``model.net``.
+    """
+    if model.mode != "equicsp":
+        raise ValueError("only the EquiCSP denoiser can be symmetrised over lattice-vector orderings")
+    twin = CrystalDiffusion(model.denoiser_config, replace(model.config, lattice_perm="symmetrised"), model.tables)
+    twin.net = model.net
+    return twin.train(model.training)
+
+
+@torch.no_grad()
+def lattice_permutation_error(model: CrystalDiffusion, crystals: CrystalBatch,
+                              generator: torch.Generator | None = None) -> dict[str, float]:
+    """How far the denoiser is from lattice-permutation equivariance on noised ``crystals``.
+
+    At a random t per crystal, for each of the five non-identity orderings P the relative change
+    ‖P⁻¹ ε̂(PC_t, F_t Pᵀ) − ε̂(C_t, F_t)‖ / ‖ε̂(C_t, F_t)‖, over the batch, of the lattice output and of the
+    coordinate outputs (coord and score heads together); averaged over the orderings. An exactly
+    equivariant denoiser gives 0 (up to rounding).
+    """
+    if model.mode != "equicsp":
+        raise ValueError("the lattice-permutation error is defined for the EquiCSP denoiser")
+    batch, num_atoms = crystals.batch, crystals.num_atoms
+    t, lattice_noise, z = model._draw(crystals, (6,), generator)
+    lattice_t = model._noisy_lattice(lattice_to_equicsp(crystals.lengths, crystals.angles), lattice_noise, t)
+    frac_t = torch.remainder(crystals.frac_coords + model.schedules.sigmas.to(z)[t][batch, None] * z, 1.0)
+    graph = model.graph_for(num_atoms)
+    reference = model.denoise(crystals.atomic_numbers, frac_t, lattice_t, t, num_atoms, batch, graph)
+    lattice_errors, coord_errors = [], []
+    for index in range(1, len(PERMUTATIONS)):
+        perm = torch.full((crystals.num_crystals,), index, device=t.device)
+        out = model.denoise(crystals.atomic_numbers, permute_axes(frac_t, perm[batch]), permute_axes(lattice_t, perm),
+                            t, num_atoms, batch, graph)
+        back = lambda x, p: permute_axes(x, inverse_permutation_index(p))  # noqa: E731
+        lattice_errors.append((back(out.lattice, perm) - reference.lattice).norm() / reference.lattice.norm())
+        moved = torch.cat([back(out.coord, perm[batch]), back(out.score, perm[batch])])
+        still = torch.cat([reference.coord, reference.score])
+        coord_errors.append((moved - still).norm() / still.norm())
+    return {"lattice": float(torch.stack(lattice_errors).mean()), "coord": float(torch.stack(coord_errors).mean())}
 
 
 def _masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,27 +1,30 @@
-"""The papers' CSP evaluation protocol (METHOD.md §8) on a benchmark split.
+"""The papers' CSP evaluation protocol (docs/method.md §8) on a split of the data protocol.
 
-For each selected test crystal: sample ``num_samples`` structures with its true composition, then score
-them against the ground truth parsed from the split's ``cif`` column as is (no Niggli reduction).
+For each selected crystal: sample ``num_samples`` structures with its true composition, then score them
+against the ground truth parsed from the file's ``cif`` column as is (no Niggli reduction). Splits are
+those of :mod:`equicsp_core.splits`; rows the protocol trains on are refused, so a figure is never
+measured on training data (mp_20: report on ``reserved``, tune on ``selection``; perov_5: ``test``, ``val``).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from typing import Any
 
 import torch
 
 import equicsp_core
-from equicsp_core.data import load_split, read_cifs, split_path
-from equicsp_core.diffusion import CrystalDiffusion
+from equicsp_core.diffusion import CrystalDiffusion, symmetrised
 from equicsp_core.metrics import match_rate
 from equicsp_core.sampler import LATTICE_X0_BOUND, sample
 from equicsp_core.settings import DEFAULT_STEP_LR
+from equicsp_core.splits import check_not_trained_on, load_cifs, load_rows, report_split, split_rows
 
 
 def select_indices(total: int, limit: int | None = None, indices: list[int] | None = None) -> list[int]:
-    """All rows, the first ``limit`` rows, or explicit row indices (checked against the split's size)."""
+    """All positions, the first ``limit``, or explicit positions in the split (in range, each once)."""
     if limit is not None and indices is not None:
         raise ValueError("give either a limit or explicit indices, not both")
     if indices is not None:
@@ -30,6 +33,9 @@ def select_indices(total: int, limit: int | None = None, indices: list[int] | No
             raise ValueError(f"indices out of range 0..{total - 1}: {bad[:5]}")
         if not indices:
             raise ValueError("the index list is empty")
+        repeated = sorted(i for i, count in Counter(indices).items() if count > 1)
+        if repeated:
+            raise ValueError(f"indices repeated (each crystal counts once): {repeated[:5]}")
         return list(indices)
     if limit is not None:
         if limit < 1:
@@ -41,7 +47,7 @@ def select_indices(total: int, limit: int | None = None, indices: list[int] | No
 def evaluate(
     model: CrystalDiffusion,
     dataset: str,
-    split: str = "test",
+    split: str | None = None,
     limit: int | None = None,
     indices: list[int] | None = None,
     num_samples: int = 1,
@@ -54,8 +60,12 @@ def evaluate(
     progress: bool = True,
     lattice_bound: float | None = None,
     precision: str = "fp32",
+    symmetrise: bool = False,
+    grid_power: float = 1.0,
 ) -> dict[str, Any]:
-    """Match rate (%) and RMSE of ``model`` on a split; returns a JSON-ready dict with settings and versions."""
+    """Match rate (%) and RMSE of ``model`` on a split (default: the one figures are reported on);
+    returns a JSON-ready dict with settings and versions. ``symmetrise`` samples with the denoiser averaged
+    over the six lattice-vector orderings (:func:`equicsp_core.diffusion.symmetrised`)."""
     import pymatgen.core
     import smact
     from pymatgen.core import Structure
@@ -65,12 +75,16 @@ def evaluate(
         raise ValueError(f"num_samples (k) must be >= 1, got {num_samples}")
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    crystals = load_split(dataset, split, data_dir, progress=progress)
-    rows = select_indices(len(crystals), limit, indices)
-    cifs = read_cifs(split_path(dataset, split, data_dir))
-    references = [Structure.from_str(cifs[i], fmt="cif") for i in rows]
-    selected = [crystals[i] for i in rows]
+    split = split or report_split(dataset, data_dir)
+    split_members = split_rows(dataset, split, data_dir)
+    positions = select_indices(len(split_members), limit, indices)
+    rows = [split_members[i] for i in positions]
+    check_not_trained_on(dataset, rows, data_dir)
+    references = [Structure.from_str(cif, fmt="cif") for cif in load_cifs(dataset, rows, data_dir)]
+    selected = load_rows(dataset, rows, data_dir, progress=progress)
 
+    if symmetrise:
+        model = symmetrised(model)
     generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
     started = time.perf_counter()
     predictions: list[list] = [[] for _ in rows]
@@ -78,7 +92,8 @@ def evaluate(
     for _, start in tqdm(chunks, desc=f"sampling {dataset}/{split}", disable=not progress, unit="batch"):
         chunk = selected[start:start + batch_size]
         result = sample(model, torch.cat([c.atomic_numbers for c in chunk]), torch.tensor([c.num_atoms for c in chunk]),
-                        steps=steps, step_lr=step_lr, generator=generator, lattice_bound=lattice_bound, precision=precision)
+                        steps=steps, step_lr=step_lr, generator=generator, lattice_bound=lattice_bound, precision=precision,
+                        grid_power=grid_power)
         for offset, crystal in enumerate(result.crystals()):
             predictions[start + offset].append(crystal.to_structure() if crystal is not None else None)
     sampling_seconds = time.perf_counter() - started
@@ -89,11 +104,11 @@ def evaluate(
         "dataset": dataset, "split": split, "crystals": len(rows), "num_samples": num_samples,
         "steps": steps or model.schedules.num_steps, "step_lr": step_lr, "seed": seed,
         "lattice_bound": lattice_bound if lattice_bound is not None else LATTICE_X0_BOUND[model.mode],
-        "precision": precision,
+        "precision": precision, "symmetrised": symmetrise, "grid_power": grid_power,
         "match_rate": 100.0 * scores.match_rate, "rmse": scores.rmse, **{k: v for k, v in scores.to_dict().items()
                                                                          if k not in ("match_rate", "rmse")},
         "sampling_seconds": round(sampling_seconds, 1), "matching_seconds": round(time.perf_counter() - started, 1),
         "versions": {"equicsp": equicsp_core.__version__, "torch": str(torch.__version__),
                      "pymatgen": pymatgen.core.__version__, "smact": smact.__version__},
-        "rows": rows if indices is not None else None,
+        "rows": [list(row) for row in rows] if indices is not None else None,
     }

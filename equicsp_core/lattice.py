@@ -1,4 +1,4 @@
-"""Lattice parametrisations (METHOD.md §1.1, §1.2, §2.4).
+"""Lattice parametrisations (docs/method.md §1.1–1.4).
 
 Conventions: a lattice matrix ``L`` has the lattice vectors a, b, c as **rows** (Å); Cartesian positions
 are ``X = F @ L``. Lengths ``l = (|a|, |b|, |c|)`` in Å; angles ``(alpha, beta, gamma)`` in **degrees**
@@ -22,7 +22,7 @@ import torch
 PERMUTATIONS: tuple[tuple[int, int, int], ...] = tuple(itertools.permutations(range(3)))
 
 #: log-lengths are clamped to this range before ``exp`` so a diverged sample gives a finite (then
-#: invalid) lattice instead of inf (METHOD.md §11.15): exp(±7) ≈ 1e-3 .. 1.1e3 Å.
+#: invalid) lattice instead of inf (docs/method.md §10.3): exp(±7) ≈ 1e-3 .. 1.1e3 Å.
 LOG_LENGTH_BOUND = 7.0
 
 

@@ -1,4 +1,4 @@
-"""The papers' CSP metrics (METHOD.md §8): validity, StructureMatcher match rate and RMSE, k = 1 and k = N.
+"""The papers' CSP metrics (docs/method.md §8): validity, StructureMatcher match rate and RMSE, k = 1 and k = N.
 
 Validity follows CDVAE's definitions:
 
@@ -135,7 +135,7 @@ def match_rate(references: list, predictions: list[list], processes: int = 1) ->
     Args:
         references: ground-truth pymatgen structures (one per test crystal).
         predictions: per test crystal, its k predicted structures (``None`` for failed samples). With
-            k = 1 the reference must be valid too (METHOD.md §8, as the official scripts).
+            k = 1 the reference must be valid too (docs/method.md §8.2, as the official scripts).
         processes: worker processes for validity and matching (CPU heavy).
     """
     if len(references) != len(predictions):

@@ -1,4 +1,4 @@
-"""The denoiser: CSPNet (METHOD.md §5) in EquiCSP and DiffCSP flavours, restructured for speed.
+"""The denoiser: CSPNet (docs/method.md §5) in EquiCSP and DiffCSP flavours, restructured for speed.
 
 The maths is that of the official network; only the evaluation order differs. Each layer's first edge
 Linear acts on ``[h̃_i ; h̃_j ; lattice ; Fourier(Δf_ij)]`` and is split by linearity:
@@ -35,7 +35,7 @@ Mode = Literal["equicsp", "diffcsp"]
 
 @dataclass(frozen=True)
 class DenoiserConfig:
-    """Network sizes; defaults are the papers' (METHOD.md §5).
+    """Network sizes; defaults are the papers' (docs/method.md §5).
 
     Attributes:
         mode: ``"equicsp"`` (lattice input C (B, 6), heads ε̂_C, ε̂_F, ŝ) or ``"diffcsp"`` (Gram-matrix
@@ -154,7 +154,7 @@ def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class CSPLayer(nn.Module):
-    """One pre-LayerNorm message-passing layer (METHOD.md §5.5), first edge Linear split by linearity."""
+    """One pre-LayerNorm message-passing layer (docs/method.md §5.3), first edge Linear split by linearity."""
 
     def __init__(self, hidden_dim: int, lattice_dim: int, num_freqs: int) -> None:
         super().__init__()
@@ -217,7 +217,7 @@ class CSPLayer(nn.Module):
 
 
 class CSPNet(nn.Module):
-    """The denoiser ε̂_θ(A, F_t, lattice_t, t) of METHOD.md §5.
+    """The denoiser ε̂_θ(A, F_t, lattice_t, t) of docs/method.md §5.
 
     Symmetries built in (exact): atom permutation, periodic translation of ``F`` (only differences enter,
     through integer-frequency features), and O(3) (EquiCSP: invariant inputs; DiffCSP: Gram input and

@@ -7,6 +7,9 @@ knobs of :class:`equicsp_core.settings.SampleSettings` (their one definition and
 
 from __future__ import annotations
 
+import logging
+import math
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,6 +23,8 @@ from equicsp_core.settings import DEFAULT_STEP_LR, SampleSettings, parse_formula
 
 if TYPE_CHECKING:
     from pymatgen.core import Structure
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -103,12 +108,16 @@ def _sample_batches(
     """The sampling loop of :func:`predict_batches`; ``jobs`` are ``(formula, sample index, atomic numbers)``."""
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
-    for start in range(0, len(jobs), batch_size):
+    batches = math.ceil(len(jobs) / batch_size)
+    for number, start in enumerate(range(0, len(jobs), batch_size), start=1):
         chunk = jobs[start:start + batch_size]
         numbers = torch.tensor([z for _, _, zs in chunk for z in zs])
         counts = torch.tensor([len(zs) for _, _, zs in chunk])
+        started = time.perf_counter()
         result = sample(model, numbers, counts, steps=steps, step_lr=step_lr, generator=generator, progress=progress,
                         lattice_bound=lattice_bound)
+        logger.info("batch %d/%d: %d crystals sampled in %.1f s", number, batches, len(chunk),
+                    time.perf_counter() - started)
         yield [Candidate(formula, index, crystal.to_structure() if crystal is not None else None)
                for (formula, index, _), crystal in zip(chunk, result.crystals(), strict=True)]
 

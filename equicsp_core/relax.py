@@ -15,17 +15,21 @@ dependencies of the engine.
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from equicsp_core.hardware import resolve_device
 from equicsp_core.settings import POTENTIALS, PotentialError, RelaxSettings
 
 if TYPE_CHECKING:
     from ase.calculators.calculator import Calculator
     from pymatgen.core import Structure
+
+logger = logging.getLogger(__name__)
 
 #: Statuses of a relaxation: converged below ``fmax``, stopped at ``steps`` without converging, or failed.
 STATUSES = ("converged", "not_converged", "failed")
@@ -45,8 +49,16 @@ def sevennet_calculator(device: str = "cpu") -> Calculator:
     return SevenNetCalculator(model="7net-0", device=device)
 
 
-def load_calculator(potential: str, device: str = "cpu") -> Calculator:
-    """The ASE calculator of ``potential``: a key of :data:`POTENTIALS` or ``"module:factory"``."""
+def load_calculator(potential: str, device: str = "auto") -> Calculator:
+    """The ASE calculator of ``potential`` (a key of :data:`POTENTIALS` or ``"module:factory"``) on ``device``.
+
+    The factory gets the resolved torch device as text (``"cpu"``, ``"cuda:0"``; :func:`resolve_device`), so
+    a device this machine lacks raises :class:`~equicsp_core.hardware.DeviceUnavailableError` before any
+    weights load.
+    """
+    from ase.calculators.calculator import BaseCalculator
+
+    device = str(resolve_device(device))
     target = POTENTIALS.get(potential, potential)
     module_name, _, attribute = target.partition(":")
     if not attribute:
@@ -59,10 +71,11 @@ def load_calculator(potential: str, device: str = "cpu") -> Calculator:
         calculator = factory(device=device)
     except ImportError as error:
         raise PotentialError(f"potential {potential!r} is not installed: {error}") from error
-    except TypeError as error:
-        raise PotentialError(f"potential {potential!r} is not a factory(device=...) of ASE calculators: {error}") from error
-    if not hasattr(calculator, "get_potential_energy"):
-        raise PotentialError(f"potential {potential!r} returned a {type(calculator).__name__}, not an ASE calculator")
+    except TypeError as error:  # not callable as factory(device=...)
+        raise PotentialError(f"potential {potential!r} is not a calculator factory: {error}") from error
+    if not isinstance(calculator, BaseCalculator):
+        raise PotentialError(f"potential {potential!r} is not a calculator factory: it returned a "
+                             f"{type(calculator).__name__}, not an ASE calculator")
     return calculator
 
 
@@ -136,4 +149,9 @@ def relax_structures(
     """
     calculator = calculator_factory(settings.potential, settings.device)
     for label, structure in structures.items():
-        yield label, relax_structure(structure, calculator, settings)
+        result = relax_structure(structure, calculator, settings)
+        energy = "-" if result.energy_per_atom is None else f"{result.energy_per_atom:.4f} eV/atom"
+        logger.info("%s: %s after %d steps, %s", label, result.status, result.steps, energy)
+        if result.error is not None:
+            logger.warning("%s: %s", label, result.error)
+        yield label, result

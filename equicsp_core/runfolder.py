@@ -49,13 +49,19 @@ class Failure(str, Enum):
     UNUSABLE_POTENTIAL = "unusable_potential"
     #: the device ran out of memory; what finished is kept
     OUT_OF_MEMORY = "out_of_memory"
+    #: a valid device this machine lacks (``cuda`` without a visible GPU): not worth retrying here
+    DEVICE_UNAVAILABLE = "device_unavailable"
+    #: stopped by Ctrl-C (SIGINT); what finished is kept
+    INTERRUPTED = "interrupted"
     #: an error no other failure names (an unexpected exception: see the traceback on stderr)
     FAILED = "failed"
 
     @property
     def exit_status(self) -> int:
-        """The process exit status: 2 for refused input of any kind, 3 out of memory, 1 anything else."""
-        return {Failure.OUT_OF_MEMORY: 3, Failure.FAILED: 1}.get(self, 2)
+        """The process exit status: 2 refused input of any kind, 3 out of memory, 4 device not available, 130
+        interrupted, 1 anything else."""
+        return {Failure.OUT_OF_MEMORY: 3, Failure.DEVICE_UNAVAILABLE: 4, Failure.INTERRUPTED: 130,
+                Failure.FAILED: 1}.get(self, 2)
 
 
 def sample_file_name(formula: str, sample: int) -> str:

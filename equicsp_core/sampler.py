@@ -1,4 +1,4 @@
-"""Predictor–corrector sampling for CSP (METHOD.md §7), on the full or a sub-sampled time grid (§12.2).
+"""Predictor–corrector sampling for CSP (docs/method.md §7), on the full or a sub-sampled time grid (§7.3).
 
 Per step ``t_k → t_{k−1}`` (``t_0 = 0``): a Langevin corrector on the coordinates, then a reverse VE step
 for the coordinates and a DDPM ancestral step for the lattice. On a sub-sampled grid every "t − 1" becomes
@@ -9,6 +9,7 @@ exactly the papers' 1000-step sampler (2000 network evaluations).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,12 +27,24 @@ from equicsp_core.torus import com_free_direction, wrap_unit
 LATTICE_X0_BOUND = {"equicsp": 7.0, "diffcsp": 1000.0}
 
 
-def time_grid(num_steps: int, total_steps: int) -> list[int]:
-    """Descending integer times ``t_K > … > t_1 ≥ 1`` (``t_K = T``), ``K = num_steps``, evenly spaced."""
+def time_grid(num_steps: int, total_steps: int, power: float = 1.0) -> list[int]:
+    """Descending integer times ``t_K > … > t_1 = 1`` (``t_K = T``; one step: ``[T]``), ``K = num_steps``.
+
+    ``t_k = 1 + (T − 1) · ((k − 1)/(K − 1))^power`` rounded: ``power = 1`` spaces them evenly (the default),
+    ``power > 1`` puts more of them at small t, where the structure takes its final shape. Where rounding
+    would repeat a time, the grid climbs by one instead, so it always has ``K`` distinct times.
+    """
     if not 1 <= num_steps <= total_steps:
         raise ValueError(f"steps must be in 1..{total_steps}, got {num_steps}")
-    grid = torch.linspace(total_steps, 1, num_steps, dtype=torch.float64).round().long()
-    return grid.tolist()
+    if not (math.isfinite(power) and power >= 1):
+        raise ValueError(f"the time grid's power must be a finite number >= 1, got {power}")
+    if num_steps == 1:
+        return [total_steps]
+    fraction = torch.linspace(0, 1, num_steps, dtype=torch.float64) ** power
+    ascending = (1 + (total_steps - 1) * fraction).round().long().tolist()
+    for k in range(1, num_steps):
+        ascending[k] = max(ascending[k], ascending[k - 1] + 1)
+    return ascending[::-1]
 
 
 @dataclass
@@ -73,6 +86,7 @@ def sample(
     progress: bool = False,
     lattice_bound: float | None = None,
     precision: str = "fp32",
+    grid_power: float = 1.0,
 ) -> SampleResult:
     """Sample one structure per composition.
 
@@ -88,6 +102,7 @@ def sample(
             ``math.inf`` gives the papers' unclamped update.
         precision: ``"fp32"``, or ``"bf16"`` to run the network under bf16 autocast (the sampler's own
             arithmetic stays in the model's dtype); worth it on CPUs with native bf16 and on GPUs.
+        grid_power: spacing of a sub-sampled time grid (:func:`time_grid`; 1 = even, the papers').
 
     Returns:
         A :class:`SampleResult`; fractional coordinates in [0, 1).
@@ -107,7 +122,7 @@ def sample(
         lattice_bound = LATTICE_X0_BOUND[model.mode]
     schedules = model.schedules
     total = schedules.num_steps
-    grid = time_grid(total if steps is None else steps, total) + [0]
+    grid = time_grid(total if steps is None else steps, total, grid_power) + [0]
     batch = torch.repeat_interleave(torch.arange(num_atoms.shape[0], device=device), num_atoms)
     graph = model.graph_for(num_atoms)
     randn = lambda shape: torch.randn(shape, generator=generator, device=device, dtype=dtype)  # noqa: E731
@@ -164,7 +179,7 @@ def _coord_direction(
     num_atoms: torch.Tensor,
     batch: torch.Tensor,
 ) -> torch.Tensor:
-    """``d ≈ −∇_F log q_t(F)`` from the network output (METHOD.md §7, COORD_DIRECTION)."""
+    """``d ≈ −∇_F log q_t(F)`` from the network output (docs/method.md §7.2)."""
     if model.mode == "diffcsp":
         return out.coord * model.score_norm[time].to(out.coord).sqrt()[batch, None]
     _, kappa_norm, sample_norm = model.tables.lookup(num_atoms, torch.full_like(time, 0, dtype=torch.float64) + sigma)

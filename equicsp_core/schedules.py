@@ -1,4 +1,4 @@
-"""Noise schedules and the time embedding (METHOD.md §3).
+"""Noise schedules and the time embedding (docs/method.md §3).
 
 Time steps are integers ``t ∈ {0, …, T}``; every table below has ``T + 1`` entries and index 0 is the
 clean state (``ᾱ_0 = 1``, ``σ_0 = 0``).

@@ -4,7 +4,7 @@ Pure functions on pymatgen ``Structure`` objects, shared by the AiiDA work chain
 choices are in the provenance) and the jobflow Makers.
 
 - :func:`implausibility` says why a candidate is not worth relaxing (atoms too close, absurd volume), or
-  ``None``; the thresholds default to the papers' structural validity (METHOD.md §8: every interatomic
+  ``None``; the thresholds default to the papers' structural validity (docs/method.md §8.1: every interatomic
   distance above 0.5 Å, volume above 0.1 Å³) plus an upper bound on the volume per atom that no solid at
   ambient pressure exceeds.
 - :func:`duplicate_of` maps every structure to the first earlier structure it matches (pymatgen's
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-# The papers' structural validity (METHOD.md §8): closest approach of two atoms (Å), smallest cell volume (Å³).
+# The papers' structural validity (docs/method.md §8.1): closest approach of two atoms (Å), smallest cell volume (Å³).
 from equicsp_core.metrics import MIN_DISTANCE, MIN_VOLUME
 
 if TYPE_CHECKING:

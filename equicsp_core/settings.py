@@ -3,9 +3,10 @@
 One model per stage of the pipeline (:mod:`equicsp_core.pipeline`)::
 
     SampleSettings   formulas, num_samples, steps, step_lr, lattice_bound, seed, batch_size, device,
-                     allow_outside_domain                               (equicsp sample, the sample CalcJob)
+                     threads, allow_outside_domain                       (equicsp sample, the sample CalcJob)
     ScreenSettings   min_distance, max_volume_per_atom                  (before relaxation)
-    RelaxSettings    potential, fmax, steps, relax_cell, device, phonons (equicsp relax, the relax CalcJob)
+    RelaxSettings    potential, fmax, steps, relax_cell, device, threads, phonons
+                                                                        (equicsp relax, the relax CalcJob)
     RankSettings     top_k, phonons                                     (which winners get phonons and DFT)
     DFTSettings      protocol, relax_type, symprec                      (the DFT stage of the AiiDA route)
 
@@ -53,7 +54,7 @@ from equicsp_core.screening import MAX_VOLUME_PER_ATOM, MIN_DISTANCE
 
 #: Langevin step scale γ of the corrector (the papers' value).
 DEFAULT_STEP_LR = 5e-6
-#: Size of the element-embedding table (METHOD.md §5): atomic numbers 1..100 (H to Fm).
+#: Size of the element-embedding table (docs/method.md §5.1): atomic numbers 1..100 (H to Fm).
 MAX_ATOMIC_NUMBER = 100
 #: Largest seed: torch's generators take 64-bit seeds.
 MAX_SEED = 2**63 - 1
@@ -67,8 +68,10 @@ DFT_RELAX_TYPES = ("none", "positions", "volume", "shape", "cell", "positions_vo
                    "positions_cell")
 #: ``module:factory`` of a potential given by path: dotted Python names on both sides.
 _FACTORY_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
-#: A torch device the settings accept: ``cpu``, ``cuda`` or ``cuda:N``.
-_DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
+#: A device name the settings accept (:mod:`equicsp_core.hardware` resolves it on the machine that computes).
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+#: What a refused device name is told to use instead.
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 
 
 class SettingsError(ValueError):
@@ -99,14 +102,19 @@ def _number(value: Any) -> Any:
 Number = Annotated[float, BeforeValidator(_number)]
 
 
-def _device(value: Any) -> Any:
-    if isinstance(value, str) and not _DEVICE_PATTERN.match(value):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {value!r}")
-    return value
+def check_device_name(name: object) -> str:
+    """``name`` if it is a device name of :data:`DEVICE_PATTERN`; a ValueError naming the choices otherwise.
+
+    Checks the name only, not whether this machine has the device
+    (:func:`equicsp_core.hardware.resolve_device` does, where the work runs).
+    """
+    if not isinstance(name, str) or not DEVICE_PATTERN.fullmatch(name):
+        raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {name!r}")
+    return name
 
 
-#: The torch device of a job.
-Device = Annotated[str, BeforeValidator(_device)]
+#: The device of a job: ``auto`` (CUDA if present, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+Device = Annotated[str, BeforeValidator(check_device_name)]
 
 
 def one_line(error: ValidationError, known: Iterable[str]) -> str:
@@ -119,8 +127,9 @@ def one_line(error: ValidationError, known: Iterable[str]) -> str:
     for item in error.errors():
         if item["type"] == "extra_forbidden":
             continue
-        where = "".join(f"{part}: " for part in item["loc"][:1])  # the knob; a whole-model check names its own
         message = item["msg"].removeprefix("Value error, ")
+        # the knob, unless the message already starts with it (or a whole-model check names its own)
+        where = "".join(f"{part}: " for part in item["loc"][:1] if not message.startswith(f"{part} "))
         got = "" if item["type"] in ("missing", "value_error") else f", got {item['input']!r}"
         problems.append(f"{where}{message}{got}")
     return "; ".join(problems)
@@ -256,7 +265,8 @@ class SampleSettings(Settings):
         None, gt=0, description="clamp of the predicted clean lattice (None: the mode's; inf: the papers' update)")
     seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description="seed of all randomness")
     batch_size: StrictInt = Field(256, ge=1, description="crystals sampled together; results saved after each")
-    device: Device = Field("cpu", description="torch device: cpu, cuda or cuda:N")
+    device: Device = Field("auto", description=f"torch device: {DEVICE_CHOICES} (auto: CUDA if present, else CPU)")
+    threads: StrictInt | None = Field(None, ge=1, description="CPU threads of torch (None: every CPU the job may use)")
     allow_outside_domain: StrictBool = Field(
         False, description="sample formulas beyond the model's training data (more atoms, unseen elements)")
 
@@ -301,7 +311,8 @@ class RelaxSettings(Settings):
     fmax: Number = Field(0.05, gt=0, allow_inf_nan=False, description="force threshold, eV/Å")
     steps: StrictInt = Field(500, ge=0, description="optimiser step cap (0: evaluate only)")
     relax_cell: StrictBool = Field(True, description="relax the cell too (FrechetCellFilter)")
-    device: Device = Field("cpu", description="torch device of the potential")
+    device: Device = Field("auto", description=f"torch device of the potential: {DEVICE_CHOICES}")
+    threads: StrictInt | None = Field(None, ge=1, description="CPU threads of torch (None: every CPU the job may use)")
     phonons: StrictBool = Field(False, description="check each relaxed structure for imaginary phonon modes")
 
     @field_validator("potential")

@@ -1,4 +1,4 @@
-"""Noise on the 3-torus of fractional coordinates (METHOD.md §3.2, §4.1, §4.5).
+"""Noise on the 3-torus of fractional coordinates (docs/method.md §3.2, §4.1, §4.2, §4.5).
 
 Two noise models:
 
@@ -20,7 +20,7 @@ from equicsp_core.segment import segment_sum
 
 TWO_PI = 2.0 * math.pi
 
-#: Lower bound on the resultant length R of the circular mean (METHOD.md §11.3).
+#: Lower bound on the resultant length R of the circular mean (docs/method.md §10.2).
 MIN_RESULTANT = 1e-6
 
 
@@ -55,7 +55,7 @@ def wrapped_normal_neg_score(x: torch.Tensor, sigma: torch.Tensor, images: int =
 def wrapped_normal_score_second_moment(sigma: torch.Tensor, points: int = 4001) -> torch.Tensor:
     """``λ(σ) = E_{x∼N(0,σ²)}[g_wn(x; σ)²]``, by the trapezoidal rule on ``x = σu``, ``u ∈ [−10, 10]``.
 
-    This is DiffCSP's normaliser of the coordinate target (METHOD.md §6.1), computed by quadrature
+    This is DiffCSP's normaliser of the coordinate target (docs/method.md §4.1), computed by quadrature
     instead of Monte Carlo. For ``σ → 0``, ``λ → 1/σ²``.
 
     Args:
@@ -74,7 +74,7 @@ def wrapped_normal_score_second_moment(sigma: torch.Tensor, points: int = 4001) 
 def circular_mean(
     eps: torch.Tensor, batch: torch.Tensor, num_atoms: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Periodic centre of mass per crystal and axis (METHOD.md §4.1, paper Eq. 15).
+    """Periodic centre of mass per crystal and axis (docs/method.md §4.2, paper Eq. 15).
 
     ``u = mean sin(2πε)``, ``v = mean cos(2πε)``, ``μ = atan2(u, v)/(2π) mod 1``, ``R = sqrt(u² + v²)``.
 
@@ -106,7 +106,7 @@ def com_free(eps: torch.Tensor, batch: torch.Tensor, num_atoms: torch.Tensor) ->
 def com_free_jacobian_weights(
     eps_bar: torch.Tensor, batch: torch.Tensor, num_atoms: torch.Tensor
 ) -> torch.Tensor:
-    """``g_i = ∂μ/∂ε_i = cos(2π(ε_i − μ)) / (n R)`` (METHOD.md §4.5, paper Eq. 36).
+    """``g_i = ∂μ/∂ε_i = cos(2π(ε_i − μ)) / (n R)`` (docs/method.md §4.5, paper Eq. 36).
 
     Shift-invariant, so it may be evaluated at the CoM-free noise. ``Σ_i g_i = 1`` per crystal and axis.
     ``R`` is clamped to :data:`MIN_RESULTANT` (uniformly spread noise).

@@ -1,4 +1,4 @@
-"""Training loop: Adam, ReduceLROnPlateau, clipping by value, exact resume (METHOD.md §6.3).
+"""Training loop: Adam, ReduceLROnPlateau, clipping by value, exact resume (docs/method.md §6.4).
 
 A run lives in one folder::
 
@@ -13,6 +13,7 @@ Every random draw (data order, t, noise, permutations) comes from seeded generat
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
@@ -24,43 +25,42 @@ from typing import Any
 
 import torch
 import yaml
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import equicsp_core
-from equicsp_core.checkpoint import save_checkpoint
+from equicsp_core.checkpoint import read_checkpoint, save_checkpoint
 from equicsp_core.config import RunConfig
 from equicsp_core.crystal import Crystal, CrystalBatch
-from equicsp_core.data import data_fingerprint, load_split, split_path
+from equicsp_core.data import data_fingerprint
 from equicsp_core.diffusion import CrystalDiffusion
-from equicsp_core.files import atomic_path
+from equicsp_core.files import atomic_path, file_sha256
+from equicsp_core.network import DenoiserConfig
+from equicsp_core.splits import has_train_file, load_rows, reserved_rows_path, split_rows
 
 
 def training_splits(
-    dataset: str, seed: int, val_fraction: float, data_dir: str | None = None, progress: bool = True
+    dataset: str, data_dir: str | None = None, progress: bool = True
 ) -> tuple[list[Crystal], list[Crystal], dict[str, Any]]:
-    """(train, validation, provenance). Without a train split, the val split is divided (seeded):
-    ``1 − val_fraction`` to train on and ``val_fraction`` for model selection ("trained on val")."""
-    try:
-        split_path(dataset, "train", data_dir)
-        has_train = True
-    except FileNotFoundError:
-        has_train = False
-    if has_train:
-        train = load_split(dataset, "train", data_dir, progress=progress)
-        val = load_split(dataset, "val", data_dir, progress=progress)
-        provenance = {"protocol": "train split; selection on val",
-                      "data_sha256": {s: data_fingerprint(dataset, s, data_dir) for s in ("train", "val")}}
-        return train, val, provenance
-    crystals = load_split(dataset, "val", data_dir, progress=progress)
-    order = torch.randperm(len(crystals), generator=torch.Generator().manual_seed(seed)).tolist()
-    held_out = max(1, round(val_fraction * len(crystals)))
-    val = [crystals[i] for i in order[:held_out]]
-    train = [crystals[i] for i in order[held_out:]]
+    """(train, selection, provenance) under the data protocol of :mod:`equicsp_core.splits`."""
+    train_rows = split_rows(dataset, "train", data_dir)
+    selection_rows = split_rows(dataset, "selection", data_dir)
+    files = sorted({row.file for row in train_rows + selection_rows})
+    if has_train_file(dataset, data_dir):
+        protocol = "the papers' protocol: trained on train, selected on val, reported on test"
+    else:
+        num_test = sum(row.file == "test" for row in train_rows)
+        protocol = (f"trained on val + the unreserved test rows ({len(train_rows) - num_test} val + {num_test} test "
+                    f"rows), selected on {len(selection_rows)} held-out val rows; reported on the reserved test rows")
     provenance = {
-        "protocol": f"trained on val: {len(train)} val crystals for training, {len(val)} held out (seed {seed})",
-        "data_sha256": {"val": data_fingerprint(dataset, "val", data_dir)},
+        "protocol": protocol,
+        "rows": {"train": len(train_rows), "selection": len(selection_rows)},
+        "data_sha256": {file: data_fingerprint(dataset, file, data_dir) for file in files},
     }
-    return train, val, provenance
+    if not has_train_file(dataset, data_dir):
+        provenance["reserved_rows_sha256"] = file_sha256(reserved_rows_path(dataset, data_dir))
+    return (load_rows(dataset, train_rows, data_dir, progress), load_rows(dataset, selection_rows, data_dir, progress),
+            provenance)
 
 
 def _batches(crystals: list[Crystal], batch_size: int, order: list[int]) -> Iterator[CrystalBatch]:
@@ -89,6 +89,10 @@ def _autocast(device: torch.device, precision: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+class TrainingDiverged(ValueError):
+    """An epoch whose loss or weights became non-finite; the run folder keeps the last good epoch."""
+
+
 def train(
     config: RunConfig,
     out_dir: str | Path,
@@ -97,11 +101,15 @@ def train(
     device: str = "cpu",
     data_dir: str | None = None,
     progress: bool = True,
+    init_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train (or continue training) a model; returns a summary of the run so far.
 
     Stops after ``config.train.epochs`` epochs in total, or at the first epoch boundary after
-    ``max_minutes`` of this call, whichever comes first; either way ``resume.pt`` is current.
+    ``max_minutes`` of this call, whichever comes first; either way ``resume.pt`` is current. A new run
+    may start from the weights of ``init_from`` (see :func:`initial_state`) instead of a random draw.
+    An epoch that ends with non-finite weights or without one finite step raises :class:`TrainingDiverged`
+    before anything of that epoch is written.
     """
     out_dir = Path(out_dir)
     resume_path, config_path = out_dir / "resume.pt", out_dir / "config.yaml"
@@ -109,17 +117,12 @@ def train(
         raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
     if resume and not resume_path.exists():
         raise FileNotFoundError(f"nothing to resume: {resume_path} does not exist")
+    if resume and init_from is not None:
+        raise ValueError("--init-from starts a new run; a resumed run continues from its own state")
     if resume:
-        saved = yaml.safe_load(config_path.read_text())
-        current = config.to_dict()
-        saved["train"]["epochs"] = current["train"]["epochs"]
-        if saved != current:
-            raise ValueError(f"the config differs from the run in {out_dir}; only train.epochs may change on resume")
+        _check_resumable(config, config_path)
     torch_device = torch.device(device)
     settings = config.train
-    train_set, val_set, provenance = training_splits(config.dataset, settings.seed, settings.val_fraction, data_dir, progress)
-    train_set = train_set[: settings.max_train_crystals]
-    val_set = val_set[: settings.max_val_crystals]
 
     torch.manual_seed(settings.seed)  # parameter initialisation
     model = CrystalDiffusion(config.denoiser, config.diffusion).to(torch_device)
@@ -129,11 +132,19 @@ def train(
     )
     generator = torch.Generator(torch_device).manual_seed(settings.seed)
     state: dict[str, Any] = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": None, "train_seconds": 0.0}
+    if init_from is not None:
+        state["initialised_from"] = initial_state(init_from, model, optimizer, torch_device)
+    ema = _averaged(model, settings.ema_decay)  # the average starts at the initial weights
+    train_set, val_set, provenance = training_splits(config.dataset, data_dir, progress)
+    train_set = train_set[: settings.max_train_crystals]
+    val_set = val_set[: settings.max_val_crystals]
     if resume:
         saved_state = torch.load(resume_path, map_location=torch_device, weights_only=True)
         model.net.load_state_dict(saved_state["model"])
         optimizer.load_state_dict(saved_state["optimizer"])
         scheduler.load_state_dict(saved_state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(saved_state["ema"])
         generator.set_state(saved_state["generator"].cpu())
         state = saved_state["progress"]
     else:
@@ -159,10 +170,17 @@ def train(
             terms["loss"].backward()
             torch.nn.utils.clip_grad_value_(model.parameters(), settings.grad_clip_value)
             optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model.net)
             steps += 1
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
             bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}")
+        if steps == 0 or not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise TrainingDiverged(
+                f"training diverged in epoch {epoch + 1} ({skipped} of {skipped + steps} steps had a non-finite loss"
+                f"{'' if steps == 0 else ', the weights became non-finite'}); {out_dir} keeps epoch {epoch}: "
+                f"lower train.lr or train.grad_clip_value")
         seconds = time.perf_counter() - epoch_start
         state["train_seconds"] += seconds
         record: dict[str, Any] = {
@@ -172,15 +190,21 @@ def train(
         }
         if (epoch + 1) % settings.val_every == 0 or epoch + 1 == settings.epochs:
             val_loss = validation_loss(model, val_set, settings.batch_size, settings.seed + 1, torch_device, settings.precision)
+            if ema is not None:
+                record["val_loss_raw"] = val_loss
+                with _weights_of(model, ema):
+                    val_loss = validation_loss(model, val_set, settings.batch_size, settings.seed + 1, torch_device,
+                                               settings.precision)
             scheduler.step(val_loss)
             record["val_loss"] = val_loss
             if val_loss < state["best_val_loss"]:
                 state["best_val_loss"], state["best_epoch"] = val_loss, epoch + 1
-                save_checkpoint(model, out_dir / "best.pt", _card(config, provenance, state, torch_device))
+                with _weights_of(model, ema):
+                    save_checkpoint(model, out_dir / "best.pt", _card(config, provenance, state, torch_device))
         state["epoch"] = epoch + 1
         with open(out_dir / "metrics.jsonl", "a") as log:
             log.write(json.dumps(record) + "\n")
-        _save_resume(resume_path, model, optimizer, scheduler, generator, state)
+        _save_resume(resume_path, model, optimizer, scheduler, ema, generator, state)
         if progress:
             tqdm.write(json.dumps(record))
         if max_minutes is not None and time.perf_counter() - started > 60 * max_minutes:
@@ -188,17 +212,88 @@ def train(
     return {"out_dir": str(out_dir), **state}
 
 
+def _check_resumable(config: RunConfig, config_path: Path) -> None:
+    """A resumed run must keep its config, except ``train.epochs``.
+
+    The saved config is read through :class:`RunConfig`, so a field added since it was written compares
+    as its default; ``train.val_fraction`` (always 0.1) moved into the data protocol and is dropped.
+    """
+    saved = yaml.safe_load(config_path.read_text())
+    saved["train"].pop("val_fraction", None)
+    saved["train"]["epochs"] = config.train.epochs
+    if RunConfig.from_dict(saved) != config:
+        raise ValueError(f"the config differs from the run in {config_path.parent}; only train.epochs may change on resume")
+
+
+def initial_state(source: str | Path, model: CrystalDiffusion, optimizer: torch.optim.Optimizer,
+                  device: torch.device) -> dict[str, Any]:
+    """Start from trained weights: a checkpoint (name or path), or a run folder's ``resume.pt``.
+
+    From a run folder the optimiser's moments come along too, so training continues without Adam's
+    cold start; its learning rate is this run's. The denoiser must have the same shape. Returns what
+    the model card records about the start.
+    """
+    folder = Path(source)
+    if folder.is_dir():
+        path = folder / "resume.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"--init-from {source}: {path} does not exist")
+        saved = torch.load(path, map_location=device, weights_only=True)
+        weights, epoch = saved["model"], saved["progress"]["epoch"]
+        optimizer_state = saved["optimizer"]
+        saved_config = yaml.safe_load((folder / "config.yaml").read_text())["denoiser"]
+    else:
+        payload = read_checkpoint(source)
+        weights, epoch, optimizer_state = payload["state_dict"], payload["card"].get("epochs"), None
+        saved_config = payload["denoiser"]
+    if DenoiserConfig(**saved_config) != model.denoiser_config:
+        raise ValueError(f"--init-from {source}: its denoiser {saved_config} differs from this run's "
+                         f"{model.denoiser_config.to_dict()}")
+    model.net.load_state_dict(weights)
+    if optimizer_state is not None:
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.load_state_dict(optimizer_state)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    return {"source": str(source), "epoch": epoch, "optimizer": optimizer_state is not None}
+
+
+def _averaged(model: CrystalDiffusion, decay: float | None) -> AveragedModel | None:
+    """The exponential moving average of the denoiser's weights (buffers averaged too), or None."""
+    if decay is None:
+        return None
+    return AveragedModel(model.net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+@contextlib.contextmanager
+def _weights_of(model: CrystalDiffusion, ema: AveragedModel | None) -> Iterator[None]:
+    """Within the block ``model`` holds the averaged weights (nothing changes without an average)."""
+    if ema is None:
+        yield
+        return
+    own = {k: v.clone() for k, v in model.net.state_dict().items()}
+    model.net.load_state_dict(ema.module.state_dict())
+    try:
+        yield
+    finally:
+        model.net.load_state_dict(own)
+
+
 def _save_resume(
     path: Path,
     model: CrystalDiffusion,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
+    ema: AveragedModel | None,
     generator: torch.Generator,
     state: dict,
 ) -> None:
+    saved = {"model": model.net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "generator": generator.get_state(), "progress": state}
+    if ema is not None:
+        saved["ema"] = ema.state_dict()
     with atomic_path(path) as tmp:
-        torch.save({"model": model.net.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "progress": state}, tmp)
+        torch.save(saved, tmp)
 
 
 def cpu_model() -> str:
@@ -220,6 +315,7 @@ def _card(config: RunConfig, provenance: dict, state: dict, device: torch.device
         "epochs": state["best_epoch"],
         "val_loss": state["best_val_loss"],
         "train_seconds": round(state["train_seconds"], 1),
+        **({"initialised_from": state["initialised_from"]} if "initialised_from" in state else {}),
         "device": str(device) if device.type != "cpu" else f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)",
         "torch": str(torch.__version__),
         "equicsp": equicsp_core.__version__,

@@ -1,4 +1,4 @@
-"""EquiCSP's normalisation tables κ, K, S as smooth functions of (n, log σ) (METHOD.md §4.2–4.4).
+"""EquiCSP's normalisation tables κ, K, S as smooth functions of (n, log σ) (docs/method.md §4.3–4.4).
 
 For ``n`` atoms and noise level σ, the CoM-free noise ``ε̄ = m(σz)`` (per axis) is modelled as a von Mises
 ``V(x; 0, κ) ∝ exp(κ cos 2πx)``:
@@ -162,8 +162,15 @@ def compute_tables(
     seed: int = 0,
     progress: bool = False,
 ) -> VonMisesTables:
-    """Build the tables from scratch: one seeded generator per ``n`` so any row can be recomputed alone."""
+    """Build the tables from scratch: one seeded generator per ``n`` so any row can be recomputed alone.
+
+    Raises:
+        ValueError: for ``samples`` below 1 (no noise to average: every table entry would be NaN).
+    """
     from tqdm import tqdm
+
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
 
     decades = math.log10(sigma_max / sigma_min)
     log_sigma = torch.linspace(math.log(sigma_min), math.log(sigma_max), round(decades * points_per_decade) + 1,

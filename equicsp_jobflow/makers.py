@@ -71,7 +71,7 @@ class _SampleJob(Maker):
     def make(self, formulas: list[str]) -> SampleDocument:
         """Sample the candidates of ``formulas`` (cell contents: ``"SrTiO3"`` is a 5-atom cell)."""
         from equicsp_core.checkpoint import load_model, resolve_checkpoint
-        from equicsp_core.files import sha256_of
+        from equicsp_core.files import file_sha256
         from equicsp_core.predict import predict_with_settings
 
         settings = self.settings(formulas)
@@ -89,7 +89,7 @@ class _SampleJob(Maker):
                                                            sample.structure))
         return SampleDocument(formulas=list(settings.formulas), candidates=candidates, invalid=invalid,
                               num_requested=len(settings.formulas) * settings.num_samples,
-                              checkpoint=str(self.checkpoint), checkpoint_sha256=sha256_of(path),
+                              checkpoint=str(self.checkpoint), checkpoint_sha256=file_sha256(path),
                               settings=settings.to_dict())
 
 

@@ -3,9 +3,10 @@
     python scripts/ship_checkpoint.py training/perov_5-cpu/best.pt perov_5 --eval eval_full_100.json eval_500_1000.json \
         --subsets "541 crystals = test rows 0, 7, 14, … (--indices); 2 threads of the CPU above."
 
-Writes ``equicsp_core/checkpoints/<name>.pt`` (weights only, loadable with ``weights_only=True``) and
-``equicsp_core/checkpoints/<name>.md`` (the card for humans). The evaluation JSONs are the reports of
-``equicsp evaluate`` on this very checkpoint.
+Writes ``equicsp_core/checkpoints/<name>.pt`` (weights only, loadable with ``weights_only=True``),
+``equicsp_core/checkpoints/<name>.md`` (the card for humans, with the file's SHA-256) and the file's pin in
+``equicsp_core/checkpoint_pins.py``. The evaluation JSONs are the reports of ``equicsp evaluate`` on this very
+checkpoint.
 """
 
 from __future__ import annotations
@@ -16,10 +17,22 @@ from pathlib import Path
 
 import torch
 
-from equicsp_core.checkpoint import SHIPPED_DIR, read_checkpoint
+from equicsp_core import checkpoint_pins
+from equicsp_core.checkpoint import SHIPPED_DIR, load_model, read_checkpoint
+from equicsp_core.files import file_sha256
+from equicsp_core.crystal import CrystalBatch
+from equicsp_core.diffusion import lattice_permutation_error
+from equicsp_core.splits import load_rows, split_rows
 
 
-def card_markdown(name: str, payload: dict, subsets: str) -> str:
+def write_pins(pins: dict[str, str]) -> None:
+    """Rewrite ``equicsp_core/checkpoint_pins.py`` with ``pins`` (name → file SHA-256), its docstring kept."""
+    module = Path(checkpoint_pins.__file__)
+    lines = [f'    "{name}": "{pins[name]}",' for name in sorted(pins)]
+    module.write_text(f'"""{checkpoint_pins.__doc__}"""\n\nSHIPPED_SHA256 = {{\n' + "\n".join(lines) + "\n}\n")
+
+
+def card_markdown(name: str, payload: dict, subsets: str, sha256: str) -> str:
     """The model card: training facts from the checkpoint, one table row per evaluation, ``subsets`` (which
     crystals the rows' subsets are, and the machine) after the table."""
     card = payload["card"]
@@ -35,20 +48,52 @@ def card_markdown(name: str, payload: dict, subsets: str) -> str:
         f"{card['train_seconds'] / 3600:.2f} h on {card['device']}, torch {card['torch']}, {card['date']}",
         f"- data sha256: {json.dumps(card['data_sha256'])}",
         f"- training settings: `{json.dumps(card['config']['train'])}`",
+        f"- file sha256: `{sha256}` (pinned in `equicsp_core/checkpoint_pins.py`, checked on every load); "
+        f"model sha256 (configs and weights): `{payload['model_sha256']}`",
+    ]
+    if "initialised_from" in card:
+        start = card["initialised_from"]
+        lines.append(f"- initialised from `{start['source']}` at epoch {start['epoch']}"
+                     f"{' (weights and Adam moments)' if start['optimizer'] else ' (weights)'}")
+    if "lattice_permutation_error" in card:
+        error = card["lattice_permutation_error"]
+        lines.append(f"- lattice-permutation equivariance error (relative change of the outputs when the lattice "
+                     f"vectors are relabelled, {error['crystals']} {error['split']} rows, random t): lattice "
+                     f"{100 * error['lattice']:.1f} %, coordinates {100 * error['coord']:.1f} %; 0 with `--symmetrise`")
+    lines += [
         "",
-        "## Scores (CSP, the papers' protocol, `equicsp evaluate`)",
+        "## Scores (CSP, `equicsp evaluate`)",
         "",
-        "| split | crystals | k | steps | step_lr | lattice bound | precision | match rate % | RMSE | sampling s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "\"papers'\" rows use the papers' protocol exactly (1000 steps, unbounded lattice update, even grid); "
+        "\"project\" rows use the settings shown (the project's sampler).",
+        "",
+        "| protocol | split | crystals | k | steps | step_lr | lattice bound | precision | match rate % | RMSE | sampling s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for report in card.get("evaluations", []):
         rmse = f"{report['rmse']:.4f}" if report["rmse"] is not None else "–"
-        lines.append(f"| {report['split']} | {report['crystals']} | {report['num_samples']} | {report['steps']} | "
-                     f"{report['step_lr']} | {report['lattice_bound']} | {report['precision']} | "
+        lines.append(f"| {protocol_of(report)} | {report['split']} | {report['crystals']} | {report['num_samples']} | "
+                     f"{report['steps']} | {report['step_lr']} | {report['lattice_bound']} | {report['precision']} | "
                      f"{report['match_rate']:.2f} | {rmse} | {report['sampling_seconds']} |")
     lines += ["", "Reproduce: `equicsp evaluate --checkpoint " + name + " --dataset " + card["dataset"] + " ...` "
               "with the settings of each row (seed 0). " + subsets]
     return "\n".join(lines) + "\n"
+
+
+def protocol_of(report: dict) -> str:
+    """``papers'`` for the papers' sampler exactly (1000 steps, unbounded lattice, even grid, not symmetrised)."""
+    papers = (report["steps"] == 1000 and report["lattice_bound"] == float("inf")
+              and report.get("grid_power", 1.0) == 1.0 and not report.get("symmetrised", False))
+    return "papers'" if papers else "project"
+
+
+def equivariance_error(checkpoint: str, crystals: int = 64) -> dict:
+    """The lattice-permutation error of the checkpoint on the first ``crystals`` selection rows of its dataset."""
+    model, card = load_model(checkpoint)
+    rows = split_rows(card["dataset"], "selection")[:crystals]
+    batch = CrystalBatch.collate(load_rows(card["dataset"], rows, progress=False))
+    return {"split": "selection", "crystals": len(rows),
+            **lattice_permutation_error(model, batch, torch.Generator().manual_seed(0))}
 
 
 def main() -> None:
@@ -62,12 +107,17 @@ def main() -> None:
     args = parser.parse_args()
     payload = read_checkpoint(args.checkpoint)
     payload["card"]["evaluations"] = [json.loads(Path(path).read_text()) for path in args.eval]
+    if payload["denoiser"]["mode"] == "equicsp":
+        payload["card"]["lattice_permutation_error"] = equivariance_error(args.checkpoint)
     SHIPPED_DIR.mkdir(parents=True, exist_ok=True)
     target = SHIPPED_DIR / f"{args.name}.pt"
     torch.save(payload, target)
-    read_checkpoint(target)  # must load back with weights_only=True
-    (SHIPPED_DIR / f"{args.name}.md").write_text(card_markdown(args.name, payload, args.subsets))
-    print(f"shipped {target} ({target.stat().st_size / 1e6:.1f} MB)")
+    sha256 = file_sha256(target)
+    write_pins({**checkpoint_pins.SHIPPED_SHA256, args.name: sha256})
+    checkpoint_pins.SHIPPED_SHA256[args.name] = sha256
+    read_checkpoint(target)  # must load back with weights_only=True, its pin and model hash checked
+    (SHIPPED_DIR / f"{args.name}.md").write_text(card_markdown(args.name, payload, args.subsets, sha256))
+    print(f"shipped {target} ({target.stat().st_size / 1e6:.1f} MB, sha256 {sha256})")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""A literal implementation of METHOD.md §5 (the official CSPNet's structure), used as the reference.
+"""A literal implementation of docs/method.md §5 (the official CSPNet's structure), used as the reference.
 
 Every edge gets the concatenated input ``[h̃_i ; h̃_j ; lattice ; Fourier(f_j − f_i)]`` and one
 ``Linear(2H + lattice + 6K → H)``, as in the official ``cspnet_v2.CSPNet`` with torch_scatter replaced by

@@ -8,6 +8,7 @@ import torch
 from equicsp_core import sampler
 from equicsp_core.checkpoint import read_checkpoint
 from equicsp_core.cli import main
+from equicsp_core.diffusion import CrystalDiffusion
 
 TIMING_FIELDS = {"seconds", "crystals_per_s"}
 
@@ -79,19 +80,21 @@ def test_train_writes_run_folder(tmp_path):
     assert all("loss" in r and "val_loss" in r for r in records)
     card = read_checkpoint(run / "best.pt")["card"]
     assert card["dataset"] == "perov_5"
-    assert card["protocol"].startswith("train split")
+    assert card["protocol"].startswith("the papers' protocol: trained on train")
     assert set(card["data_sha256"]) == {"train", "val"}
 
 
-def test_train_on_dataset_without_train_split_uses_val(tmp_path):
-    """mp_20 (no train split) trains on val, and the model card says "trained on val"."""
+def test_train_on_dataset_without_train_split_uses_the_data_protocol(tmp_path):
+    """mp_20 (no train file) trains on val less 10 % + the unreserved test rows; the card says so."""
     run = tmp_path / "run"
     assert train_tiny(run, "dataset=mp_20", "train.epochs=1") == 0
     card = read_checkpoint(run / "best.pt")["card"]
     assert card["dataset"] == "mp_20"
-    assert card["protocol"].startswith("trained on val")
-    assert "27 val crystals for training, 3 held out" in card["protocol"]
-    assert set(card["data_sha256"]) == {"val"}
+    assert card["protocol"].startswith("trained on val + the unreserved test rows (27 val + 8 test rows)")
+    assert "selected on 3 held-out val rows" in card["protocol"]
+    assert card["rows"] == {"train": 35, "selection": 3}
+    assert set(card["data_sha256"]) == {"val", "test"}
+    assert len(card["reserved_rows_sha256"]) == 64
 
 
 def test_resumed_run_matches_uninterrupted_run(tmp_path):
@@ -140,6 +143,98 @@ def test_resume_with_changed_config_fails(tmp_path, capsys):
     assert train_tiny(run, "train.epochs=2", "train.lr=0.002", resume=True) == 2
     assert "config differs" in capsys.readouterr().err
     assert len(read_metrics(run)) == 1
+
+
+def test_resumed_run_with_weight_average_matches_uninterrupted_run(tmp_path):
+    """With an EMA of the weights, 1 epoch + resume to 3 equals 3 epochs straight, average included."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    ema = "train.ema_decay=0.9"
+    assert train_tiny(straight, "train.epochs=3", "train.val_every=1", ema) == 0
+    assert train_tiny(resumed, "train.epochs=1", "train.val_every=1", ema) == 0
+    assert train_tiny(resumed, "train.epochs=3", "train.val_every=1", ema, resume=True) == 0
+    assert without_timing(read_metrics(straight)) == without_timing(read_metrics(resumed))
+    state_a = torch.load(straight / "resume.pt", weights_only=True)
+    state_b = torch.load(resumed / "resume.pt", weights_only=True)
+    for key in state_a["ema"]:
+        assert torch.equal(state_a["ema"][key], state_b["ema"][key]), key
+
+
+def test_weight_average_is_what_is_validated_and_saved(tmp_path):
+    """With an EMA, metrics carry the raw and the averaged validation loss, and best.pt holds the average.
+
+    The fixture's 24 crystals are one step per epoch; the first step copies the weights, so 2 epochs.
+    """
+    run = tmp_path / "run"
+    assert train_tiny(run, "train.epochs=2", "train.val_every=2", "train.ema_decay=0.5") == 0
+    record = read_metrics(run)[-1]
+    assert record["val_loss"] != record["val_loss_raw"]
+    state = torch.load(run / "resume.pt", weights_only=True)
+    best = read_checkpoint(run / "best.pt")["state_dict"]
+    for key, value in best.items():
+        assert torch.equal(value, state["ema"][f"module.{key}"]), key
+    assert any(not torch.equal(value, state["model"][key]) for key, value in best.items())
+
+
+def test_non_finite_learning_rate_is_refused(tmp_path, capsys):
+    """train.lr=.inf is refused before anything is written, naming train.lr."""
+    assert train_tiny(tmp_path / "run", "train.lr=.inf") == 2
+    assert "train.lr must be a finite number > 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_diverged_training_stops_and_keeps_the_last_good_epoch(tmp_path, capsys, monkeypatch):
+    """An epoch in which every loss is non-finite exits 2 with one line; the run folder keeps epoch 1."""
+    run = tmp_path / "run"
+    assert train_tiny(run, "train.epochs=1") == 0
+    real_loss = CrystalDiffusion.loss
+
+    def nan_loss(self, *args, **kwargs):
+        terms = real_loss(self, *args, **kwargs)
+        return {**terms, "loss": terms["loss"] * float("nan")}
+
+    monkeypatch.setattr(CrystalDiffusion, "loss", nan_loss)
+    capsys.readouterr()
+    assert train_tiny(run, "train.epochs=2", resume=True) == 2
+    error = capsys.readouterr().err
+    assert "training diverged in epoch 2" in error and "keeps epoch 1" in error
+    assert torch.load(run / "resume.pt", weights_only=True)["progress"]["epoch"] == 1
+    assert len(read_metrics(run)) == 1
+
+
+def test_init_from_run_folder_loads_its_weights_and_optimiser(tmp_path):
+    """A new run started from a run folder begins with that run's weights and Adam moments, at its own lr."""
+    from equicsp_core.config import load_run_config
+    from equicsp_core.train import initial_state
+
+    source = tmp_path / "source"
+    assert train_tiny(source, "train.epochs=1") == 0
+    config = load_run_config("tiny", ["train.lr=0.0005"])
+    model = CrystalDiffusion(config.denoiser, config.diffusion)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+    started = initial_state(source, model, optimizer, torch.device("cpu"))
+    assert started == {"source": str(source), "epoch": 1, "optimizer": True}
+    saved = torch.load(source / "resume.pt", weights_only=True)
+    for key, value in model.net.state_dict().items():
+        assert torch.equal(value, saved["model"][key]), key
+    assert optimizer.param_groups[0]["lr"] == 0.0005
+    assert len(optimizer.state_dict()["state"]) == len(saved["optimizer"]["state"])
+
+
+def test_init_from_records_the_start_in_the_card(tmp_path):
+    source, run = tmp_path / "source", tmp_path / "run"
+    assert train_tiny(source, "train.epochs=1") == 0
+    assert run_cli("train", "--preset", "tiny", "--out", run, "--set", "train.epochs=1", "--init-from", source) == 0
+    card = read_checkpoint(run / "best.pt")["card"]
+    assert card["initialised_from"] == {"source": str(source), "epoch": 1, "optimizer": True}
+
+
+def test_init_from_a_differently_sized_model_is_refused(tmp_path, capsys):
+    source = tmp_path / "source"
+    assert train_tiny(source, "train.epochs=1") == 0
+    capsys.readouterr()
+    assert run_cli("train", "--preset", "tiny", "--out", tmp_path / "run", "--set", "denoiser.hidden_dim=16",
+                   "--init-from", source) == 2
+    assert "its denoiser" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -308,6 +403,45 @@ def test_evaluate_writes_a_report(checkpoint, tmp_path, capsys):
     assert {"torch", "pymatgen", "smact"} <= set(report["versions"])
 
 
+def test_evaluate_refuses_training_rows(checkpoint, capsys):
+    """mp_20's test file holds training rows under the data protocol: refused, naming the split to use."""
+    assert run_cli("evaluate", "--checkpoint", checkpoint, "--dataset", "mp_20", "--split", "test",
+                   "--steps", 2, "--processes", 1) == 2
+    assert "training rows of mp_20 under the data protocol" in capsys.readouterr().err
+
+
+def test_evaluate_defaults_to_the_reserved_rows(checkpoint, tmp_path):
+    """Without --split, mp_20 is evaluated on its reserved rows (2 in the fixture)."""
+    out = tmp_path / "eval.json"
+    assert run_cli("evaluate", "--checkpoint", checkpoint, "--dataset", "mp_20", "--steps", 2, "--processes", 1,
+                   "--out", out) == 0
+    report = json.loads(out.read_text())
+    assert (report["split"], report["crystals"]) == ("reserved", 2)
+
+
+def test_evaluate_symmetrised_reports_it(checkpoint, tmp_path):
+    """--symmetrise samples with the six-ordering average and says so in the report."""
+    out = tmp_path / "eval.json"
+    assert run_cli("evaluate", "--checkpoint", checkpoint, "--dataset", "perov_5", "--limit", 2, "--steps", 2,
+                   "--symmetrise", "--processes", 1, "--out", out) == 0
+    report = json.loads(out.read_text())
+    assert report["symmetrised"] is True and report["crystals"] == 2
+
+
+def test_evaluate_refuses_repeated_indices(checkpoint, tmp_path, capsys):
+    indices = tmp_path / "rows.txt"
+    indices.write_text("0 0 0")
+    assert run_cli("evaluate", "--checkpoint", checkpoint, "--dataset", "perov_5", "--indices", indices,
+                   "--steps", 2, "--processes", 1) == 2
+    assert "indices repeated (each crystal counts once): [0]" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_an_unwritable_report_before_sampling(checkpoint, tmp_path, capsys):
+    assert run_cli("evaluate", "--checkpoint", checkpoint, "--dataset", "perov_5", "--limit", 1, "--steps", 2,
+                   "--out", tmp_path / "missing" / "eval.json") == 2
+    assert "cannot be written" in capsys.readouterr().err
+
+
 def test_evaluate_with_explicit_indices(checkpoint, tmp_path):
     """An index file selects rows; the report lists them."""
     indices = tmp_path / "rows.txt"
@@ -315,7 +449,7 @@ def test_evaluate_with_explicit_indices(checkpoint, tmp_path):
     out = tmp_path / "eval.json"
     assert run_cli("evaluate", "--checkpoint", checkpoint, "--dataset", "perov_5", "--indices", indices,
                    "--steps", 2, "--processes", 1, "--out", out) == 0
-    assert json.loads(out.read_text())["rows"] == [3, 1, 7]
+    assert json.loads(out.read_text())["rows"] == [["test", 3], ["test", 1], ["test", 7]]
 
 
 @pytest.mark.parametrize(

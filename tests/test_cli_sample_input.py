@@ -52,7 +52,7 @@ def test_settings_defaults_and_full_schedule():
     """Only formulas is required; ``steps: null`` (the model's T) is accepted."""
     settings = SampleSettings.from_mapping({"formulas": ["SrTiO3"], "steps": None})
     assert settings.formulas == ("SrTiO3",)
-    assert (settings.num_samples, settings.steps, settings.seed, settings.device) == (20, None, 0, "cpu")
+    assert (settings.num_samples, settings.steps, settings.seed, settings.device) == (20, None, 0, "auto")
 
 
 BAD_INPUT_FILES = {

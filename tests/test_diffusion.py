@@ -1,4 +1,4 @@
-"""Training losses of both modes (METHOD.md §6) and float32 symmetry tolerances."""
+"""Training losses of both modes (docs/method.md §6) and float32 symmetry tolerances."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_loss_terms_are_finite(mode, perm, terms):
 
 
 def test_single_atom_batch_has_zero_coordinate_loss():
-    """Single-atom crystals carry no coordinate target (ε̄ ≡ 0): the terms are 0, not NaN (METHOD.md §11.1)."""
+    """Single-atom crystals carry no coordinate target (ε̄ ≡ 0): the terms are 0, not NaN (docs/method.md §10.1)."""
     model = CrystalDiffusion(DenoiserConfig(**TINY))
     out = model.loss(random_batch(sizes=(1, 1)), torch.Generator().manual_seed(0))
     assert float(out["coord"]) == 0.0 and float(out["score"]) == 0.0
@@ -75,7 +75,7 @@ def test_loss_falls_when_training_a_tiny_model(mode):
 
 
 def test_float32_translation_and_integer_shift_tolerance():
-    """In float32 the symmetries hold to 1e-4 absolute on O(1) outputs (METHOD.md §10 tolerances)."""
+    """In float32 the symmetries hold to 1e-4 absolute on O(1) outputs (docs/method.md §11 tolerances)."""
     torch.manual_seed(0)
     model = CrystalDiffusion(DenoiserConfig())  # full size, float32
     batch = random_batch(sizes=(1, 5, 20))
@@ -89,3 +89,30 @@ def test_float32_translation_and_integer_shift_tolerance():
     for a, b, c in zip(out, out_shifted, out_integer):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
         torch.testing.assert_close(c, a, atol=1e-4, rtol=0)
+
+
+def test_symmetrised_twin_is_lattice_permutation_equivariant_where_the_regularised_model_is_not():
+    """A random regularised model is far from equivariant; its symmetrised twin (same weights) is exact.
+
+    float64, random crystals of mixed size (1 atom included); the tolerance 1e-10 is rounding.
+    """
+    from equicsp_core.diffusion import lattice_permutation_error, symmetrised
+
+    torch.manual_seed(0)
+    model = CrystalDiffusion(DenoiserConfig(**TINY), DiffusionConfig(lattice_perm="regularised")).double()
+    crystals = random_batch(sizes=(1, 3, 4, 7), seed=3, dtype=torch.float64)
+    plain = lattice_permutation_error(model, crystals, torch.Generator().manual_seed(0))
+    exact = lattice_permutation_error(symmetrised(model), crystals, torch.Generator().manual_seed(0))
+    assert plain["lattice"] > 1e-3 and plain["coord"] > 1e-3
+    assert exact["lattice"] < 1e-10 and exact["coord"] < 1e-10
+
+
+def test_symmetrised_twin_shares_the_weights():
+    from equicsp_core.diffusion import symmetrised
+
+    model = CrystalDiffusion(DenoiserConfig(**TINY))
+    twin = symmetrised(model)
+    assert twin.net is model.net and twin.config.lattice_perm == "symmetrised"
+    assert model.config.lattice_perm == "regularised"
+    with pytest.raises(ValueError, match="only the EquiCSP denoiser"):
+        symmetrised(CrystalDiffusion(DenoiserConfig(mode="diffcsp", **TINY), DiffusionConfig(lattice_perm="none")))

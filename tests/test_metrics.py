@@ -1,4 +1,4 @@
-"""The papers' CSP metrics (METHOD.md §8) on hand-made structures."""
+"""The papers' CSP metrics (docs/method.md §8) on hand-made structures."""
 
 from __future__ import annotations
 

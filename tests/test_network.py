@@ -1,5 +1,5 @@
-"""Symmetries of the denoiser (METHOD.md §10, items 1–6) on random crystals, and agreement with the
-literal reference implementation of METHOD.md §5."""
+"""Symmetries of the denoiser (docs/method.md §11, items 1–6) on random crystals, and agreement with the
+literal reference implementation of docs/method.md §5."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Predictor–corrector sampler (METHOD.md §7, §10 items 13–14, §12.2)."""
+"""Predictor–corrector sampler (docs/method.md §7, §11 items 13–14, §7.3)."""
 
 from __future__ import annotations
 
@@ -119,6 +119,25 @@ def test_time_grid():
     assert all(a > b for a, b in zip(grid, grid[1:]))
     with pytest.raises(ValueError):
         time_grid(1001, 1000)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7, 50, 100, 200, 333, 999, 1000])
+def test_even_time_grid_is_the_earlier_linspace_grid(steps):
+    """power = 1 reproduces the grid every earlier figure was sampled on."""
+    assert time_grid(steps, 1000) == torch.linspace(1000, 1, steps, dtype=torch.float64).round().long().tolist()
+
+
+@pytest.mark.parametrize("power", [1.5, 2.0, 3.0])
+def test_powered_time_grid_has_k_distinct_times_denser_at_small_t(power):
+    """K distinct times from T down to 1; the gaps grow with t (more steps where the structure settles)."""
+    grid = time_grid(100, 1000, power)
+    assert len(grid) == 100 and grid[0] == 1000 and grid[-1] == 1
+    gaps = [a - b for a, b in zip(grid, grid[1:])]
+    assert all(gap >= 1 for gap in gaps)
+    assert gaps[0] > 10 * gaps[-1]
+    assert sum(t <= 100 for t in grid) > sum(t <= 100 for t in time_grid(100, 1000))
+    with pytest.raises(ValueError, match="power must be a finite number >= 1"):
+        time_grid(100, 1000, 0.5)
 
 
 def test_canonical_lattice_of_sample_matches_its_parameters():

@@ -30,7 +30,7 @@ REFUSED_SAMPLE_SETTINGS = {
     "seed 1e23": ({"formulas": ["SrTiO3"], "seed": 1e23}, "seed: Input should be a valid integer"),
     "seed beyond 64 bits": ({"formulas": ["SrTiO3"], "seed": 2**64}, "seed: Input should be less than or equal"),
     "num_samples true": ({"formulas": ["SrTiO3"], "num_samples": True}, "num_samples: Input should be a valid integer"),
-    "device meta": ({"formulas": ["SrTiO3"], "device": "meta"}, "device: device must be 'cpu', 'cuda' or 'cuda:N'"),
+    "device meta": ({"formulas": ["SrTiO3"], "device": "meta"}, "device must be one of auto, cpu, cuda, cuda:N or mps"),
     "a misspelt key": ({"formulas": ["SrTiO3"], "num_sample": 2}, "unknown setting(s) num_sample; known: formulas"),
 }
 
@@ -84,7 +84,7 @@ def test_numeric_text_is_a_number_but_a_boolean_is_not():
     (ScreenSettings, {"min_distance": "far"}, "min_distance: a number is required"),
     (ScreenSettings, {"max_volume": 10}, "unknown setting(s) max_volume"),
     (RankSettings, {"top_k": 0}, "top_k: Input should be greater than or equal to 1"),
-    (RelaxSettings, {"device": "tpu"}, "device: device must be"),
+    (RelaxSettings, {"device": "tpu"}, "device must be one of auto"),
     (RelaxSettings, {"potential": "math.sqrt"}, "unknown potential 'math.sqrt'"),
     (DFTSettings, {"relax_type": "everything"}, "relax_type: Input should be"),
     (DFTSettings, {"symprec": -1}, "symprec: Input should be greater than or equal to 0"),

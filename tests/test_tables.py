@@ -1,4 +1,4 @@
-"""The von Mises normalisation tables κ, K, S (METHOD.md §4.2–4.4, §10.9).
+"""The von Mises normalisation tables κ, K, S (docs/method.md §4.3–4.4, §11 item 9).
 
 The shipped table was built by ``compute_tables()`` with its defaults (generator seed ``0·1000 + n`` per row,
 2·10⁵ samples per cell, 121 log-σ points on [1e-3, 1]); fresh Monte Carlo below uses other seeds.
@@ -66,7 +66,7 @@ def test_shipped_table_layout(tables):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# analytic limits and regression values (§4.4)
+# analytic limits and regression values (docs/method.md §4.4)
 
 
 @pytest.mark.parametrize("n", [2, 5, 20, 52])
@@ -92,7 +92,7 @@ def test_large_sigma_trends(tables):
 
 
 def test_large_sigma_regression_values(tables):
-    """κ(2, 0.5) within 5% of 1.676 and S(2, 0.5) within 5% of 2.066e-2 (official tables, METHOD §4.4)."""
+    """κ(2, 0.5) within 5% of 1.676 and S(2, 0.5) within 5% of 2.066e-2 (official tables, docs/method.md §4.4)."""
     kappa, _, sample_norm = lookup1(tables, 2, 0.5)
     assert kappa == pytest.approx(1.676, rel=0.05)
     assert sample_norm == pytest.approx(2.066e-2, rel=0.05)

@@ -1,4 +1,5 @@
-"""Noise on the torus, EquiCSP CoM-free targets, DiffCSP wrapped-normal score, schedules (METHOD.md §3, §4, §10.7–12).
+"""Noise on the torus, EquiCSP CoM-free targets, DiffCSP wrapped-normal score, schedules
+(docs/method.md §3, §4, §11 items 7–12).
 
 Exactness checks run in float64 with tolerance 1e-9 unless stated; Monte-Carlo checks use fixed
 ``torch.Generator`` seeds and state their tolerance.
@@ -56,7 +57,7 @@ def crystal_shift(num_atoms: torch.Tensor, gen: torch.Generator, dtype=F64):
 
 
 def equicsp_targets(eps: torch.Tensor, sigma: torch.Tensor, batch: torch.Tensor, num_atoms: torch.Tensor):
-    """METHOD §4.3 targets ``(target_F, target_s)`` from the CoM-free noise; zero for n = 1 atoms (§11.1)."""
+    """docs/method.md §4.3 targets ``(target_F, target_s)`` from the CoM-free noise; zero for n = 1 atoms (§10.1)."""
     kappa, kappa_norm, sample_norm = shipped_tables().lookup(num_atoms, sigma)
     multi = (num_atoms > 1)[batch, None]
     safe_s = torch.where(sample_norm > 0, sample_norm, torch.ones_like(sample_norm))
@@ -96,7 +97,7 @@ def test_wrap_centered_range_and_integer_difference():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# circular mean and CoM-free noise (§4.1, §10.7)
+# circular mean and CoM-free noise (docs/method.md §4.2, §11 item 7)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -163,7 +164,7 @@ def test_com_free_is_zero_for_single_atom_crystals():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# shift invariance of EquiCSP targets vs DiffCSP's (§10.7)
+# shift invariance of EquiCSP targets vs DiffCSP's (docs/method.md §11 item 7)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -202,7 +203,7 @@ def test_diffcsp_target_invariant_to_integer_shift_only():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# unit second moments of the normalised targets (§10.8)
+# unit second moments of the normalised targets (docs/method.md §11 item 8)
 
 
 @pytest.mark.parametrize("n", [2, 5, 20, 52])
@@ -222,7 +223,7 @@ def test_equicsp_targets_have_unit_second_moment(n, sigma):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# chain rule (§4.5, §10.10)
+# chain rule (docs/method.md §4.5, §11 item 10)
 
 
 def chain_rule_setup(seed: int):
@@ -308,7 +309,7 @@ def test_jacobian_weights_equal_autograd_of_circular_mean():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# DiffCSP wrapped normal (§3.2, §10.11)
+# DiffCSP wrapped normal (docs/method.md §4.1, §11 item 11)
 
 
 def wn_neg_log_density(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -355,7 +356,7 @@ def test_wrapped_normal_second_moment_small_sigma():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# schedules and time embedding (§3.1, §3.3, §10.12)
+# schedules and time embedding (docs/method.md §3.1, §3.3, §11 item 12)
 
 
 def test_lattice_schedule_properties():

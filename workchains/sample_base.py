@@ -6,7 +6,11 @@ Recoveries, one process handler per known failure (the pattern of aiida-quantume
 - stopped before the end, e.g. at the walltime (350), or out of memory after some batches: keep what finished
   and run again for what is missing only.
 
-Any other failure is left to :class:`~aiida.engine.BaseRestartWorkChain` (by default: abort with 402).
+- the computer lacks the requested device (330, e.g. ``cuda`` on a CPU node): abort at once with 420, since a
+  rerun on the same computer with the same inputs would fail the same way.
+
+Any other failure is left to :class:`~aiida.engine.BaseRestartWorkChain` (by default: one rerun, then abort
+with 402).
 
 Rerunning only what is missing
     Before every rerun, :meth:`~EquiCSPSampleBaseWorkChain.prepare_process` counts per formula the candidates,
@@ -175,6 +179,8 @@ class EquiCSPSampleBaseWorkChain(BaseRestartWorkChain):
                          "number of calculations")
         spec.exit_code(410, "ERROR_NO_CANDIDATES",
                        message="no calculation produced a single candidate in {iterations} iterations")
+        spec.exit_code(420, "ERROR_DEVICE_NOT_AVAILABLE",
+                       message="the computer lacks the requested device (not retried): {error}")
 
     @classmethod
     def get_builder_from_protocol(
@@ -245,6 +251,13 @@ class EquiCSPSampleBaseWorkChain(BaseRestartWorkChain):
         """Output the union of the candidates of all calculations."""
         self.report(f"work chain completed after {self.ctx.iteration} iterations")
         self._attach_merged_outputs()
+
+    @process_handler(priority=700, exit_codes=[CALCULATION_EXIT_CODES.ERROR_DEVICE_NOT_AVAILABLE])
+    def handle_device_not_available(self, calculation: orm.CalcJobNode) -> ProcessHandlerReport:
+        """The computer lacks the device asked for: abort without a rerun (it would fail the same way)."""
+        self.report(f"{calculation.process_label}<{calculation.pk}>: {calculation.exit_message}; not retrying")
+        return ProcessHandlerReport(do_break=True, exit_code=self.exit_codes.ERROR_DEVICE_NOT_AVAILABLE.format(
+            error=calculation.exit_message))
 
     @process_handler(priority=600, exit_codes=[CALCULATION_EXIT_CODES.ERROR_OUT_OF_MEMORY])
     def handle_out_of_memory(self, calculation: orm.CalcJobNode) -> ProcessHandlerReport | None:

@@ -3,12 +3,14 @@
 The job writes ``structures.json`` (link label → pymatgen structure dict) and ``relax.yaml`` (the settings of
 :class:`equicsp_core.settings.RelaxSettings`) and runs the ``equicsp`` program of the code::
 
-    equicsp --quiet --threads 1 relax --structures structures.json --input relax.yaml --out results
+    equicsp --quiet relax --structures structures.json --input relax.yaml --out results
 
-One job relaxes a whole set of candidates, so the potential's weights are loaded once; on a GPU computer set
-``device: cuda`` in ``parameters``. A candidate whose relaxation fails is reported in ``results`` with the
-status ``failed`` and does not fail the job. One thread per job: several jobs at once on one machine would
-otherwise oversubscribe its cores (10-30x slower here).
+One job relaxes a whole set of candidates, so the potential's weights are loaded once. The ``device``
+parameter (default ``auto``) puts the potential on the computer's GPU if it has one. ``relax.yaml`` always
+sets ``threads`` (:func:`~aiida_equicsp.calculations.job_threads.job_threads`: the parameter, else the
+``num_cores_per_mpiproc`` resource, else 1, since several jobs at once on one machine would otherwise
+oversubscribe its cores, 10-30x slower here). A candidate whose relaxation fails is reported in ``results``
+with the status ``failed`` and does not fail the job.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from aiida.engine import CalcJob, CalcJobProcessSpec
 
 from equicsp_core import runfolder
 from equicsp_core.settings import RelaxSettings, SettingsError
+
+from aiida_equicsp.calculations.job_threads import job_threads
 
 
 def validate_parameters(parameters: orm.Dict, _: Any) -> str | None:
@@ -85,6 +89,7 @@ class EquiCSPRelaxCalculation(CalcJob):
         spec.exit_code(300, "ERROR_MISSING_OUTPUT", message="the relaxation wrote no results; its last error: {error}")
         spec.exit_code(301, "ERROR_UNREADABLE_OUTPUT", message="the relaxation's output could not be read: {error}")
         spec.exit_code(320, "ERROR_POTENTIAL", message="the potential could not be used: {error}")
+        spec.exit_code(330, "ERROR_DEVICE_NOT_AVAILABLE", message="the computer lacks the requested device: {error}")
         spec.exit_code(350, "ERROR_PARTIAL_RESULTS",
                        message="the relaxation stopped before the end (walltime?): {done} of {requested} done")
 
@@ -93,12 +98,15 @@ class EquiCSPRelaxCalculation(CalcJob):
         structures = {label: node.get_pymatgen().as_dict() for label, node in self.inputs.structures.items()}
         with folder.open(self.STRUCTURES_FILENAME, "w") as handle:
             json.dump(structures, handle)
+        settings = self.inputs.parameters.get_dict() if "parameters" in self.inputs else {}
+        settings["threads"] = job_threads(settings, self.inputs.metadata.options.resources)
         with folder.open(self.INPUT_FILENAME, "w") as handle:
-            yaml.safe_dump(self.inputs.parameters.get_dict() if "parameters" in self.inputs else {}, handle)
+            yaml.safe_dump(settings, handle)
 
         codeinfo = CodeInfo()
         codeinfo.code_uuid = self.inputs.code.uuid
-        codeinfo.cmdline_params = ["--quiet", "--threads", "1", "--status-file", self.STATUS_FILENAME, "relax", "--structures", self.STRUCTURES_FILENAME,
+        codeinfo.cmdline_params = ["--quiet", "--status-file", self.STATUS_FILENAME, "relax",
+                                   "--structures", self.STRUCTURES_FILENAME,
                                    "--input", self.INPUT_FILENAME, "--out", self.RESULTS_FOLDER]
         codeinfo.stdout_name = self.STDOUT_FILENAME
         codeinfo.stderr_name = self.STDERR_FILENAME

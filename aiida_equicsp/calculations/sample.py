@@ -1,7 +1,9 @@
 """``EquiCSPSampleCalculation``: run ``equicsp sample`` on any computer and keep its candidates.
 
 The job writes ``input.yaml`` (the sampling settings, the ``--input`` file of ``equicsp sample``), copies the
-model's checkpoint as ``model.pt`` and runs the ``equicsp`` program of the code::
+model's checkpoint as ``model.pt`` and runs the ``equicsp`` program of the code (on ``threads`` CPU threads:
+:func:`~aiida_equicsp.calculations.job_threads.job_threads`; on the ``device`` of ``parameters``, default
+``auto``: the computer's GPU if it has one)::
 
     equicsp --quiet sample --input input.yaml --checkpoint model.pt --out results
 
@@ -26,6 +28,7 @@ from equicsp_core import runfolder
 from equicsp_core.domain import check_cells
 from equicsp_core.settings import SampleSettings, SettingsError
 
+from aiida_equicsp.calculations.job_threads import job_threads
 from aiida_equicsp.data.model import EquiCSPModelData
 
 #: Keys of the ``parameters`` input: every sampling setting but those with an input of their own.
@@ -51,7 +54,8 @@ def validate_num_samples(num_samples: orm.Int, _: Any) -> str | None:
 
 
 def validate_parameters(parameters: orm.Dict, _: Any) -> str | None:
-    """Only the keys of :data:`PARAMETER_KEYS`, each valid (their values together: :func:`validate_inputs`)."""
+    """Only the keys of :data:`PARAMETER_KEYS`, each valid (their values together: :func:`validate_inputs`;
+    whether the device exists is known only where the job runs)."""
     values = parameters.get_dict()
     unknown = sorted(set(values) - set(PARAMETER_KEYS))
     if unknown:
@@ -135,14 +139,18 @@ class EquiCSPSampleCalculation(CalcJob):
                        message="the sampler refused a composition: {error}")
         spec.exit_code(321, "ERROR_INCOMPATIBLE_CHECKPOINT",
                        message="the sampler cannot use the model's checkpoint: {error}")
+        spec.exit_code(330, "ERROR_DEVICE_NOT_AVAILABLE",
+                       message="the computer lacks the requested device: {error}")
         spec.exit_code(350, "ERROR_PARTIAL_RESULTS",
                        message="the sampler stopped before the end (walltime?): {written} of {requested} "
                                "candidates kept")
 
     def prepare_for_submission(self, folder: Folder) -> CalcInfo:
         """Write ``input.yaml``, copy the checkpoint in, and run ``equicsp sample`` into ``results/``."""
+        request = sample_request(self.inputs)
+        request["threads"] = job_threads(request, self.inputs.metadata.options.resources)
         with folder.open(self.INPUT_FILENAME, "w") as handle:
-            yaml.safe_dump(sample_request(self.inputs), handle, sort_keys=False)
+            yaml.safe_dump(request, handle, sort_keys=False)
 
         codeinfo = CodeInfo()
         codeinfo.code_uuid = self.inputs.code.uuid

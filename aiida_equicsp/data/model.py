@@ -12,7 +12,7 @@ from typing import Any
 
 from aiida import orm
 
-from equicsp_core.files import sha256_of
+from equicsp_core.files import file_sha256
 
 #: Model card entries kept as attributes.
 CARD_ATTRIBUTES = ("dataset", "epochs")
@@ -36,7 +36,8 @@ def checkpoint_summary(path: Path) -> dict[str, Any]:
     except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path} is an incomplete EquiCSP checkpoint (no {error} in its configs)") from error
     summary.update({name: card.get(name) for name in CARD_ATTRIBUTES})
-    summary["sha256"] = sha256_of(path)
+    summary["sha256"] = file_sha256(path)
+    summary["model_sha256"] = payload["model_sha256"]
     return summary
 
 
@@ -44,8 +45,9 @@ class EquiCSPModelData(orm.SinglefileData):
     """A trained EquiCSP model: one checkpoint file, checked on construction.
 
     Attributes, from the file: ``dataset`` and ``epochs`` (the model card), ``mode``, ``hidden_dim``,
-    ``num_layers``, ``num_freqs`` (the denoiser), ``num_steps`` (T of the diffusion) and ``sha256`` (the
-    file's hash, by which :meth:`get_or_create` finds a stored copy).
+    ``num_layers``, ``num_freqs`` (the denoiser), ``num_steps`` (T of the diffusion), ``sha256`` (the
+    file's hash, by which :meth:`get_or_create` finds a stored copy) and ``model_sha256`` (the hash of the
+    configs and weights the file carries, checked on construction).
     """
 
     def __init__(self, file: str | os.PathLike, filename: str | None = None, **kwargs: Any) -> None:
@@ -96,7 +98,7 @@ class EquiCSPModelData(orm.SinglefileData):
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"checkpoint file {path} does not exist")
-        query = orm.QueryBuilder().append(cls, filters={"attributes.sha256": sha256_of(path)})
+        query = orm.QueryBuilder().append(cls, filters={"attributes.sha256": file_sha256(path)})
         existing = query.first(flat=True)
         if existing is not None:
             return existing

@@ -2,8 +2,8 @@
 
 ``relax.json`` is rewritten after each structure, so what finished before a walltime is kept
 (``ERROR_PARTIAL_RESULTS``); ``run.json`` marks a complete run. Without ``relax.json`` the program's status
-file says why (a potential that cannot be loaded: ``ERROR_POTENTIAL``; see
-:func:`~aiida_equicsp.parsers.sample.program_failure`).
+file says why (a potential that cannot be loaded: ``ERROR_POTENTIAL``; a device the computer lacks:
+``ERROR_DEVICE_NOT_AVAILABLE``; see :func:`~aiida_equicsp.parsers.sample.program_failure`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ class EquiCSPRelaxParser(Parser):
         text = self._read_text(calc.RESULTS_PATH)
         if text is None:
             failure, error = program_failure(self.retrieved, calc.STATUS_FILENAME, calc.STDERR_FILENAME)
+            if failure is Failure.DEVICE_UNAVAILABLE:
+                return self.exit_codes.ERROR_DEVICE_NOT_AVAILABLE.format(error=error)
             if failure is Failure.UNUSABLE_POTENTIAL:
                 return self.exit_codes.ERROR_POTENTIAL.format(error=error)
             return self.exit_codes.ERROR_MISSING_OUTPUT.format(error=error)

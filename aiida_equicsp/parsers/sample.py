@@ -8,10 +8,10 @@ What the retrieved files mean (see the ``equicsp`` command's docstring):
 - ``results/run.json`` is written at the very end: with it the run is complete (``run_info``); without it
   the run stopped early and what was finished is kept (``ERROR_OUT_OF_MEMORY`` when the program said so,
   ``ERROR_PARTIAL_RESULTS`` otherwise, e.g. walltime).
-- No ``index.json``: nothing finished; ``status.json`` (the program's ``--status-file``) says why: its
-  :class:`~equicsp_core.runfolder.Failure` maps to an exit code (:data:`EXIT_CODE_OF_FAILURE`), its one-line
-  message fills the exit message; without it (the job was killed), ``ERROR_MISSING_OUTPUT`` with the last
-  line of ``equicsp.err``.
+- No ``index.json``: nothing finished; ``status.json`` (the program's ``--status-file``) says why (out of
+  memory, a device the computer lacks, a formula, the checkpoint): its :class:`~equicsp_core.runfolder.Failure`
+  maps to an exit code (:data:`EXIT_CODE_OF_FAILURE`), its one-line message fills the exit message; without it
+  (the job was killed), ``ERROR_MISSING_OUTPUT`` with the last line of ``equicsp.err``.
 
 Known failures return their exit code; the parser never raises for them.
 """
@@ -33,6 +33,7 @@ from aiida_equicsp.calculations.sample import EquiCSPSampleCalculation
 #: The exit code of each failure of ``equicsp sample`` that has one of its own (others: ``ERROR_MISSING_OUTPUT``).
 EXIT_CODE_OF_FAILURE = {
     Failure.OUT_OF_MEMORY: "ERROR_OUT_OF_MEMORY",
+    Failure.DEVICE_UNAVAILABLE: "ERROR_DEVICE_NOT_AVAILABLE",
     Failure.INVALID_FORMULA: "ERROR_INVALID_COMPOSITION",
     Failure.UNUSABLE_CHECKPOINT: "ERROR_INCOMPATIBLE_CHECKPOINT",
 }

@@ -77,7 +77,7 @@ def test_daemon_without_a_broker_is_a_clear_error(equicsp_code, tiny_checkpoint)
 
 def test_overrides_file_sets_scheduler_options_and_work_chain_inputs(equicsp_code, tiny_checkpoint, tmp_path,
                                                                       monkeypatch):
-    """``--overrides FILE``: the YAML of the README's GPU example reaches the builder; flags win over it."""
+    """``--overrides FILE``: the YAML of the GPU example in docs/cluster.md reaches the builder; flags win over it."""
     overrides = tmp_path / "gpu.yaml"
     overrides.write_text("max_iterations: 3\nsample:\n  parameters: {device: cuda, steps: 50}\n  metadata:\n"
                          "    options:\n      custom_scheduler_commands: '#SBATCH --gres=gpu:1'\n"

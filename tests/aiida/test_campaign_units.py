@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 from aiida import orm
+from aiida.common.links import LinkType
 from aiida.engine import ProcessState
 from click.testing import CliRunner
 
@@ -92,30 +93,30 @@ def test_bad_compositions_are_refused_before_anything_is_stored(compositions, me
     """Empty, malformed or duplicated formulas: a ValueError naming the entry; nothing submitted or queued."""
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate_compositions(compositions)
-    group = create_or_load_campaign(label, settings)
+    group = create_or_load_campaign(label, settings, equicsp_code, ["SrTiO3"])
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         submit_campaign(group, compositions, equicsp_code)
     assert fake_submit.builders == []
     assert group.compositions == [] and group.count() == 0
 
 
-def test_settings_conflict_and_reload(settings, label, model):
+def test_settings_conflict_and_reload(settings, label, model, equicsp_code):
     """Same settings: the same group; other settings: a ValueError naming them; max_concurrent: updated."""
-    group = create_or_load_campaign(label, settings)
+    group = create_or_load_campaign(label, settings, equicsp_code, ["SrTiO3"])
     assert group.type_string == "equicsp.campaign"
     assert group.base.extras.get("equicsp_campaign")["model_uuid"] == model.uuid
-    assert create_or_load_campaign(label, settings).pk == group.pk
+    assert create_or_load_campaign(label, settings, equicsp_code, ["SrTiO3"]).pk == group.pk
     assert load_campaign(label).pk == group.pk
 
     other = CampaignSettings.from_nodes(model, protocol="precise", overrides={"num_samples": 2})
     with pytest.raises(ValueError, match=rf"campaign '{label}' already holds another campaign \(protocol: 'fast'"):
-        create_or_load_campaign(label, other)
+        create_or_load_campaign(label, other, equicsp_code, [])
     wider = CampaignSettings.from_nodes(model, overrides={"num_samples": 2}, max_concurrent=7)
-    assert create_or_load_campaign(label, wider).pk == group.pk
+    assert create_or_load_campaign(label, wider, equicsp_code, []).pk == group.pk
     assert load_campaign(label).settings.max_concurrent == 7
 
 
-def test_bad_settings_and_labels(model, label, settings):
+def test_bad_settings_and_labels(model, label, settings, equicsp_code):
     """Unknown protocol, max_concurrent below 1, an unstored model; a plain group of the label is no campaign."""
     with pytest.raises(ValueError, match="unknown protocol 'turbo'"):
         CampaignSettings.from_nodes(model, protocol="turbo")
@@ -126,14 +127,14 @@ def test_bad_settings_and_labels(model, label, settings):
     plain = orm.Group(label=label).store()
     with pytest.raises(ValueError, match=f"no campaign '{label}'"):
         load_campaign(label)
-    group = create_or_load_campaign(label, settings)  # beside the plain group, never in it
+    group = create_or_load_campaign(label, settings, equicsp_code, ["SrTiO3"])  # beside the plain group, never in it
     assert isinstance(group, CampaignGroup) and group.pk != plain.pk
     assert load_campaign(label).pk == group.pk
 
 
 def test_throttled_submission_never_submits_twice(settings, label, equicsp_code, model, fake_submit):
     """At most max_concurrent active; a rerun submits nothing new; a finished one frees a slot; nothing twice."""
-    group = create_or_load_campaign(label, settings)
+    group = create_or_load_campaign(label, settings, equicsp_code, ["SrTiO3"])
     report = submit_campaign(group, ["SrTiO3", "BaTiO3", "CaTiO3"], equicsp_code, model)
     assert list(report.submitted) == ["SrTiO3", "BaTiO3"] and report.waiting == ["CaTiO3"]
     assert group.compositions == ["SrTiO3", "BaTiO3", "CaTiO3"]
@@ -160,7 +161,7 @@ def test_throttled_submission_never_submits_twice(settings, label, equicsp_code,
 
 def test_failed_ones_are_resubmitted_only_on_request(settings, label, equicsp_code, fake_submit):
     """A failed or excepted composition waits for retry_failed=True; its old work chain stays in the group."""
-    group = create_or_load_campaign(label, settings)
+    group = create_or_load_campaign(label, settings, equicsp_code, ["SrTiO3"])
     submit_campaign(group, ["SrTiO3", "CaTiO3"], equicsp_code)
     nodes = by_composition(group)
     finish(nodes["SrTiO3"][0], exit_status=403)
@@ -178,7 +179,7 @@ def test_failed_ones_are_resubmitted_only_on_request(settings, label, equicsp_co
 
 def test_status_and_orphans(settings, label, equicsp_code, fake_submit):
     """Status lists every composition asked for; a work chain a crash kept out of the group is adopted."""
-    group = create_or_load_campaign(label, settings)
+    group = create_or_load_campaign(label, settings, equicsp_code, ["SrTiO3"])
     report = submit_campaign(group, ["SrTiO3", "BaTiO3", "CaTiO3"], equicsp_code, max_concurrent=1)
     assert list(report.submitted) == ["SrTiO3"]
     finish(orm.load_node(report.submitted["SrTiO3"]), exit_status=0)
@@ -196,15 +197,16 @@ def test_status_and_orphans(settings, label, equicsp_code, fake_submit):
 
 def test_other_model_or_bad_overrides_are_refused(settings, label, equicsp_code, model, fake_submit, tmp_path):
     """Another model than the campaign's, or overrides the work chain refuses: ValueError, nothing submitted."""
-    group = create_or_load_campaign(label, settings)
+    group = create_or_load_campaign(label, settings, equicsp_code, ["SrTiO3"])
     other = EquiCSPModelData.from_shipped("perov_5")
     with pytest.raises(ValueError, match="is not the model of campaign"):
         submit_campaign(group, ["SrTiO3"], equicsp_code, other)
-    bad = create_or_load_campaign(f"{label}-bad", CampaignSettings.from_nodes(
-        model, overrides={"relax": {"parameters": {"fmax": -1.0}}}))
+    bad = CampaignSettings.from_nodes(model, overrides={"relax": {"parameters": {"fmax": -1.0}}})
     with pytest.raises(ValueError, match="the work chain refuses the inputs of 'SrTiO3'"):
-        submit_campaign(bad, ["SrTiO3"], equicsp_code)
-    assert fake_submit.builders == [] and bad.compositions == []
+        create_or_load_campaign(f"{label}-bad", bad, equicsp_code, ["SrTiO3"])
+    assert fake_submit.builders == []
+    with pytest.raises(ValueError, match=f"no campaign '{label}-bad'"):
+        load_campaign(f"{label}-bad")  # refused before anything was stored
 
 
 def invoke(*args: str):
@@ -251,3 +253,61 @@ def test_cli_submit_status_and_errors(equicsp_code, tiny_checkpoint, model, labe
     result = invoke("campaign", "winners", label)
     assert result.exit_code == 1 and "has no relaxed structure yet" in result.output
     assert len(fake_submit.builders) == 3  # 2 of the first campaign, 1 of the mp_20 one
+
+
+def test_refused_submit_stores_nothing(equicsp_code, model, label, fake_submit, tmp_path):
+    """A submit refused for its overrides leaves no campaign: the corrected retry succeeds, a plain retry too,
+    and neither reuses the refused settings."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("num_samples: 0\n")
+    submit = ("campaign", "submit", label, "--code", equicsp_code.full_label, "--model", str(model.pk),
+              "--formula", "SrTiO3")
+    result = invoke(*submit, "--overrides", str(bad))
+    assert result.exit_code == 2 and "the work chain refuses the inputs of 'SrTiO3'" in result.output, result.output
+    assert not orm.QueryBuilder().append(orm.Group, filters={"label": label}).count()
+    assert fake_submit.builders == []
+
+    good = tmp_path / "good.yaml"
+    good.write_text("num_samples: 3\n")
+    result = invoke(*submit, "--overrides", str(good))
+    assert result.exit_code == 0, result.output
+    assert load_campaign(label).settings.overrides == {"num_samples": 3}
+    assert fake_submit.builders[-1].sample.sample.num_samples.value == 3
+
+    result = invoke("campaign", "submit", f"plain-{label}", "--code", equicsp_code.full_label,
+                    "--model", str(model.pk), "--formula", "BaTiO3", "--overrides", str(bad))
+    assert result.exit_code == 2, result.output
+    result = invoke("campaign", "submit", f"plain-{label}", "--code", equicsp_code.full_label,
+                    "--model", str(model.pk), "--formula", "BaTiO3")
+    assert result.exit_code == 0, result.output
+    assert "num_samples" not in load_campaign(f"plain-{label}").settings.overrides
+    assert fake_submit.builders[-1].sample.sample.num_samples.value != 0
+
+
+def function_call(caller: orm.WorkChainNode, label: str, state: ProcessState) -> orm.CalcFunctionNode:
+    """A calculation function node called by ``caller`` under link ``label``, in ``state``."""
+    node = orm.CalcFunctionNode()
+    node.set_process_state(state)
+    node.base.links.add_incoming(caller, link_type=LinkType.CALL_CALC, link_label=label)
+    return node.store()
+
+
+def test_a_function_left_running_by_a_killed_daemon_is_closed_once_rerun(settings, label, equicsp_code,
+                                                                        fake_submit):
+    """A process function that a dead worker left running: killed (sealed) once its caller ran it again;
+    one still running without a twin, and one of another group, are left alone."""
+    group = create_or_load_campaign(label, settings, equicsp_code, ["SrTiO3"])
+    report = submit_campaign(group, ["SrTiO3", "BaTiO3"], equicsp_code)
+    first, second = (orm.load_node(pk) for pk in report.submitted.values())
+    interrupted = function_call(first, "rank", ProcessState.RUNNING)
+    rerun = function_call(first, "rank", ProcessState.FINISHED)
+    running = function_call(second, "rank", ProcessState.RUNNING)
+    stranger = created_work_chain("CaTiO3", "not a campaign's")
+    foreign = function_call(stranger, "rank", ProcessState.RUNNING)
+    function_call(stranger, "rank", ProcessState.FINISHED)
+
+    submit_campaign(group, None, equicsp_code)
+    assert interrupted.process_state == ProcessState.KILLED and interrupted.is_sealed
+    assert interrupted.process_status == f"its daemon worker died while it ran; its caller ran it again as {rerun.pk}"
+    assert rerun.process_state == ProcessState.FINISHED
+    assert running.process_state == foreign.process_state == ProcessState.RUNNING

@@ -425,7 +425,7 @@ REFUSED_AT_SUBMISSION = {
     "unknown potential": (lambda builder: setattr(builder.relax, "parameters", orm.Dict({"potential": "chgnett"})),
                           "unknown potential 'chgnett'"),
     "unknown relax device": (lambda builder: setattr(builder.relax, "parameters", orm.Dict({"device": "gpu"})),
-                             "device: device must be 'cpu', 'cuda' or 'cuda:N'"),
+                             "device must be one of auto, cpu, cuda, cuda:N or mps"),
 }
 
 

@@ -48,7 +48,8 @@ def campaign(aiida_profile, tmp_path_factory):
                              default_calc_job_plugin="equicsp.sample").store()
     model = EquiCSPModelData.from_shipped("perov_5")
     group = create_or_load_campaign(f"queries-{uuid.uuid4().hex[:8]}",
-                                    CampaignSettings.from_nodes(model, overrides=TINY, max_concurrent=5))
+                                    CampaignSettings.from_nodes(model, overrides=TINY, max_concurrent=5),
+                                    code, COMPOSITIONS)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(campaign_module, "submit", lambda builder: run_get_node(builder)[1])
         report = submit_campaign(group, COMPOSITIONS, code)

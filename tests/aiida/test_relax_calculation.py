@@ -66,9 +66,10 @@ def test_default_options_and_exit_codes():
     assert options["withmpi"].default is False
     codes = EquiCSPRelaxCalculation.exit_codes
     assert {name: codes[name].status for name in (
-        "ERROR_MISSING_OUTPUT", "ERROR_UNREADABLE_OUTPUT", "ERROR_POTENTIAL", "ERROR_PARTIAL_RESULTS")} == {
+        "ERROR_MISSING_OUTPUT", "ERROR_UNREADABLE_OUTPUT", "ERROR_POTENTIAL", "ERROR_DEVICE_NOT_AVAILABLE",
+        "ERROR_PARTIAL_RESULTS")} == {
         "ERROR_MISSING_OUTPUT": 300, "ERROR_UNREADABLE_OUTPUT": 301, "ERROR_POTENTIAL": 320,
-        "ERROR_PARTIAL_RESULTS": 350}
+        "ERROR_DEVICE_NOT_AVAILABLE": 330, "ERROR_PARTIAL_RESULTS": 350}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,25 +175,37 @@ def test_prepare_for_submission_writes_structures_and_settings(equicsp_code, tmp
     calcinfo = process.prepare_for_submission(folder)
 
     with folder.open("relax.yaml") as handle:
-        assert yaml.safe_load(handle) == {"potential": EMT, "steps": 7}
+        assert yaml.safe_load(handle) == {"potential": EMT, "steps": 7, "threads": 1}
     with folder.open("structures.json") as handle:
         written = json.load(handle)
     assert list(written) == ["a", "b"]
     assert Structure.from_dict(written["b"]).composition.reduced_formula == "Ni"
     (codeinfo,) = calcinfo.codes_info
-    assert codeinfo.cmdline_params == ["--quiet", "--threads", "1", "--status-file", "status.json", "relax",
+    assert codeinfo.cmdline_params == ["--quiet", "--status-file", "status.json", "relax",
                                        "--structures", "structures.json", "--input", "relax.yaml", "--out", "results"]
     assert (codeinfo.stdout_name, codeinfo.stderr_name) == ("equicsp.out", "equicsp.err")
     assert calcinfo.retrieve_list == ["results", "equicsp.out", "equicsp.err", "status.json"]
 
 
-def test_prepare_for_submission_without_parameters_writes_an_empty_mapping(equicsp_code, tmp_path):
+def test_prepare_for_submission_without_parameters_writes_the_thread_count_only(equicsp_code, tmp_path):
+    """The engine's defaults for everything but ``threads``: 1 when the job's resources name no cores."""
     inputs = relax_inputs(equicsp_code, None, a=fcc("Cu"))
     process = instantiate_process(get_manager().get_runner(), EquiCSPRelaxCalculation, **inputs)
     folder = Folder(str(tmp_path))
     process.prepare_for_submission(folder)
     with folder.open("relax.yaml") as handle:
-        assert yaml.safe_load(handle) == {}
+        assert yaml.safe_load(handle) == {"threads": 1}
+
+
+def test_threads_follow_the_cores_per_process_of_the_job(equicsp_code, tmp_path):
+    inputs = relax_inputs(equicsp_code, {"potential": EMT}, a=fcc("Cu"))
+    inputs["metadata"] = {"options": {"resources": {"num_machines": 1, "num_mpiprocs_per_machine": 1,
+                                                    "num_cores_per_mpiproc": 6}}}
+    process = instantiate_process(get_manager().get_runner(), EquiCSPRelaxCalculation, **inputs)
+    folder = Folder(str(tmp_path))
+    process.prepare_for_submission(folder)
+    with folder.open("relax.yaml") as handle:
+        assert yaml.safe_load(handle) == {"potential": EMT, "threads": 6}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,6 +286,14 @@ def test_parser_real_potential_error_line(parse_relax_retrieved, tmp_path, capsy
                                              "equicsp.err": capsys.readouterr().err})
     assert calcfunction.exit_status == 320
     assert "unknown potential 'nope'" in calcfunction.exit_message
+
+
+def test_parser_device_not_available(parse_relax_retrieved):
+    stderr = "equicsp relax: error: device 'cuda:1' is not available: 1 CUDA device(s) visible\n"
+    outputs, calcfunction = parse_relax_retrieved({"equicsp.err": stderr, "equicsp.out": ""})
+    assert calcfunction.exit_status == 330
+    assert "device 'cuda:1' is not available: 1 CUDA device(s) visible" in calcfunction.exit_message
+    assert not outputs
 
 
 def test_parser_nothing_retrieved_is_missing_output(parse_relax_retrieved):

@@ -222,6 +222,22 @@ def test_unknown_failure_passes_through_as_unhandled(unknown_failure_code, model
     assert "the GPU caught fire" in calculation.exit_message
 
 
+def test_device_not_available_is_not_retried(equicsp_code, model):
+    """``cuda`` where no GPU is visible (``CUDA_VISIBLE_DEVICES=""`` hides any): the calculation's 330, then the
+    work chain's 420 at once, after one calculation, though three iterations were allowed."""
+    builder = workchain_builder(equicsp_code, model, device="cuda")
+    builder.sample.metadata.options.environment_variables = {"CUDA_VISIBLE_DEVICES": ""}
+    builder.max_iterations = orm.Int(3)
+    outputs, workchain = run_get_node(builder)
+
+    assert workchain.exit_status == EquiCSPSampleBaseWorkChain.exit_codes.ERROR_DEVICE_NOT_AVAILABLE.status == 420
+    (calculation,) = calculations_of(workchain)
+    assert calculation.exit_status == CALCULATION_EXIT_CODES.ERROR_DEVICE_NOT_AVAILABLE.status == 330
+    assert "device 'cuda' is not available: 0 CUDA device(s) visible" in calculation.exit_message
+    assert "device 'cuda' is not available" in workchain.exit_message
+    assert outputs == {}
+
+
 # ------------------------------------------------------------------------------------------------
 # what is missing, and the merge
 
@@ -259,7 +275,8 @@ def test_entry_point_and_spec():
     assert spec.inputs["max_iterations"].default().value == 5
     assert EquiCSPSampleBaseWorkChain.exit_codes.ERROR_NO_CANDIDATES.status == 410
     handlers = {handler.__name__: handler.priority for handler in EquiCSPSampleBaseWorkChain.get_process_handlers()}
-    assert handlers == {"handle_out_of_memory": 600, "handle_partial_results": 500}
+    assert handlers == {"handle_device_not_available": 700, "handle_out_of_memory": 600,
+                        "handle_partial_results": 500}
 
 
 @pytest.mark.parametrize(("protocol", "steps"), [(None, 100), ("fast", 100), ("precise", 1000)])

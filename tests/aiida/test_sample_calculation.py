@@ -56,7 +56,8 @@ def test_num_samples_below_one_is_refused_by_the_builder(num_samples):
     [
         ({"stepz": 5}, "unknown parameter.*stepz"),
         ({"formulas": ["SrTiO3"]}, "unknown parameter.*formulas"),
-        ({"device": "gpu"}, "device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+        ({"device": "gpu"}, "device must be one of auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+        ({"device": "meta"}, "device must be one of auto, cpu, cuda, cuda:N or mps, got 'meta'"),
     ],
 )
 def test_bad_parameter_keys_are_refused_by_the_builder(parameters, message):
@@ -96,7 +97,8 @@ def test_prepare_for_submission_writes_the_input_file_and_runs_equicsp(equicsp_c
               "parameters": orm.Dict({"steps": 5, "seed": 1})}
     folder, calcinfo = generate_calc_job(inputs)
     with folder.open("input.yaml") as handle:
-        assert yaml.safe_load(handle) == {"formulas": FORMULAS, "num_samples": 2, "steps": 5, "seed": 1}
+        assert yaml.safe_load(handle) == {"formulas": FORMULAS, "num_samples": 2, "steps": 5, "seed": 1,
+                                          "threads": 1}
     (codeinfo,) = calcinfo.codes_info
     assert codeinfo.cmdline_params == ["--quiet", "--status-file", "status.json", "sample", "--input", "input.yaml",
                                        "--checkpoint", "model.pt", "--out", "results"]
@@ -118,9 +120,10 @@ def test_exit_codes_are_stable():
     codes = EquiCSPSampleCalculation.exit_codes
     assert {name: codes[name].status for name in (
         "ERROR_MISSING_OUTPUT", "ERROR_UNREADABLE_OUTPUT", "ERROR_OUT_OF_MEMORY", "ERROR_INVALID_COMPOSITION",
-        "ERROR_INCOMPATIBLE_CHECKPOINT", "ERROR_PARTIAL_RESULTS")} == {
+        "ERROR_INCOMPATIBLE_CHECKPOINT", "ERROR_DEVICE_NOT_AVAILABLE", "ERROR_PARTIAL_RESULTS")} == {
         "ERROR_MISSING_OUTPUT": 300, "ERROR_UNREADABLE_OUTPUT": 301, "ERROR_OUT_OF_MEMORY": 310,
-        "ERROR_INVALID_COMPOSITION": 320, "ERROR_INCOMPATIBLE_CHECKPOINT": 321, "ERROR_PARTIAL_RESULTS": 350}
+        "ERROR_INVALID_COMPOSITION": 320, "ERROR_INCOMPATIBLE_CHECKPOINT": 321, "ERROR_DEVICE_NOT_AVAILABLE": 330,
+        "ERROR_PARTIAL_RESULTS": 350}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,3 +156,17 @@ def test_unknown_protocol_and_bad_overrides_are_refused(equicsp_code, model):
         get_builder_from_protocol(equicsp_code, model, FORMULAS, 2, overrides={"parameters": {"colour": "red"}})
     with pytest.raises(AttributeError, match="temperature"):
         get_builder_from_protocol(equicsp_code, model, FORMULAS, 2, overrides={"temperature": 300})
+
+
+@pytest.mark.parametrize(("parameters", "resources", "threads"), [
+    ({}, {"num_machines": 1, "num_mpiprocs_per_machine": 1}, 1),
+    ({}, {"num_machines": 1, "num_mpiprocs_per_machine": 1, "num_cores_per_mpiproc": 8}, 8),
+    ({"threads": 4}, {"num_machines": 1, "num_mpiprocs_per_machine": 1, "num_cores_per_mpiproc": 8}, 4),
+])
+def test_threads_come_from_the_parameters_else_the_cores_of_the_job_else_one(
+        equicsp_code, model, generate_calc_job, parameters, resources, threads):
+    inputs = {"code": equicsp_code, "model": model, "compositions": orm.List(FORMULAS), "num_samples": orm.Int(1),
+              "parameters": orm.Dict({"steps": 5, **parameters}), "metadata": {"options": {"resources": resources}}}
+    folder, _ = generate_calc_job(inputs)
+    with folder.open("input.yaml") as handle:
+        assert yaml.safe_load(handle)["threads"] == threads

@@ -154,6 +154,21 @@ def test_the_message_words_do_not_decide_the_exit_code(parse_retrieved):
     assert "seed: the formula of the checkpoint is wrong" in calcfunction.exit_message
 
 
+def test_device_not_available(parse_retrieved, tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """330: the program's real status for a device the computer lacks (here: no GPU visible)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    capsys.readouterr()
+    status = tmp_path / "status.json"
+    assert main(["--quiet", "--status-file", str(status), "sample", "--checkpoint", str(tiny_checkpoint),
+                 "--formula", "SrTiO3", "--device", "cuda", "--out", str(tmp_path / "out")]) == 4
+    outputs, calcfunction = parse_retrieved({"status.json": status.read_text(), "equicsp.err": capsys.readouterr().err})
+    assert calcfunction.exit_status == 330
+    assert "device 'cuda' is not available" in calcfunction.exit_message
+    assert not outputs
+
+
 def test_stopped_run_keeps_partial_results(parse_retrieved):
     """350: finished batches but no run.json and no stated error (e.g. killed at the walltime)."""
     outputs, calcfunction = parse_retrieved(results(ALL_ENTRIES[:2], run_info=None))

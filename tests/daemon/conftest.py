@@ -3,7 +3,7 @@
 The tests of ``tests/aiida`` load aiida-core's temporary SQLite profile into the pytest process. A daemon test
 must not touch it, so nothing here imports a profile: every ``verdi``, ``aiida-equicsp`` and Python call runs
 in a subprocess whose ``AIIDA_PATH`` is a temporary folder of this module's own. The fixture builds the profile
-the way the README tells a user to (database and role with ``psql``, ``verdi profile setup core.psql_dos``, a
+the way docs/aiida.md tells a user to (database and role with ``psql``, ``verdi profile setup core.psql_dos``, a
 localhost computer, the ``equicsp`` code) and takes all of it down again, on failure too: daemon, RabbitMQ
 queue and exchanges, profile, database and role.
 

@@ -1,0 +1,106 @@
+"""Labelled structures from a file or folder: what ``equicsp relax --structures PATH`` reads.
+
+The format follows from the path:
+
+- a folder: the output folder of ``equicsp sample`` (``index.json`` and CIF files); every valid candidate,
+  labelled by its CIF file's name without ``.cif`` (``SrTiO3_000``);
+- ``*.json``: a mapping of label → pymatgen structure dict (``Structure.as_dict()``);
+- ``*.cif``: every structure of the file (``data_`` blocks), labelled by the file's stem, with ``_<i>``
+  (``_000``, ``_001``, ...) when the file holds more than one;
+- ``*.extxyz`` / ``*.xyz``: every frame of an extended XYZ file (ASE), labelled by its ``label`` info key
+  when it has one, else like the CIF blocks.
+
+Labels must be distinct; any unreadable input raises a ValueError naming the path.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pymatgen.core import Structure
+
+#: Suffixes of the extended XYZ format.
+EXTXYZ_SUFFIXES = (".extxyz", ".xyz")
+
+
+def read_structures(path: str | Path) -> dict[str, Structure]:
+    """The labelled structures of ``path`` (see the module docstring for the formats), in file order.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: an unknown format, an unreadable file, no structure, or a label given twice.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        reader = _read_sample_folder
+    elif suffix == ".json":
+        reader = _read_json
+    elif suffix == ".cif":
+        reader = _read_cif
+    elif suffix in EXTXYZ_SUFFIXES:
+        reader = _read_extxyz
+    else:
+        raise ValueError(f"cannot tell the format of {path}: give a .json, .cif, .extxyz or .xyz file, "
+                         "or the output folder of `equicsp sample`")
+    try:
+        labelled = reader(path)
+    except Exception as error:  # the parsers (json, pymatgen, ASE) raise many types
+        raise ValueError(f"cannot read structures from {path}: {error}") from error
+    structures: dict[str, Structure] = {}
+    for label, structure in labelled:
+        if label in structures:
+            raise ValueError(f"{path}: the label {label!r} is given more than once")
+        structures[label] = structure
+    if not structures:
+        raise ValueError(f"no structures in {path}")
+    return structures
+
+
+def _numbered(stem: str, count: int) -> list[str]:
+    """Labels of ``count`` structures of one file: its stem alone, or ``<stem>_000``, ``<stem>_001``, ..."""
+    return [stem] if count == 1 else [f"{stem}_{index:03d}" for index in range(count)]
+
+
+def _read_json(path: Path) -> list[tuple[str, Structure]]:
+    from pymatgen.core import Structure
+
+    mapping = json.loads(path.read_text())
+    if not isinstance(mapping, dict):
+        raise ValueError("the file must hold a JSON object of label -> pymatgen structure dict")
+    return [(str(label), Structure.from_dict(value)) for label, value in mapping.items()]
+
+
+def _read_cif(path: Path) -> list[tuple[str, Structure]]:
+    from pymatgen.io.cif import CifParser
+
+    structures = CifParser(path).parse_structures(primitive=False)
+    return list(zip(_numbered(path.stem, len(structures)), structures, strict=True))
+
+
+def _read_extxyz(path: Path) -> list[tuple[str, Structure]]:
+    from ase.io import read
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    frames = read(path, index=":", format="extxyz")
+    labels = _numbered(path.stem, len(frames))
+    return [(str(atoms.info.get("label", label)), AseAtomsAdaptor.get_structure(atoms))
+            for label, atoms in zip(labels, frames, strict=True)]
+
+
+def _read_sample_folder(path: Path) -> list[tuple[str, Structure]]:
+    from pymatgen.core import Structure
+
+    index = path / "index.json"
+    if not index.is_file():
+        raise ValueError("the folder has no index.json: it is not an output folder of `equicsp sample`")
+    entries = json.loads(index.read_text())["samples"]
+    return [(Path(entry["file"]).stem, Structure.from_file(path / entry["file"])) for entry in entries
+            if entry["valid"]]
