@@ -72,11 +72,14 @@ class _SampleJob(Maker):
         """Sample the candidates of ``formulas`` (cell contents: ``"SrTiO3"`` is a 5-atom cell)."""
         from equicsp_core.checkpoint import load_model, resolve_checkpoint
         from equicsp_core.files import file_sha256
+        from equicsp_core.hardware import resolve_device, set_threads
         from equicsp_core.predict import predict_with_settings
 
         settings = self.settings(formulas)
         path = resolve_checkpoint(self.checkpoint)
-        model, card = load_model(path, settings.device)
+        if settings.threads is not None:  # else the worker's own setting stands
+            set_threads(settings.threads)
+        model, card = load_model(path, resolve_device(settings.device))
         prefixes = label_prefixes(settings.formulas)
         candidates, invalid = [], []
         for batch in predict_with_settings(model, card, settings):

@@ -120,3 +120,24 @@ def test_importing_the_aiida_plugin_does_not_import_torch():
     code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_every_protocol_holds_only_valid_knobs():
+    """The protocol files set knobs of the settings models only, with valid values (their keys derive from them)."""
+    from importlib import resources
+
+    import yaml
+
+    from equicsp_core.settings import DFTSettings, RankSettings
+
+    folder = resources.files("aiida_equicsp").joinpath("protocols")
+    for name in ("sample", "predict_relax"):
+        protocols = yaml.safe_load(folder.joinpath(f"{name}.yaml").read_text())["protocols"]
+        for protocol in protocols.values():
+            sample = protocol.get("sample", protocol)
+            SampleSettings(formulas=["H"], num_samples=protocol.get("num_samples", 1), **sample.get("parameters", {}))
+            RelaxSettings.from_mapping(protocol.get("relax", {}).get("parameters", {}))
+            ScreenSettings.from_mapping(protocol.get("screening", {}))
+            RankSettings.from_mapping({key: protocol[key] for key in RankSettings.keys() if key in protocol})
+            DFTSettings.from_mapping({key: value for key, value in protocol.get("dft", {}).items()
+                                      if key in DFTSettings.keys()})
