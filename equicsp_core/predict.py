@@ -92,20 +92,16 @@ def _predict_cells(
     time_grid(total_steps if steps is None else steps, total_steps)
     check_cells(cells, model.mode, None, allow_outside_domain=True)  # the model's hard limit
     jobs = [(formula, index, list(cell)) for formula, cell in cells.items() for index in range(num_samples)]
-    return _sample_batches(model, jobs, steps, step_lr, seed, batch_size, progress, lattice_bound)
+    sampler = {"steps": steps, "step_lr": step_lr, "progress": progress, "lattice_bound": lattice_bound}
+    return _sample_batches(model, jobs, seed, batch_size, sampler)
 
 
 def _sample_batches(
-    model: CrystalDiffusion,
-    jobs: list[tuple[str, int, list[int]]],
-    steps: int | None,
-    step_lr: float,
-    seed: int,
-    batch_size: int,
-    progress: bool,
-    lattice_bound: float | None,
+    model: CrystalDiffusion, jobs: list[tuple[str, int, list[int]]], seed: int, batch_size: int,
+    sampler: dict[str, Any],
 ) -> Iterator[list[Candidate]]:
-    """The sampling loop of :func:`predict_batches`; ``jobs`` are ``(formula, sample index, atomic numbers)``."""
+    """The sampling loop of :func:`predict_batches`; ``jobs`` are ``(formula, sample index, atomic numbers)``,
+    ``sampler`` the keyword arguments of :func:`~equicsp_core.sampler.sample`."""
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     batches = math.ceil(len(jobs) / batch_size)
@@ -114,8 +110,7 @@ def _sample_batches(
         numbers = torch.tensor([z for _, _, zs in chunk for z in zs])
         counts = torch.tensor([len(zs) for _, _, zs in chunk])
         started = time.perf_counter()
-        result = sample(model, numbers, counts, steps=steps, step_lr=step_lr, generator=generator, progress=progress,
-                        lattice_bound=lattice_bound)
+        result = sample(model, numbers, counts, generator=generator, **sampler)
         logger.info("batch %d/%d: %d crystals sampled in %.1f s", number, batches, len(chunk),
                     time.perf_counter() - started)
         yield [Candidate(formula, index, crystal.to_structure() if crystal is not None else None)
