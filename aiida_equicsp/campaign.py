@@ -18,6 +18,21 @@ Why a submitter, not a parent work chain
     children to one process whose failure or kill ends the whole campaign; and its throttling would live in a
     checkpoint instead of in data anyone can query.
 
+Why not aiida-submission-controller
+    Its ``FromGroupSubmissionController`` is the community's throttled submitter and the pattern followed
+    here. Tried against aiida-core 2.9.4 (version 0.3.0, a subclass building this module's work chains, one
+    ``Str`` node per composition in a parent group keyed by the composition's extra, submission faked as in
+    ``tests/aiida/test_campaign_units.py``), it works, but it would lose what a campaign promises: a process
+    whose inputs the work chain refuses is logged and skipped (the pass returns nothing submitted, exit 0)
+    instead of refused before anything is stored; a composition with any work chain in the group counts as
+    done forever, so a failed one cannot be retried without removing it from the group; a work chain submitted
+    just before the submitter crashed, before it joined the group, is submitted again; compositions go in
+    the order of a Python set, not the order asked for; two formulas of one composition in the parent group
+    end the pass with a bare ``AssertionError``; and the compositions must first be stored as nodes of a
+    second group. It would also add ``pydantic`` and ``rich`` to the requirements of the AiiDA host. A
+    campaign therefore keeps its own pass (:func:`submit_campaign`), with the controller's
+    ``max_concurrent`` semantics (active = not terminated, per group). Not tried on the daemon.
+
 Never twice
     A composition whose work chain finished ok, or is still active (created, waiting, running), is never
     submitted again. A failed, excepted or killed one is resubmitted only with ``retry_failed=True``; the old

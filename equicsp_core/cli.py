@@ -322,12 +322,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from equicsp_core.checkpoint import read_checkpoint
+    from equicsp_core.checkpoint import file_sha256, read_checkpoint, resolve_checkpoint
 
     payload = read_checkpoint(args.checkpoint)
     parameters = sum(v.numel() for v in payload["state_dict"].values())
     print(json.dumps({"denoiser": payload["denoiser"], "diffusion": payload["diffusion"], "parameters": parameters,
-                      "card": payload["card"]}, indent=2, default=str))
+                      "file_sha256": file_sha256(resolve_checkpoint(args.checkpoint)),
+                      "model_sha256": payload["model_sha256"], "card": payload["card"]}, indent=2, default=str))
     return 0
 
 

@@ -63,10 +63,12 @@ def test_a_folder_given_as_a_file_is_one_line(tiny_checkpoint, tmp_path, capsys)
     folder.mkdir()
     assert run("sample", "--checkpoint", tiny_checkpoint, "--input", folder, "--out", tmp_path / "out") == 2
     assert error_line(capsys) == f"equicsp sample: error: --input {folder} cannot be read: it is a folder"
-    assert run("relax", "--structures", folder, "--out", tmp_path / "out") == 2
-    # a folder is read as the output folder of `equicsp sample` (equicsp_core.structure_files)
-    assert error_line(capsys) == (f"equicsp relax: error: cannot read structures from {folder}: the folder has no "
-                                  "index.json: it is not an output folder of `equicsp sample`")
+    settings = tmp_path / "relax.yaml"
+    settings.mkdir()
+    structures = tmp_path / "s.json"
+    structures.write_text("{}")
+    assert run("relax", "--structures", structures, "--input", settings, "--out", tmp_path / "out") == 2
+    assert error_line(capsys) == f"equicsp relax: error: --input {settings} cannot be read: it is a folder"
     assert not (tmp_path / "out").exists()
 
 

@@ -9,6 +9,7 @@ import torch
 from equicsp_core.diffusion import CrystalDiffusion, DiffusionConfig
 from equicsp_core.lattice import (
     PERMUTATIONS,
+    equicsp_to_lattice,
     lattice_from_parameters,
     lattice_to_equicsp,
     parameters_from_lattice,
@@ -153,17 +154,27 @@ def test_diffcsp_o3_equivariance():
 
 
 def test_equicsp_o3_invariance():
-    """EquiCSP: C computed from a rotated/reflected lattice matrix equals C of the original, so outputs are
-    invariant."""
-    inputs = random_inputs("diffcsp")
-    matrices = inputs["lattice"]
+    """EquiCSP sees a lattice only as C = (log-lengths, −cot angles), the network's one lattice input: C of L R
+    equals C of L for R ∈ O(3) of both determinants, while C keeps everything else of L (the lattice rebuilt
+    from C has L's Gram matrix L Lᵀ) and a strain of L changes C. So rotated or reflected cells reach the
+    network as the same input, and nothing but the orientation is lost on the way."""
+    matrices = random_inputs("diffcsp")["lattice"]
     c_original = lattice_to_equicsp(*parameters_from_lattice(matrices))
-    rotation = random_orthogonal(2) * torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
-    c_rotated = lattice_to_equicsp(*parameters_from_lattice(matrices @ rotation))
-    torch.testing.assert_close(c_rotated, c_original, atol=1e-9, rtol=1e-9)
-    net = make_net("equicsp")
-    equicsp_inputs = dict(inputs, lattice=c_original)
-    assert_outputs_close(net(**equicsp_inputs), net(**dict(equicsp_inputs, lattice=c_rotated)))
+    for seed, flip in ((2, 1.0), (3, -1.0)):
+        rotation = random_orthogonal(seed)
+        rotation = rotation * torch.sign(torch.linalg.det(rotation)) * flip  # det = flip (a sign of a 3x3 scales det)
+        assert torch.isclose(torch.linalg.det(rotation), torch.tensor(flip, dtype=torch.float64))
+        moved = matrices @ rotation
+        assert not torch.allclose(moved, matrices)
+        c_moved = lattice_to_equicsp(*parameters_from_lattice(moved))
+        torch.testing.assert_close(c_moved, c_original, atol=1e-9, rtol=1e-9)
+    rebuilt = lattice_from_parameters(*equicsp_to_lattice(c_original))
+    torch.testing.assert_close(rebuilt @ rebuilt.transpose(-1, -2), matrices @ matrices.transpose(-1, -2),
+                               atol=1e-9, rtol=1e-9)
+    strain = torch.eye(3, dtype=torch.float64) + torch.tensor([[0.0, 0.02, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.01]],
+                                                               dtype=torch.float64)
+    c_strained = lattice_to_equicsp(*parameters_from_lattice(matrices @ strain))
+    assert ((c_strained - c_original).abs().amax(-1) > 1e-4).all()
 
 
 @pytest.mark.parametrize("mode", ["equicsp", "diffcsp"])

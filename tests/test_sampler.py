@@ -10,9 +10,15 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 
 from equicsp_core.crystal import Crystal
 from equicsp_core.diffusion import CrystalDiffusion, DiffusionConfig
-from equicsp_core.lattice import lattice_from_parameters, lattice_to_equicsp
+from equicsp_core.lattice import (
+    LOG_LENGTH_BOUND,
+    lattice_from_parameters,
+    lattice_to_equicsp,
+    parameters_from_lattice,
+)
 from equicsp_core.network import DenoiserConfig, DenoiserOutput
-from equicsp_core.sampler import sample, time_grid
+from equicsp_core.sampler import _coord_direction, sample, time_grid
+from equicsp_core.segment import segment_sum
 from equicsp_core.torus import TWO_PI, com_free, wrap_centered, wrapped_normal_neg_score
 
 TINY = DenoiserConfig(hidden_dim=16, num_layers=1, num_freqs=4)
@@ -140,13 +146,69 @@ def test_powered_time_grid_has_k_distinct_times_denser_at_small_t(power):
         time_grid(100, 1000, 0.5)
 
 
+def round_trip_error(lengths: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Per crystal, the largest change of lengths (relative) or angles (degrees) through a lattice matrix."""
+    lengths, angles = lengths.double(), angles.double()
+    rebuilt_lengths, rebuilt_angles = parameters_from_lattice(lattice_from_parameters(lengths, angles))
+    return torch.maximum(((rebuilt_lengths - lengths) / lengths).abs().amax(-1), (rebuilt_angles - angles).abs().amax(-1))
+
+
 def test_canonical_lattice_of_sample_matches_its_parameters():
-    """Returned lengths/angles rebuild a lattice whose own parameters are the same (no silent clamping)."""
+    """Returned lengths/angles rebuild a lattice whose own parameters are the same (no silent clamping):
+    parameters that form no lattice (an impossible angle triple, which building the matrix would clamp) or
+    that hit the log-length clamp come back as ``None``, never as a crystal of other parameters."""
     torch.manual_seed(0)
-    model = CrystalDiffusion(TINY).eval()
-    result = sample(model, torch.tensor([8, 8]), torch.tensor([2]), steps=1000, generator=torch.Generator().manual_seed(3))
-    lattice = lattice_from_parameters(result.batch.lengths.double(), result.batch.angles.double())
-    assert torch.isfinite(lattice).all()
+    untrained = CrystalDiffusion(TINY).eval()
+    garbage = sample(untrained, torch.tensor([8, 8] * 3), torch.tensor([2] * 3), steps=1000,
+                     generator=torch.Generator().manual_seed(3))
+    impossible = round_trip_error(garbage.batch.lengths, garbage.batch.angles) > 1e-3
+    assert impossible.any()
+    assert all(crystal is None for crystal, bad in zip(garbage.crystals(), impossible) if bad)
+
+    diverged = sample(untrained, torch.tensor([38, 22, 8, 8, 8] * 4), torch.full((4,), 5), steps=10,
+                      generator=torch.Generator().manual_seed(0), lattice_bound=math.inf)
+    clamped = (diverged.batch.lengths.double().log().abs() >= LOG_LENGTH_BOUND - 1e-6).any(-1)
+    assert clamped.any() and not diverged.finite[clamped].any()
+    assert all(crystal is None for crystal, hit in zip(diverged.crystals(), clamped) if hit)
+
+    crystal, copies = distorted_crystal(), 2
+    exact = CrystalDiffusion(DenoiserConfig(hidden_dim=8, num_layers=1, num_freqs=2), DiffusionConfig(lattice_perm="none"))
+    exact.net = Oracle(exact, crystal, copies)
+    result = sample(exact, crystal.atomic_numbers.repeat(copies), torch.full((copies,), crystal.num_atoms),
+                    steps=100, generator=torch.Generator().manual_seed(0))
+    assert (round_trip_error(result.batch.lengths, result.batch.angles) < 1e-6).all()
+    for got, lengths, angles in zip(result.crystals(), result.batch.lengths, result.batch.angles):
+        assert got is not None
+        torch.testing.assert_close(got.lengths, lengths.double(), rtol=0, atol=0)
+        torch.testing.assert_close(got.angles, angles.double(), rtol=0, atol=0)
+
+
+def test_coordinate_direction_is_the_chain_rule_through_the_centre_of_mass():
+    """``_coord_direction`` is ``−∇_ε log q(m(ε))``: the network's score on the CoM-free noise ``m(ε)``,
+    carried back to ``ε`` through ``m``'s Jacobian (autograd here), for a score whose sum is not zero.
+
+    The exact denoiser's score sums to zero per crystal, so with it the plain score and the chain rule agree;
+    this score does not, so a sampler that used the plain score fails here."""
+    model = CrystalDiffusion(DenoiserConfig(hidden_dim=8, num_layers=1, num_freqs=2))
+    gen = torch.Generator().manual_seed(0)
+    num_atoms = torch.tensor([3, 5])
+    batch = torch.repeat_interleave(torch.arange(2), num_atoms)
+    t, sigma = 400, float(model.schedules.sigmas[400])
+    time = torch.full((2,), t)
+    eps = (0.2 * torch.randn(8, 3, generator=gen, dtype=torch.float64)).requires_grad_()
+    eps_bar = com_free(eps, batch, num_atoms)
+    _, kappa_norm, sample_norm = model.tables.lookup(num_atoms, torch.full((2,), sigma, dtype=torch.float64))
+    neg_score = torch.randn(8, 3, generator=gen, dtype=torch.float64) + 0.5  # sums to ~4 per crystal and axis
+    assert (segment_sum(neg_score, batch, 2).abs() > 0.5).all()
+    out = DenoiserOutput(None, wrap_centered(eps_bar.detach()) / sample_norm.sqrt()[batch, None],
+                         neg_score / kappa_norm.sqrt()[batch, None])
+
+    direction = _coord_direction(model, out, time, sigma, num_atoms, batch)
+
+    (chain_rule,) = torch.autograd.grad((neg_score * eps_bar).sum(), eps)
+    torch.testing.assert_close(direction, chain_rule, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(segment_sum(direction, batch, 2), torch.zeros(2, 3, dtype=torch.float64),
+                               rtol=0, atol=1e-10)
 
 
 def test_lattice_step_unclamped_is_the_papers_update():

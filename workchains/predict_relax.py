@@ -40,6 +40,7 @@ from equicsp_core.settings import DFTSettings, RankSettings, ScreenSettings, Set
 from aiida_equicsp.calculations.relax import EquiCSPRelaxCalculation
 from aiida_equicsp.data.model import EquiCSPModelData
 from aiida_equicsp.utils import deep_merge, load_protocols, protocol_inputs
+from aiida_equicsp.workchains.replay import call_function_once, submit_once
 from aiida_equicsp.workchains.sample_base import EquiCSPSampleBaseWorkChain
 
 
@@ -313,8 +314,7 @@ class EquiCSPPredictRelaxWorkChain(WorkChain):
     def run_sample(self):
         """Sample the candidates (restarting on running out of memory or walltime)."""
         inputs = AttributeDict(self.exposed_inputs(EquiCSPSampleBaseWorkChain, "sample"))
-        inputs.metadata = {"call_link_label": "sample"}
-        return ToContext(sample=self.submit(EquiCSPSampleBaseWorkChain, **inputs))
+        return ToContext(sample=submit_once(self, EquiCSPSampleBaseWorkChain, "sample", **inputs))
 
     def inspect_sample(self) -> ExitCode | None:
         """Stop with 401 when sampling produced nothing usable."""
@@ -332,9 +332,9 @@ class EquiCSPPredictRelaxWorkChain(WorkChain):
 
     def screen(self) -> ExitCode | None:
         """Drop implausible and duplicate candidates (calcfunction ``screen_candidates``)."""
-        self.ctx.screening = screen_candidates(
-            candidates=self.ctx.sample.outputs.candidates, parameters=self.inputs.screening, **self.ctx.sampled,
-            metadata={"call_link_label": "screen"})
+        self.ctx.screening = call_function_once(
+            self, screen_candidates, "screen", candidates=self.ctx.sample.outputs.candidates,
+            parameters=self.inputs.screening, **self.ctx.sampled)
         decisions = self.ctx.screening["screening"]
         self.ctx.survivors = [label for label, decision in decisions.items() if decision["kept"]]
         self.report(f"{len(self.ctx.survivors)} of {len(self.ctx.sample.outputs.candidates['candidates'])} "
@@ -349,8 +349,7 @@ class EquiCSPPredictRelaxWorkChain(WorkChain):
         """Relax every survivor with the ML potential, in one calculation."""
         inputs = AttributeDict(self.exposed_inputs(EquiCSPRelaxCalculation, "relax"))
         inputs.structures = {label: self.ctx.sampled[label] for label in self.ctx.survivors}
-        inputs.metadata = {**inputs.get("metadata", {}), "call_link_label": "ml_relax"}
-        return ToContext(ml_relax=self.submit(EquiCSPRelaxCalculation, **inputs))
+        return ToContext(ml_relax=submit_once(self, EquiCSPRelaxCalculation, "ml_relax", **inputs))
 
     def inspect_ml_relax(self) -> ExitCode | None:
         """Rank the relaxed candidates (calcfunction ``rank_candidates``); 403 when nothing was relaxed."""
@@ -363,8 +362,8 @@ class EquiCSPPredictRelaxWorkChain(WorkChain):
             self.report(f"ML relaxation ended with exit status {node.exit_status}; ranking what finished")
         self.ctx.ml_relaxed = dict(node.outputs.relaxed)
         self.out("ml_relaxed", self.ctx.ml_relaxed)
-        self.ctx.ml_ranking = rank_candidates(ml_results=node.outputs.results, top_k=self.inputs.top_k,
-                                              **self.ctx.ml_relaxed, metadata={"call_link_label": "rank"})
+        self.ctx.ml_ranking = call_function_once(self, rank_candidates, "rank", ml_results=node.outputs.results,
+                                                 top_k=self.inputs.top_k, **self.ctx.ml_relaxed)
         return None
 
     def should_check_phonons(self) -> bool:
@@ -377,8 +376,7 @@ class EquiCSPPredictRelaxWorkChain(WorkChain):
         parameters = inputs.parameters.get_dict() if "parameters" in inputs else {}
         inputs.parameters = orm.Dict({**parameters, "steps": 0, "phonons": True})
         inputs.structures = {label: self.ctx.ml_relaxed[label] for label in self.ctx.ml_ranking["dft"]}
-        inputs.metadata = {**inputs.get("metadata", {}), "call_link_label": "phonons"}
-        return ToContext(phonons=self.submit(EquiCSPRelaxCalculation, **inputs))
+        return ToContext(phonons=submit_once(self, EquiCSPRelaxCalculation, "phonons", **inputs))
 
     def inspect_phonons(self) -> None:
         """A failed phonon check is reported and leaves the columns empty; the pipeline goes on."""
@@ -402,7 +400,8 @@ class EquiCSPPredictRelaxWorkChain(WorkChain):
         for label in self.ctx.ml_ranking["dft"]:
             structure = self.ctx.ml_relaxed[label]
             if symprec.value > 0:
-                structure = symmetrize(structure, symprec, metadata={"call_link_label": f"symmetrize_{label}"})
+                structure = call_function_once(self, symmetrize, f"symmetrize_{label}", structure=structure,
+                                               symprec=symprec)
             builder = PwRelaxWorkChain.get_builder_from_protocol(
                 dft.code, structure, protocol=settings.protocol,
                 overrides=dft["overrides"].get_dict() if "overrides" in dft else None,
@@ -410,8 +409,7 @@ class EquiCSPPredictRelaxWorkChain(WorkChain):
                 options=dft["options"].get_dict() if "options" in dft else None)
             # The ML relaxation was the initial relaxation: a second, coarse DFT one would only cost time.
             builder.pop("base_init_relax", None)
-            builder.metadata.call_link_label = f"dft_{label}"
-            futures[f"dft.{label}"] = self.submit(builder)
+            futures[f"dft.{label}"] = submit_once(self, builder, f"dft_{label}")
             self.report(f"DFT relaxation of {label}: PwRelaxWorkChain<{futures[f'dft.{label}'].pk}>")
         return ToContext(**futures)
 
@@ -453,6 +451,5 @@ class EquiCSPPredictRelaxWorkChain(WorkChain):
         phonons = self.ctx.get("phonons")
         if phonons is not None and "results" in phonons.outputs:
             nodes["phonons"] = phonons.outputs.results
-        self.out("ranking", tabulate_ranking(screening=self.ctx.screening, ml_ranking=ml_ranking,
-                                             ml_results=ml_results, **nodes,
-                                             metadata={"call_link_label": "tabulate"}))
+        self.out("ranking", call_function_once(self, tabulate_ranking, "tabulate", screening=self.ctx.screening,
+                                               ml_ranking=ml_ranking, ml_results=ml_results, **nodes))

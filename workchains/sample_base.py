@@ -59,6 +59,7 @@ from equicsp_core.settings import SampleSettings
 from aiida_equicsp.calculations.sample import EquiCSPSampleCalculation
 from aiida_equicsp.data.model import EquiCSPModelData
 from aiida_equicsp.utils import protocol_inputs, set_sample_inputs
+from aiida_equicsp.workchains.replay import call_function_once
 
 #: Exit codes of the calculation that the handlers recover from.
 CALCULATION_EXIT_CODES = EquiCSPSampleCalculation.exit_codes
@@ -314,10 +315,10 @@ class EquiCSPSampleBaseWorkChain(BaseRestartWorkChain):
                       for number, node in enumerate(calculations, start=1) if "candidates" in node.outputs}
         complete = [node for node in calculations if "run_info" in node.outputs]
         run_info = {"run_info": complete[-1].outputs.run_info} if complete else {}
-        merged = merge_sample_results(
-            compositions=self.inputs.sample.compositions, num_samples=self.inputs.sample.num_samples,
-            calculations=orm.Int(len(calculations)), **run_info, **candidates,
-            metadata={"call_link_label": "merge_results"})
+        merged = call_function_once(
+            self, merge_sample_results, "merge_results", compositions=self.inputs.sample.compositions,
+            num_samples=self.inputs.sample.num_samples, calculations=orm.Int(len(calculations)), **run_info,
+            **candidates)
         self.out_many(merged)
 
         by_uuid = {node.uuid: node for node in calculations}

@@ -21,12 +21,12 @@ from monty.json import MontyDecoder  # noqa: E402
 from aiida_equicsp.data.model import EquiCSPModelData  # noqa: E402
 from aiida_equicsp.workchains.predict_relax import EquiCSPPredictRelaxWorkChain  # noqa: E402
 from equicsp_jobflow import CandidateDocument, EquiCSPRelaxMaker, PredictRelaxMaker, SampleDocument  # noqa: E402
-from tests.stub_potential import STUB_POTENTIAL  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 FORMULAS = ["SrTiO3", "CaTiO3"]
-RELAX = {"potential": STUB_POTENTIAL, "fmax": 0.05, "steps": 20}
+#: A Lennard-Jones stub for every element (tests/test_relax.py), milliseconds per step.
+RELAX = {"potential": "tests.test_relax:lennard_jones", "fmax": 0.05, "steps": 20}
 
 
 def rounded(rows: list[dict]) -> list[dict]:

@@ -82,7 +82,11 @@ def test_full_run_with_real_dft(equicsp_code, pw_code, pseudo_family):
     rows = outputs["ranking"]["rows"]
     best = rows[0]
     assert best["status"] == "dft_relaxed" and best["ml_rank"] == 1
-    assert best["dft_energy_per_atom"] < 0 and best["space_group_dft"]
+    # PseudoDojo's SrTiO3: -781.2 eV/atom at the family's low cutoffs (76/304 Ry, the DFT campaign of
+    # BENCHMARKS.md). The lower cutoff here raises the total energy (variational) by a few eV/atom, not tens;
+    # an energy outside this window is another material, lost atoms or wrong units.
+    assert -785.0 < best["dft_energy_per_atom"] < -760.0, best
+    assert best["space_group_dft"]
     assert set(outputs["dft_relaxed"]) == {best["label"]}
     assert [row["status"] for row in rows[1:]] != ["dft_relaxed"] * (len(rows) - 1)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from aiida import orm
-from aiida.engine import run_get_node
+from aiida.engine import WorkChain, calcfunction, run_get_node
 from pymatgen.core import Lattice, Structure
 
 from aiida_equicsp.workchains.predict_relax import (
@@ -410,6 +410,108 @@ def test_a_failed_ml_relaxation_keeps_the_others(fixed_cell_equicsp_code, model)
     assert rows["SrTiO3_000"]["ml_energy_per_atom"] is not None
     assert set(outputs["ml_relaxed"]) == {"SrTiO3_000"}
     assert "dft_relaxed" not in outputs
+
+
+# ------------------------------------------------------------------------------------------------
+# a failing stage: sampling (401), every ML relaxation (403), every DFT relaxation (404), one DFT of two
+
+
+@calcfunction
+def stand_in_pw_results(structure: orm.StructureData) -> dict[str, orm.Data]:
+    """What a converged pw.x relaxation outputs, at −8 eV/atom: the structure as relaxed and its parameters."""
+    return {"output_structure": structure.clone(),
+            "output_parameters": orm.Dict({"energy": -8.0 * len(structure.sites),
+                                           "number_of_atoms": len(structure.sites)})}
+
+
+class StandInPwRelaxWorkChain(WorkChain):
+    """Stands for aiida-quantumespresso's ``PwRelaxWorkChain``: pw.x does not converge for a structure with Ba
+    (exit 401, the real work chain's ``ERROR_SUB_PROCESS_FAILED_RELAX``) and converges at −8 eV/atom otherwise."""
+
+    @classmethod
+    def define(cls, spec):
+        super().define(spec)
+        spec.input("structure", valid_type=orm.StructureData)
+        spec.output("output_structure", valid_type=orm.StructureData)
+        spec.output("output_parameters", valid_type=orm.Dict)
+        spec.outline(cls.relax)
+        spec.exit_code(401, "ERROR_SUB_PROCESS_FAILED_RELAX", message="the relax PwBaseWorkChain sub process failed")
+
+    @classmethod
+    def get_builder_from_protocol(cls, code, structure, **_):
+        builder = cls.get_builder()
+        builder.structure = structure
+        return builder
+
+    def relax(self):
+        if "Ba" in self.inputs.structure.get_kind_names():
+            return self.exit_codes.ERROR_SUB_PROCESS_FAILED_RELAX
+        self.out_many(stand_in_pw_results(self.inputs.structure))
+        return None
+
+
+@pytest.fixture
+def stand_in_pw(monkeypatch):
+    monkeypatch.setattr("aiida_quantumespresso.workflows.pw.relax.PwRelaxWorkChain", StandInPwRelaxWorkChain)
+
+
+#: One candidate per formula in a 4 Å cube, relaxed by the Lennard-Jones potential; DFT on the best of each.
+TINY_DFT = {"num_samples": 1, "top_k": 1, "sample": {"parameters": {"steps": 5}},
+            "relax": {"parameters": {"potential": "tests.test_relax:lennard_jones", "steps": 5, "fmax": 0.5},
+                      "metadata": RELAX_OPTIONS}}
+
+
+def test_sampling_that_fails_is_401_and_nothing_is_relaxed(unknown_failure_code, model):
+    builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
+        unknown_failure_code, model, ["SrTiO3"], overrides={"num_samples": 1, "sample": {"parameters": {"steps": 2}}})
+    outputs, node = run_get_node(builder)
+    assert node.exit_status == 401, node.exit_message
+    assert node.exit_message.startswith("sampling failed: EquiCSPSampleBaseWorkChain<")
+    called = {link.link_label for link in node.base.links.get_outgoing().all()}
+    assert "sample" in called and not called & {"screen", "ml_relax", "rank"}
+    assert outputs == {}
+
+
+def test_every_ml_relaxation_failing_is_403_with_the_table(fixed_cell_equicsp_code, model):
+    overrides = {**TINY_DFT, "relax": {"parameters": {"potential": "tests.test_relax:lennard_jones_failing_for_ca",
+                                                      "steps": 5}, "metadata": RELAX_OPTIONS}}
+    builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(fixed_cell_equicsp_code, model, ["CaTiO3"],
+                                                                     overrides=overrides)
+    outputs, node = run_get_node(builder)
+    assert node.exit_status == 403, node.exit_message
+    assert node.exit_message.startswith("the ML relaxation failed: EquiCSPRelaxCalculation<")
+    rows = outputs["ranking"]["rows"]
+    assert [(row["label"], row["status"]) for row in rows] == [("CaTiO3_000", "ml_failed")]
+    assert "refuses calcium" in rows[0]["reason"]
+    assert "sampled" in outputs and "ml_relaxed" not in outputs
+
+
+def test_dft_that_does_not_converge_is_404_with_a_dft_failed_row(fixed_cell_equicsp_code, model, pw_code,
+                                                                 pseudodojo, stand_in_pw):
+    builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
+        fixed_cell_equicsp_code, model, ["BaTiO3"], pw_code=pw_code, pseudo_family=pseudodojo.label,
+        overrides=TINY_DFT)
+    outputs, node = run_get_node(builder)
+    assert node.exit_status == 404, node.exit_message
+    (row,) = outputs["ranking"]["rows"]
+    assert row["label"] == "BaTiO3_000" and row["status"] == "dft_failed" and row["ml_rank"] == 1
+    dft = node.base.links.get_outgoing(link_label_filter="dft_BaTiO3_000").one().node
+    assert row["reason"] == f"PwRelaxWorkChain<{dft.pk}> exit status 401: the relax PwBaseWorkChain sub process failed"
+    assert row["ml_energy_per_atom"] is not None and row["dft_energy_per_atom"] is None
+    assert "ml_relaxed" in outputs and "dft_relaxed" not in outputs  # the ML work is kept
+
+
+def test_one_failed_dft_relaxation_keeps_the_other(fixed_cell_equicsp_code, model, pw_code, pseudodojo,
+                                                   stand_in_pw):
+    builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
+        fixed_cell_equicsp_code, model, ["SrTiO3", "BaTiO3"], pw_code=pw_code, pseudo_family=pseudodojo.label,
+        overrides=TINY_DFT)
+    outputs, node = run_get_node(builder)
+    assert node.exit_status == 0, node.exit_message
+    rows = {row["label"]: row for row in outputs["ranking"]["rows"]}
+    assert rows["SrTiO3_000"]["status"] == "dft_relaxed" and rows["SrTiO3_000"]["dft_energy_per_atom"] == -8.0
+    assert rows["BaTiO3_000"]["status"] == "dft_failed" and "exit status 401" in rows["BaTiO3_000"]["reason"]
+    assert set(outputs["dft_relaxed"]) == {"SrTiO3_000"}
 
 
 # --- refused at submission, before anything is stored (issue: inputs checked only after sampling) --------------

@@ -159,13 +159,26 @@ def create_profile(profile: DaemonProfile, password: str, created: list[str]) ->
                   "--default-calc-job-plugin", "equicsp.sample")
 
 
+def require_services() -> None:
+    """Skip when PostgreSQL (with ``psql``) or RabbitMQ is not there; with ``CI=true`` fail instead: the
+    project's machines run both, so a green CI run must have exercised the daemon."""
+    missing = []
+    if shutil.which("psql") is None or not _listening(PG_HOST, int(PG_PORT)):
+        missing.append(f"psql and PostgreSQL on {PG_HOST}:{PG_PORT}")
+    if not _listening(*RABBITMQ):
+        missing.append(f"RabbitMQ on {RABBITMQ[0]}:{RABBITMQ[1]}")
+    if not missing:
+        return
+    reason = f"needs {' and '.join(missing)}"
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"{reason}; with CI=true the daemon tests must run, not skip", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def daemon_profile(tmp_path_factory):
     """A PostgreSQL + RabbitMQ profile with a configured localhost and the ``equicsp`` code; deleted afterwards."""
-    if shutil.which("psql") is None or not _listening(PG_HOST, int(PG_PORT)):
-        pytest.skip(f"needs psql and PostgreSQL on {PG_HOST}:{PG_PORT}")
-    if not _listening(*RABBITMQ):
-        pytest.skip(f"needs RabbitMQ on {RABBITMQ[0]}:{RABBITMQ[1]}")
+    require_services()
     profile, password = new_profile(tmp_path_factory.mktemp("aiida-daemon"), "equicsp_daemon")
     name = profile.name
     created: list[str] = []
