@@ -39,7 +39,7 @@ class Candidate:
 def predict_batches(
     model: CrystalDiffusion,
     formulas: list[str] | tuple[str, ...],
-    num_samples: int = 1,
+    num_samples: int = SampleSettings.default("num_samples"),
     steps: int | None = None,
     step_lr: float = DEFAULT_STEP_LR,
     seed: int = 0,
@@ -120,7 +120,7 @@ def _sample_batches(
 def predict_structures(
     model: CrystalDiffusion,
     formulas: list[str],
-    num_samples: int = 1,
+    num_samples: int = SampleSettings.default("num_samples"),
     steps: int | None = None,
     step_lr: float = DEFAULT_STEP_LR,
     seed: int = 0,
