@@ -289,8 +289,9 @@ def test_parser_real_potential_error_line(parse_relax_retrieved, tmp_path, capsy
 
 
 def test_parser_device_not_available(parse_relax_retrieved):
-    stderr = "equicsp relax: error: device 'cuda:1' is not available: 1 CUDA device(s) visible\n"
-    outputs, calcfunction = parse_relax_retrieved({"equicsp.err": stderr, "equicsp.out": ""})
+    status = {"exit_status": 4, "failure": "device_unavailable",
+              "error": "device 'cuda:1' is not available: 1 CUDA device(s) visible"}
+    outputs, calcfunction = parse_relax_retrieved({"status.json": json.dumps(status), "equicsp.out": ""})
     assert calcfunction.exit_status == 330
     assert "device 'cuda:1' is not available: 1 CUDA device(s) visible" in calcfunction.exit_message
     assert not outputs
