@@ -52,10 +52,9 @@ PROTOCOLS = load_protocols("sample")
 RESULT_COLUMNS = ("formula", "sample", "valid", "structure pk", "stored formula", "volume (Å³)")
 
 
-def _load_profile(ctx: click.Context, param: click.Parameter, name: str | None) -> None:
-    """Load the profile named ``name`` with verdi's profile type, else the loaded or the default one."""
-    if name is not None:
-        types.ProfileParamType(load_profile=True).convert(name, param, ctx)
+def _load_profile(_: click.Context, __: click.Parameter, profile: Any) -> None:
+    """Without ``--profile`` (which verdi's profile type loads): the loaded profile, else the default one."""
+    if profile is not None:
         return
     try:
         load_profile()
@@ -64,7 +63,8 @@ def _load_profile(ctx: click.Context, param: click.Parameter, name: str | None) 
 
 
 @click.group(name="aiida-equicsp", cls=VerdiCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@options.PROFILE(default=None, callback=_load_profile, expose_value=False, is_eager=True,
+@options.PROFILE(type=types.ProfileParamType(load_profile=True), default=None, callback=_load_profile,
+                 expose_value=False, is_eager=True,
                  help="AiiDA profile (default: the one loaded, else the default profile)")
 def main() -> None:
     """Crystal structure prediction with EquiCSP through AiiDA."""
