@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from equicsp_core.checkpoint_pins import SHIPPED_SHA256
+from equicsp_core.data import file_sha256
 from equicsp_core.diffusion import CrystalDiffusion, DiffusionConfig
 from equicsp_core.network import DenoiserConfig
 
@@ -78,15 +79,6 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     names = ", ".join(shipped) or "none"
     raise CheckpointError(f"checkpoint {str(name_or_path)!r} is not a shipped checkpoint ({names}); "
                           "a file path must contain a '/' or end in '.pt'")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_sha256(denoiser: Mapping[str, Any], diffusion: Mapping[str, Any],
