@@ -191,9 +191,9 @@ def composition_key(formula: str) -> tuple[int, ...]:
     """The cell contents of a formula as sorted atomic numbers: ``TiSrO3`` and ``SrTiO3`` are one composition.
 
     Raises:
-        ValueError: naming the formula, when ``equicsp_core.predict.parse_formula`` refuses it.
+        ValueError: naming the formula, when ``equicsp_core.settings.parse_formula`` refuses it.
     """
-    from equicsp_core.predict import parse_formula
+    from equicsp_core.settings import parse_formula
 
     if not isinstance(formula, str) or not formula.strip():
         raise ValueError(f"composition {formula!r} is not a formula")

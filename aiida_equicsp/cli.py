@@ -1,7 +1,7 @@
 """``aiida-equicsp``: sample crystal structures with AiiDA from the command line, and list the results.
 
     aiida-equicsp sample --code equicsp@cluster --model perov_5 --formula SrTiO3 [--formula CaTiO3]
-        [--num-samples 4] [--protocol fast|balanced|stringent] [--steps S] [--seed X] [--batch-size B] [--device cuda]
+        [--num-samples 4] [--protocol fast|balanced|stringent] [--steps S] [--seed X] [--batch-size B] [--device cuda] ...
         [--overrides overrides.yaml] [--daemon]
     aiida-equicsp results PK
     aiida-equicsp install-pseudos [--label L] [--wheel PATH]
@@ -17,24 +17,31 @@ candidates of a sampling work chain or calculation as a table. ``install-pseudos
 pseudopotential family with recommended cutoffs that the Quantum ESPRESSO protocols need
 (:func:`aiida_equicsp.pseudos.install_pseudodojo_family`).
 
-The AiiDA profile is the one already loaded (as in tests), else ``--profile NAME``, else the default profile.
+The AiiDA profile is ``-p/--profile NAME``, else the one already loaded (as in tests), else the default profile;
+profiles, codes and nodes are read with verdi's own parameter types (``aiida.cmdline.params``), so a code is
+given as in ``verdi``: label, ``LABEL@COMPUTER``, pk or UUID.
 A bad input ends the command with exit status 2 and one line naming the problem; a run that fails, or a
 submission without a daemon, with exit status 1.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 import yaml
 from aiida import load_profile, orm
-from aiida.common.exceptions import ConfigurationError, InvalidOperation, MultipleObjectsError, NotExistent
+from aiida.cmdline.groups import VerdiCommandGroup
+from aiida.cmdline.params import arguments, options, types
+from aiida.common.exceptions import ConfigurationError, InvalidOperation, NotExistent
 from aiida.engine import run_get_node, submit
 from aiida_quantumespresso.workflows.protocols.utils import recursive_merge
 
-from aiida_equicsp.calculations.sample import EquiCSPSampleCalculation
+from equicsp_core.settings import SampleSettings, SettingsError
+
+from aiida_equicsp.calculations.sample import PARAMETER_KEYS, EquiCSPSampleCalculation
 from aiida_equicsp.data.model import EquiCSPModelData
 from aiida_equicsp.workchains.predict_relax import EquiCSPPredictRelaxWorkChain
 from aiida_equicsp.workchains.sample_base import EquiCSPSampleBaseWorkChain
@@ -53,37 +60,47 @@ def _protocol_option(workchain: type[EquiCSPSampleBaseWorkChain | EquiCSPPredict
 RESULT_COLUMNS = ("formula", "sample", "valid", "structure pk", "stored formula", "volume (Å³)")
 
 
-@click.group(name="aiida-equicsp")
-@click.option("--profile", "profile_name", default=None, metavar="NAME",
-              help="AiiDA profile (default: the default profile)")
-def main(profile_name: str | None) -> None:
-    """Crystal structure prediction with EquiCSP through AiiDA."""
+def _load_profile(_: click.Context, __: click.Parameter, profile: Any) -> None:
+    """Without ``--profile`` (which verdi's profile type loads): the loaded profile, else the default one."""
+    if profile is not None:
+        return
     try:
-        load_profile(profile_name)
+        load_profile()
     except (ConfigurationError, InvalidOperation) as error:
-        raise click.UsageError(f"cannot load the AiiDA profile {profile_name or '(default)'}: {error}") from error
+        raise click.UsageError(f"cannot load the default AiiDA profile: {error}") from error
+
+
+@click.group(name="aiida-equicsp", cls=VerdiCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@options.PROFILE(type=types.ProfileParamType(load_profile=True), default=None, callback=_load_profile,
+                 expose_value=False, is_eager=True,
+                 help="AiiDA profile (default: the one loaded, else the default profile)")
+def main() -> None:
+    """Crystal structure prediction with EquiCSP through AiiDA."""
 
 
 def _check_formulas(_: click.Context, __: click.Parameter, formulas: tuple[str, ...]) -> list[str]:
     """The ``--formula`` values, checked as ``equicsp sample`` checks them (parsable, distinct)."""
-    from equicsp_core.predict import SampleSettings
-
     try:
         SampleSettings(formulas=formulas)
-    except ValueError as error:
+    except SettingsError as error:
         raise click.BadParameter(str(error)) from error
     return list(formulas)
 
 
-def _load_code(label: str) -> orm.AbstractCode:
-    """The code of that label (``equicsp@cluster``), or a usage error naming the label."""
-    try:
-        return orm.load_code(label)
-    except NotExistent as error:
-        raise click.BadParameter(f"no code {label!r} (see verdi code list)", param_hint="'--code'") from error
-    except MultipleObjectsError as error:
-        raise click.BadParameter(f"several codes are labelled {label!r}; name one as LABEL@COMPUTER",
-                                 param_hint="'--code'") from error
+def sampler_options(command: Callable) -> Callable:
+    """One option per sampling parameter of the calculation (:data:`PARAMETER_KEYS`), from :class:`SampleSettings`.
+
+    Every option defaults to ``None`` (unset: the protocol's or the engine's default).
+    """
+    for key in reversed(PARAMETER_KEYS):
+        kind = SampleSettings.scalar_type(key)
+        help_text = SampleSettings.model_fields[key].description
+        if kind is bool:
+            option = click.option(SampleSettings.flag(key), key, is_flag=True, default=None, help=help_text)
+        else:
+            option = click.option(SampleSettings.flag(key), key, type=kind, default=None, help=help_text)
+        command = option(command)
+    return command
 
 
 def _load_model(name_or_path: str) -> EquiCSPModelData:
@@ -110,34 +127,29 @@ def _read_overrides(path: str | None) -> dict[str, Any]:
 
 
 @main.command(short_help="Sample structures for formulas; print the work chain's pk.")
-@click.option("--code", "code_label", required=True, help="the InstalledCode of `equicsp`, e.g. equicsp@cluster")
+@options.CODE(required=True, help="the code of the `equicsp` program: label, LABEL@COMPUTER, pk or UUID")
 @click.option("--model", "model_name", required=True, help="a checkpoint file or the name of a shipped checkpoint")
 @click.option("--formula", "formulas", multiple=True, required=True, callback=_check_formulas,
               help="cell contents, e.g. SrTiO3 (repeatable)")
 @click.option("--num-samples", type=click.IntRange(min=1), default=None,
               help="candidates per formula (default: that of `equicsp sample`)")
 @_protocol_option(EquiCSPSampleBaseWorkChain)
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="predictor-corrector steps")
-@click.option("--seed", type=int, default=None, help="seed of the first calculation (reruns add 1, 2, ...)")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="crystals sampled together")
-@click.option("--device", default=None, help="device of the job: auto (default), cpu, cuda, cuda:N or mps")
+@sampler_options
 @click.option("--overrides", "overrides_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="YAML file of inputs merged over the protocol's: {sample: {metadata: {options: ...}}, ...}")
 @click.option("--daemon", is_flag=True, help="submit to the AiiDA daemon instead of waiting for the end here")
-def sample(code_label: str, model_name: str, formulas: list[str], num_samples: int | None, protocol: str | None,
-           steps: int | None, seed: int | None, batch_size: int | None, device: str | None,
-           overrides_file: str | None, daemon: bool) -> None:
-    """Predict structures for formulas with the restart work chain; prints its pk."""
-    from equicsp_core.predict import SampleSettings
+def sample(code: orm.AbstractCode, model_name: str, formulas: list[str], num_samples: int | None, protocol: str | None,
+           overrides_file: str | None, daemon: bool, **sampler: Any) -> None:
+    """Predict structures for formulas with the restart work chain; prints its pk.
 
-    code = _load_code(code_label)
+    The seed is that of the first calculation (reruns add 1, 2, ...).
+    """
     model = _load_model(model_name)
-    flags = {"steps": steps, "seed": seed, "batch_size": batch_size, "device": device}
-    parameters = {key: value for key, value in flags.items() if value is not None}
+    parameters = {key: value for key, value in sampler.items() if value is not None}
     overrides = recursive_merge(_read_overrides(overrides_file), {"sample": {"parameters": parameters}})
     try:
         builder = EquiCSPSampleBaseWorkChain.get_builder_from_protocol(
-            code, model, formulas, num_samples or SampleSettings.num_samples, protocol, overrides)
+            code, model, formulas, num_samples or SampleSettings.default("num_samples"), protocol, overrides)
     except (ValueError, AttributeError) as error:  # refused by a port, or a key of --overrides with no port
         raise click.UsageError(str(error)) from error
     inputs = EquiCSPSampleBaseWorkChain.spec().inputs
@@ -173,12 +185,9 @@ def _is_sampling_run(node: orm.Node) -> bool:
         return False
 
 
-def _load_sampling_run(pk: int) -> orm.ProcessNode:
-    """The node of a sample work chain or calculation, or a usage error saying what ``pk`` is instead."""
-    try:
-        node = orm.load_node(pk)
-    except NotExistent as error:
-        raise click.BadParameter(f"no node with pk {pk}", param_hint="'PK'") from error
+def _check_sampling_run(node: orm.Node) -> orm.ProcessNode:
+    """The node of a sample work chain or calculation, or a usage error saying what it is instead."""
+    pk = node.pk
     if not _is_sampling_run(node):
         kind = node.process_label if isinstance(node, orm.ProcessNode) else type(node).__name__
         raise click.BadParameter(f"node {pk} is a {kind}, not a sampling run (EquiCSPSampleBaseWorkChain or "
@@ -201,10 +210,10 @@ def _result_rows(node: orm.ProcessNode) -> list[tuple[str, ...]]:
 
 
 @main.command()
-@click.argument("pk", type=int)
-def results(pk: int) -> None:
+@arguments.PROCESS("node", metavar="PK")
+def results(node: orm.ProcessNode) -> None:
     """Print the candidates of a sampling work chain or calculation PK."""
-    node = _load_sampling_run(pk)
+    node, pk = _check_sampling_run(node), node.pk
     if "candidates" not in node.outputs:
         raise click.ClickException(f"{node.process_label}<{pk}> has no candidates (state {node.process_state.value}"
                                    f", exit status {node.exit_status})")
@@ -279,16 +288,8 @@ def _load_model_or_pk(value: str) -> EquiCSPModelData:
     return node
 
 
-def _load_pw_code(label: str) -> orm.AbstractCode:
-    """The pw.x code of that label, or a usage error naming it."""
-    try:
-        return orm.load_code(label)
-    except (NotExistent, MultipleObjectsError) as error:
-        raise click.BadParameter(f"no single code {label!r} (see verdi code list)", param_hint="'--pw-code'") from error
-
-
 def _campaign_settings(stored: Any, model_name: str | None, protocol: str | None, overrides_file: str | None,
-                       num_samples: int | None, dft: bool | None, pw_code_label: str | None,
+                       num_samples: int | None, dft: bool | None, pw_code: orm.AbstractCode | None,
                        pseudo_family: str | None, max_concurrent: int | None) -> Any:
     """The settings of the options, the options left out taken from the stored settings (``None``: new campaign)."""
     from aiida_equicsp.campaign import DEFAULT_MAX_CONCURRENT, CampaignSettings
@@ -303,18 +304,15 @@ def _campaign_settings(stored: Any, model_name: str | None, protocol: str | None
     if num_samples is not None:
         overrides = recursive_merge(overrides, {"num_samples": num_samples})
     if dft is None:
-        dft = pw_code_label is not None or (stored is not None and stored.pw_code_uuid is not None)
-    pw_code = None
+        dft = pw_code is not None or (stored is not None and stored.pw_code_uuid is not None)
     if dft:
-        if pw_code_label is not None:
-            pw_code = _load_pw_code(pw_code_label)
-        elif stored is not None and stored.pw_code_uuid is not None:
+        if pw_code is None and stored is not None and stored.pw_code_uuid is not None:
             pw_code = orm.load_node(stored.pw_code_uuid)
-        else:
+        if pw_code is None:
             raise click.UsageError("--dft needs --pw-code")
         if pseudo_family is None and stored is not None:
             pseudo_family = stored.pseudo_family
-    elif pw_code_label is not None or pseudo_family is not None:
+    elif pw_code is not None or pseudo_family is not None:
         raise click.UsageError("--pw-code and --pseudo-family are for DFT: leave out --no-dft")
     try:
         return CampaignSettings.from_nodes(
@@ -326,7 +324,7 @@ def _campaign_settings(stored: Any, model_name: str | None, protocol: str | None
 
 @campaign.command("submit")
 @click.argument("label")
-@click.option("--code", "code_label", required=True, help="the InstalledCode of `equicsp`, e.g. equicsp@cluster")
+@options.CODE(required=True, help="the code of the `equicsp` program: label, LABEL@COMPUTER, pk or UUID")
 @click.option("--model", "model_name", default=None, metavar="NAME_OR_PK",
               help="a shipped checkpoint's name, a checkpoint file or a model's pk (default: the campaign's; "
                    f"for a new campaign {DEFAULT_CAMPAIGN_MODEL}, the general-purpose model)")
@@ -340,15 +338,17 @@ def _campaign_settings(stored: Any, model_name: str | None, protocol: str | None
 @click.option("--overrides", "overrides_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="YAML file of overrides of the work chain's protocol: {relax: {parameters: {steps: 30}}, ...}")
 @click.option("--dft/--no-dft", default=None, help="DFT-relax the best candidates with pw.x (default: the campaign's)")
-@click.option("--pw-code", "pw_code_label", default=None, help="the pw.x code for --dft")
+@click.option("--pw-code", "pw_code", type=types.CodeParamType(), default=None,
+              help="the pw.x code for --dft: label, LABEL@COMPUTER, pk or UUID")
 @click.option("--pseudo-family", default=None, help="pseudopotential family for --dft (default: the protocol's)")
 @click.option("--retry-failed", is_flag=True, help="resubmit compositions whose work chains failed")
 @click.option("--wait", is_flag=True, help="keep submitting, every --interval seconds, until all are submitted")
 @click.option("--interval", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="seconds between two passes with --wait")
-def campaign_submit(label: str, code_label: str, model_name: str | None, formulas: tuple[str, ...],
+def campaign_submit(label: str, code: orm.AbstractCode, model_name: str | None, formulas: tuple[str, ...],
                     formulas_file: str | None, max_concurrent: int | None, protocol: str | None,
-                    num_samples: int | None, overrides_file: str | None, dft: bool | None, pw_code_label: str | None,
+                    num_samples: int | None, overrides_file: str | None, dft: bool | None,
+                    pw_code: orm.AbstractCode | None,
                     pseudo_family: str | None, retry_failed: bool, wait: bool, interval: float) -> None:
     """Add compositions to campaign LABEL and submit what is missing, at most --max-concurrent active at once."""
     import time
@@ -368,7 +368,6 @@ def campaign_submit(label: str, code_label: str, model_name: str | None, formula
     except ValueError as error:
         hint = "'--formulas-file'" if formulas_file else "'--formula'"
         raise click.BadParameter(str(error), param_hint=hint) from error
-    code = _load_code(code_label)
     try:
         existing = load_campaign(label)
     except ValueError:
@@ -376,7 +375,7 @@ def campaign_submit(label: str, code_label: str, model_name: str | None, formula
     if compositions is None and (existing is None or not existing.compositions):
         raise click.UsageError(f"campaign {label!r} has no compositions yet: give --formula or --formulas-file")
     settings = _campaign_settings(existing.settings if existing else None, model_name, protocol, overrides_file,
-                                  num_samples, dft, pw_code_label, pseudo_family, max_concurrent)
+                                  num_samples, dft, pw_code, pseudo_family, max_concurrent)
     try:
         group = create_or_load_campaign(label, settings, code, compositions or [])
     except ValueError as error:
@@ -473,13 +472,13 @@ def structures(formula: str) -> None:
 
 
 @main.command("checkpoint-of")
-@click.argument("pk", type=int)
-def checkpoint_of(pk: int) -> None:
+@arguments.NODE("node", metavar="PK")
+def checkpoint_of(node: orm.Node) -> None:
     """The model (checkpoint) whose sampling produced structure PK, through its relaxations."""
     from aiida_equicsp.queries import checkpoint_of as model_of
 
     try:
-        model = model_of(orm.load_node(pk))
-    except (NotExistent, ValueError) as error:
+        model = model_of(node)
+    except ValueError as error:
         raise click.BadParameter(str(error), param_hint="'PK'") from error
     click.echo(f"EquiCSPModelData<{model.pk}> {model.filename} sha256 {model.sha256}")

@@ -37,7 +37,7 @@ def reduced_formula(formula: str) -> str:
     """
     from pymatgen.core import Composition
 
-    from equicsp_core.predict import parse_formula
+    from equicsp_core.settings import parse_formula
 
     parse_formula(formula, max_atoms=None)
     return Composition(formula).reduced_formula

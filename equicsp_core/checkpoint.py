@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from equicsp_core.checkpoint_pins import SHIPPED_SHA256
-from equicsp_core.data import file_sha256
 from equicsp_core.diffusion import CrystalDiffusion, DiffusionConfig
+from equicsp_core.files import atomic_path, file_sha256
 from equicsp_core.network import DenoiserConfig
 
 FORMAT = "equicsp-checkpoint"
@@ -111,9 +111,8 @@ def build_payload(model: CrystalDiffusion, card: dict[str, Any]) -> dict[str, An
 def _write_payload(payload: dict[str, Any], path: Path) -> None:
     """``torch.save`` through a temporary file, so a crash never leaves a half-written checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def save_checkpoint(model: CrystalDiffusion, path: str | os.PathLike, card: dict[str, Any]) -> None:

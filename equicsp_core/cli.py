@@ -22,13 +22,18 @@ Messages: the engine logs through :mod:`logging` (logger ``equicsp_core``) to st
 WARNING with ``-q/--quiet`` and DEBUG with ``-v/--verbose``. Progress bars are drawn only when stderr is a
 terminal (never with ``--quiet``); elsewhere (a batch job's log) progress is a log line per batch.
 
+``--status-file FILE`` also writes, as JSON, the exit status, which input was refused (a formula, the
+checkpoint, the potential, the device: :class:`equicsp_core.runfolder.Failure`) and the error line, for
+programs that run ``equicsp`` (the AiiDA parsers), so that they never read the message's words.
+
 ``equicsp sample`` takes its settings either from flags or from ``--input FILE``, a YAML mapping with the
-keys of :class:`equicsp_core.predict.SampleSettings` (``formulas`` (a list), ``num_samples``, ``steps``
-(null: the model's T), ``step_lr``, ``lattice_bound``, ``seed``, ``batch_size``, ``device``, ``threads``),
-never both.
-It writes its output folder (which must be new or empty) batch by batch: after each batch, the batch's CIF
-files, then ``index.json``, rewritten atomically, listing every finished candidate; after the last batch,
-``run.json`` with ``"complete": true``. ``index.json`` names the checkpoint with its file's SHA-256 and the
+keys of :class:`equicsp_core.settings.SampleSettings` (``formulas`` (a list), ``num_samples``, ``steps``
+(null: the model's T), ``step_lr``, ``lattice_bound``, ``seed``, ``batch_size``, ``device``, ``threads``,
+``allow_outside_domain``), never both; the flags are derived from the same model (``threads``: the global
+``--threads``). It writes its output folder (which must be new or empty) batch by batch, as
+:mod:`equicsp_core.runfolder` describes: after each batch, the batch's CIF files, then ``index.json``,
+rewritten atomically, listing every finished candidate; after the last batch, ``run.json`` with
+``"complete": true``. ``index.json`` names the checkpoint with its file's SHA-256 and the
 requested counts (``formulas``, ``num_samples``, ``requested``), so a run stopped part-way (walltime, out of
 memory, Ctrl-C) is visibly partial: its finished batches, fewer ``samples`` than ``requested`` and no
 ``run.json``. A run refused for bad input (an ``--out`` that cannot be written too) leaves no folder. Error messages about a bad
@@ -37,7 +42,7 @@ composition contain "formula", those about an unusable checkpoint contain "check
 ``equicsp relax`` relaxes the structures of ``--structures PATH`` (a JSON file of label → pymatgen structure
 dict, a CIF file, an extended XYZ file, or the output folder of ``equicsp sample``:
 :func:`equicsp_core.structure_files.read_structures`) with a machine-learned potential; ``--input FILE`` is a
-YAML mapping of the keys of :class:`equicsp_core.relax.RelaxSettings` (``potential``, ``fmax``, ``steps``,
+YAML mapping of the keys of :class:`equicsp_core.settings.RelaxSettings` (``potential``, ``fmax``, ``steps``,
 ``relax_cell``, ``device``, ``threads``, ``phonons``).
 It rewrites ``relax.json`` (label → status, energy per atom, structure, error) after each structure and
 writes ``run.json`` at the end. A structure whose relaxation fails is reported with status ``failed`` and
@@ -63,15 +68,15 @@ from typing import Any
 import torch
 import yaml
 
-from equicsp_core import __version__
+from equicsp_core import __version__, runfolder
 from equicsp_core.config import preset_names
-from equicsp_core.hardware import DEVICE_CHOICES, DeviceUnavailableError, resolve_device, set_threads
-from equicsp_core.predict import Candidate, SampleSettings, predict_batches
+from equicsp_core.files import write_text_atomically
+from equicsp_core.hardware import DeviceUnavailableError, resolve_device, set_threads
+from equicsp_core.predict import Candidate
 from equicsp_core.runtime import keep_freed_memory
+from equicsp_core.settings import DEVICE_CHOICES, FormulaError, PotentialError, RelaxSettings, SampleSettings, Settings
 
-EXIT_BAD_INPUT = 2
-EXIT_OUT_OF_MEMORY = 3
-EXIT_DEVICE_UNAVAILABLE = 4
+Failure = runfolder.Failure
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a program stopped by Ctrl-C
 
 logger = logging.getLogger(__name__)
@@ -80,16 +85,21 @@ logger = logging.getLogger(__name__)
 TEST_FAIL_ONCE_VARIABLE = "EQUICSP_TEST_FAIL_ONCE"
 
 #: ``equicsp sample`` flag of each :class:`SampleSettings` key (``threads``: the global ``--threads``).
-SAMPLE_FLAGS = {
-    "formulas": "--formula",
-    "num_samples": "--num-samples",
-    "steps": "--steps",
-    "step_lr": "--step-lr",
-    "lattice_bound": "--lattice-bound",
-    "seed": "--seed",
-    "batch_size": "--batch-size",
-    "device": "--device",
-}
+SAMPLE_FLAGS = {key: SampleSettings.flag(key) for key in SampleSettings.keys() if key != "threads"}
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, model: type[Settings], keys: list[str]) -> None:
+    """One flag per knob of ``model`` in ``keys`` (:meth:`Settings.flag`), unset by default so that a file can
+    supply it instead."""
+    for key in keys:
+        info, kind = model.model_fields[key], model.scalar_type(key)
+        if key == "formulas":
+            parser.add_argument(model.flag(key), dest=key, action="append", help=f"{info.description} (repeatable)")
+        elif kind is bool:
+            parser.add_argument(model.flag(key), dest=key, action="store_const", const=True, default=None,
+                                help=info.description)
+        else:
+            parser.add_argument(model.flag(key), dest=key, type=kind, help=model.describe(key))
 
 
 def _threads(value: int | None) -> None:
@@ -136,11 +146,7 @@ def _sample_settings(args: argparse.Namespace) -> SampleSettings:
         return SampleSettings.from_mapping(given)
     if given:
         raise ValueError(f"--input cannot be combined with {', '.join(SAMPLE_FLAGS[key] for key in given)}")
-    values = _read_yaml(args.input)  # its errors already name the file
-    try:
-        return SampleSettings.from_mapping(values)
-    except ValueError as error:
-        raise ValueError(f"--input {args.input}: {error}") from error
+    return SampleSettings.from_mapping(_read_yaml(args.input), where=f"--input {args.input}: ")
 
 
 def _read_text(path: str, option: str) -> str:
@@ -196,12 +202,6 @@ def _fail_once_if_requested() -> None:
     raise torch.OutOfMemoryError(f"simulated by {TEST_FAIL_ONCE_VARIABLE} (marker {marker} created)")
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _save_batch(out: Path, batch: list[Candidate], header: dict[str, Any], entries: list[dict[str, Any]]) -> None:
     """Write a finished batch's CIF files, then ``index.json`` listing it after ``entries`` (extended in place)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -209,15 +209,17 @@ def _save_batch(out: Path, batch: list[Candidate], header: dict[str, Any], entri
         entry = {"formula": cand.formula, "sample": cand.sample_index, "valid": cand.structure is not None,
                  "file": None}
         if cand.structure is not None:
-            name = f"{cand.formula}_{cand.sample_index:03d}.cif"
+            name = runfolder.sample_file_name(cand.formula, cand.sample_index)
             cand.structure.to(filename=str(out / name))
             entry["file"] = name
         entries.append(entry)
-    _write_atomically(out / "index.json", json.dumps({**header, "samples": entries}, indent=1))
+    runfolder.write_index(out, header, entries)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from equicsp_core.checkpoint import CheckpointError, file_sha256, load_model, resolve_checkpoint
+    from equicsp_core.checkpoint import CheckpointError, load_model, resolve_checkpoint
+    from equicsp_core.files import file_sha256
+    from equicsp_core.predict import predict_with_settings
 
     settings = _sample_settings(args)
     out = Path(args.out)
@@ -227,14 +229,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     threads = _job_threads(args, settings.threads)
     _check_writable(out)
     try:
-        model, _ = load_model(args.checkpoint, device)
+        model, card = load_model(args.checkpoint, device)
         checkpoint_sha256 = file_sha256(resolve_checkpoint(args.checkpoint))
     except CheckpointError as error:
         raise CheckpointError(f"cannot use checkpoint {args.checkpoint}: {error}") from error
     logger.info("sampling on %s with %d CPU thread(s)", device, threads)
-    batches = predict_batches(model, settings.formulas, settings.num_samples, settings.steps, settings.step_lr,
-                              settings.seed, settings.batch_size, progress=_show_progress(args),
-                              lattice_bound=settings.lattice_bound)
+    batches = predict_with_settings(model, card, settings, progress=_show_progress(args))
     _fail_once_if_requested()
 
     started = time.perf_counter()
@@ -247,7 +247,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         _save_batch(out, batch, header, entries)
     valid = sum(entry["valid"] for entry in entries)
     run = {
-        "complete": True,
         "checkpoint_sha256": checkpoint_sha256,
         "requested": requested,
         "written": len(entries),
@@ -259,20 +258,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - started, 3),
         "versions": {"equicsp": __version__, "torch": torch.__version__},
     }
-    _write_atomically(out / "run.json", json.dumps(run, indent=1))
+    runfolder.write_run(out, run)
     print(f"{valid}/{len(entries)} valid structures written to {out}")
     return 0
 
 
 def cmd_relax(args: argparse.Namespace) -> int:
-    from equicsp_core.relax import RelaxSettings, load_calculator, relax_structures
+    from equicsp_core.relax import load_calculator, relax_structures
     from equicsp_core.structure_files import read_structures
 
     values = _read_yaml(args.input) if args.input else {}  # its errors already name the file
-    try:
-        settings = RelaxSettings.from_mapping(values)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"--input {args.input}: {error}") from error
+    settings = RelaxSettings.from_mapping(values, where=f"--input {args.input}: ")
     structures = read_structures(args.structures)  # errors name the path
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -289,12 +285,11 @@ def cmd_relax(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {}
     for label, result in relax_structures(structures, settings, lambda *_: calculator):
         results[label] = result.as_dict()
-        _write_atomically(out / "relax.json", json.dumps({"settings": vars(settings), "results": results}))
+        runfolder.write_relax(out, settings.to_dict(), results)
     counts = {status: sum(r["status"] == status for r in results.values()) for status in ("converged",
                                                                                           "not_converged", "failed")}
-    run = {"complete": True, "counts": counts, "seconds": round(time.perf_counter() - started, 3),
-           "versions": {"equicsp": __version__, "torch": torch.__version__}}
-    _write_atomically(out / "run.json", json.dumps(run, indent=1))
+    runfolder.write_run(out, {"counts": counts, "seconds": round(time.perf_counter() - started, 3),
+                              "versions": {"equicsp": __version__, "torch": torch.__version__}})
     print(f"relaxed {len(results)} structures: {counts}")
     return 0
 
@@ -322,7 +317,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     text = json.dumps(report, indent=1)
     print(text, flush=True)  # first: a failing write below must not lose the evaluation
     if out is not None:
-        _write_atomically(out, text)
+        write_text_atomically(out, text)
     return 0
 
 
@@ -355,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
+    parser.add_argument("--status-file", default=None, metavar="FILE",
+                        help="write {exit_status, failure, error} here when the command ends (equicsp_core.runfolder)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model (resumable)")
@@ -375,16 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint file or shipped name")
     p.add_argument("--input", default=None, metavar="FILE",
                    help=f"YAML mapping of the settings ({', '.join(SampleSettings.keys())})")
-    p.add_argument("--formula", dest="formulas", action="append", help="cell contents, e.g. SrTiO3 (repeatable)")
-    p.add_argument("--num-samples", type=int, help=f"candidates per formula (default {SampleSettings.num_samples})")
-    p.add_argument("--steps", type=int, help="predictor-corrector steps (default: the model's T)")
-    p.add_argument("--step-lr", type=float, help=f"Langevin step scale (default {SampleSettings.step_lr})")
-    p.add_argument("--lattice-bound", type=float,
-                   help="clamp of the predicted clean lattice (default: the mode's; inf = the papers' update)")
-    p.add_argument("--seed", type=int, help=f"default {SampleSettings.seed}")
-    p.add_argument("--batch-size", type=int, help=f"crystals per batch; results are saved after each "
-                   f"(default {SampleSettings.batch_size})")
-    p.add_argument("--device", help=f"{DEVICE_CHOICES} (default {SampleSettings.device}: CUDA if present, else CPU)")
+    add_settings_flags(p, SampleSettings, list(SAMPLE_FLAGS))
     p.add_argument("--out", required=True, help="new or empty output folder (CIF files, index.json, run.json)")
     p.set_defaults(func=cmd_sample)
 
@@ -392,8 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structures", required=True, metavar="PATH",
                    help="JSON file (label -> pymatgen structure dict), CIF file, extended XYZ file, or the output "
                         "folder of `equicsp sample`")
-    p.add_argument("--input", default=None, metavar="FILE", help="YAML mapping of the relax settings "
-                   "(potential, fmax, steps, relax_cell, device, threads, phonons)")
+    p.add_argument("--input", default=None, metavar="FILE",
+                   help=f"YAML mapping of the relax settings ({', '.join(RelaxSettings.keys())})")
     p.add_argument("--out", required=True, help="new or empty output folder (relax.json, run.json)")
     p.set_defaults(func=cmd_relax)
 
@@ -459,25 +447,46 @@ def _configure_logging(args: argparse.Namespace) -> None:
         engine.addHandler(handler)
 
 
+def failure_of(error: BaseException) -> Failure | None:
+    """The :class:`~equicsp_core.runfolder.Failure` of a known error, ``None`` for an unexpected one."""
+    from equicsp_core.checkpoint import CheckpointError
+
+    for kind, failure in ((torch.OutOfMemoryError, Failure.OUT_OF_MEMORY),
+                          (DeviceUnavailableError, Failure.DEVICE_UNAVAILABLE),
+                          (FormulaError, Failure.INVALID_FORMULA),
+                          (CheckpointError, Failure.UNUSABLE_CHECKPOINT),
+                          (PotentialError, Failure.UNUSABLE_POTENTIAL),
+                          ((ValueError, FileNotFoundError, FileExistsError), Failure.BAD_INPUT)):
+        if isinstance(error, kind):
+            return failure
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args)
     keep_freed_memory()
+    failure, message = Failure.FAILED, "unexpected error (see the traceback on stderr)"
     try:
         _threads(args.threads)
-        return args.func(args)
-    except torch.OutOfMemoryError:
-        print(f"equicsp {args.command}: error: out of memory", file=sys.stderr)
-        return EXIT_OUT_OF_MEMORY
-    except DeviceUnavailableError as error:
-        print(f"equicsp {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_DEVICE_UNAVAILABLE
+        exit_status = args.func(args)
+        failure, message = None, None
+        return exit_status
     except KeyboardInterrupt:
+        failure, message = Failure.INTERRUPTED, "interrupted"
         print(f"equicsp {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"equicsp {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except Exception as error:
+        failure = failure_of(error)
+        if failure is None:
+            failure = Failure.FAILED
+            raise
+        message = "out of memory" if failure is Failure.OUT_OF_MEMORY else str(error)
+        print(f"equicsp {args.command}: error: {message}", file=sys.stderr)
+        return failure.exit_status
+    finally:
+        if args.status_file:
+            runfolder.write_status(args.status_file, failure, message)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,13 @@ import numpy as np
 import torch
 
 from equicsp_core.lattice import lattice_from_parameters, parameters_from_lattice
+from equicsp_core.settings import MAX_ATOMIC_NUMBER
 from equicsp_core.torus import wrap_unit
 
 if TYPE_CHECKING:
     import ase
     from pymatgen.core import Structure
 
-#: Size of the element-embedding table (docs/method.md §5.1): atomic numbers 1..100.
-MAX_ATOMIC_NUMBER = 100
 
 #: Smallest volume per atom (Å³) accepted as a non-singular cell.
 MIN_VOLUME = 1e-3

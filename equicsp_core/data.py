@@ -11,13 +11,13 @@ next to the repository.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 
 from equicsp_core.crystal import Crystal
+from equicsp_core.files import atomic_path, file_sha256
 
 DATASETS: tuple[str, ...] = ("perov_5", "carbon_24", "mp_20", "mpts_52")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -50,15 +50,6 @@ def split_path(dataset: str, split: str, data_dir: str | os.PathLike | None = No
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("EQUICSP_CACHE_DIR", Path.home() / ".cache" / "equicsp"))
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_column(path: Path, column: str) -> list:
@@ -95,9 +86,8 @@ def load_split(
             cache.unlink(missing_ok=True)
     crystals = parse_cifs(read_column(path, "cif"), niggli=niggli, progress=progress, desc=f"{dataset}/{split}")
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save(_pack(crystals), tmp)
-    tmp.replace(cache)
+    with atomic_path(cache) as tmp:
+        torch.save(_pack(crystals), tmp)
     return crystals
 
 

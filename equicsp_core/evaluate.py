@@ -18,7 +18,8 @@ import torch
 import equicsp_core
 from equicsp_core.diffusion import CrystalDiffusion, symmetrised
 from equicsp_core.metrics import match_rate
-from equicsp_core.sampler import DEFAULT_STEP_LR, LATTICE_X0_BOUND, sample
+from equicsp_core.sampler import LATTICE_X0_BOUND, sample
+from equicsp_core.settings import DEFAULT_STEP_LR
 from equicsp_core.splits import check_not_trained_on, load_cifs, load_rows, report_split, split_rows
 
 

@@ -21,28 +21,16 @@ by :func:`check_device_name`, and resolved on the machine that runs by :func:`re
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 
-#: A device name this engine accepts (see the module docstring).
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
-#: What a refused device name is told to use instead.
-DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+# the names are checked where settings are (torch-free: on the AiiDA daemon too)
+from equicsp_core.settings import check_device_name
+
 
 
 class DeviceUnavailableError(RuntimeError):
     """A valid device that this machine does not have (or that ``CUDA_VISIBLE_DEVICES`` hides)."""
-
-
-def check_device_name(name: object) -> str:
-    """``name`` if it is a device name of :data:`DEVICE_PATTERN`; a ValueError naming the choices otherwise.
-
-    Checks the name only, not whether this machine has the device (:func:`resolve_device` does).
-    """
-    if not isinstance(name, str) or not DEVICE_PATTERN.fullmatch(name):
-        raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {name!r}")
-    return name
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -1,6 +1,6 @@
 """Relaxation of predicted crystals with a machine-learned interatomic potential (an ASE calculator).
 
-A potential is named by a key of :data:`POTENTIALS` (``chgnet``, ``sevennet``) or given as
+A potential is named by a key of :data:`~equicsp_core.settings.POTENTIALS` (``chgnet``, ``sevennet``) or given as
 ``"module:factory"``, a callable taking ``device=`` and returning an ASE calculator, so any potential with an
 ASE calculator plugs in. Relaxation is ASE's FIRE on the positions, and on the cell through
 ``FrechetCellFilter`` when ``relax_cell`` is set; the energy reported is the calculator's total energy of the
@@ -22,19 +22,14 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from equicsp_core.hardware import check_device_name, check_threads, resolve_device
+from equicsp_core.hardware import resolve_device
+from equicsp_core.settings import POTENTIALS, PotentialError, RelaxSettings
 
 if TYPE_CHECKING:
     from ase.calculators.calculator import Calculator
     from pymatgen.core import Structure
 
 logger = logging.getLogger(__name__)
-
-#: Potentials known by name: ``"module:factory"`` of a callable ``factory(device=...) -> ASE calculator``.
-POTENTIALS = {
-    "chgnet": "equicsp_core.relax:chgnet_calculator",
-    "sevennet": "equicsp_core.relax:sevennet_calculator",
-}
 
 #: Statuses of a relaxation: converged below ``fmax``, stopped at ``steps`` without converging, or failed.
 STATUSES = ("converged", "not_converged", "failed")
@@ -67,59 +62,21 @@ def load_calculator(potential: str, device: str = "auto") -> Calculator:
     target = POTENTIALS.get(potential, potential)
     module_name, _, attribute = target.partition(":")
     if not attribute:
-        raise ValueError(f"unknown potential {potential!r}: use one of {sorted(POTENTIALS)} or 'module:factory'")
+        raise PotentialError(f"unknown potential {potential!r}: use one of {sorted(POTENTIALS)} or 'module:factory'")
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"potential {potential!r} cannot be loaded: {error}") from error
+        raise PotentialError(f"potential {potential!r} cannot be loaded: {error}") from error
     try:
         calculator = factory(device=device)
     except ImportError as error:
-        raise ValueError(f"potential {potential!r} is not installed: {error}") from error
+        raise PotentialError(f"potential {potential!r} is not installed: {error}") from error
     except TypeError as error:  # not callable as factory(device=...)
-        raise ValueError(f"potential {potential!r} is not a calculator factory: {error}") from error
+        raise PotentialError(f"potential {potential!r} is not a calculator factory: {error}") from error
     if not isinstance(calculator, BaseCalculator):
-        raise ValueError(f"potential {potential!r} is not a calculator factory: it returned a "
-                         f"{type(calculator).__name__}, not an ASE calculator")
+        raise PotentialError(f"potential {potential!r} is not a calculator factory: it returned a "
+                             f"{type(calculator).__name__}, not an ASE calculator")
     return calculator
-
-
-@dataclass(frozen=True)
-class RelaxSettings:
-    """How to relax: the potential, the force threshold ``fmax`` (eV/Å), the step cap, whether the cell moves,
-    the device (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``: :mod:`equicsp_core.hardware`), the CPU
-    threads of torch (``None``: ``$OMP_NUM_THREADS``, else every CPU the process may use), and whether to check
-    the relaxed structure's phonons for imaginary modes (:mod:`equicsp_core.phonons`)."""
-
-    potential: str = "chgnet"
-    fmax: float = 0.05
-    steps: int = 500
-    relax_cell: bool = True
-    device: str = "auto"
-    threads: int | None = None
-    phonons: bool = False
-
-    def __post_init__(self) -> None:
-        check_device_name(self.device)
-        check_threads(self.threads)
-        # bool is an int to Python, never a threshold or a step count here.
-        if isinstance(self.fmax, bool) or not (isinstance(self.fmax, (int, float)) and self.fmax > 0):
-            raise ValueError(f"fmax must be a number > 0, got {self.fmax!r}")
-        if isinstance(self.steps, bool) or not (isinstance(self.steps, int) and self.steps >= 0):
-            raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
-        for name in ("relax_cell", "phonons"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> RelaxSettings:
-        """Settings from a mapping (e.g. a YAML file), refusing unknown keys by name."""
-        if not isinstance(values, Mapping):
-            raise ValueError(f"relax settings must be a mapping of {sorted(cls.__dataclass_fields__)}; got {values!r}")
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown relax settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**values)
 
 
 @dataclass

@@ -19,10 +19,8 @@ from equicsp_core.crystal import Crystal, CrystalBatch
 from equicsp_core.diffusion import CrystalDiffusion
 from equicsp_core.lattice import LOG_LENGTH_BOUND, equicsp_to_lattice, parameters_from_lattice
 from equicsp_core.network import DenoiserOutput
+from equicsp_core.settings import DEFAULT_STEP_LR
 from equicsp_core.torus import com_free_direction, wrap_unit
-
-#: Default Langevin step scale γ (``step_lr``) of EquiCSP's evaluate script, every dataset.
-DEFAULT_STEP_LR = 5e-6
 
 #: Bound on the predicted clean lattice x̂₀ per mode: EquiCSP's C (log-lengths and −cot angles; ±7 is
 #: 1 mÅ–1 km and 8°–172°), DiffCSP's matrix entries in Å.

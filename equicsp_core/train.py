@@ -32,8 +32,9 @@ import equicsp_core
 from equicsp_core.checkpoint import read_checkpoint, save_checkpoint
 from equicsp_core.config import RunConfig
 from equicsp_core.crystal import Crystal, CrystalBatch
-from equicsp_core.data import data_fingerprint, file_sha256
+from equicsp_core.data import data_fingerprint
 from equicsp_core.diffusion import CrystalDiffusion
+from equicsp_core.files import atomic_path, file_sha256
 from equicsp_core.network import DenoiserConfig
 from equicsp_core.splits import has_train_file, load_rows, reserved_rows_path, split_rows
 
@@ -287,13 +288,12 @@ def _save_resume(
     generator: torch.Generator,
     state: dict,
 ) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     saved = {"model": model.net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "generator": generator.get_state(), "progress": state}
     if ema is not None:
         saved["ema"] = ema.state_dict()
-    torch.save(saved, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(saved, tmp)
 
 
 def cpu_model() -> str:

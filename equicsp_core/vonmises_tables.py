@@ -26,10 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from equicsp_core.domain import MAX_TABLE_ATOMS
 from equicsp_core.torus import TWO_PI, wrap_centered
-
-#: Largest crystal the tables cover (the largest in the CSP benchmarks: mpts_52).
-MAX_TABLE_ATOMS = 52
 
 SHIPPED_TABLES = Path(__file__).parent / "resources" / "vonmises_tables.pt"
 

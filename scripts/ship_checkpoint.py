@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from equicsp_core import checkpoint_pins
-from equicsp_core.checkpoint import SHIPPED_DIR, file_sha256, load_model, read_checkpoint
+from equicsp_core.checkpoint import SHIPPED_DIR, load_model, read_checkpoint
+from equicsp_core.files import file_sha256
 from equicsp_core.crystal import CrystalBatch
 from equicsp_core.diffusion import lattice_permutation_error
 from equicsp_core.splits import load_rows, split_rows

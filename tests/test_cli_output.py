@@ -21,7 +21,7 @@ def test_version(capsys):
 
 def sample_flags(checkpoint, out, steps=2):
     return ["sample", "--checkpoint", str(checkpoint), "--formula", "SrTiO3", "--steps", str(steps),
-            "--device", "cpu", "--out", str(out)]
+            "--num-samples", "1", "--device", "cpu", "--out", str(out)]
 
 
 def test_info_is_logged_by_default_and_quiet_keeps_only_warnings(tiny_checkpoint, tmp_path, capsys):

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from equicsp_core.checkpoint import file_sha256
+from equicsp_core.files import file_sha256
 from equicsp_core.cli import EXIT_INTERRUPTED, main
 
 
@@ -35,7 +35,7 @@ def never(*_args, **_kwargs):
 
 
 def test_sample_refuses_an_unwritable_out_before_sampling(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("equicsp_core.cli.predict_batches", never)
+    monkeypatch.setattr("equicsp_core.predict.predict_with_settings", never)
     monkeypatch.setattr("equicsp_core.checkpoint.load_model", never)
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -8,7 +8,7 @@ import yaml
 
 from equicsp_core import predict
 from equicsp_core.cli import main
-from equicsp_core.predict import SampleSettings
+from equicsp_core.settings import SampleSettings
 
 SETTINGS = {"formulas": ["SrTiO3", "CaTiO3"], "num_samples": 2, "steps": 5, "seed": 1, "batch_size": 3}
 
@@ -52,7 +52,7 @@ def test_settings_defaults_and_full_schedule():
     """Only formulas is required; ``steps: null`` (the model's T) is accepted."""
     settings = SampleSettings.from_mapping({"formulas": ["SrTiO3"], "steps": None})
     assert settings.formulas == ("SrTiO3",)
-    assert (settings.num_samples, settings.steps, settings.seed, settings.device) == (1, None, 0, "auto")
+    assert (settings.num_samples, settings.steps, settings.seed, settings.device) == (20, None, 0, "auto")
 
 
 BAD_INPUT_FILES = {

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from equicsp_core import hardware
-from equicsp_core.cli import EXIT_DEVICE_UNAVAILABLE, main
+from equicsp_core.cli import main
+from equicsp_core.runfolder import Failure
+from equicsp_core.settings import check_device_name
 from equicsp_core.hardware import (
     DeviceUnavailableError,
     available_cpus,
-    check_device_name,
     check_threads,
     resolve_device,
     set_threads,
@@ -118,7 +118,7 @@ def test_sample_on_a_missing_device_exits_4_with_one_line_and_no_output(tiny_che
     out = tmp_path / "out"
     status = main(["--quiet", "sample", "--checkpoint", str(tiny_checkpoint), "--formula", "SrTiO3",
                    "--device", "cuda:1", "--out", str(out)])
-    assert status == EXIT_DEVICE_UNAVAILABLE == 4
+    assert status == Failure.DEVICE_UNAVAILABLE.exit_status == 4
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["equicsp sample: error: device 'cuda:1' is not available: 0 CUDA device(s) visible"]
     assert not out.exists()

@@ -1,4 +1,4 @@
-"""The jobflow Makers (equicsp_core.makers), run for real with run_locally at small scale.
+"""The jobflow Makers (equicsp_jobflow), run for real with run_locally at small scale.
 
 Flows that relax use the shipped ``perov_5`` checkpoint: the session's ``tiny_checkpoint`` samples only
 invalid or implausible crystals (atoms ~0.1 Å apart, volumes below 1 Å³), so nothing of it would survive
@@ -25,7 +25,7 @@ from monty.json import MontyDecoder  # noqa: E402
 from pymatgen.core import Composition, Structure  # noqa: E402
 
 from equicsp_core.checkpoint import resolve_checkpoint  # noqa: E402
-from equicsp_core.makers import (  # noqa: E402
+from equicsp_jobflow import (  # noqa: E402
     EquiCSPSampleMaker,
     PredictRelaxMaker,
     RankingDocument,
@@ -35,6 +35,7 @@ from equicsp_core.makers import (  # noqa: E402
 )
 
 FORMULA = "SrTiO3"
+FORMULAS = [FORMULA]
 #: seed 1 gives three valid SrTiO3 candidates with perov_5 at 20 steps, one a duplicate of another.
 SEED = 1
 
@@ -93,53 +94,48 @@ def _sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _sample_and_screen(sample_maker: EquiCSPSampleMaker, root) -> tuple[SampleDocument, ScreenDocument]:
-    sample = sample_maker.make(FORMULA)
+def _sample_and_screen(sample_maker, root) -> tuple[SampleDocument, ScreenDocument]:
+    sample = sample_maker.make(FORMULAS)
     screen = ScreenCandidatesMaker().make(sample.output.candidates)
     store, _ = _run(Flow([sample, screen]), root)
     return _output(store, sample.uuid), _output(store, screen.uuid)
 
 
-def test_predict_relax_flow_ranks_by_energy_and_runs_dft_on_the_best(tmp_path):
+def test_predict_relax_flow_ranks_by_energy_and_runs_dft_on_the_symmetrised_best(tmp_path):
     # A CHGNet static calculation stands in for DFT: any Maker with make(structure) fits.
     maker = PredictRelaxMaker(sample_maker=_sample_maker(), relax_maker=_relax_maker(), top_k=1,
                               dft_maker=ForceFieldStaticMaker(force_field_name="CHGNet"))
-    flow = maker.make(FORMULA)
+    flow = maker.make(FORMULAS)
     store, responses = _run(flow, tmp_path)
 
-    sample, screen = _output(store, flow.jobs[0].uuid), _output(store, flow.jobs[1].uuid)
-    assert isinstance(sample, SampleDocument) and sample.formula == FORMULA
+    sample = _output(store, flow.jobs[0].uuid)
+    assert isinstance(sample, SampleDocument) and sample.formulas == FORMULAS
     assert sample.num_requested == 3
     assert sample.checkpoint == "perov_5"
     assert sample.checkpoint_sha256 == _sha256(resolve_checkpoint("perov_5"))
     assert sample.settings["steps"] == 20 and sample.settings["seed"] == SEED
-    dropped = {d["index"] for d in screen.dropped}
-    survivors = {c.index for c in screen.survivors}
-    assert not dropped & survivors
-    assert len(dropped) + len(survivors) + sample.num_invalid == 3
-    assert any(d["reason"].startswith("duplicate of candidate") for d in screen.dropped)
 
     ranking = _output(store, flow.output.uuid)
-    assert isinstance(ranking, RankingDocument) and ranking.formula == FORMULA
-    table = ranking.table
-    assert len(table) == len(survivors) >= 2
-    assert {row["candidate"] for row in table} == survivors
-    energies = [row["energy_per_atom"] for row in table]
+    assert isinstance(ranking, RankingDocument)
+    rows = ranking.rows
+    assert len(rows) == 3 and {row["status"] for row in rows} <= {"duplicate", "ml_relaxed", "dft_relaxed"}
+    assert any(row["status"] == "duplicate" for row in rows)
+    ranked = [row for row in rows if row["ml_rank"] is not None]
+    assert len(ranked) >= 2 and [row["ml_rank"] for row in ranked] == list(range(1, len(ranked) + 1))
+    energies = [row["ml_energy_per_atom"] for row in ranked]
     assert energies == sorted(energies) and all(np.isfinite(energies))
-    assert [row["rank"] for row in table] == list(range(1, len(table) + 1))
-    assert {row["status"] for row in table} <= {"relaxed", "not converged"}
-    for row in table:
-        assert row["space_group_before"] and row["space_group_after"]
-        assert row["rms_displacement"] >= 0 and row["max_displacement"] >= row["rms_displacement"]
-    for structure in ranking.structures:
-        assert isinstance(structure, Structure) and structure.composition == Composition(FORMULA)
+    for row in ranked:
+        assert row["space_group_sampled"] and row["space_group_ml"] and row["ml_rms_displacement"] >= 0
 
-    # DFT ran on the top_k = 1 best structure only, after the ranking.
-    assert ranking.dft_candidates == [table[0]["candidate"]]
-    documents = [r.output for job in responses.values() for r in job.values()
-                 if type(r.output).__name__ == "ForceFieldTaskDocument"]
-    assert len(documents) == len(survivors) + 1
-    assert all(doc.structure.composition == Composition(FORMULA) for doc in documents)
+    # DFT ran on the top_k = 1 best structure only, symmetrised first; its row leads the table.
+    best = rows[0]
+    assert best["status"] == "dft_relaxed" and best["ml_rank"] == 1 and ranking.winners == [best["label"]]
+    assert np.isfinite(best["dft_energy_per_atom"]) and best["space_group_dft"]
+    assert [doc.label for doc in ranking.dft_relaxed] == [best["label"]]
+    symmetrised = [r.output for job in responses.values() for r in job.values() if isinstance(r.output, Structure)]
+    assert len(symmetrised) == 1 and symmetrised[0].composition == Composition(FORMULA)
+    for document in ranking.ml_relaxed:
+        assert document.structure.composition == Composition(FORMULA) and document.chemsys == "O-Sr-Ti"
 
 
 def test_failed_relax_is_a_status_not_a_crash(tmp_path):
@@ -147,28 +143,25 @@ def test_failed_relax_is_a_status_not_a_crash(tmp_path):
     _, screen = _sample_and_screen(_sample_maker(), tmp_path)
     victim = screen.survivors[0]
     relax_maker = FailingRelaxMaker(force_field_name="CHGNet", relax_cell=True, steps=20, fail_for=victim.structure)
-    flow = PredictRelaxMaker(sample_maker=_sample_maker(), relax_maker=relax_maker).make(FORMULA)
+    flow = PredictRelaxMaker(sample_maker=_sample_maker(), relax_maker=relax_maker).make(FORMULAS)
     store, _ = _run(flow, tmp_path, ensure_success=False)
 
-    ranking = _output(store, flow.output.uuid)
-    assert len(ranking.table) == len(screen.survivors)
-    failed = ranking.table[-1]
-    assert failed["candidate"] == victim.index and failed["status"] == "failed"
-    assert failed["rank"] is None and failed["energy_per_atom"] is None
-    assert failed["space_group_before"] and failed["space_group_after"] is None
-    assert all(row["status"] != "failed" for row in ranking.table[:-1])
-    assert len(ranking.structures) == len(screen.survivors) - 1
+    rows = {row["label"]: row for row in _output(store, flow.output.uuid).rows}
+    failed = rows[victim.label]
+    assert failed["status"] == "ml_failed" and failed["ml_rank"] is None and failed["ml_energy_per_atom"] is None
+    assert failed["space_group_sampled"] and failed["space_group_ml"] is None
+    assert all(row["status"] != "ml_failed" for label, row in rows.items() if label != victim.label)
 
     # The manager still reports the flow as not fully successful.
     with pytest.raises(RuntimeError, match="did not finish"):
-        _run(PredictRelaxMaker(sample_maker=_sample_maker(), relax_maker=relax_maker).make(FORMULA), tmp_path)
+        _run(PredictRelaxMaker(sample_maker=_sample_maker(), relax_maker=relax_maker).make(FORMULAS), tmp_path)
 
 
 def test_same_seed_same_structures(tmp_path):
     first, _ = _sample_and_screen(_sample_maker(seed=3), tmp_path)
     again, _ = _sample_and_screen(_sample_maker(seed=3), tmp_path)
     other, _ = _sample_and_screen(_sample_maker(seed=4), tmp_path)
-    assert [c.index for c in first.candidates] == [c.index for c in again.candidates]
+    assert [c.label for c in first.candidates] == [c.label for c in again.candidates]
     for a, b in zip(first.candidates, again.candidates, strict=True):
         assert np.array_equal(a.structure.lattice.matrix, b.structure.lattice.matrix)
         assert np.array_equal(a.structure.frac_coords, b.structure.frac_coords)
@@ -176,25 +169,37 @@ def test_same_seed_same_structures(tmp_path):
 
 
 def test_tiny_checkpoint_flow_when_nothing_survives(tiny_checkpoint, tmp_path):
+    """The tiny model's candidates are all invalid or implausible: nothing is relaxed, every one has its row."""
     maker = PredictRelaxMaker(sample_maker=_sample_maker(checkpoint=str(tiny_checkpoint), seed=0),
                               relax_maker=_relax_maker(steps=5))
-    flow = maker.make(FORMULA)
+    flow = maker.make(FORMULAS)
     store, _ = _run(flow, tmp_path)
 
-    sample, screen = _output(store, flow.jobs[0].uuid), _output(store, flow.jobs[1].uuid)
-    assert sample.checkpoint == str(tiny_checkpoint)
-    assert sample.checkpoint_sha256 == _sha256(tiny_checkpoint)
-    assert screen.survivors == []
-    assert len(screen.dropped) + sample.num_invalid == 3
-    assert all(d["reason"] for d in screen.dropped)
+    sample = _output(store, flow.jobs[0].uuid)
+    assert sample.checkpoint == str(tiny_checkpoint) and sample.checkpoint_sha256 == _sha256(tiny_checkpoint)
     ranking = _output(store, flow.output.uuid)
-    assert ranking.table == []
+    assert len(ranking.rows) == 3 and ranking.ml_relaxed == [] and ranking.winners == []
+    assert {row["status"] for row in ranking.rows} <= {"invalid_sample", "implausible"}
+    assert all(row["reason"] for row in ranking.rows)
+
+
+def test_documents_are_queryable_by_chemical_system_and_keep_structures_in_the_data_store(tmp_path):
+    sample = _sample_maker().make(FORMULAS)
+    store, _ = _run(Flow([sample]), tmp_path)
+    store.connect()
+    (found,) = store.query({"output.candidates.chemsys": "O-Sr-Ti"}, properties=["output.candidates"])
+    candidates = found["output"]["candidates"]
+    assert {c["formula_pretty"] for c in candidates} == {"SrTiO3"} and all(c["symmetry"]["number"] for c in candidates)
+    assert all("blob_uuid" in c["structure"] for c in candidates)  # the structure itself: in the data store
+    assert store.additional_stores["data"].count() == len(candidates)
 
 
 @pytest.mark.parametrize(("settings", "message"), [
     ({"num_samples": 0}, "num_samples"),
     ({"num_samples": 1.5}, "num_samples"),
     ({"steps": 0}, "steps"),
+    ({"step_lr": float("inf")}, "step_lr"),
+    ({"lattice_bound": 0}, "lattice_bound"),
     ({"batch_size": 0}, "batch_size"),
     ({"device": "abacus"}, "device"),
 ])
@@ -208,19 +213,20 @@ def test_bad_top_k_is_refused_at_construction():
         PredictRelaxMaker(sample_maker=_sample_maker(), relax_maker=None, top_k=0)
 
 
-@pytest.mark.parametrize("formula", ["Xx2O3", "SrTi0.5O3", ""])
-def test_bad_formula_is_refused_when_the_flow_is_built(formula):
+@pytest.mark.parametrize("formulas", [["Xx2O3"], ["SrTi0.5O3"], [""], ["NaCl0"], "SrTiO3"])
+def test_bad_formulas_are_refused_when_the_flow_is_built(formulas):
     with pytest.raises(ValueError, match="formula"):
-        PredictRelaxMaker(sample_maker=_sample_maker(), relax_maker=None).make(formula)
+        PredictRelaxMaker(sample_maker=_sample_maker(), relax_maker=None).make(formulas)
 
 
 @pytest.mark.parametrize(("checkpoint", "formula", "message"), [
     ("perov_5", "Xx2O3", "formula"),
     ("perov_5", "Sr30Ti30O90", "at most"),  # beyond the model's largest cell
+    ("perov_5", "Sr2Ti2O6", "outside the model's training domain"),  # beyond perov_5's 5 atoms
     ("no_such_model", FORMULA, "checkpoint"),
 ])
 def test_bad_input_fails_the_sample_job_with_a_clear_error(checkpoint, formula, message):
     store = _store()
     store.connect()
     with pytest.raises(ValueError, match=message):
-        _sample_maker(checkpoint=checkpoint).make(formula).run(store)
+        _sample_maker(checkpoint=checkpoint).make([formula]).run(store)

@@ -19,7 +19,8 @@ from pymatgen.core import Lattice, Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
 from equicsp_core.cli import main
-from equicsp_core.relax import POTENTIALS, RelaxSettings, load_calculator, relax_structure, relax_structures
+from equicsp_core.relax import load_calculator, relax_structure, relax_structures
+from equicsp_core.settings import POTENTIALS, RelaxSettings
 
 EMT_POTENTIAL = "tests.test_relax:emt"
 
@@ -101,20 +102,20 @@ def test_default_settings():
     assert RelaxSettings.from_mapping({"fmax": 0.1, "steps": 0}) == RelaxSettings(fmax=0.1, steps=0)
 
 
-@pytest.mark.parametrize("fmax", [0, -0.1, "0.05", None])
+@pytest.mark.parametrize("fmax", [0, -0.1, "small", None, True, float("inf")])
 def test_fmax_must_be_a_positive_number(fmax):
-    with pytest.raises(ValueError, match="fmax must be a number > 0"):
+    with pytest.raises(ValueError, match="^fmax: "):
         RelaxSettings(fmax=fmax)
 
 
 @pytest.mark.parametrize("steps", [-1, 2.5, "10"])
 def test_steps_must_be_a_non_negative_integer(steps):
-    with pytest.raises(ValueError, match="steps must be an integer >= 0"):
+    with pytest.raises(ValueError, match="^steps: "):
         RelaxSettings(steps=steps)
 
 
 def test_unknown_keys_are_refused_by_name():
-    with pytest.raises(ValueError, match=r"unknown relax settings \['fmx', 'temperature'\]") as error:
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) fmx, temperature; known: ") as error:
         RelaxSettings.from_mapping({"fmx": 0.1, "temperature": 300, "steps": 5})
     assert "fmax" in str(error.value)  # the known ones are listed
 
@@ -217,9 +218,9 @@ def test_the_calculator_is_built_once():
         built.append((potential, device))
         return emt()
 
-    settings = RelaxSettings(potential="anything", steps=5)
+    settings = RelaxSettings(potential="any.module:anything", steps=5)
     results = list(relax_structures({"a": fcc(), "b": fcc()}, settings, factory))
-    assert len(results) == 2 and built == [("anything", "auto")]
+    assert len(results) == 2 and built == [("any.module:anything", "auto")]
 
 
 @pytest.mark.parametrize("potential", ["chgnet", "sevennet"])
@@ -308,9 +309,9 @@ def test_cli_without_input_uses_the_defaults(tmp_path, monkeypatch):
         ("empty_mapping", "no structures in .*s.json"),
         ("unknown_potential", "unknown potential 'nope'"),
         ("missing_module", "potential 'no_such_module_xyz:make' cannot be loaded"),
-        ("unknown_key", r"--input .*relax.yaml: unknown relax settings \['fmx'\]"),
-        ("bad_fmax", r"--input .*relax.yaml: fmax must be a number > 0, got 0"),
-        ("not_a_mapping", r"--input .*relax.yaml: relax settings must be a mapping"),
+        ("unknown_key", r"--input .*relax.yaml: unknown setting\(s\) fmx; known: "),
+        ("bad_fmax", r"--input .*relax.yaml: fmax: Input should be greater than 0, got 0"),
+        ("not_a_mapping", r"--input .*relax.yaml: settings must be a mapping"),
         ("missing_structures", "No such file or directory: .*missing.json"),
         ("missing_input", "No such file or directory: .*missing.yaml"),
         ("broken_yaml", r"^equicsp relax: error: --input \S*relax.yaml is not valid YAML"),
@@ -389,7 +390,7 @@ def test_cli_refuses_an_existing_file_as_output(tmp_path, capsys):
 
 @pytest.mark.parametrize(("values", "message"), [
     ({"device": "meta"}, "device must be one of auto, cpu, cuda, cuda:N or mps, got 'meta'"),
-    ({"threads": 0}, "threads must be an integer >= 1"),
+    ({"threads": 0}, "threads: Input should be greater than or equal to 1, got 0"),
 ])
 def test_device_and_threads_are_checked_with_the_settings(values, message):
     with pytest.raises(ValueError, match=message):

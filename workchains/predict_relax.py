@@ -13,9 +13,9 @@ Steps::
       -> DFT relax (one aiida-quantumespresso PwRelaxWorkChain per chosen candidate; only with ``dft`` inputs)
       -> table (calcfunction tabulate_ranking: one row per sampled candidate)
 
-Candidates are compared and ranked within their reduced composition (``SrTiO3`` and ``Sr2Ti2O6`` compete,
-``SrTiO3`` and ``CaTiO3`` do not). A candidate whose relaxation fails, at either level, stays in the table
-with its status and does not stop the others.
+The calcfunctions are thin wrappers of :mod:`equicsp_core.pipeline` (screen, rank, table), the same functions
+the jobflow route (``equicsp_jobflow``) calls, so both routes give the same table; every knob is a field of
+:mod:`equicsp_core.settings` and is checked at submission, before anything is stored.
 
 The DFT stage drops PwRelaxWorkChain's coarse initial relaxation (``base_init_relax``): the ML relaxation
 already took the structure close to its minimum. The DFT inputs are a protocol, overrides and options of ``PwRelaxWorkChain.get_builder_from_protocol``, not a
@@ -25,7 +25,7 @@ magnetisation per structure.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,9 @@ from aiida import orm
 from aiida.common import AttributeDict
 from aiida.engine import ExitCode, ProcessBuilder, ToContext, WorkChain, calcfunction, if_
 from aiida.engine.processes.workchains.workchain import WorkChainSpec
+
+from equicsp_core.pipeline import STATUSES, UNITS, DFTOutcome, rank, screen, table_rows
+from equicsp_core.settings import DFTSettings, RankSettings, ScreenSettings, Settings, SettingsError
 
 from aiida_equicsp.calculations.relax import EquiCSPRelaxCalculation
 from aiida_equicsp.data.model import EquiCSPModelData
@@ -42,176 +45,56 @@ from aiida_equicsp.protocols import EquiCSPProtocolMixin
 from aiida_equicsp.workchains.replay import call_function_once, submit_once
 from aiida_equicsp.workchains.sample_base import EquiCSPSampleBaseWorkChain
 
-#: Tolerance (Å) of the symmetrisation before DFT: ML-relaxed crystals are symmetric to ~0.01 Å.
-DEFAULT_SYMPREC = 0.05
-
-#: Statuses of a candidate in the ranking table, in the order of the pipeline.
-STATUSES = {
-    "invalid_sample": "the sampler produced no valid crystal",
-    "implausible": "dropped before relaxation (atoms too close, absurd volume)",
-    "duplicate": "same structure as a better candidate (StructureMatcher)",
-    "ml_failed": "the ML relaxation failed",
-    "ml_relaxed": "ML-relaxed (converged or stopped at the step cap: see ml_converged)",
-    "dft_failed": "the DFT relaxation failed",
-    "dft_relaxed": "DFT-relaxed",
-}
-
-
-def _reduced_formula(structure) -> str:
-    return structure.composition.reduced_formula
-
-
-def _cell_formula(structure) -> str:
-    """The cell's contents as written in a request: ``Sr2Ti2O6``, not pymatgen's ``Sr2 Ti2 O6``."""
-    return "".join(f"{element}{'' if amount == 1 else int(amount)}"
-                   for element, amount in structure.composition.items())
-
-
-#: Columns of a ranking row, every row having all of them (``None`` where a level was not reached).
-ROW_COLUMNS = ("label", "formula", "reduced_formula", "sample", "status", "reason", "space_group_sampled",
-               "ml_energy_per_atom", "ml_converged", "ml_rank", "space_group_ml", "ml_rms_displacement",
-               "ml_volume_change", "ml_imaginary_modes", "ml_min_frequency_thz", "dft_energy_per_atom",
-               "space_group_dft", "dft_rms_displacement", "dft_volume_change")
-
 
 @calcfunction
 def screen_candidates(candidates: orm.Dict, parameters: orm.Dict, **structures: orm.StructureData) -> orm.Dict:
-    """Decide which sampled candidates go on to relaxation: ``{link_label: {"kept", "reason"}}`` under ``"screening"``.
+    """:func:`equicsp_core.pipeline.screen` of the sampled candidates, and the invalid samples.
 
     ``candidates`` is the sampler's list (invalid samples included, ``link_label`` None); ``structures`` its valid
-    ones by link label; ``parameters``: ``min_distance`` (Å), ``max_volume_per_atom`` (Å³). Duplicates are found
-    within each reduced composition among the plausible candidates, as near-copies only
-    (:data:`~equicsp_core.screening.UNRELAXED_MATCH_TOLERANCES`: distinct distortions may relax to distinct
-    minima, and relaxing costs seconds); the first one sampled is kept.
+    ones by link label; ``parameters`` the :class:`~equicsp_core.settings.ScreenSettings`. Returns
+    ``{"screening": {label: {"kept", "status", "reason"}}, "invalid_samples": [{"formula", "sample"}]}``.
     """
-    from equicsp_core.screening import UNRELAXED_MATCH_TOLERANCES, duplicate_of, implausibility
-
-    settings = parameters.get_dict()
-    pymatgen = {label: node.get_pymatgen() for label, node in structures.items()}
-    decisions: dict[str, dict[str, Any]] = {}
-    plausible: dict[str, list[str]] = {}
-    for label, structure in pymatgen.items():
-        reason = implausibility(structure, settings.get("min_distance", 0.5),
-                                settings.get("max_volume_per_atom", 150.0))
-        decisions[label] = {"kept": reason is None, "status": "implausible" if reason else None, "reason": reason}
-        if reason is None:
-            plausible.setdefault(_reduced_formula(structure), []).append(label)
-    for labels in plausible.values():
-        for label, first in zip(labels, duplicate_of([pymatgen[label] for label in labels],
-                                                     **UNRELAXED_MATCH_TOLERANCES)):
-            if labels[first] != label:
-                decisions[label] = {"kept": False, "status": "duplicate", "reason": f"duplicate of {labels[first]}"}
-    invalid = [entry for entry in candidates["candidates"] if not entry["valid"]]
-    return orm.Dict({"screening": decisions,
-                     "invalid_samples": [{"formula": e["formula"], "sample": e["sample"]} for e in invalid]})
+    decisions = screen({label: node.get_pymatgen() for label, node in structures.items()},
+                       ScreenSettings.from_mapping(parameters.get_dict()))
+    invalid = [{"formula": entry["formula"], "sample": entry["sample"]} for entry in candidates["candidates"]
+               if not entry["valid"]]
+    return orm.Dict({"screening": decisions, "invalid_samples": invalid})
 
 
 @calcfunction
 def rank_candidates(ml_results: orm.Dict, top_k: orm.Int, **relaxed: orm.StructureData) -> orm.Dict:
-    """Rank the ML-relaxed candidates by energy per atom within each reduced composition; choose the DFT set.
+    """:func:`equicsp_core.pipeline.rank` of the ML-relaxed candidates: ``{"ranking": {...}, "dft": [winners]}``.
 
     ``ml_results`` is the relax calculation's ``results``; ``relaxed`` its relaxed structures by link label.
-    Relaxations often end in the same structure from different starts: such duplicates keep only their
-    lowest-energy member. Returns ``{"ranking": {label: {"ml_rank", "status", "reason"}}, "dft": [labels]}``
-    where ``dft`` holds the best ``top_k`` of each composition.
     """
-    from equicsp_core.screening import duplicate_of
-
-    results = ml_results.get_dict()
-    ranking: dict[str, dict[str, Any]] = {}
-    by_composition: dict[str, list[str]] = {}
-    for label, result in results.items():
-        if result["status"] == "failed" or label not in relaxed:
-            ranking[label] = {"ml_rank": None, "status": "ml_failed", "reason": result.get("error")}
-        else:
-            structure = relaxed[label].get_pymatgen()
-            by_composition.setdefault(_reduced_formula(structure), []).append(label)
-    chosen: list[str] = []
-    for labels in by_composition.values():
-        labels.sort(key=lambda label: results[label]["energy_per_atom"])
-        representative = duplicate_of([relaxed[label].get_pymatgen() for label in labels])
-        rank = 0
-        for label, first in zip(labels, representative):
-            if labels[first] != label:
-                ranking[label] = {"ml_rank": None, "status": "duplicate",
-                                  "reason": f"relaxed into the structure of {labels[first]}"}
-                continue
-            rank += 1
-            ranking[label] = {"ml_rank": rank, "status": "ml_relaxed", "reason": None}
-            if rank <= top_k.value:
-                chosen.append(label)
-    return orm.Dict({"ranking": ranking, "dft": chosen})
+    ranked = rank(ml_results.get_dict(), {label: node.get_pymatgen() for label, node in relaxed.items()}, top_k.value)
+    return orm.Dict(ranked.as_dict())
 
 
 @calcfunction
 def tabulate_ranking(screening: orm.Dict, ml_ranking: orm.Dict, ml_results: orm.Dict, phonons: orm.Dict | None = None,
                      **nodes: orm.Data) -> orm.Dict:
-    """The ranking table: one row per sampled candidate, best first (``"rows"``), and the column meanings.
+    """The ranking table (:func:`equicsp_core.pipeline.table_rows`) under ``"rows"``, with statuses and units.
 
-    Every row has the keys of :data:`ROW_COLUMNS`. ``nodes`` holds, by link label ``L``: ``sampled_L``, ``ml_L`` (ML-relaxed), ``dft_L`` and ``dft_parameters_L``
-    (the PwRelaxWorkChain's ``output_structure`` and ``output_parameters``); ``phonons`` is the phonon check's
-    ``results`` (imaginary modes of the ML-relaxed winners, on the ML potential's surface). Rows are ordered by reduced
-    composition, then by the energy of the highest level reached (DFT-relaxed rows first), then by label.
+    ``nodes`` holds, by link label ``L``: ``sampled_L``, ``ml_L`` (ML-relaxed), ``dft_L`` and ``dft_parameters_L``
+    (the PwRelaxWorkChain's ``output_structure`` and ``output_parameters``) or ``dft_failed_L`` (why it failed);
+    ``phonons`` is the phonon check's ``results``.
     """
-    from pymatgen.core import Composition
+    def structures(prefix: str) -> dict[str, Any]:
+        return {key[len(prefix):]: node.get_pymatgen() for key, node in nodes.items()
+                if key.startswith(prefix) and isinstance(node, orm.StructureData)}
 
-    from equicsp_core.screening import displacement, space_group
-
-    def structure(prefix: str, label: str):
-        node = nodes.get(f"{prefix}_{label}")
-        return None if node is None else node.get_pymatgen()
-
-    decisions = screening["screening"]
-    ranking = ml_ranking["ranking"]
-    results = ml_results.get_dict()
-    rows = []
-    for label in sorted(decisions):
-        sampled = structure("sampled", label)
-        row: dict[str, Any] = dict.fromkeys(ROW_COLUMNS)
-        row.update(label=label, formula=_cell_formula(sampled), reduced_formula=_reduced_formula(sampled),
-                   sample=int(label.rsplit("_", 1)[1]), space_group_sampled=str(space_group(sampled)),
-                   status=decisions[label]["status"], reason=decisions[label]["reason"])
-        if decisions[label]["kept"]:
-            ml = structure("ml", label)
-            result = results.get(label, {"status": "failed", "error": "not relaxed"})
-            row.update(status=ranking.get(label, {}).get("status", "ml_failed"),
-                       reason=ranking.get(label, {}).get("reason", result.get("error")),
-                       ml_rank=ranking.get(label, {}).get("ml_rank"))
-            if ml is not None:
-                moved = displacement(sampled, ml)
-                row.update(ml_energy_per_atom=result["energy_per_atom"],
-                           ml_converged=result["status"] == "converged", space_group_ml=str(space_group(ml)),
-                           ml_rms_displacement=moved["rms_displacement"], ml_volume_change=moved["volume_change"])
-            checked = (phonons.get_dict() if phonons is not None else {}).get(label, {}).get("phonons") or {}
-            if "imaginary_modes" in checked:
-                row.update(ml_imaginary_modes=checked["imaginary_modes"],
-                           ml_min_frequency_thz=checked["min_frequency_thz"])
-            dft = structure("dft", label)
-            if dft is not None:
-                parameters = nodes[f"dft_parameters_{label}"].get_dict()
-                moved = displacement(ml, dft)
-                row.update(status="dft_relaxed", reason=None,
-                           dft_energy_per_atom=parameters["energy"] / parameters["number_of_atoms"],
-                           space_group_dft=str(space_group(dft)), dft_rms_displacement=moved["rms_displacement"],
-                           dft_volume_change=moved["volume_change"])
-            elif f"dft_failed_{label}" in nodes:
-                row.update(status="dft_failed", reason=nodes[f"dft_failed_{label}"].value)
-        rows.append(row)
-    for label_and_formula in screening["invalid_samples"]:
-        formula = label_and_formula["formula"]
-        rows.append({**dict.fromkeys(ROW_COLUMNS), "formula": formula,
-                     "reduced_formula": Composition(formula).reduced_formula, "sample": label_and_formula["sample"],
-                     "status": "invalid_sample", "reason": STATUSES["invalid_sample"]})
-
-    def order(row: dict[str, Any]) -> tuple:
-        level = 0 if row.get("dft_energy_per_atom") is not None else 1 if row.get("ml_rank") is not None else 2
-        energy = row.get("dft_energy_per_atom") if level == 0 else row.get("ml_energy_per_atom") if level == 1 else 0
-        return (row["reduced_formula"], level, energy, row["label"] or "")
-
-    rows.sort(key=order)
-    return orm.Dict({"rows": rows, "statuses": STATUSES,
-                     "units": {"energy_per_atom": "eV/atom", "rms_displacement": "Å",
-                               "volume_change": "final/initial - 1"}})
+    dft = {label: DFTOutcome(structure, nodes[f"dft_parameters_{label}"]["energy"]
+                             / nodes[f"dft_parameters_{label}"]["number_of_atoms"])
+           for label, structure in structures("dft_").items()}
+    dft.update({key[len("dft_failed_"):]: DFTOutcome(failure=node.value) for key, node in nodes.items()
+                if key.startswith("dft_failed_")})
+    rows = table_rows(
+        sampled=structures("sampled_"),
+        invalid=[(entry["formula"], entry["sample"]) for entry in screening["invalid_samples"]],
+        screening=screening["screening"], ranking=ml_ranking["ranking"], ml_results=ml_results.get_dict(),
+        ml_relaxed=structures("ml_"), phonons=phonons.get_dict() if phonons is not None else None, dft=dft)
+    return orm.Dict({"rows": rows, "statuses": STATUSES, "units": UNITS})
 
 
 @calcfunction
@@ -222,18 +105,36 @@ def symmetrize(structure: orm.StructureData, symprec: orm.Float) -> orm.Structur
     return orm.StructureData(pymatgen=symmetrized(structure.get_pymatgen(), symprec.value))
 
 
+def settings_validator(model: type[Settings], prefix: str = "") -> Callable[[orm.Data, Any], str | None]:
+    """A port validator checking a value (a ``Dict`` of knobs, or one knob named by the port) against ``model``."""
+
+    def validate(node: orm.Data, port: Any) -> str | None:
+        values = node.get_dict() if isinstance(node, orm.Dict) else {port.name: node.value}
+        try:
+            model.from_mapping(values)
+        except SettingsError as error:
+            return f"{prefix}{error}"
+        return None
+
+    return validate
+
+
+def dft_settings(dft: Mapping[str, Any]) -> DFTSettings:
+    """The :class:`~equicsp_core.settings.DFTSettings` of the ``dft`` inputs (unset ones: their defaults)."""
+    return DFTSettings.from_mapping({key: dft[key].value for key in DFTSettings.keys() if key in dft})
+
+
 def validate_dft(dft: Mapping[str, Any], _: Any) -> str | None:
-    """A runnable pw.x, a known relax type, and a pseudopotential family covering nothing absurd.
+    """A runnable pw.x, valid DFT settings, and a pseudopotential family covering nothing absurd.
 
     The family's coverage of the formulas' elements is checked by :func:`validate_inputs`.
     """
     if not dft:
         return None
-    from aiida_quantumespresso.common.types import RelaxType
-
-    relax_type = dft.get("relax_type", orm.Str("positions_cell")).value
-    if relax_type not in {member.value for member in RelaxType}:
-        return f"dft.relax_type {relax_type!r} is not a RelaxType of aiida-quantumespresso"
+    try:
+        dft_settings(dft)
+    except SettingsError as error:
+        return f"dft: {error}"
     code = dft.get("code")
     if code is None:
         return "dft.code is required to run DFT: a pw.x code (plugin quantumespresso.pw)"
@@ -262,7 +163,11 @@ def pseudo_family_label(dft: Mapping[str, Any]) -> str:
 
 
 def validate_inputs(inputs: Mapping[str, Any], _: Any) -> str | None:
-    """With DFT: the pseudopotential family exists and has every element of the formulas."""
+    """With DFT: the pseudopotential family exists and has every element of the formulas.
+
+    Every other input is checked by its port's validator (the exposed namespaces keep their CalcJob's, which
+    require a code), so all is checked at submission and nothing is sampled for a run that would stop later.
+    """
     # the formulas are an input of the sampling calculation: ``sample.sample.compositions``
     compositions = inputs.get("sample", {}).get("sample", {}).get("compositions")
     if not inputs.get("dft") or compositions is None:
@@ -299,25 +204,25 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
         spec.expose_inputs(EquiCSPSampleBaseWorkChain, namespace="sample",
                            namespace_options={"help": "inputs of the sampling work chain"})
         spec.input("screening", valid_type=orm.Dict, default=lambda: orm.Dict({}),
-                   help="min_distance (Å, default 0.5), max_volume_per_atom (Å³, default 150)")
+                   validator=settings_validator(ScreenSettings, "screening: "),
+                   help=f"screening settings ({', '.join(ScreenSettings.keys())}); unset ones: their defaults")
         spec.expose_inputs(EquiCSPRelaxCalculation, namespace="relax", exclude=("structures",),
                            namespace_options={"help": "inputs of the ML relaxation (the code is an equicsp program)"})
-        spec.input("top_k", valid_type=orm.Int, default=lambda: orm.Int(1),
-                   help="DFT-relax (and phonon-check) the best k ML-relaxed candidates of each composition")
-        spec.input("phonons", valid_type=orm.Bool, default=lambda: orm.Bool(False),
-                   help="check the best k for imaginary phonon modes with the ML potential (phonopy)")
+        for key in RankSettings.keys():
+            kind = orm.Int if RankSettings.scalar_type(key) is int else orm.Bool
+            spec.input(key, valid_type=kind, default=lambda key=key, kind=kind: kind(RankSettings.default(key)),
+                       validator=settings_validator(RankSettings), help=RankSettings.model_fields[key].description)
         spec.input_namespace("dft", required=False, populate_defaults=False, validator=validate_dft,
                              help="DFT relaxation with aiida-quantumespresso's PwRelaxWorkChain; absent: no DFT")
         spec.input("dft.code", valid_type=orm.AbstractCode, required=False, help="a pw.x code")
-        spec.input("dft.protocol", valid_type=orm.Str, required=False, help="fast, balanced or stringent")
+        spec.input("dft.protocol", valid_type=orm.Str, required=False,
+                   help=DFTSettings.model_fields["protocol"].description)
         spec.input("dft.overrides", valid_type=orm.Dict, required=False,
                    help="overrides of PwRelaxWorkChain.get_builder_from_protocol (pseudo_family under base_relax)")
         spec.input("dft.options", valid_type=orm.Dict, required=False,
                    help="metadata.options of every pw.x calculation (resources, withmpi, walltime)")
-        spec.input("dft.relax_type", valid_type=orm.Str, required=False,
-                   help="a RelaxType value of aiida-quantumespresso (default positions_cell)")
-        spec.input("dft.symprec", valid_type=orm.Float, required=False,
-                   help="symmetrise each structure at this tolerance (Å, default 0.05) before DFT; 0: as it is")
+        spec.input("dft.relax_type", valid_type=orm.Str, required=False, help=DFTSettings.describe("relax_type"))
+        spec.input("dft.symprec", valid_type=orm.Float, required=False, help=DFTSettings.describe("symprec"))
         spec.inputs.validator = validate_inputs
 
         spec.outline(
@@ -500,17 +405,18 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
         from aiida_quantumespresso.workflows.pw.relax import PwRelaxWorkChain
 
         dft = self.inputs.dft
+        settings = dft_settings(dft)
         futures = {}
-        symprec = dft["symprec"] if "symprec" in dft else orm.Float(DEFAULT_SYMPREC)
+        symprec = orm.Float(settings.symprec)
         for label in self.ctx.ml_ranking["dft"]:
             structure = self.ctx.ml_relaxed[label]
             if symprec.value > 0:
                 structure = call_function_once(self, symmetrize, f"symmetrize_{label}", structure=structure,
                                                symprec=symprec)
             builder = PwRelaxWorkChain.get_builder_from_protocol(
-                dft.code, structure, protocol=dft["protocol"].value if "protocol" in dft else None,
+                dft.code, structure, protocol=settings.protocol,
                 overrides=dft["overrides"].get_dict() if "overrides" in dft else None,
-                relax_type=RelaxType(dft["relax_type"].value if "relax_type" in dft else "positions_cell"),
+                relax_type=RelaxType(settings.relax_type),
                 options=dft["options"].get_dict() if "options" in dft else None)
             # The ML relaxation was the initial relaxation: a second, coarse DFT one would only cost time.
             builder.pop("base_init_relax", None)

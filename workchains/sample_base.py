@@ -54,12 +54,13 @@ from aiida.engine import (
 )
 from aiida.engine.processes.builder import ProcessBuilderNamespace
 from aiida.engine.processes.workchains.workchain import WorkChainSpec
+from equicsp_core.pipeline import candidate_label, label_prefixes
+from equicsp_core.settings import SampleSettings, formula_list
 
 from aiida_quantumespresso.workflows.protocols.utils import recursive_merge
 
 from aiida_equicsp.calculations.sample import EquiCSPSampleCalculation
 from aiida_equicsp.data.model import EquiCSPModelData
-from aiida_equicsp.parsers.sample import structure_link_label, structure_link_prefixes
 from aiida_equicsp.protocols import EquiCSPProtocolMixin
 from aiida_equicsp.workchains.replay import call_function_once
 
@@ -93,7 +94,7 @@ def merge_candidate_lists(
         calculation_link_label}``: ``sample`` counts 0, 1, ... per formula, ``link_label`` is the structure's
         new label (``None`` for an invalid candidate), the ``calculation_*`` keys say where it came from.
     """
-    prefixes = structure_link_prefixes(list(formulas))
+    prefixes = label_prefixes(list(formulas))
     kept: dict[str, list[dict[str, Any]]] = {formula: [] for formula in formulas}
     for pk, uuid, candidates in runs:
         for candidate in candidates:
@@ -105,7 +106,7 @@ def merge_candidate_lists(
                 "formula": candidate["formula"],
                 "sample": index,
                 "valid": candidate["valid"],
-                "link_label": structure_link_label(prefixes[candidate["formula"]], index) if candidate["valid"]
+                "link_label": candidate_label(prefixes[candidate["formula"]], index) if candidate["valid"]
                 else None,
                 "calculation_pk": pk,
                 "calculation_uuid": uuid,
@@ -162,12 +163,10 @@ def set_sample_inputs(
 
     ``inputs`` are plain values as a protocol file holds them; ``parameters`` becomes a ``Dict``.
     """
-    if isinstance(compositions, str):
-        raise ValueError(f"compositions must be a list of formulas, got the string {compositions!r}")
     inputs = dict(inputs)
     namespace.code = code
     namespace.model = model
-    namespace.compositions = compositions if isinstance(compositions, orm.List) else orm.List(list(compositions))
+    namespace.compositions = compositions if isinstance(compositions, orm.List) else orm.List(list(formula_list(compositions)))
     namespace.num_samples = num_samples if isinstance(num_samples, orm.Int) else orm.Int(num_samples)
     if "parameters" in inputs:
         namespace.parameters = orm.Dict(inputs.pop("parameters"))
@@ -264,10 +263,8 @@ class EquiCSPSampleBaseWorkChain(EquiCSPProtocolMixin, BaseRestartWorkChain):
         missing = self._missing_samples()
         if not missing:  # a rerun after an unhandled failure that lost nothing (``on_unhandled_failure``)
             return
-        from equicsp_core.predict import SampleSettings
-
         num_samples = max(missing.values())
-        seed = self.ctx.parameters.get("seed", SampleSettings.seed) + calculations_run
+        seed = self.ctx.parameters.get("seed", SampleSettings.default("seed")) + calculations_run
         self.ctx.inputs.compositions = orm.List(list(missing))
         self.ctx.inputs.num_samples = orm.Int(num_samples)
         self.ctx.inputs.parameters = orm.Dict({**self.ctx.parameters, "seed": seed})
@@ -304,9 +301,7 @@ class EquiCSPSampleBaseWorkChain(EquiCSPProtocolMixin, BaseRestartWorkChain):
         (``batch_size`` 256 for 4 crystals becomes 2, not 128). With one crystal per batch there is nothing left
         to lower and the failure is left unhandled.
         """
-        from equicsp_core.predict import SampleSettings
-
-        batch_size = self.ctx.parameters.get("batch_size", SampleSettings.batch_size)
+        batch_size = self.ctx.parameters.get("batch_size", SampleSettings.default("batch_size"))
         crystals = len(calculation.inputs.compositions.get_list()) * calculation.inputs.num_samples.value
         failed_batch = min(batch_size, crystals)
         if failed_batch == 1:

@@ -1,7 +1,7 @@
 """``EquiCSPRelaxCalculation``: relax structures with a machine-learned potential (``equicsp relax``) on any computer.
 
 The job writes ``structures.json`` (link label → pymatgen structure dict) and ``relax.yaml`` (the settings of
-:class:`equicsp_core.relax.RelaxSettings`) and runs the ``equicsp`` program of the code::
+:class:`equicsp_core.settings.RelaxSettings`) and runs the ``equicsp`` program of the code::
 
     equicsp --quiet relax --structures structures.json --input relax.yaml --out results
 
@@ -24,17 +24,25 @@ from aiida.common.datastructures import CalcInfo, CodeInfo
 from aiida.common.folders import Folder
 from aiida.engine import CalcJob, CalcJobProcessSpec
 
+from equicsp_core import runfolder
+from equicsp_core.settings import RelaxSettings, SettingsError
+
 from aiida_equicsp.calculations.job_threads import job_threads
 
 
 def validate_parameters(parameters: orm.Dict, _: Any) -> str | None:
-    """The engine's own check of the relax settings (unknown keys, ``fmax`` > 0, ``steps`` >= 0)."""
-    from equicsp_core.relax import RelaxSettings
-
+    """The engine's own check of the relax settings (:class:`equicsp_core.settings.RelaxSettings`)."""
     try:
         RelaxSettings.from_mapping(parameters.get_dict())
-    except (TypeError, ValueError) as error:
+    except SettingsError as error:
         return f"invalid relax parameters: {error}"
+    return None
+
+
+def validate_inputs(inputs: dict[str, Any], _: Any) -> str | None:
+    """A code to run: the ``equicsp`` program."""
+    if "code" not in inputs:
+        return "code is required: an installed equicsp program (verdi code create core.code.installed)"
     return None
 
 
@@ -51,10 +59,11 @@ class EquiCSPRelaxCalculation(CalcJob):
     STRUCTURES_FILENAME = "structures.json"
     INPUT_FILENAME = "relax.yaml"
     RESULTS_FOLDER = "results"
-    RESULTS_PATH = "results/relax.json"
-    RUN_INFO_PATH = "results/run.json"
+    RESULTS_PATH = f"results/{runfolder.RELAX_FILENAME}"
+    RUN_INFO_PATH = f"results/{runfolder.RUN_FILENAME}"
     STDOUT_FILENAME = "equicsp.out"
     STDERR_FILENAME = "equicsp.err"
+    STATUS_FILENAME = "status.json"
 
     @classmethod
     def define(cls, spec: CalcJobProcessSpec) -> None:  # type: ignore[override]
@@ -63,9 +72,8 @@ class EquiCSPRelaxCalculation(CalcJob):
         spec.input_namespace("structures", valid_type=orm.StructureData, dynamic=True,
                              validator=validate_structures, help="the structures to relax, by link label")
         spec.input("parameters", valid_type=orm.Dict, required=False, validator=validate_parameters,
-                   help="relax settings: potential (chgnet, sevennet or module:factory), fmax (eV/Å), steps, "
-                        "relax_cell, device (auto, cpu, cuda, cuda:N), threads, phonons (check the relaxed "
-                        "structures for imaginary modes)")
+                   help=f"relax settings ({', '.join(RelaxSettings.keys())}); unset ones take the engine's defaults")
+        spec.inputs.validator = validate_inputs
 
         options = spec.inputs["metadata"]["options"]
         options["parser_name"].default = "equicsp.relax"
@@ -97,12 +105,14 @@ class EquiCSPRelaxCalculation(CalcJob):
 
         codeinfo = CodeInfo()
         codeinfo.code_uuid = self.inputs.code.uuid
-        codeinfo.cmdline_params = ["--quiet", "relax", "--structures", self.STRUCTURES_FILENAME,
+        codeinfo.cmdline_params = ["--quiet", "--status-file", self.STATUS_FILENAME, "relax",
+                                   "--structures", self.STRUCTURES_FILENAME,
                                    "--input", self.INPUT_FILENAME, "--out", self.RESULTS_FOLDER]
         codeinfo.stdout_name = self.STDOUT_FILENAME
         codeinfo.stderr_name = self.STDERR_FILENAME
 
         calcinfo = CalcInfo()
         calcinfo.codes_info = [codeinfo]
-        calcinfo.retrieve_list = [self.RESULTS_FOLDER, self.STDOUT_FILENAME, self.STDERR_FILENAME]
+        calcinfo.retrieve_list = [self.RESULTS_FOLDER, self.STDOUT_FILENAME, self.STDERR_FILENAME,
+                                  self.STATUS_FILENAME]
         return calcinfo

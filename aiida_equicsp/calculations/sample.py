@@ -7,10 +7,11 @@ model's checkpoint as ``model.pt`` and runs the ``equicsp`` program of the code 
 
     equicsp --quiet sample --input input.yaml --checkpoint model.pt --out results
 
-It knows nothing of torch: the program does the work, and the parser turns ``results/`` (CIF files,
-``index.json``, ``run.json``) into nodes. Inputs are checked before submission by the engine's own
-checks (:class:`equicsp_core.predict.SampleSettings`, :func:`equicsp_core.predict.parse_formula`), so a
-request the program would refuse is refused here, with the same message.
+It knows nothing of torch: the program does the work, and the parser turns ``results/`` (the run folder
+of :mod:`equicsp_core.runfolder`) and ``status.json`` into nodes or an exit code. Inputs are checked before
+submission by the engine's own checks (:class:`equicsp_core.settings.SampleSettings`,
+:func:`equicsp_core.domain.check_cells`), so a request the program would refuse is refused here, with the
+same message.
 """
 
 from __future__ import annotations
@@ -23,45 +24,46 @@ from aiida.common.datastructures import CalcInfo, CodeInfo
 from aiida.common.folders import Folder
 from aiida.engine import CalcJob, CalcJobProcessSpec
 
+from equicsp_core import runfolder
+from equicsp_core.domain import check_cells
+from equicsp_core.settings import SampleSettings, SettingsError
+
 from aiida_equicsp.calculations.job_threads import job_threads
 from aiida_equicsp.data.model import EquiCSPModelData
 
-#: Keys of the ``parameters`` input (every other sampling setting has an input of its own).
-PARAMETER_KEYS = ("steps", "seed", "batch_size", "step_lr", "device", "threads")
+#: Keys of the ``parameters`` input: every sampling setting but those with an input of their own.
+PARAMETER_KEYS = tuple(key for key in SampleSettings.keys() if key not in ("formulas", "num_samples"))
 
 
 def validate_compositions(compositions: orm.List, _: Any) -> str | None:
     """A non-empty list of distinct formula strings, each of which the engine can parse."""
-    from equicsp_core.predict import SampleSettings
-
     try:
-        SampleSettings(formulas=tuple(compositions.get_list()))
-    except ValueError as error:
+        SampleSettings(formulas=compositions.get_list())
+    except SettingsError as error:
         return f"invalid compositions: {error}"
     return None
 
 
 def validate_num_samples(num_samples: orm.Int, _: Any) -> str | None:
     """At least one candidate per formula."""
-    if num_samples.value < 1:
-        return f"num_samples must be >= 1, got {num_samples.value}"
+    try:
+        SampleSettings(formulas=["H"], num_samples=num_samples.value)
+    except SettingsError as error:
+        return str(error)
     return None
 
 
 def validate_parameters(parameters: orm.Dict, _: Any) -> str | None:
-    """Only the keys of :data:`PARAMETER_KEYS`, and a device name the engine knows (values:
-    :func:`validate_inputs`; whether the device exists is known only where the job runs)."""
-    from equicsp_core.hardware import check_device_name
-
+    """Only the keys of :data:`PARAMETER_KEYS`, each valid (their values together: :func:`validate_inputs`;
+    whether the device exists is known only where the job runs)."""
     values = parameters.get_dict()
     unknown = sorted(set(values) - set(PARAMETER_KEYS))
     if unknown:
         return f"unknown parameter(s) {', '.join(unknown)}; allowed: {', '.join(PARAMETER_KEYS)}"
-    if "device" in values:
-        try:
-            check_device_name(values["device"])
-        except ValueError as error:
-            return str(error)
+    try:
+        SampleSettings(formulas=["H"], **values)
+    except SettingsError as error:
+        return str(error)
     return None
 
 
@@ -74,17 +76,16 @@ def sample_request(inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate_inputs(inputs: dict[str, Any], _: Any) -> str | None:
-    """The whole request, as ``equicsp sample`` will check it, against the model's size and step limits."""
+    """The whole request, as ``equicsp sample`` will check it: the code, the model's size, domain and steps."""
+    if "code" not in inputs:
+        return "code is required: an installed equicsp program (verdi code create core.code.installed)"
     if any(name not in inputs for name in ("model", "compositions", "num_samples")):
         return None
-    from equicsp_core.predict import SampleSettings, max_atoms_for_mode, parse_formula
-
     model: EquiCSPModelData = inputs["model"]
     try:
         settings = SampleSettings.from_mapping(sample_request(inputs))
-        for formula in settings.formulas:
-            parse_formula(formula, max_atoms_for_mode(model.mode))
-    except ValueError as error:
+        check_cells(settings.cells, model.mode, model.dataset, settings.allow_outside_domain)
+    except SettingsError as error:
         return str(error)
     if settings.steps is not None and settings.steps > model.num_steps:
         return f"steps must be <= the model's T = {model.num_steps}, got {settings.steps}"
@@ -97,10 +98,11 @@ class EquiCSPSampleCalculation(CalcJob):
     INPUT_FILENAME = "input.yaml"
     MODEL_FILENAME = "model.pt"
     RESULTS_FOLDER = "results"
-    INDEX_PATH = "results/index.json"
-    RUN_INFO_PATH = "results/run.json"
+    INDEX_PATH = f"results/{runfolder.INDEX_FILENAME}"
+    RUN_INFO_PATH = f"results/{runfolder.RUN_FILENAME}"
     STDOUT_FILENAME = "equicsp.out"
     STDERR_FILENAME = "equicsp.err"
+    STATUS_FILENAME = "status.json"
 
     @classmethod
     def define(cls, spec: CalcJobProcessSpec) -> None:  # type: ignore[override]
@@ -152,7 +154,8 @@ class EquiCSPSampleCalculation(CalcJob):
 
         codeinfo = CodeInfo()
         codeinfo.code_uuid = self.inputs.code.uuid
-        codeinfo.cmdline_params = ["--quiet", "sample", "--input", self.INPUT_FILENAME,
+        codeinfo.cmdline_params = ["--quiet", "--status-file", self.STATUS_FILENAME, "sample",
+                                   "--input", self.INPUT_FILENAME,
                                    "--checkpoint", self.MODEL_FILENAME, "--out", self.RESULTS_FOLDER]
         codeinfo.stdout_name = self.STDOUT_FILENAME
         codeinfo.stderr_name = self.STDERR_FILENAME
@@ -161,5 +164,6 @@ class EquiCSPSampleCalculation(CalcJob):
         calcinfo.codes_info = [codeinfo]
         model = self.inputs.model
         calcinfo.local_copy_list = [(model.uuid, model.filename, self.MODEL_FILENAME)]
-        calcinfo.retrieve_list = [self.RESULTS_FOLDER, self.STDOUT_FILENAME, self.STDERR_FILENAME]
+        calcinfo.retrieve_list = [self.RESULTS_FOLDER, self.STDOUT_FILENAME, self.STDERR_FILENAME,
+                                  self.STATUS_FILENAME]
         return calcinfo

@@ -6,26 +6,18 @@ a stored node is loaded or queried (the daemon and the parser do not need it).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 from aiida import orm
 
+from equicsp_core.files import file_sha256
+
 #: Model card entries kept as attributes.
 CARD_ATTRIBUTES = ("dataset", "epochs")
 #: Denoiser config entries kept as attributes.
 DENOISER_ATTRIBUTES = ("mode", "hidden_dim", "num_layers", "num_freqs")
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_summary(path: Path) -> dict[str, Any]:
@@ -81,6 +73,11 @@ class EquiCSPModelData(orm.SinglefileData):
     def mode(self) -> str:
         """Denoiser mode, ``"equicsp"`` or ``"diffcsp"``."""
         return self.base.attributes.get("mode")
+
+    @property
+    def dataset(self) -> str | None:
+        """The dataset the model was trained on (its card's), ``None`` when the card does not say."""
+        return self.base.attributes.get("dataset")
 
     @property
     def num_steps(self) -> int:

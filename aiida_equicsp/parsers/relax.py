@@ -1,15 +1,14 @@
 """``EquiCSPRelaxParser``: ``results/relax.json`` of ``equicsp relax`` into relaxed structures and a results Dict.
 
 ``relax.json`` is rewritten after each structure, so what finished before a walltime is kept
-(``ERROR_PARTIAL_RESULTS``); ``run.json`` marks a complete run. Without ``relax.json`` the program's error line
-says why (a potential that cannot be loaded: ``ERROR_POTENTIAL``; a device the computer lacks:
-``ERROR_DEVICE_NOT_AVAILABLE``).
+(``ERROR_PARTIAL_RESULTS``); ``run.json`` marks a complete run. Without ``relax.json`` the program's status
+file says why (a potential that cannot be loaded: ``ERROR_POTENTIAL``; a device the computer lacks:
+``ERROR_DEVICE_NOT_AVAILABLE``; see :func:`~aiida_equicsp.parsers.sample.program_failure`).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from aiida import orm
@@ -17,14 +16,12 @@ from aiida.engine import ExitCode
 from aiida.parsers import Parser
 
 from aiida_equicsp.calculations.relax import EquiCSPRelaxCalculation
-from aiida_equicsp.parsers.sample import DEVICE_UNAVAILABLE_MESSAGE, read_retrieved_text, stderr_errors
+from equicsp_core.runfolder import Failure
 
-#: Start of the error line ``equicsp relax`` prints to stderr before exiting with status 2.
-ERROR_PREFIX = "equicsp relax: error: "
+from aiida_equicsp.parsers.sample import program_failure, read_retrieved_text
+
 #: Keys every structure's entry of ``relax.json`` has, passed on to ``results`` (with ``phonons``, when asked for).
 RESULT_KEYS = ("status", "energy_per_atom", "steps", "seconds", "error")
-#: What :func:`equicsp_core.relax.load_calculator` says about a potential it cannot use: "potential 'x' ...".
-POTENTIAL_ERROR = re.compile(r"\bpotential '")
 
 
 class EquiCSPRelaxParser(Parser):
@@ -35,14 +32,14 @@ class EquiCSPRelaxParser(Parser):
         from pymatgen.core import Structure
 
         calc = EquiCSPRelaxCalculation
-        stated_error, last_line = stderr_errors(self._read_text(calc.STDERR_FILENAME) or "", ERROR_PREFIX)
         text = self._read_text(calc.RESULTS_PATH)
         if text is None:
-            if stated_error is not None and DEVICE_UNAVAILABLE_MESSAGE.match(stated_error):
-                return self.exit_codes.ERROR_DEVICE_NOT_AVAILABLE.format(error=stated_error)
-            if stated_error is not None and POTENTIAL_ERROR.search(stated_error):
-                return self.exit_codes.ERROR_POTENTIAL.format(error=stated_error)
-            return self.exit_codes.ERROR_MISSING_OUTPUT.format(error=stated_error or last_line or "none (stderr empty)")
+            failure, error = program_failure(self.retrieved, calc.STATUS_FILENAME, calc.STDERR_FILENAME)
+            if failure is Failure.DEVICE_UNAVAILABLE:
+                return self.exit_codes.ERROR_DEVICE_NOT_AVAILABLE.format(error=error)
+            if failure is Failure.UNUSABLE_POTENTIAL:
+                return self.exit_codes.ERROR_POTENTIAL.format(error=error)
+            return self.exit_codes.ERROR_MISSING_OUTPUT.format(error=error)
         try:
             entries = json.loads(text)["results"]
             relaxed = {label: Structure.from_dict(entry["structure"])

@@ -8,8 +8,10 @@ What the retrieved files mean (see the ``equicsp`` command's docstring):
 - ``results/run.json`` is written at the very end: with it the run is complete (``run_info``); without it
   the run stopped early and what was finished is kept (``ERROR_OUT_OF_MEMORY`` when the program said so,
   ``ERROR_PARTIAL_RESULTS`` otherwise, e.g. walltime).
-- No ``index.json``: nothing finished; the program's error line in ``equicsp.err`` tells why
-  (out of memory, a device the computer lacks, a formula, the checkpoint), else ``ERROR_MISSING_OUTPUT``.
+- No ``index.json``: nothing finished; ``status.json`` (the program's ``--status-file``) says why (out of
+  memory, a device the computer lacks, a formula, the checkpoint): its :class:`~equicsp_core.runfolder.Failure`
+  maps to an exit code (:data:`EXIT_CODE_OF_FAILURE`), its one-line message fills the exit message; without it
+  (the job was killed), ``ERROR_MISSING_OUTPUT`` with the last line of ``equicsp.err``.
 
 Known failures return their exit code; the parser never raises for them.
 """
@@ -17,53 +19,28 @@ Known failures return their exit code; the parser never raises for them.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from aiida import orm
 from aiida.engine import ExitCode
 from aiida.parsers import Parser
 
+from equicsp_core.pipeline import candidate_label, label_prefixes
+from equicsp_core.runfolder import Failure, read_complete_run, read_status
+
 from aiida_equicsp.calculations.sample import EquiCSPSampleCalculation
 
-#: Start of the one error line ``equicsp sample`` prints to stderr before exiting with status 2 or 3.
-ERROR_PREFIX = "equicsp sample: error: "
-#: The error line's message when the program ran out of memory (exit status 3).
-OUT_OF_MEMORY_MESSAGE = "out of memory"
-#: The error line's message when the computer lacks the requested device (exit status 4;
-#: :class:`equicsp_core.hardware.DeviceUnavailableError`).
-DEVICE_UNAVAILABLE_MESSAGE = re.compile(r"^device '[^']*' is not available")
+#: The exit code of each failure of ``equicsp sample`` that has one of its own (others: ``ERROR_MISSING_OUTPUT``).
+EXIT_CODE_OF_FAILURE = {
+    Failure.OUT_OF_MEMORY: "ERROR_OUT_OF_MEMORY",
+    Failure.DEVICE_UNAVAILABLE: "ERROR_DEVICE_NOT_AVAILABLE",
+    Failure.INVALID_FORMULA: "ERROR_INVALID_COMPOSITION",
+    Failure.UNUSABLE_CHECKPOINT: "ERROR_INCOMPATIBLE_CHECKPOINT",
+}
 
 
 class CandidateFileError(Exception):
     """A CIF file listed in ``index.json`` that was not retrieved or cannot be read."""
-
-
-def structure_link_prefixes(formulas: list[str]) -> dict[str, str]:
-    """A valid, distinct link-label prefix per formula: ``"SrTiO3"`` → ``"SrTiO3"``, ``"Sr(TiO3)"`` → ``"Sr_TiO3"``.
-
-    Runs of characters other than letters and digits become one underscore (so no ``__``, the namespace
-    separator); a prefix that would start with a digit gets ``formula_`` before it; formulas that would share
-    a prefix get ``_2``, ``_3``, ... after it.
-    """
-    prefixes: dict[str, str] = {}
-    taken: set[str] = set()
-    for formula in formulas:
-        base = re.sub(r"[^A-Za-z0-9]+", "_", formula).strip("_")
-        if not base or base[0].isdigit():
-            base = f"formula_{base}".rstrip("_")
-        prefix, copy = base, 1
-        while prefix in taken:
-            copy += 1
-            prefix = f"{base}_{copy}"
-        prefixes[formula] = prefix
-        taken.add(prefix)
-    return prefixes
-
-
-def structure_link_label(prefix: str, sample: int) -> str:
-    """The link label of a candidate's structure: its formula's prefix and the sample index, ``SrTiO3_000``."""
-    return f"{prefix}_{sample:03d}"
 
 
 def read_retrieved_text(retrieved: orm.FolderData, path: str) -> str | None:
@@ -74,14 +51,22 @@ def read_retrieved_text(retrieved: orm.FolderData, path: str) -> str | None:
         return None
 
 
-def stderr_errors(stderr: str, prefix: str = ERROR_PREFIX) -> tuple[str | None, str | None]:
-    """``(the program's stated error message, the last non-empty line)`` of its stderr; ``None`` where absent.
+def program_failure(retrieved: orm.FolderData, status_path: str, stderr_path: str) -> tuple[Failure | None, str]:
+    """Why the program failed: ``(failure of its status file, message)``.
 
-    The stated message is what follows ``prefix`` (``equicsp <command>: error: ``) on the last line having it.
+    Without a readable status file (the job was killed) the failure is ``None`` and the message is the last
+    line of stderr.
     """
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    stated = [line[len(prefix):] for line in lines if line.startswith(prefix)]
-    return (stated[-1] if stated else None), (lines[-1] if lines else None)
+    text = read_retrieved_text(retrieved, status_path)
+    if text is not None:
+        try:
+            failure, error = read_status(text)
+        except ValueError:
+            failure, error = None, None
+        if failure is not None:
+            return failure, error or failure.value
+    lines = [line.strip() for line in (read_retrieved_text(retrieved, stderr_path) or "").splitlines() if line.strip()]
+    return None, lines[-1] if lines else "none (stderr empty)"
 
 
 class EquiCSPSampleParser(Parser):
@@ -90,10 +75,11 @@ class EquiCSPSampleParser(Parser):
     def parse(self, **kwargs: Any) -> ExitCode:
         """Store the candidates that finished and return the exit code of the run (0 when complete)."""
         calc = EquiCSPSampleCalculation
-        stated_error, last_line = stderr_errors(self._read_text(calc.STDERR_FILENAME) or "")
+        failure, error = program_failure(self.retrieved, calc.STATUS_FILENAME, calc.STDERR_FILENAME)
         index_text = self._read_text(calc.INDEX_PATH)
         if index_text is None:
-            return self._failure_without_results(stated_error, last_line)
+            exit_code = self.exit_codes[EXIT_CODE_OF_FAILURE.get(failure, "ERROR_MISSING_OUTPUT")]
+            return exit_code.format(error=error)
         try:
             entries = json.loads(index_text)["samples"]
             candidates = self._store_candidates(entries)
@@ -105,14 +91,12 @@ class EquiCSPSampleParser(Parser):
 
         run_text = self._read_text(calc.RUN_INFO_PATH)
         if run_text is None:
-            if stated_error == OUT_OF_MEMORY_MESSAGE:
+            if failure is Failure.OUT_OF_MEMORY:
                 return self.exit_codes.ERROR_OUT_OF_MEMORY
             requested = len(self.node.inputs.compositions.get_list()) * self.node.inputs.num_samples.value
             return self.exit_codes.ERROR_PARTIAL_RESULTS.format(written=len(candidates), requested=requested)
         try:
-            run_info = json.loads(run_text)
-            if not isinstance(run_info, dict) or run_info.get("complete") is not True:
-                raise ValueError("no '\"complete\": true' entry")
+            run_info = read_complete_run(run_text)
         except ValueError as error:
             return self.exit_codes.ERROR_UNREADABLE_OUTPUT.format(error=f"{calc.RUN_INFO_PATH}: {error}")
         self.out("run_info", orm.Dict(run_info))
@@ -120,18 +104,6 @@ class EquiCSPSampleParser(Parser):
 
     def _read_text(self, path: str) -> str | None:
         return read_retrieved_text(self.retrieved, path)
-
-    def _failure_without_results(self, stated_error: str | None, last_line: str | None) -> ExitCode:
-        """The exit code of a run that finished no batch, from the program's stated error."""
-        if stated_error == OUT_OF_MEMORY_MESSAGE:
-            return self.exit_codes.ERROR_OUT_OF_MEMORY
-        if stated_error is not None and DEVICE_UNAVAILABLE_MESSAGE.match(stated_error):
-            return self.exit_codes.ERROR_DEVICE_NOT_AVAILABLE.format(error=stated_error)
-        if stated_error is not None and "checkpoint" in stated_error:
-            return self.exit_codes.ERROR_INCOMPATIBLE_CHECKPOINT.format(error=stated_error)
-        if stated_error is not None and "formula" in stated_error:
-            return self.exit_codes.ERROR_INVALID_COMPOSITION.format(error=stated_error)
-        return self.exit_codes.ERROR_MISSING_OUTPUT.format(error=stated_error or last_line or "none (stderr empty)")
 
     def _store_candidates(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Output a ``StructureData`` per valid entry of ``index.json``; return the ``candidates`` list.
@@ -144,12 +116,12 @@ class EquiCSPSampleParser(Parser):
         """
         from pymatgen.core import Structure
 
-        prefixes = structure_link_prefixes(list(dict.fromkeys(entry["formula"] for entry in entries)))
+        prefixes = label_prefixes(list(dict.fromkeys(entry["formula"] for entry in entries)))
         candidates, structures = [], {}
         for entry in entries:
             link_label = None
             if entry["valid"]:
-                link_label = structure_link_label(prefixes[entry["formula"]], int(entry["sample"]))
+                link_label = candidate_label(prefixes[entry["formula"]], int(entry["sample"]))
                 path = f"{EquiCSPSampleCalculation.RESULTS_FOLDER}/{entry['file']}"
                 cif = self._read_text(path)
                 if cif is None:

@@ -96,8 +96,8 @@ def test_overrides_file_sets_scheduler_options_and_work_chain_inputs(equicsp_cod
 @pytest.mark.parametrize(
     ("replace", "message"),
     [
-        ({"--code": "no-such-code"}, "Invalid value for '--code': no code 'no-such-code'"),
-        ({"--model": "no_such_model"}, "Invalid value for '--model': .*'no_such_model' is not a shipped checkpoint"),
+        ({"--code": "no-such-code"}, "Invalid value for '-X' / '--code': no Code found with LABEL<no-such-code>"),
+        ({"--model": "no_such_model"}, "Invalid value for '--model': .*is not a shipped checkpoint"),
         ({"--model": "NOT_A_CHECKPOINT"}, "Invalid value for '--model': .*not a readable checkpoint"),
         ({"--formula": "Xx2O3"}, "Invalid value for '--formula': .*formula 'Xx2O3'"),
         ({"--formula": "C60"}, "formula 'C60' has 60 atoms; the model supports at most"),
@@ -136,16 +136,23 @@ def test_failed_run_exits_nonzero_naming_the_exit_status(unknown_failure_code, t
 
 
 def test_results_of_a_node_that_is_not_a_sampling_run_is_refused(model):
+    """A data node is no process (verdi's process type says so); another process is no sampling run."""
     result = invoke("results", str(model.pk))
     assert result.exit_code == 2
-    assert f"node {model.pk} is a EquiCSPModelData" in result.output
+    assert f"Invalid value for 'PK': no ProcessNode found with ID<{model.pk}>" in result.output
+    other = orm.WorkflowNode()
+    other.set_process_label("SomeOtherWorkChain")
+    other.store()
+    result = invoke("results", str(other.pk))
+    assert result.exit_code == 2
+    assert f"node {other.pk} is a SomeOtherWorkChain" in result.output
     assert "not a sampling run (EquiCSPSampleBaseWorkChain or EquiCSPSampleCalculation)" in result.output
 
 
 def test_results_of_a_missing_node_is_refused():
     result = invoke("results", "987654321")
     assert result.exit_code == 2
-    assert "no node with pk 987654321" in result.output
+    assert "no ProcessNode found with ID<987654321>" in result.output
 
 
 def test_console_script_is_declared():
@@ -157,4 +164,4 @@ def test_console_script_is_declared():
 def test_unknown_profile_is_refused():
     result = invoke("--profile", "no-such-profile", "results", "1")
     assert result.exit_code == 2
-    assert "cannot load the AiiDA profile no-such-profile" in result.output
+    assert "Invalid value for '-p' / '--profile': profile `no-such-profile` does not exist" in result.output

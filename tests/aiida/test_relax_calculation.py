@@ -136,9 +136,9 @@ def _stderr(node) -> str:
 @pytest.mark.parametrize(
     ("parameters", "message"),
     [
-        ({"potential": EMT, "fmx": 0.1}, r"unknown relax settings \['fmx'\]"),
-        ({"potential": EMT, "fmax": 0}, "fmax must be a number > 0"),
-        ({"steps": -1}, "steps must be an integer >= 0"),
+        ({"potential": EMT, "fmx": 0.1}, r"unknown setting\(s\) fmx; known: "),
+        ({"potential": EMT, "fmax": 0}, "fmax: Input should be greater than 0"),
+        ({"steps": -1}, "steps: Input should be greater than or equal to 0"),
     ],
 )
 def test_bad_parameters_are_refused_at_launch(equicsp_code, parameters, message):
@@ -181,10 +181,10 @@ def test_prepare_for_submission_writes_structures_and_settings(equicsp_code, tmp
     assert list(written) == ["a", "b"]
     assert Structure.from_dict(written["b"]).composition.reduced_formula == "Ni"
     (codeinfo,) = calcinfo.codes_info
-    assert codeinfo.cmdline_params == ["--quiet", "relax", "--structures", "structures.json",
-                                       "--input", "relax.yaml", "--out", "results"]
+    assert codeinfo.cmdline_params == ["--quiet", "--status-file", "status.json", "relax",
+                                       "--structures", "structures.json", "--input", "relax.yaml", "--out", "results"]
     assert (codeinfo.stdout_name, codeinfo.stderr_name) == ("equicsp.out", "equicsp.err")
-    assert calcinfo.retrieve_list == ["results", "equicsp.out", "equicsp.err"]
+    assert calcinfo.retrieve_list == ["results", "equicsp.out", "equicsp.err", "status.json"]
 
 
 def test_prepare_for_submission_without_parameters_writes_the_thread_count_only(equicsp_code, tmp_path):
@@ -267,28 +267,31 @@ def test_parser_complete_run(parse_relax_retrieved, recorded):
 
 
 def test_parser_potential_error(parse_relax_retrieved):
-    stderr = ("equicsp relax: error: potential 'x' cannot be loaded: No module named 'x'\n")
-    outputs, calcfunction = parse_relax_retrieved({"equicsp.err": stderr, "equicsp.out": ""})
+    status = {"exit_status": 2, "failure": "unusable_potential",
+              "error": "potential 'x' cannot be loaded: No module named 'x'"}
+    outputs, calcfunction = parse_relax_retrieved({"status.json": json.dumps(status), "equicsp.out": ""})
     assert calcfunction.exit_status == 320
     assert "potential 'x' cannot be loaded: No module named 'x'" in calcfunction.exit_message
     assert not outputs
 
 
 def test_parser_real_potential_error_line(parse_relax_retrieved, tmp_path, capsys):
-    """The line the program really prints for an unknown potential name gives 320 too."""
+    """The status the program really writes for an unknown potential name gives 320 too."""
     (tmp_path / "s.json").write_text(json.dumps({"cu": fcc().as_dict()}))
     (tmp_path / "relax.yaml").write_text(yaml.safe_dump({"potential": "nope"}))
     capsys.readouterr()
-    assert main(["--quiet", "relax", "--structures", str(tmp_path / "s.json"), "--input", str(tmp_path / "relax.yaml"),
-                 "--out", str(tmp_path / "out")]) == 2
-    _, calcfunction = parse_relax_retrieved({"equicsp.err": capsys.readouterr().err})
+    assert main(["--quiet", "--status-file", str(tmp_path / "status.json"), "relax", "--structures",
+                 str(tmp_path / "s.json"), "--input", str(tmp_path / "relax.yaml"), "--out", str(tmp_path / "out")]) == 2
+    _, calcfunction = parse_relax_retrieved({"status.json": (tmp_path / "status.json").read_text(),
+                                             "equicsp.err": capsys.readouterr().err})
     assert calcfunction.exit_status == 320
     assert "unknown potential 'nope'" in calcfunction.exit_message
 
 
 def test_parser_device_not_available(parse_relax_retrieved):
-    stderr = "equicsp relax: error: device 'cuda:1' is not available: 1 CUDA device(s) visible\n"
-    outputs, calcfunction = parse_relax_retrieved({"equicsp.err": stderr, "equicsp.out": ""})
+    status = {"exit_status": 4, "failure": "device_unavailable",
+              "error": "device 'cuda:1' is not available: 1 CUDA device(s) visible"}
+    outputs, calcfunction = parse_relax_retrieved({"status.json": json.dumps(status), "equicsp.out": ""})
     assert calcfunction.exit_status == 330
     assert "device 'cuda:1' is not available: 1 CUDA device(s) visible" in calcfunction.exit_message
     assert not outputs

@@ -19,8 +19,9 @@ CALCULATION_EXIT_CODES = EquiCSPSampleCalculation.exit_codes
 
 #: An ``equicsp`` that, on its first run (marker file absent), runs the wrapped program and then loses the
 #: last ``{lost}`` candidates (their CIF files and index entries) and ``run.json``, as a job stopped in the
-#: middle of its batches: ``{error}`` (if any) on stderr and exit status ``{status}``, e.g. 143 for a job
-#: killed at its walltime, or equicsp's out-of-memory line and 3. Later runs are the wrapped program's.
+#: middle of its batches: ``{error}`` (if any) on stderr and in its status file, and exit status ``{status}``,
+#: e.g. 143 for a job killed at its walltime (no status file), or equicsp's out-of-memory line and 3. Later runs
+#: are the wrapped program's.
 STOPPED_EARLY_EQUICSP = '''#!{python}
 import json
 import subprocess
@@ -41,8 +42,12 @@ for entry in lost:
         (results / entry["file"]).unlink()
 (results / "index.json").write_text(json.dumps({{**index, "samples": kept}}))
 (results / "run.json").unlink()
+status_file = Path(sys.argv[sys.argv.index("--status-file") + 1])
 if {error!r}:
     print({error!r}, file=sys.stderr)
+    status_file.write_text(json.dumps({{"exit_status": {status}, "failure": "out_of_memory", "error": "out of memory"}}))
+else:
+    status_file.unlink()
 sys.exit({status})
 '''
 

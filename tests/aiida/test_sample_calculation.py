@@ -33,7 +33,7 @@ def builder_for(code, model, compositions=FORMULAS, num_samples=2, **parameters)
         (["SrTiO3", "Xx2O3"], "formula 'Xx2O3'"),
         (["Fe0.5O"], "Fe0.5O"),
         (["SrTiO3", "SrTiO3"], "more than once"),
-        ([3], "strings"),
+        ([3], "valid string"),
     ],
 )
 def test_bad_compositions_are_refused_by_the_builder(compositions, message):
@@ -46,7 +46,7 @@ def test_bad_compositions_are_refused_by_the_builder(compositions, message):
 @pytest.mark.parametrize("num_samples", [0, -3])
 def test_num_samples_below_one_is_refused_by_the_builder(num_samples):
     builder = EquiCSPSampleCalculation.get_builder()
-    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+    with pytest.raises(ValueError, match="num_samples: Input should be greater than or equal to 1"):
         builder.num_samples = orm.Int(num_samples)
 
 
@@ -68,21 +68,21 @@ def test_bad_parameter_keys_are_refused_by_the_builder(parameters, message):
 @pytest.mark.parametrize(
     ("compositions", "parameters", "message"),
     [
-        (FORMULAS, {"steps": "five"}, "steps must be an integer"),
-        (FORMULAS, {"steps": 0}, "steps must be >= 1"),
+        (FORMULAS, {"steps": "five"}, "steps: Input should be a valid integer"),
+        (FORMULAS, {"steps": 0}, "steps: Input should be greater than or equal to 1"),
         (FORMULAS, {"steps": 1001}, "steps must be <= the model's T = 1000"),
-        (FORMULAS, {"batch_size": 0}, "batch_size must be >= 1"),
-        (FORMULAS, {"step_lr": -1.0}, "step_lr must be >= 0"),
-        (FORMULAS, {"seed": 0.5}, "seed must be an integer"),
+        (FORMULAS, {"batch_size": 0}, "batch_size: Input should be greater than or equal to 1"),
+        (FORMULAS, {"step_lr": -1.0}, "step_lr: Input should be greater than 0"),
+        (FORMULAS, {"seed": 0.5}, "seed: Input should be a valid integer"),
         (["C60"], {}, "formula 'C60' has 60 atoms; the model supports at most"),
     ],
 )
 def test_bad_requests_are_refused_before_submission(equicsp_code, model, compositions, parameters, message):
-    """Values checked against the engine's rules and the model's limits: ``run`` raises, no job is created."""
-    builder = builder_for(equicsp_code, model, compositions, **parameters)
+    """Values checked against the engine's rules and the model's limits (by the builder's port validators or at
+    ``run``): a ValueError, no job is created."""
     jobs_before = orm.QueryBuilder().append(EquiCSPSampleCalculation).count()
     with pytest.raises(ValueError, match=message):
-        run(builder)
+        run(builder_for(equicsp_code, model, compositions, **parameters))
     assert orm.QueryBuilder().append(EquiCSPSampleCalculation).count() == jobs_before
 
 
@@ -99,11 +99,11 @@ def test_prepare_for_submission_writes_the_input_file_and_runs_equicsp(equicsp_c
         assert yaml.safe_load(handle) == {"formulas": FORMULAS, "num_samples": 2, "steps": 5, "seed": 1,
                                           "threads": 1}
     (codeinfo,) = calcinfo.codes_info
-    assert codeinfo.cmdline_params == ["--quiet", "sample", "--input", "input.yaml", "--checkpoint", "model.pt",
-                                       "--out", "results"]
+    assert codeinfo.cmdline_params == ["--quiet", "--status-file", "status.json", "sample", "--input", "input.yaml",
+                                       "--checkpoint", "model.pt", "--out", "results"]
     assert (codeinfo.stdout_name, codeinfo.stderr_name) == ("equicsp.out", "equicsp.err")
     assert calcinfo.local_copy_list == [(model.uuid, model.filename, "model.pt")]
-    assert calcinfo.retrieve_list == ["results", "equicsp.out", "equicsp.err"]
+    assert calcinfo.retrieve_list == ["results", "equicsp.out", "equicsp.err", "status.json"]
 
 
 def test_default_options():

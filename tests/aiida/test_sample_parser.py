@@ -5,7 +5,7 @@ import json
 import pytest
 from pymatgen.core import Composition, Lattice, Structure
 
-from aiida_equicsp.parsers.sample import structure_link_prefixes
+from equicsp_core.pipeline import label_prefixes
 from equicsp_core.cli import main
 
 RUN_INFO = {"complete": True, "requested": 4, "written": 4, "valid": 2, "steps": 5, "batch_size": 256,
@@ -38,16 +38,17 @@ ALL_ENTRIES = [("SrTiO3", 0, True), ("SrTiO3", 1, False), ("CaTiO3", 0, False), 
 
 
 @pytest.fixture
-def cli_stderr(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    """The stderr of a failing ``equicsp sample`` run (in-process), so the parser is tested on the real messages."""
+def failed_run(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """The status file and stderr of a failing ``equicsp sample`` run (in-process), as the CalcJob retrieves them."""
 
     def factory(formula="SrTiO3", checkpoint=tiny_checkpoint, env=None):
         for name, value in (env or {}).items():
             monkeypatch.setenv(name, value)
         capsys.readouterr()
+        status = tmp_path / "status.json"
         flags = ["--checkpoint", str(checkpoint), "--formula", formula, "--steps", "2", "--out", str(tmp_path / "out")]
-        assert main(["--quiet", "sample", *flags]) != 0
-        return capsys.readouterr().err
+        assert main(["--quiet", "--status-file", str(status), "sample", *flags]) != 0
+        return {"status.json": status.read_text(), "equicsp.err": capsys.readouterr().err}
 
     return factory
 
@@ -70,7 +71,7 @@ def test_complete_run(parse_retrieved):
 
 def test_formulas_become_valid_distinct_link_labels():
     """Characters outside [A-Za-z0-9] collapse to one underscore; clashes and leading digits are resolved."""
-    assert structure_link_prefixes(["SrTiO3", "Sr(TiO3)", "Sr TiO3", "(Sr)TiO3", "2H2O"]) == {
+    assert label_prefixes(["SrTiO3", "Sr(TiO3)", "Sr TiO3", "(Sr)TiO3", "2H2O"]) == {
         "SrTiO3": "SrTiO3", "Sr(TiO3)": "Sr_TiO3", "Sr TiO3": "Sr_TiO3_2", "(Sr)TiO3": "Sr_TiO3_3",
         "2H2O": "formula_2H2O"}
 
@@ -112,10 +113,9 @@ def test_unreadable_output(parse_retrieved, files, named):
     assert "run_info" not in outputs
 
 
-def test_out_of_memory_before_any_batch(parse_retrieved, cli_stderr, tmp_path):
-    """310: the program's own out-of-memory line (here from the EQUICSP_TEST_FAIL_ONCE switch), no results."""
-    stderr = cli_stderr(env={"EQUICSP_TEST_FAIL_ONCE": str(tmp_path / "marker")})
-    outputs, calcfunction = parse_retrieved({"equicsp.err": stderr})
+def test_out_of_memory_before_any_batch(parse_retrieved, failed_run, tmp_path):
+    """310: the program's own out-of-memory status (here from the EQUICSP_TEST_FAIL_ONCE switch), no results."""
+    outputs, calcfunction = parse_retrieved(failed_run(env={"EQUICSP_TEST_FAIL_ONCE": str(tmp_path / "marker")}))
     assert calcfunction.exit_status == 310
     assert "batch_size" in calcfunction.exit_message
     assert not outputs
@@ -124,37 +124,46 @@ def test_out_of_memory_before_any_batch(parse_retrieved, cli_stderr, tmp_path):
 def test_out_of_memory_after_some_batches_keeps_them(parse_retrieved):
     """310 with the finished batches output (no run.json, out of memory stated)."""
     files = results(ALL_ENTRIES[:2], run_info=None, stderr="equicsp sample: error: out of memory\n")
+    files["status.json"] = json.dumps({"exit_status": 3, "failure": "out_of_memory", "error": "out of memory"})
     outputs, calcfunction = parse_retrieved(files)
     assert calcfunction.exit_status == 310
     assert set(outputs["structures"]) == {"SrTiO3_000"}
     assert len(outputs["candidates"]["candidates"]) == 2
 
 
-def test_invalid_composition(parse_retrieved, cli_stderr):
+def test_invalid_composition(parse_retrieved, failed_run):
     """320: the program refused a formula (a cell larger than the model supports)."""
-    _, calcfunction = parse_retrieved({"equicsp.err": cli_stderr(formula="C60")})
+    _, calcfunction = parse_retrieved(failed_run(formula="C60"))
     assert calcfunction.exit_status == 320
     assert "formula 'C60' has 60 atoms" in calcfunction.exit_message
 
 
-def test_incompatible_checkpoint(parse_retrieved, cli_stderr, tmp_path):
+def test_incompatible_checkpoint(parse_retrieved, failed_run, tmp_path):
     """321: the program could not use the checkpoint."""
     (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
-    stderr = cli_stderr(checkpoint=tmp_path / "model.pt")
-    _, calcfunction = parse_retrieved({"equicsp.err": stderr})
+    _, calcfunction = parse_retrieved(failed_run(checkpoint=tmp_path / "model.pt"))
     assert calcfunction.exit_status == 321
     assert "model.pt" in calcfunction.exit_message
 
 
+def test_the_message_words_do_not_decide_the_exit_code(parse_retrieved):
+    """300 for a refused setting whose message mentions a formula and a checkpoint: the status file decides."""
+    status = {"exit_status": 2, "failure": "bad_input", "error": "seed: the formula of the checkpoint is wrong"}
+    _, calcfunction = parse_retrieved({"status.json": json.dumps(status)})
+    assert calcfunction.exit_status == 300
+    assert "seed: the formula of the checkpoint is wrong" in calcfunction.exit_message
+
+
 def test_device_not_available(parse_retrieved, tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    """330: the program's real line for a device the computer lacks (here: no GPU visible)."""
+    """330: the program's real status for a device the computer lacks (here: no GPU visible)."""
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     capsys.readouterr()
-    assert main(["--quiet", "sample", "--checkpoint", str(tiny_checkpoint), "--formula", "SrTiO3",
-                 "--device", "cuda", "--out", str(tmp_path / "out")]) == 4
-    outputs, calcfunction = parse_retrieved({"equicsp.err": capsys.readouterr().err})
+    status = tmp_path / "status.json"
+    assert main(["--quiet", "--status-file", str(status), "sample", "--checkpoint", str(tiny_checkpoint),
+                 "--formula", "SrTiO3", "--device", "cuda", "--out", str(tmp_path / "out")]) == 4
+    outputs, calcfunction = parse_retrieved({"status.json": status.read_text(), "equicsp.err": capsys.readouterr().err})
     assert calcfunction.exit_status == 330
     assert "device 'cuda' is not available" in calcfunction.exit_message
     assert not outputs

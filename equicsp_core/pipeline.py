@@ -1,0 +1,253 @@
+"""The discovery pipeline after sampling, once, for every route: screen, rank, tabulate.
+
+::
+
+    sampled candidates ─ screen ─► survivors ─ ML relax ─► rank ─► winners ─ (phonons) ─ symmetrise ─ DFT ─┐
+                         │                                 │                                               │
+                         └───────────────── table_rows: one row per sampled candidate ◄────────────────────┘
+
+The AiiDA work chain (``aiida_equicsp.workchains.predict_relax``) wraps these functions in calcfunctions, the
+jobflow Makers (``equicsp_jobflow``) in jobs; both hand them pymatgen structures and plain dicts, so both
+routes produce the same table from the same candidates. Relaxing and DFT are the routes' own (a CalcJob, a
+job); :func:`equicsp_core.relax.relax_structures` and :func:`equicsp_core.screening.symmetrized` do the work.
+
+Candidates are named by :func:`candidate_label` (``SrTiO3_000``) and compared and ranked within their reduced
+composition (``SrTiO3`` and ``Sr2Ti2O6`` compete, ``SrTiO3`` and ``CaTiO3`` do not). A candidate whose
+relaxation fails, at either level, stays in the table with its status and does not stop the others.
+
+Units: energies per atom in eV/atom, lengths in Å, volume changes as final/initial - 1.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from equicsp_core.screening import (
+    UNRELAXED_MATCH_TOLERANCES,
+    displacement,
+    duplicate_of,
+    implausibility,
+    space_group,
+)
+from equicsp_core.settings import ScreenSettings
+
+if TYPE_CHECKING:
+    from pymatgen.core import Structure
+
+#: Statuses of a candidate in the ranking table, in the order of the pipeline.
+STATUSES = {
+    "invalid_sample": "the sampler produced no valid crystal",
+    "implausible": "dropped before relaxation (atoms too close, absurd volume)",
+    "duplicate": "same structure as a better candidate (StructureMatcher)",
+    "ml_failed": "the ML relaxation failed",
+    "ml_relaxed": "ML-relaxed (converged or stopped at the step cap: see ml_converged)",
+    "dft_failed": "the DFT relaxation failed",
+    "dft_relaxed": "DFT-relaxed",
+}
+
+#: Columns of a ranking row, every row having all of them (``None`` where a level was not reached).
+ROW_COLUMNS = ("label", "formula", "reduced_formula", "sample", "status", "reason", "space_group_sampled",
+               "ml_energy_per_atom", "ml_converged", "ml_rank", "space_group_ml", "ml_rms_displacement",
+               "ml_volume_change", "ml_imaginary_modes", "ml_min_frequency_thz", "dft_energy_per_atom",
+               "space_group_dft", "dft_rms_displacement", "dft_volume_change")
+
+#: Units of the table's quantities.
+UNITS = {"energy_per_atom": "eV/atom", "rms_displacement": "Å", "volume_change": "final/initial - 1"}
+
+
+# --- names ----------------------------------------------------------------------------------------------------
+
+
+def label_prefixes(formulas: Sequence[str]) -> dict[str, str]:
+    """A valid, distinct label prefix per formula: ``"SrTiO3"`` → ``"SrTiO3"``, ``"Sr(TiO3)"`` → ``"Sr_TiO3"``.
+
+    Runs of characters other than letters and digits become one underscore (so no ``__``, AiiDA's namespace
+    separator); a prefix that would start with a digit gets ``formula_`` before it; formulas that would share
+    a prefix get ``_2``, ``_3``, ... after it.
+    """
+    prefixes: dict[str, str] = {}
+    taken: set[str] = set()
+    for formula in formulas:
+        base = re.sub(r"[^A-Za-z0-9]+", "_", formula).strip("_")
+        if not base or base[0].isdigit():
+            base = f"formula_{base}".rstrip("_")
+        prefix, copy = base, 1
+        while prefix in taken:
+            copy += 1
+            prefix = f"{base}_{copy}"
+        prefixes[formula] = prefix
+        taken.add(prefix)
+    return prefixes
+
+
+def candidate_label(prefix: str, sample: int) -> str:
+    """The label of a candidate: its formula's prefix and its sample index, ``SrTiO3_000``."""
+    return f"{prefix}_{sample:03d}"
+
+
+def cell_formula(structure: Structure) -> str:
+    """The cell's contents as written in a request: ``Sr2Ti2O6``, not pymatgen's ``Sr2 Ti2 O6``."""
+    return "".join(f"{element}{'' if amount == 1 else int(amount)}"
+                   for element, amount in structure.composition.items())
+
+
+# --- the stages -----------------------------------------------------------------------------------------------
+
+
+def screen(structures: Mapping[str, Structure], settings: ScreenSettings) -> dict[str, dict[str, Any]]:
+    """Which sampled candidates go on to relaxation: ``{label: {"kept", "status", "reason"}}``.
+
+    Implausible candidates (:func:`~equicsp_core.screening.implausibility` at ``settings``) are dropped; among
+    the plausible ones of each reduced composition, near-copies (:data:`UNRELAXED_MATCH_TOLERANCES`: distinct
+    distortions may relax to distinct minima, and relaxing costs seconds) are duplicates of the first sampled.
+    """
+    decisions: dict[str, dict[str, Any]] = {}
+    plausible: dict[str, list[str]] = {}
+    for label, structure in structures.items():
+        reason = implausibility(structure, settings.min_distance, settings.max_volume_per_atom)
+        decisions[label] = {"kept": reason is None, "status": "implausible" if reason else None, "reason": reason}
+        if reason is None:
+            plausible.setdefault(structure.composition.reduced_formula, []).append(label)
+    for labels in plausible.values():
+        for label, first in zip(labels, duplicate_of([structures[label] for label in labels],
+                                                     **UNRELAXED_MATCH_TOLERANCES)):
+            if labels[first] != label:
+                decisions[label] = {"kept": False, "status": "duplicate", "reason": f"duplicate of {labels[first]}"}
+    return decisions
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """The ML ranking: per relaxed candidate ``{"ml_rank", "status", "reason"}``; the winners chosen for DFT."""
+
+    ranking: dict[str, dict[str, Any]]
+    winners: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ranking": self.ranking, "dft": self.winners}
+
+
+def rank(results: Mapping[str, Mapping[str, Any]], relaxed: Mapping[str, Structure], top_k: int) -> Ranking:
+    """Rank the ML-relaxed candidates by energy per atom within each reduced composition; choose the winners.
+
+    ``results`` are the relaxation's results by label (``status``, ``energy_per_atom``, ``error``: those of
+    :class:`~equicsp_core.relax.RelaxResult`), ``relaxed`` the relaxed structures by label. Relaxations often
+    end in the same structure from different starts: such duplicates keep only their lowest-energy member.
+    The winners are the best ``top_k`` of each composition, in composition order.
+    """
+    ranking: dict[str, dict[str, Any]] = {}
+    by_composition: dict[str, list[str]] = {}
+    for label, result in results.items():
+        if result["status"] == "failed" or label not in relaxed:
+            ranking[label] = {"ml_rank": None, "status": "ml_failed", "reason": result.get("error")}
+        else:
+            by_composition.setdefault(relaxed[label].composition.reduced_formula, []).append(label)
+    winners: list[str] = []
+    for labels in by_composition.values():
+        labels.sort(key=lambda label: results[label]["energy_per_atom"])
+        representative = duplicate_of([relaxed[label] for label in labels])
+        position = 0
+        for label, first in zip(labels, representative):
+            if labels[first] != label:
+                ranking[label] = {"ml_rank": None, "status": "duplicate",
+                                  "reason": f"relaxed into the structure of {labels[first]}"}
+                continue
+            position += 1
+            ranking[label] = {"ml_rank": position, "status": "ml_relaxed", "reason": None}
+            if position <= top_k:
+                winners.append(label)
+    return Ranking(ranking, winners)
+
+
+@dataclass(frozen=True)
+class DFTOutcome:
+    """What the DFT relaxation of a winner gave: its structure and energy per atom, or why it failed."""
+
+    structure: Structure | None = None
+    energy_per_atom: float | None = None
+    failure: str | None = None
+
+
+def table_rows(
+    sampled: Mapping[str, Structure],
+    invalid: Sequence[tuple[str, int]],
+    screening: Mapping[str, Mapping[str, Any]],
+    ranking: Mapping[str, Mapping[str, Any]],
+    ml_results: Mapping[str, Mapping[str, Any]],
+    ml_relaxed: Mapping[str, Structure],
+    phonons: Mapping[str, Mapping[str, Any]] | None = None,
+    dft: Mapping[str, DFTOutcome] | None = None,
+) -> list[dict[str, Any]]:
+    """The ranking table: one row per sampled candidate, best first, every row with the :data:`ROW_COLUMNS`.
+
+    Args:
+        sampled: every valid sampled candidate by label.
+        invalid: ``(formula, sample index)`` of each sample that was not a crystal.
+        screening: :func:`screen`'s decisions.
+        ranking: :attr:`Ranking.ranking` (empty when nothing was relaxed).
+        ml_results: the ML relaxation's results by label (``status``, ``energy_per_atom``, ``error``).
+        ml_relaxed: the ML-relaxed structures by label.
+        phonons: the phonon check's results by label (``{"phonons": {"imaginary_modes", "min_frequency_thz"}}``).
+        dft: the DFT outcome of each winner sent to DFT.
+
+    Rows are ordered by reduced composition, then by the energy of the highest level reached (DFT-relaxed rows
+    first), then by label.
+    """
+    from pymatgen.core import Composition
+
+    phonons, dft = phonons or {}, dft or {}
+    rows = []
+    for label in sorted(screening):
+        initial = sampled[label]
+        decision = screening[label]
+        row: dict[str, Any] = dict.fromkeys(ROW_COLUMNS)
+        row.update(label=label, formula=cell_formula(initial), reduced_formula=initial.composition.reduced_formula,
+                   sample=int(label.rsplit("_", 1)[1]), space_group_sampled=str(space_group(initial)),
+                   status=decision["status"], reason=decision["reason"])
+        if decision["kept"]:
+            row.update(_ml_columns(initial, ml_relaxed.get(label), ranking.get(label),
+                                   ml_results.get(label, {"status": "failed", "error": "not relaxed"})))
+            checked = phonons.get(label, {}).get("phonons") or {}
+            if "imaginary_modes" in checked:
+                row.update(ml_imaginary_modes=checked["imaginary_modes"],
+                           ml_min_frequency_thz=checked["min_frequency_thz"])
+            if label in dft:
+                row.update(_dft_columns(ml_relaxed[label], dft[label]))
+        rows.append(row)
+    for formula, sample in invalid:
+        rows.append({**dict.fromkeys(ROW_COLUMNS), "formula": formula, "sample": sample,
+                     "reduced_formula": Composition(formula).reduced_formula,
+                     "status": "invalid_sample", "reason": STATUSES["invalid_sample"]})
+
+    def order(row: dict[str, Any]) -> tuple:
+        level = 0 if row["dft_energy_per_atom"] is not None else 1 if row["ml_rank"] is not None else 2
+        energy = row["dft_energy_per_atom"] if level == 0 else row["ml_energy_per_atom"] if level == 1 else 0
+        return (row["reduced_formula"], level, energy, row["label"] or "", row["sample"])
+
+    return sorted(rows, key=order)
+
+
+def _ml_columns(initial: Structure, relaxed: Structure | None, ranked: Mapping[str, Any] | None,
+                result: Mapping[str, Any]) -> dict[str, Any]:
+    """A relaxed candidate's status, rank and ML columns."""
+    ranked = ranked or {"ml_rank": None, "status": "ml_failed", "reason": result.get("error")}
+    columns = {"status": ranked["status"], "reason": ranked["reason"], "ml_rank": ranked["ml_rank"]}
+    if relaxed is not None:
+        moved = displacement(initial, relaxed)
+        columns.update(ml_energy_per_atom=result["energy_per_atom"], ml_converged=result["status"] == "converged",
+                       space_group_ml=str(space_group(relaxed)), ml_rms_displacement=moved["rms_displacement"],
+                       ml_volume_change=moved["volume_change"])
+    return columns
+
+
+def _dft_columns(ml_relaxed: Structure, outcome: DFTOutcome) -> dict[str, Any]:
+    """A winner's DFT status and columns."""
+    if outcome.structure is None:
+        return {"status": "dft_failed", "reason": outcome.failure}
+    moved = displacement(ml_relaxed, outcome.structure)
+    return {"status": "dft_relaxed", "reason": None, "dft_energy_per_atom": outcome.energy_per_atom,
+            "space_group_dft": str(space_group(outcome.structure)), "dft_rms_displacement": moved["rms_displacement"],
+            "dft_volume_change": moved["volume_change"]}

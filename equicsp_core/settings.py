@@ -1,0 +1,339 @@
+"""Every user-facing knob of a prediction, once: its type, bounds and single default.
+
+One model per stage of the pipeline (:mod:`equicsp_core.pipeline`)::
+
+    SampleSettings   formulas, num_samples, steps, step_lr, lattice_bound, seed, batch_size, device,
+                     threads, allow_outside_domain                       (equicsp sample, the sample CalcJob)
+    ScreenSettings   min_distance, max_volume_per_atom                  (before relaxation)
+    RelaxSettings    potential, fmax, steps, relax_cell, device, threads, phonons
+                                                                        (equicsp relax, the relax CalcJob)
+    RankSettings     top_k, phonons                                     (which winners get phonons and DFT)
+    DFTSettings      protocol, relax_type, symprec                      (the DFT stage of the AiiDA route)
+
+Every entry point derives from these models instead of repeating them: the ``equicsp sample`` flags
+(:func:`equicsp_core.cli.build_parser`), the ``parameters`` keys of the CalcJobs, the protocol files of
+``aiida_equicsp/protocols`` (checked by a test), the fields of the jobflow Makers
+(:mod:`equicsp_jobflow.makers`) and the work chain's validation at submission. A new knob is one field here.
+
+Why pydantic v2 (``extra="forbid"``, frozen): the jobflow route is built on pydantic already (task documents,
+``output_schema``) and aiida-core depends on it, so it costs the engine no new install on any route; it gives
+unknown-key refusal, bounds, ``None``-able fields, JSON schemas and field descriptions (the CLI's help) for
+free, where dataclasses would need a coercion helper of our own. Two choices on top of pydantic's defaults:
+
+- integers and booleans are strict (``3.0``, ``"3"``, ``1e23`` and ``1`` for ``true`` are refused): a count
+  or a switch given as something else is a mistake;
+- numbers accept numeric text, because YAML 1.1 (PyYAML) reads ``5e-6`` (no dot) as a string, but never a
+  boolean; every bound is explicit (``step_lr: .inf`` and ``lattice_bound: 0`` are refused).
+
+Errors are :class:`SettingsError`, a ``ValueError`` of one line naming the knob:
+``step_lr: Input should be greater than 0, got 0.0``.
+
+This module imports no torch: the AiiDA daemon validates work-chain inputs with it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from equicsp_core.screening import MAX_VOLUME_PER_ATOM, MIN_DISTANCE
+
+#: Langevin step scale γ of the corrector (the papers' value).
+DEFAULT_STEP_LR = 5e-6
+#: Size of the element-embedding table (docs/method.md §5.1): atomic numbers 1..100 (H to Fm).
+MAX_ATOMIC_NUMBER = 100
+#: Largest seed: torch's generators take 64-bit seeds.
+MAX_SEED = 2**63 - 1
+#: Potentials known by name: ``"module:factory"`` of a callable ``factory(device=...) -> ASE calculator``.
+POTENTIALS = {
+    "chgnet": "equicsp_core.relax:chgnet_calculator",
+    "sevennet": "equicsp_core.relax:sevennet_calculator",
+}
+#: Relaxation types of aiida-quantumespresso's ``RelaxType`` (a test keeps them in step).
+DFT_RELAX_TYPES = ("none", "positions", "volume", "shape", "cell", "positions_volume", "positions_shape",
+                   "positions_cell")
+#: ``module:factory`` of a potential given by path: dotted Python names on both sides.
+_FACTORY_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+#: A device name the settings accept (:mod:`equicsp_core.hardware` resolves it on the machine that computes).
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+#: What a refused device name is told to use instead.
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+class SettingsError(ValueError):
+    """Settings refused: one line naming the knob and what is wrong."""
+
+
+class FormulaError(SettingsError):
+    """A formula the model cannot sample: unparsable, or beyond the model's limits or training domain."""
+
+
+class PotentialError(SettingsError):
+    """A potential that cannot be used: unknown, not installed, not a factory of ASE calculators."""
+
+
+def _number(value: Any) -> Any:
+    """Numeric text as a float (YAML 1.1 reads ``5e-6`` as text); a boolean is never a number."""
+    if isinstance(value, bool):
+        raise ValueError("a number is required, not true/false")
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"a number is required, not the text {value!r}") from None
+    return value
+
+
+#: A real number, finite unless a field allows infinity.
+Number = Annotated[float, BeforeValidator(_number)]
+
+
+def check_device_name(name: object) -> str:
+    """``name`` if it is a device name of :data:`DEVICE_PATTERN`; a ValueError naming the choices otherwise.
+
+    Checks the name only, not whether this machine has the device
+    (:func:`equicsp_core.hardware.resolve_device` does, where the work runs).
+    """
+    if not isinstance(name, str) or not DEVICE_PATTERN.fullmatch(name):
+        raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {name!r}")
+    return name
+
+
+#: The device of a job: ``auto`` (CUDA if present, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+Device = Annotated[str, BeforeValidator(check_device_name)]
+
+
+def one_line(error: ValidationError, known: Iterable[str]) -> str:
+    """A pydantic error as one line: ``knob: message, got value`` per problem, joined by ``; ``.
+
+    Unknown keys are named together, with the ``known`` ones.
+    """
+    unknown = [str(item["loc"][0]) for item in error.errors() if item["type"] == "extra_forbidden"]
+    problems = [f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}"] if unknown else []
+    for item in error.errors():
+        if item["type"] == "extra_forbidden":
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        # the knob, unless the message already starts with it (or a whole-model check names its own)
+        where = "".join(f"{part}: " for part in item["loc"][:1] if not message.startswith(f"{part} "))
+        got = "" if item["type"] in ("missing", "value_error") else f", got {item['input']!r}"
+        problems.append(f"{where}{message}{got}")
+    return "; ".join(problems)
+
+
+def _scalar_type(annotation: Any) -> type | None:
+    """The Python type behind an annotation (``Annotated[int, Strict()] | None`` → ``int``), ``None`` if none."""
+    if annotation in (bool, int, float, str):
+        return annotation
+    for argument in get_args(annotation):
+        found = _scalar_type(argument)
+        if found is not None:
+            return found
+    return None
+
+
+class Settings(BaseModel):
+    """Base of the settings models: unknown keys refused, values frozen, errors as :class:`SettingsError`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            # a check that raised a more specific error (a formula, a potential) keeps its kind
+            kinds = {type(item.get("ctx", {}).get("error")) for item in error.errors()}
+            kind = kinds.pop() if len(kinds) == 1 and issubclass(next(iter(kinds)), SettingsError) else SettingsError
+            raise kind(one_line(error, self.keys())) from None
+
+    @classmethod
+    def from_mapping(cls, values: Any, where: str = "") -> Settings:
+        """Settings from a mapping (a parsed YAML file, a ``Dict`` node); ``where`` prefixes the message."""
+        if not isinstance(values, Mapping):
+            raise SettingsError(f"{where}settings must be a mapping of {', '.join(cls.keys())}; got {values!r}")
+        try:
+            return cls(**values)
+        except SettingsError as error:
+            raise type(error)(f"{where}{error}") from None
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """The knob names, in declaration order."""
+        return tuple(cls.model_fields)
+
+    @classmethod
+    def default(cls, key: str) -> Any:
+        """The default of one knob."""
+        return cls.model_fields[key].default
+
+    @classmethod
+    def describe(cls, key: str) -> str:
+        """The help text of one knob (its field description) with its default."""
+        info = cls.model_fields[key]
+        return f"{info.description} (default {info.default})" if info.default is not None else info.description
+
+    @classmethod
+    def flag(cls, key: str) -> str:
+        """The command-line flag of a knob: ``num_samples`` → ``--num-samples``, ``formulas`` → ``--formula``."""
+        return "--formula" if key == "formulas" else "--" + key.replace("_", "-")
+
+    @classmethod
+    def scalar_type(cls, key: str) -> type:
+        """The Python type of a knob's values, for a command-line parser: ``StrictInt | None`` → ``int``."""
+        return _scalar_type(cls.model_fields[key].annotation) or str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (tuples as lists), ready for YAML or JSON."""
+        return self.model_dump(mode="json")
+
+
+# --- formulas -----------------------------------------------------------------------------------------------
+
+#: An element written with an explicit zero count: ``Cl0``, ``Cl0.0`` (pymatgen would silently drop it).
+_ZERO_COUNT = re.compile(r"([A-Z][a-z]?)(0+(\.0*)?|\.0+)(?![\d.])")
+
+
+def parse_formula(formula: str, max_atoms: int | None = None) -> list[int]:
+    """Atomic numbers of the cell a formula describes (``"SrTiO3"`` → 5 atoms), with clear errors.
+
+    The formula fixes the cell contents, so ``"Sr2Ti2O6"`` asks for a 10-atom cell. ``max_atoms`` is a hard
+    limit of the model (EquiCSP's normalisation tables); ``None``: no limit.
+    """
+    from pymatgen.core import Composition
+
+    if not isinstance(formula, str):
+        raise FormulaError(f"a formula must be a string, got {formula!r}")
+    zero = _ZERO_COUNT.search(formula)
+    if zero:
+        raise FormulaError(f"formula {formula!r}: {zero.group(1)} count {zero.group(2)} is not a positive integer")
+    try:
+        composition = Composition(formula)
+    except Exception as error:
+        raise FormulaError(f"cannot parse formula {formula!r}: {error}") from error
+    numbers: list[int] = []
+    for element, amount in composition.items():
+        z = getattr(element, "Z", None)
+        if z is None or not 1 <= z <= MAX_ATOMIC_NUMBER:
+            raise FormulaError(f"formula {formula!r}: unsupported element {element}")
+        if abs(amount - round(amount)) > 1e-8 or amount < 1:
+            raise FormulaError(f"formula {formula!r}: {element} count {amount} is not a positive integer")
+        numbers += [z] * round(amount)
+    if not numbers:
+        raise FormulaError(f"formula {formula!r} has no atoms")
+    if max_atoms is not None and len(numbers) > max_atoms:
+        raise FormulaError(f"formula {formula!r} has {len(numbers)} atoms; the model supports at most {max_atoms}")
+    return numbers
+
+
+def formula_list(value: Any) -> tuple[str, ...]:
+    """A list of formulas as a tuple; a bare string is refused (``"CO"`` is not ``["C", "O"]``)."""
+    if isinstance(value, str):
+        raise SettingsError(f"a list of formulas is required, got the string {value!r} (write [{value!r}])")
+    if not isinstance(value, Iterable) or isinstance(value, Mapping):
+        raise SettingsError(f"a list of formulas is required, got {value!r}")
+    return tuple(value)
+
+
+# --- the stages ---------------------------------------------------------------------------------------------
+
+
+class SampleSettings(Settings):
+    """How to sample: ``equicsp sample``'s flags or ``--input`` file, the sample CalcJob's inputs.
+
+    The model itself (a checkpoint) is not a setting: it is a file, given beside them.
+    """
+
+    formulas: tuple[str, ...] = Field(description="cell contents, e.g. SrTiO3; a formula fixes the atom count")
+    num_samples: StrictInt = Field(20, ge=1, description="candidates per formula (the papers' k)")
+    steps: StrictInt | None = Field(None, ge=1, description="predictor-corrector steps (None: the model's T)")
+    step_lr: Number = Field(DEFAULT_STEP_LR, gt=0, allow_inf_nan=False, description="Langevin step scale")
+    lattice_bound: Number | None = Field(
+        None, gt=0, description="clamp of the predicted clean lattice (None: the mode's; inf: the papers' update)")
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description="seed of all randomness")
+    batch_size: StrictInt = Field(256, ge=1, description="crystals sampled together; results saved after each")
+    device: Device = Field("auto", description=f"torch device: {DEVICE_CHOICES} (auto: CUDA if present, else CPU)")
+    threads: StrictInt | None = Field(None, ge=1, description="CPU threads of torch (None: every CPU the job may use)")
+    allow_outside_domain: StrictBool = Field(
+        False, description="sample formulas beyond the model's training data (more atoms, unseen elements)")
+
+    _cells: dict[str, tuple[int, ...]] = PrivateAttr()
+
+    @field_validator("formulas", mode="before")
+    @classmethod
+    def _formulas(cls, value: Any) -> tuple[str, ...]:
+        formulas = formula_list(value)
+        if not formulas:
+            raise ValueError("no formula given")
+        repeated = sorted({formula for formula in formulas if formulas.count(formula) > 1})
+        if repeated:
+            raise ValueError(f"formula {repeated[0]!r} is given more than once (use num_samples for more candidates)")
+        return formulas
+
+    @model_validator(mode="after")
+    def _parse_formulas(self) -> SampleSettings:
+        """Parse every formula, once: :attr:`cells` is what the sampler gets."""
+        self._cells = {formula: tuple(parse_formula(formula)) for formula in self.formulas}
+        return self
+
+    @property
+    def cells(self) -> dict[str, tuple[int, ...]]:
+        """Each formula's cell as atomic numbers, e.g. ``{"SrTiO3": (38, 22, 8, 8, 8)}``."""
+        return dict(self._cells)
+
+
+class ScreenSettings(Settings):
+    """Which sampled candidates are worth relaxing (:func:`equicsp_core.screening.implausibility`)."""
+
+    min_distance: Number = Field(MIN_DISTANCE, gt=0, allow_inf_nan=False,
+                                 description="closest allowed approach of two atoms, Å")
+    max_volume_per_atom: Number = Field(MAX_VOLUME_PER_ATOM, gt=0, allow_inf_nan=False,
+                                        description="largest allowed volume per atom, Å³")
+
+
+class RelaxSettings(Settings):
+    """How to relax with a machine-learned potential: ``equicsp relax --input``, the relax CalcJob's parameters."""
+
+    potential: str = Field("chgnet", description=f"{', '.join(POTENTIALS)} or module:factory")
+    fmax: Number = Field(0.05, gt=0, allow_inf_nan=False, description="force threshold, eV/Å")
+    steps: StrictInt = Field(500, ge=0, description="optimiser step cap (0: evaluate only)")
+    relax_cell: StrictBool = Field(True, description="relax the cell too (FrechetCellFilter)")
+    device: Device = Field("auto", description=f"torch device of the potential: {DEVICE_CHOICES}")
+    threads: StrictInt | None = Field(None, ge=1, description="CPU threads of torch (None: every CPU the job may use)")
+    phonons: StrictBool = Field(False, description="check each relaxed structure for imaginary phonon modes")
+
+    @field_validator("potential")
+    @classmethod
+    def _potential(cls, value: str) -> str:
+        if value not in POTENTIALS and not _FACTORY_PATTERN.match(value):
+            raise PotentialError(f"unknown potential {value!r}: use one of {', '.join(POTENTIALS)} or 'module:factory'")
+        return value
+
+
+class RankSettings(Settings):
+    """Which ML-relaxed candidates go on: the best ``top_k`` per composition, phonon-checked if asked."""
+
+    top_k: StrictInt = Field(3, ge=1, description="phonon-check and DFT-relax the best k of each composition")
+    phonons: StrictBool = Field(False, description="check the best k for imaginary phonon modes (phonopy)")
+
+
+class DFTSettings(Settings):
+    """The DFT stage (aiida-quantumespresso's PwRelaxWorkChain); its code and pseudopotentials are nodes."""
+
+    protocol: str | None = Field(None, description="a PwRelaxWorkChain protocol (None: its default)")
+    relax_type: Literal[DFT_RELAX_TYPES] = Field("positions_cell", description="a RelaxType value")  # type: ignore
+    symprec: Number = Field(0.05, ge=0, allow_inf_nan=False,
+                            description="symmetrise at this tolerance (Å) before DFT; 0: as it is")

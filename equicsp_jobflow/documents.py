@@ -1,0 +1,70 @@
+"""Output documents of the jobflow route, queryable in a JobStore like atomate2's.
+
+Every structure travels as a :class:`CandidateDocument`: emmet's ``StructureMetadata`` (``formula_pretty``,
+``chemsys``, ``elements``, ``symmetry.symbol``/``number``, ``volume``, ``density``, ...) plus the candidate's
+label and sample index, so ``store.query({"output.candidates.chemsys": "O-Sr-Ti"})`` finds a prediction by its
+chemical system. The ``Structure`` objects themselves go to the JobStore's ``data`` store (the jobs are
+declared with ``data=Structure``), as atomate2 does with its large fields.
+
+Units: energies per atom in eV/atom, lengths in Å, volumes in Å³.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from emmet.core.structure import StructureMetadata
+from pydantic import BaseModel, Field
+from pymatgen.core import Structure
+
+
+class CandidateDocument(StructureMetadata):
+    """One crystal of the pipeline (sampled, ML-relaxed or DFT-relaxed), with its metadata for queries."""
+
+    label: str = Field(description="the candidate's label, <formula>_<sample>, e.g. SrTiO3_000")
+    formula: str = Field(description="the requested cell contents, e.g. Sr2Ti2O6")
+    sample: int = Field(description="the sample index within its formula")
+    structure: Structure = Field(description="the crystal (kept in the 'data' store)")
+
+    @classmethod
+    def of(cls, label: str, formula: str, sample: int, structure: Structure) -> CandidateDocument:
+        """The document of ``structure``, its metadata computed (emmet's symmetry at its default tolerance)."""
+        return cls.from_structure(structure, label=label, formula=formula, sample=sample, structure=structure)
+
+
+class SampleDocument(BaseModel):
+    """What a sampling job produced, and from which model and settings."""
+
+    formulas: list[str]
+    candidates: list[CandidateDocument] = Field(description="the valid samples")
+    invalid: list[tuple[str, int]] = Field(description="(formula, sample) of each sample that was not a crystal")
+    num_requested: int
+    checkpoint: str = Field(description="checkpoint name or path, as given")
+    checkpoint_sha256: str
+    settings: dict[str, Any] = Field(description="SampleSettings.to_dict() of the run")
+
+
+class ScreenDocument(BaseModel):
+    """Candidates worth relaxing, and the decision on every candidate (:func:`equicsp_core.pipeline.screen`)."""
+
+    survivors: list[CandidateDocument]
+    decisions: dict[str, dict[str, Any]] = Field(description="label -> {kept, status, reason}")
+
+
+class RelaxDocument(BaseModel):
+    """An ML relaxation of several candidates (:func:`equicsp_core.relax.relax_structures`)."""
+
+    results: dict[str, dict[str, Any]] = Field(
+        description="label -> {status, energy_per_atom, steps, seconds, error, phonons}")
+    relaxed: list[CandidateDocument] = Field(description="the relaxed structures (failed ones absent)")
+
+
+class RankingDocument(BaseModel):
+    """The ranking table of the pipeline: one row per sampled candidate, best first within each composition."""
+
+    rows: list[dict[str, Any]] = Field(description="rows of equicsp_core.pipeline.ROW_COLUMNS")
+    statuses: dict[str, str] = Field(description="what each status means")
+    units: dict[str, str]
+    winners: list[str] = Field(description="labels of the best top_k of each composition (phonons, DFT)")
+    ml_relaxed: list[CandidateDocument]
+    dft_relaxed: list[CandidateDocument] = Field(default_factory=list)

@@ -1,0 +1,305 @@
+"""jobflow Makers for structure prediction: sample → screen → ML relax → rank → (phonons) → symmetrise → DFT.
+
+The same pipeline as the AiiDA work chain ``equicsp.predict_relax``, from the same functions: sampling through
+:func:`equicsp_core.predict.predict_with_settings`, screening, ranking and the table through
+:mod:`equicsp_core.pipeline`, relaxation through :func:`equicsp_core.relax.relax_structures`. The Makers'
+fields are the knobs of :mod:`equicsp_core.settings`, derived from its models (:func:`knob_fields`), so every
+knob of a route is a field here, with the same default and the same checks (at construction).
+
+:class:`PredictRelaxMaker` builds the flow. How many candidates survive screening, and which win, is known only
+at run time, so the relax and rank steps are dynamic jobs that replace themselves by the jobs that follow. A
+relaxation or DFT job that fails shows up in the table as ``ml_failed`` / ``dft_failed`` instead of stopping
+the flow (``OnMissing.NONE``); the manager still reports the flow as not fully successful.
+
+``relax_maker`` is an :class:`EquiCSPRelaxMaker` (all survivors in one job, the engine's relaxation) or any
+Maker whose ``make(structure)`` job outputs a task document with ``structure`` and ``output.energy`` (eV), as
+atomate2's force-field Makers do (one job per survivor). ``dft_maker`` is any such Maker (e.g. atomate2's VASP
+or force-field Makers); it relaxes the winners after symmetrisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import field, make_dataclass, replace
+from typing import Any
+
+from jobflow import Flow, Maker, OnMissing, Response, job
+from pymatgen.core import Structure
+
+from equicsp_core.pipeline import STATUSES, UNITS, DFTOutcome, candidate_label, label_prefixes, rank, screen, table_rows
+from equicsp_core.settings import (
+    DFTSettings,
+    RankSettings,
+    RelaxSettings,
+    SampleSettings,
+    ScreenSettings,
+    Settings,
+    formula_list,
+)
+from equicsp_jobflow.documents import CandidateDocument, RankingDocument, RelaxDocument, SampleDocument, ScreenDocument
+
+
+def knob_fields(model: type[Settings], exclude: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+    """Dataclass fields ``(name, type, default)`` of a settings model's knobs: a Maker's fields derived from it."""
+    return [(key, info.annotation, field(default=info.default)) for key, info in model.model_fields.items()
+            if key not in exclude]
+
+
+def _settings(maker: Any, model: type[Settings], **values: Any) -> Settings:
+    """The ``model`` settings of a Maker's fields (and ``values``); raises ``ValueError`` naming a bad knob."""
+    return model(**{key: getattr(maker, key) for key in model.keys() if key not in values}, **values)
+
+
+def _as_dict(result: Any) -> dict[str, Any]:
+    """A relaxation result without its structure (that travels as a document)."""
+    return {key: value for key, value in result.as_dict().items() if key != "structure"}
+
+
+# --- sample -----------------------------------------------------------------------------------------------------
+
+
+class _SampleJob(Maker):
+    """The job of :class:`EquiCSPSampleMaker` (its fields: ``name``, ``checkpoint`` and the sampling knobs)."""
+
+    def __post_init__(self) -> None:
+        self.settings(["H"])  # refuse bad settings now, not on a worker later ("H": any valid formula)
+
+    def settings(self, formulas: list[str]) -> SampleSettings:
+        """The :class:`SampleSettings` of sampling ``formulas`` (raises ``ValueError`` on bad input)."""
+        return _settings(self, SampleSettings, formulas=formulas)
+
+    @job(output_schema=SampleDocument, data=Structure)
+    def make(self, formulas: list[str]) -> SampleDocument:
+        """Sample the candidates of ``formulas`` (cell contents: ``"SrTiO3"`` is a 5-atom cell)."""
+        from equicsp_core.checkpoint import load_model, resolve_checkpoint
+        from equicsp_core.files import file_sha256
+        from equicsp_core.hardware import resolve_device, set_threads
+        from equicsp_core.predict import predict_with_settings
+
+        settings = self.settings(formulas)
+        path = resolve_checkpoint(self.checkpoint)
+        if settings.threads is not None:  # else the worker's own setting stands
+            set_threads(settings.threads)
+        model, card = load_model(path, resolve_device(settings.device))
+        prefixes = label_prefixes(settings.formulas)
+        candidates, invalid = [], []
+        for batch in predict_with_settings(model, card, settings):
+            for sample in batch:
+                if sample.structure is None:
+                    invalid.append((sample.formula, sample.sample_index))
+                else:
+                    label = candidate_label(prefixes[sample.formula], sample.sample_index)
+                    candidates.append(CandidateDocument.of(label, sample.formula, sample.sample_index,
+                                                           sample.structure))
+        return SampleDocument(formulas=list(settings.formulas), candidates=candidates, invalid=invalid,
+                              num_requested=len(settings.formulas) * settings.num_samples,
+                              checkpoint=str(self.checkpoint), checkpoint_sha256=file_sha256(path),
+                              settings=settings.to_dict())
+
+
+#: Sample candidate structures of formulas with an EquiCSP checkpoint. ``checkpoint`` is a shipped checkpoint's
+#: name or a file path, resolved where the job runs; the other fields are :class:`SampleSettings`' knobs.
+EquiCSPSampleMaker = make_dataclass(
+    "EquiCSPSampleMaker",
+    [("name", str, field(default="equicsp sample")), ("checkpoint", str, field(default="mp_20")),
+     *knob_fields(SampleSettings, exclude=("formulas",))],
+    bases=(_SampleJob,), namespace={"__module__": __name__, "__doc__": _SampleJob.__doc__})
+
+
+# --- screen -----------------------------------------------------------------------------------------------------
+
+
+class _ScreenJob(Maker):
+    """The job of :class:`ScreenCandidatesMaker` (its fields: ``name`` and :class:`ScreenSettings`' knobs)."""
+
+    def __post_init__(self) -> None:
+        _settings(self, ScreenSettings)
+
+    @job(output_schema=ScreenDocument, data=Structure)
+    def make(self, candidates: list[CandidateDocument]) -> ScreenDocument:
+        """:func:`equicsp_core.pipeline.screen` of the sampled candidates."""
+        decisions = screen({c.label: c.structure for c in candidates}, _settings(self, ScreenSettings))
+        return ScreenDocument(survivors=[c for c in candidates if decisions[c.label]["kept"]], decisions=decisions)
+
+
+#: Drop implausible candidates and near-copies before relaxation (:func:`equicsp_core.pipeline.screen`).
+ScreenCandidatesMaker = make_dataclass(
+    "ScreenCandidatesMaker", [("name", str, field(default="equicsp screen")), *knob_fields(ScreenSettings)],
+    bases=(_ScreenJob,), namespace={"__module__": __name__, "__doc__": _ScreenJob.__doc__})
+
+
+# --- relax ------------------------------------------------------------------------------------------------------
+
+
+class _RelaxJob(Maker):
+    """The job of :class:`EquiCSPRelaxMaker` (its fields: ``name`` and :class:`RelaxSettings`' knobs)."""
+
+    def __post_init__(self) -> None:
+        _settings(self, RelaxSettings)
+
+    @job(output_schema=RelaxDocument, data=Structure)
+    def make(self, candidates: list[CandidateDocument]) -> RelaxDocument:
+        """Relax every candidate with the potential, in one job (its weights are loaded once)."""
+        from equicsp_core.relax import relax_structures
+
+        by_label = {c.label: c for c in candidates}
+        results, relaxed = {}, []
+        settings = _settings(self, RelaxSettings)
+        for label, result in relax_structures({c.label: c.structure for c in candidates}, settings):
+            results[label] = _as_dict(result)
+            if result.structure is not None:
+                candidate = by_label[label]
+                relaxed.append(CandidateDocument.of(label, candidate.formula, candidate.sample, result.structure))
+        return RelaxDocument(results=results, relaxed=relaxed)
+
+
+#: Relax candidates with a machine-learned potential (:func:`equicsp_core.relax.relax_structures`).
+EquiCSPRelaxMaker = make_dataclass(
+    "EquiCSPRelaxMaker", [("name", str, field(default="equicsp relax")), *knob_fields(RelaxSettings)],
+    bases=(_RelaxJob,), namespace={"__module__": __name__, "__doc__": _RelaxJob.__doc__})
+
+
+# --- the flow ---------------------------------------------------------------------------------------------------
+
+
+class _PredictRelaxFlow(Maker):
+    """The flow of :class:`PredictRelaxMaker`; its fields: the Makers of each stage, :class:`RankSettings`' knobs
+    (``top_k``, ``phonons``) and ``symprec`` (:class:`DFTSettings`, Å; 0: the winners go to DFT as relaxed)."""
+
+    def __post_init__(self) -> None:
+        _settings(self, RankSettings)
+        DFTSettings(symprec=self.symprec)
+
+    def make(self, formulas: list[str]) -> Flow:
+        """The flow for ``formulas`` (a list: a bare string is refused); bad formulas are refused here."""
+        sample = self.sample_maker.make(list(self.sample_maker.settings(list(formula_list(formulas))).formulas))
+        return self.make_from_samples(sample.output, [sample])
+
+    def make_from_samples(self, samples: Any, jobs: list | None = None) -> Flow:
+        """The flow after sampling, from a :class:`SampleDocument` (or a reference to one)."""
+        screen_job = self.screen_maker.make(samples.candidates)
+        relax = relax_survivors(screen_job.output.survivors, self.relax_maker)
+        table = rank_and_finish(samples, screen_job.output, relax.output, self)
+        return Flow([*(jobs or []), screen_job, relax, table], output=table.output, name=self.name)
+
+
+#: Flow from formulas to a ranking table: sample → screen → ML relax → rank → phonons (``phonons``) → symmetrise
+#: → DFT on the best ``top_k`` of each composition (only with ``dft_maker``) → table.
+PredictRelaxMaker = make_dataclass(
+    "PredictRelaxMaker",
+    [("name", str, field(default="equicsp predict-relax")),
+     ("sample_maker", Maker, field(default_factory=EquiCSPSampleMaker)),
+     ("screen_maker", Maker, field(default_factory=ScreenCandidatesMaker)),
+     ("relax_maker", Maker, field(default_factory=EquiCSPRelaxMaker)),
+     *knob_fields(RankSettings),
+     ("symprec", float, field(default=DFTSettings.default("symprec"))),
+     ("dft_maker", Maker | None, field(default=None))],
+    bases=(_PredictRelaxFlow,), namespace={"__module__": __name__, "__doc__": _PredictRelaxFlow.__doc__})
+
+
+def _task_result(document: Any) -> tuple[Structure | None, float | None, bool | None]:
+    """``(structure, energy per atom, converged)`` of an atomate2-like task document (dict or object)."""
+    def get(value: Any, key: str) -> Any:
+        return value.get(key) if isinstance(value, dict) else getattr(value, key, None)
+
+    structure, energy = get(document, "structure"), get(get(document, "output"), "energy")
+    if isinstance(structure, dict):
+        structure = Structure.from_dict(structure)
+    if structure is None or energy is None:
+        return None, None, None
+    return structure, energy / len(structure), get(document, "is_force_converged")
+
+
+@job
+def relax_survivors(survivors: list[CandidateDocument], relax_maker: Maker) -> Response:
+    """Replace this job by the relaxation of the survivors: one :class:`EquiCSPRelaxMaker` job, or one job of
+    another relax Maker per survivor and a job that collects their task documents."""
+    if isinstance(relax_maker, _RelaxJob):
+        relax = relax_maker.make(survivors)
+        return Response(replace=Flow([relax], output=relax.output))
+    relaxes = [relax_maker.make(candidate.structure) for candidate in survivors]
+    for relax, candidate in zip(relaxes, survivors, strict=True):
+        relax.name = f"{relax.name} {candidate.label}"
+    collect = collect_relaxations(survivors, [relax.output for relax in relaxes])
+    collect.config.on_missing_references = OnMissing.NONE  # a failed relax arrives as None, not as an error
+    return Response(replace=Flow([*relaxes, collect], output=collect.output))
+
+
+@job(output_schema=RelaxDocument, data=Structure)
+def collect_relaxations(survivors: list[CandidateDocument], documents: list[Any]) -> RelaxDocument:
+    """The task documents of per-structure relax jobs as one :class:`RelaxDocument` (``None``: a failed job)."""
+    results, relaxed = {}, []
+    for candidate, document in zip(survivors, documents, strict=True):
+        structure, energy, converged = _task_result(document)
+        if structure is None:
+            results[candidate.label] = {"status": "failed", "energy_per_atom": None, "error": "the relax job failed"}
+            continue
+        results[candidate.label] = {"status": "not_converged" if converged is False else "converged",
+                                    "energy_per_atom": energy, "error": None}
+        relaxed.append(CandidateDocument.of(candidate.label, candidate.formula, candidate.sample, structure))
+    return RelaxDocument(results=results, relaxed=relaxed)
+
+
+@job
+def rank_and_finish(samples: SampleDocument, screening: ScreenDocument, relaxation: RelaxDocument,
+                    maker: Any) -> Response:
+    """Rank (:func:`equicsp_core.pipeline.rank`); replace this job by the phonon check and DFT of the winners and
+    the table job, or output the table now when there is nothing more to run."""
+    relaxed = {c.label: c for c in relaxation.relaxed}
+    ranked = rank(relaxation.results, {label: c.structure for label, c in relaxed.items()}, maker.top_k)
+    winners = [relaxed[label] for label in ranked.winners]
+    jobs, phonons, dft = [], None, {}
+    if maker.phonons and winners:
+        check = _phonon_maker(maker.relax_maker).make(winners)
+        check.name = "equicsp phonons"
+        jobs.append(check)
+        phonons = check.output.results
+    if maker.dft_maker is not None:
+        for winner in winners:
+            structure = winner.structure
+            if maker.symprec > 0:
+                symmetrize = symmetrize_structure(structure, maker.symprec)
+                jobs.append(symmetrize)
+                structure = symmetrize.output
+            relax = maker.dft_maker.make(structure)
+            relax.name = f"{relax.name} {winner.label}"
+            jobs.append(relax)
+            dft[winner.label] = relax.output
+    table = tabulate(samples, screening, relaxation, ranked.as_dict(), phonons, dft)
+    table.config.on_missing_references = OnMissing.NONE  # a failed DFT job arrives as None: a dft_failed row
+    return Response(replace=Flow([*jobs, table], output=table.output))
+
+
+def _phonon_maker(relax_maker: Maker) -> Maker:
+    """The relax Maker with no step and the phonon check, as the AiiDA route's phonon calculation."""
+    base = relax_maker if isinstance(relax_maker, _RelaxJob) else EquiCSPRelaxMaker()
+    return replace(base, name="equicsp phonons", steps=0, phonons=True)
+
+
+@job
+def symmetrize_structure(structure: Structure, symprec: float) -> Structure:
+    """:func:`equicsp_core.screening.symmetrized`: exact symmetry, so that the DFT code uses it."""
+    from equicsp_core.screening import symmetrized
+
+    return symmetrized(structure, symprec)
+
+
+@job(output_schema=RankingDocument, data=Structure)
+def tabulate(samples: SampleDocument, screening: ScreenDocument, relaxation: RelaxDocument, ranking: dict[str, Any],
+             phonons: dict[str, Any] | None, dft: dict[str, Any]) -> RankingDocument:
+    """The ranking table (:func:`equicsp_core.pipeline.table_rows`) and the relaxed structures."""
+    sampled = {c.label: c for c in samples.candidates}
+    dft_outcomes, dft_relaxed = {}, []
+    for label, document in dft.items():
+        structure, energy, _ = _task_result(document)
+        if structure is None:
+            dft_outcomes[label] = DFTOutcome(failure="the DFT job failed")
+            continue
+        dft_outcomes[label] = DFTOutcome(structure, energy)
+        dft_relaxed.append(CandidateDocument.of(label, sampled[label].formula, sampled[label].sample, structure))
+    rows = table_rows(
+        sampled={label: c.structure for label, c in sampled.items()}, invalid=[tuple(i) for i in samples.invalid],
+        screening=screening.decisions, ranking=ranking["ranking"], ml_results=relaxation.results,
+        ml_relaxed={c.label: c.structure for c in relaxation.relaxed}, phonons=phonons, dft=dft_outcomes)
+    return RankingDocument(rows=rows, statuses=STATUSES, units=UNITS, winners=ranking["dft"],
+                           ml_relaxed=relaxation.relaxed, dft_relaxed=dft_relaxed)
+

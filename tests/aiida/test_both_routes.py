@@ -1,0 +1,66 @@
+"""The AiiDA route and the jobflow route give the same ranking table from the same candidates.
+
+Both call :mod:`equicsp_core.pipeline` and :func:`equicsp_core.relax.relax_structures`; this runs both for real
+on SrTiO3 and CaTiO3 (the shipped perov_5 model, 20 sampling steps), with a stub Lennard-Jones potential for the
+ML relaxation and the phonon check. The jobflow flow starts from the AiiDA route's sampled candidates, so the
+two tables must agree in every column (floats to 1e-8: structures pass through StructureData in one route and
+through JSON in the other).
+"""
+
+from pathlib import Path
+
+import pytest
+from aiida.engine import run_get_node
+
+pytest.importorskip("jobflow")
+
+from jobflow import JobStore, run_locally  # noqa: E402
+from maggma.stores import MemoryStore  # noqa: E402
+from monty.json import MontyDecoder  # noqa: E402
+
+from aiida_equicsp.data.model import EquiCSPModelData  # noqa: E402
+from aiida_equicsp.workchains.predict_relax import EquiCSPPredictRelaxWorkChain  # noqa: E402
+from equicsp_jobflow import CandidateDocument, EquiCSPRelaxMaker, PredictRelaxMaker, SampleDocument  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+FORMULAS = ["SrTiO3", "CaTiO3"]
+#: A Lennard-Jones stub for every element (tests/test_relax.py), milliseconds per step.
+RELAX = {"potential": "tests.test_relax:lennard_jones", "fmax": 0.05, "steps": 20}
+
+
+def rounded(rows: list[dict]) -> list[dict]:
+    return [{key: round(value, 8) if isinstance(value, float) else value for key, value in row.items()} for row in rows]
+
+
+def test_aiida_and_jobflow_routes_give_the_same_table(equicsp_code, tmp_path):
+    model = EquiCSPModelData.from_shipped("perov_5")
+    # the job imports the stub from the repository's tests: PYTHONPATH points there
+    options = {"options": {"environment_variables": {"PYTHONPATH": str(Path(__file__).parents[2])}}}
+    overrides = {"num_samples": 3, "top_k": 1, "phonons": True, "relax": {"parameters": RELAX, "metadata": options},
+                 "sample": {"parameters": {"steps": 20, "seed": 1}}}
+    builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(equicsp_code, model, FORMULAS,
+                                                                     overrides=overrides)
+    outputs, node = run_get_node(builder)
+    assert node.exit_status == 0, node.exit_message
+    aiida_rows = outputs["ranking"]["rows"]
+
+    sampling = next(child for child in node.called if child.process_label == "EquiCSPSampleBaseWorkChain")
+    entries = sampling.outputs.candidates["candidates"]
+    samples = SampleDocument(
+        formulas=FORMULAS, num_requested=len(entries), checkpoint="perov_5", checkpoint_sha256=model.sha256,
+        settings={}, invalid=[(e["formula"], e["sample"]) for e in entries if not e["valid"]],
+        candidates=[CandidateDocument.of(e["link_label"], e["formula"], e["sample"],
+                                         outputs["sampled"][e["link_label"]].get_pymatgen())
+                    for e in entries if e["valid"]])
+    maker = PredictRelaxMaker(relax_maker=EquiCSPRelaxMaker(**RELAX), top_k=1, phonons=True)
+    flow = maker.make_from_samples(samples)
+    store = JobStore(MemoryStore(), additional_stores={"data": MemoryStore()})
+    run_locally(flow, store=store, root_dir=tmp_path, ensure_success=True, log=False)
+    jobflow_rows = MontyDecoder().process_decoded(store.get_output(flow.output.uuid, load=True)).rows
+
+    assert rounded(jobflow_rows) == rounded(aiida_rows)
+    # the comparison covers every stage: ranked rows, a duplicate or implausible one, and the phonon columns
+    statuses = {row["status"] for row in aiida_rows}
+    assert "ml_relaxed" in statuses and statuses - {"ml_relaxed"}
+    assert [row["ml_imaginary_modes"] is not None for row in aiida_rows].count(True) == len(FORMULAS)
