@@ -18,15 +18,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import yaml
 from aiida import orm
-from aiida.common.datastructures import CalcInfo, CodeInfo
+from aiida.common.datastructures import CalcInfo
 from aiida.common.folders import Folder
-from aiida.engine import CalcJob, CalcJobProcessSpec
+from aiida.engine import CalcJobProcessSpec
 
 from equicsp_core import runfolder
 from equicsp_core.settings import RelaxSettings, SettingsError
 
+from aiida_equicsp.calculations.base import EquiCSPCalcJob, validate_code
 from aiida_equicsp.calculations.job_threads import job_threads
 
 
@@ -39,13 +39,6 @@ def validate_parameters(parameters: orm.Dict, _: Any) -> str | None:
     return None
 
 
-def validate_inputs(inputs: dict[str, Any], _: Any) -> str | None:
-    """A code to run: the ``equicsp`` program."""
-    if "code" not in inputs:
-        return "code is required: an installed equicsp program (verdi code create core.code.installed)"
-    return None
-
-
 def validate_structures(structures: dict[str, orm.StructureData], _: Any) -> str | None:
     """At least one structure to relax."""
     if not structures:
@@ -53,17 +46,16 @@ def validate_structures(structures: dict[str, orm.StructureData], _: Any) -> str
     return None
 
 
-class EquiCSPRelaxCalculation(CalcJob):
+class EquiCSPRelaxCalculation(EquiCSPCalcJob):
     """Relax structures with a machine-learned interatomic potential (CHGNet by default)."""
+
+    COMMAND = "relax"
+    PARSER_NAME = "equicsp.relax"
+    PROGRAM = "the relaxation"
 
     STRUCTURES_FILENAME = "structures.json"
     INPUT_FILENAME = "relax.yaml"
-    RESULTS_FOLDER = "results"
-    RESULTS_PATH = f"results/{runfolder.RELAX_FILENAME}"
-    RUN_INFO_PATH = f"results/{runfolder.RUN_FILENAME}"
-    STDOUT_FILENAME = "equicsp.out"
-    STDERR_FILENAME = "equicsp.err"
-    STATUS_FILENAME = "status.json"
+    RESULTS_PATH = f"{EquiCSPCalcJob.RESULTS_FOLDER}/{runfolder.RELAX_FILENAME}"
 
     @classmethod
     def define(cls, spec: CalcJobProcessSpec) -> None:  # type: ignore[override]
@@ -73,12 +65,7 @@ class EquiCSPRelaxCalculation(CalcJob):
                              validator=validate_structures, help="the structures to relax, by link label")
         spec.input("parameters", valid_type=orm.Dict, required=False, validator=validate_parameters,
                    help=f"relax settings ({', '.join(RelaxSettings.keys())}); unset ones take the engine's defaults")
-        spec.inputs.validator = validate_inputs
-
-        options = spec.inputs["metadata"]["options"]
-        options["parser_name"].default = "equicsp.relax"
-        options["resources"].default = {"num_machines": 1, "num_mpiprocs_per_machine": 1}
-        options["withmpi"].default = False
+        spec.inputs.validator = validate_code
 
         spec.output_namespace("relaxed", valid_type=orm.StructureData, dynamic=True, required=False,
                               help="each relaxed structure under its input's link label (failed ones absent)")
@@ -86,10 +73,7 @@ class EquiCSPRelaxCalculation(CalcJob):
                     help="per link label: status (converged, not_converged, failed), energy_per_atom (eV/atom), "
                          "steps, seconds, error, phonons (min_frequency_thz, imaginary_modes, stable, ...)")
 
-        spec.exit_code(300, "ERROR_MISSING_OUTPUT", message="the relaxation wrote no results; its last error: {error}")
-        spec.exit_code(301, "ERROR_UNREADABLE_OUTPUT", message="the relaxation's output could not be read: {error}")
         spec.exit_code(320, "ERROR_POTENTIAL", message="the potential could not be used: {error}")
-        spec.exit_code(330, "ERROR_DEVICE_NOT_AVAILABLE", message="the computer lacks the requested device: {error}")
         spec.exit_code(350, "ERROR_PARTIAL_RESULTS",
                        message="the relaxation stopped before the end (walltime?): {done} of {requested} done")
 
@@ -100,19 +84,5 @@ class EquiCSPRelaxCalculation(CalcJob):
             json.dump(structures, handle)
         settings = self.inputs.parameters.get_dict() if "parameters" in self.inputs else {}
         settings["threads"] = job_threads(settings, self.inputs.metadata.options.resources)
-        with folder.open(self.INPUT_FILENAME, "w") as handle:
-            yaml.safe_dump(settings, handle)
-
-        codeinfo = CodeInfo()
-        codeinfo.code_uuid = self.inputs.code.uuid
-        codeinfo.cmdline_params = ["--quiet", "--status-file", self.STATUS_FILENAME, "relax",
-                                   "--structures", self.STRUCTURES_FILENAME,
-                                   "--input", self.INPUT_FILENAME, "--out", self.RESULTS_FOLDER]
-        codeinfo.stdout_name = self.STDOUT_FILENAME
-        codeinfo.stderr_name = self.STDERR_FILENAME
-
-        calcinfo = CalcInfo()
-        calcinfo.codes_info = [codeinfo]
-        calcinfo.retrieve_list = [self.RESULTS_FOLDER, self.STDOUT_FILENAME, self.STDERR_FILENAME,
-                                  self.STATUS_FILENAME]
-        return calcinfo
+        self.write_yaml(folder, self.INPUT_FILENAME, settings)
+        return self.calcinfo(["--structures", self.STRUCTURES_FILENAME, "--input", self.INPUT_FILENAME])

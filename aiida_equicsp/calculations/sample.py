@@ -18,16 +18,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
 from aiida import orm
-from aiida.common.datastructures import CalcInfo, CodeInfo
+from aiida.common.datastructures import CalcInfo
 from aiida.common.folders import Folder
-from aiida.engine import CalcJob, CalcJobProcessSpec
+from aiida.engine import CalcJobProcessSpec
 
 from equicsp_core import runfolder
 from equicsp_core.domain import check_cells
 from equicsp_core.settings import SampleSettings, SettingsError
 
+from aiida_equicsp.calculations.base import EquiCSPCalcJob, validate_code
 from aiida_equicsp.calculations.job_threads import job_threads
 from aiida_equicsp.data.model import EquiCSPModelData
 
@@ -77,8 +77,9 @@ def sample_request(inputs: dict[str, Any]) -> dict[str, Any]:
 
 def validate_inputs(inputs: dict[str, Any], _: Any) -> str | None:
     """The whole request, as ``equicsp sample`` will check it: the code, the model's size, domain and steps."""
-    if "code" not in inputs:
-        return "code is required: an installed equicsp program (verdi code create core.code.installed)"
+    missing_code = validate_code(inputs, _)
+    if missing_code is not None:
+        return missing_code
     if any(name not in inputs for name in ("model", "compositions", "num_samples")):
         return None
     model: EquiCSPModelData = inputs["model"]
@@ -92,17 +93,16 @@ def validate_inputs(inputs: dict[str, Any], _: Any) -> str | None:
     return None
 
 
-class EquiCSPSampleCalculation(CalcJob):
+class EquiCSPSampleCalculation(EquiCSPCalcJob):
     """Sample candidate crystal structures for formulas with a trained EquiCSP model (``equicsp sample``)."""
+
+    COMMAND = "sample"
+    PARSER_NAME = "equicsp.sample"
+    PROGRAM = "the sampler"
 
     INPUT_FILENAME = "input.yaml"
     MODEL_FILENAME = "model.pt"
-    RESULTS_FOLDER = "results"
-    INDEX_PATH = f"results/{runfolder.INDEX_FILENAME}"
-    RUN_INFO_PATH = f"results/{runfolder.RUN_FILENAME}"
-    STDOUT_FILENAME = "equicsp.out"
-    STDERR_FILENAME = "equicsp.err"
-    STATUS_FILENAME = "status.json"
+    INDEX_PATH = f"{EquiCSPCalcJob.RESULTS_FOLDER}/{runfolder.INDEX_FILENAME}"
 
     @classmethod
     def define(cls, spec: CalcJobProcessSpec) -> None:  # type: ignore[override]
@@ -117,11 +117,6 @@ class EquiCSPSampleCalculation(CalcJob):
                    help=f"sampler settings ({', '.join(PARAMETER_KEYS)}); unset ones take the engine's defaults")
         spec.inputs.validator = validate_inputs
 
-        options = spec.inputs["metadata"]["options"]
-        options["parser_name"].default = "equicsp.sample"
-        options["resources"].default = {"num_machines": 1, "num_mpiprocs_per_machine": 1}
-        options["withmpi"].default = False
-
         spec.output_namespace("structures", valid_type=orm.StructureData, dynamic=True, required=False,
                               help="every valid candidate, labelled <formula>_<sample>, e.g. SrTiO3_000")
         spec.output("candidates", valid_type=orm.Dict,
@@ -129,18 +124,12 @@ class EquiCSPSampleCalculation(CalcJob):
         spec.output("run_info", valid_type=orm.Dict,
                     help="the sampler's run.json: counts, steps, device, seconds, versions")
 
-        spec.exit_code(300, "ERROR_MISSING_OUTPUT",
-                       message="the sampler wrote no results; its last error: {error}")
-        spec.exit_code(301, "ERROR_UNREADABLE_OUTPUT",
-                       message="the sampler's output could not be read: {error}")
         spec.exit_code(310, "ERROR_OUT_OF_MEMORY",
                        message="the sampler ran out of memory (finished batches are kept); lower `batch_size`")
         spec.exit_code(320, "ERROR_INVALID_COMPOSITION",
                        message="the sampler refused a composition: {error}")
         spec.exit_code(321, "ERROR_INCOMPATIBLE_CHECKPOINT",
                        message="the sampler cannot use the model's checkpoint: {error}")
-        spec.exit_code(330, "ERROR_DEVICE_NOT_AVAILABLE",
-                       message="the computer lacks the requested device: {error}")
         spec.exit_code(350, "ERROR_PARTIAL_RESULTS",
                        message="the sampler stopped before the end (walltime?): {written} of {requested} "
                                "candidates kept")
@@ -149,21 +138,7 @@ class EquiCSPSampleCalculation(CalcJob):
         """Write ``input.yaml``, copy the checkpoint in, and run ``equicsp sample`` into ``results/``."""
         request = sample_request(self.inputs)
         request["threads"] = job_threads(request, self.inputs.metadata.options.resources)
-        with folder.open(self.INPUT_FILENAME, "w") as handle:
-            yaml.safe_dump(request, handle, sort_keys=False)
-
-        codeinfo = CodeInfo()
-        codeinfo.code_uuid = self.inputs.code.uuid
-        codeinfo.cmdline_params = ["--quiet", "--status-file", self.STATUS_FILENAME, "sample",
-                                   "--input", self.INPUT_FILENAME,
-                                   "--checkpoint", self.MODEL_FILENAME, "--out", self.RESULTS_FOLDER]
-        codeinfo.stdout_name = self.STDOUT_FILENAME
-        codeinfo.stderr_name = self.STDERR_FILENAME
-
-        calcinfo = CalcInfo()
-        calcinfo.codes_info = [codeinfo]
+        self.write_yaml(folder, self.INPUT_FILENAME, request)
         model = self.inputs.model
-        calcinfo.local_copy_list = [(model.uuid, model.filename, self.MODEL_FILENAME)]
-        calcinfo.retrieve_list = [self.RESULTS_FOLDER, self.STDOUT_FILENAME, self.STDERR_FILENAME,
-                                  self.STATUS_FILENAME]
-        return calcinfo
+        return self.calcinfo(["--input", self.INPUT_FILENAME, "--checkpoint", self.MODEL_FILENAME],
+                             local_copy_list=[(model.uuid, model.filename, self.MODEL_FILENAME)])

@@ -333,5 +333,5 @@ def test_options_are_the_scheduler_options_of_the_calculations(equicsp_code, mod
 
 
 def test_a_bare_string_is_not_a_list_of_formulas(equicsp_code, model):
-    with pytest.raises(ValueError, match="compositions must be a list of formulas, got the string 'SrTiO3'"):
+    with pytest.raises(ValueError, match=r"a list of formulas is required, got the string 'SrTiO3' \(write \['SrTiO3'\]\)"):
         EquiCSPSampleBaseWorkChain.get_builder_from_protocol(equicsp_code, model, "SrTiO3", 2)
