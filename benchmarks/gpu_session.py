@@ -123,7 +123,7 @@ def prepare(args: argparse.Namespace) -> int:
     write_json(carry / "compositions.json", compositions)
     if args.wheels:
         download_wheels(carry / "wheels")
-    report_travel(carry)
+    report_travel(carry, args.run)
     return 0
 
 
@@ -142,7 +142,7 @@ def download_wheels(folder: Path) -> None:
     log(f"wheels: {', '.join(sorted(w.name for w in folder.glob('*.whl')))}")
 
 
-def report_travel(carry: Path) -> int:
+def report_travel(carry: Path, run_folder: str | Path) -> int:
     """Bytes that would travel to the device (git's tracked and unignored files, plus the carry folder)."""
     try:
         listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
@@ -156,9 +156,12 @@ def report_travel(carry: Path) -> int:
     log(f"travel: {sum(sizes.values()) / 2**20:.1f} MiB of the working tree + {carried / 2**20:.1f} MiB carried = "
         f"{total / 2**20:.1f} MiB (limit {TRAVEL_LIMIT / 2**20:.0f} MiB)")
     if total > TRAVEL_LIMIT:
-        big = sorted(sizes.items(), key=lambda item: -item[1])[:4]
-        log("travel: OVER THE LIMIT; the largest files: " + ", ".join(f"{n} ({s / 2**20:.1f} MiB)" for n, s in big)
-            + "; untrack what the call does not need for the call (CONTRIBUTING.md)")
+        run = Path(run_folder).resolve().relative_to(ROOT).as_posix() + "/"
+        spare = [n for n in sizes if n.startswith("training/") and not n.startswith(run) and sizes[n] > 2**20]
+        after = total - sum(sizes[n] for n in spare)
+        log(f"travel: OVER THE LIMIT; other runs' training states are not needed by the call: leave them behind "
+            f"with `git rm -q --cached {' '.join(spare)}` ({after / 2**20:.1f} MiB would travel) and track them "
+            f"again after it with `git reset -q -- {' '.join(spare)}` (CONTRIBUTING.md)")
     return total
 
 
@@ -222,7 +225,8 @@ def session(args: argparse.Namespace) -> int:
     write_json(out / JSON_NAME, report)
     shutil.rmtree(work, ignore_errors=True)
     failed = [name for name, record in report["phases"].items() if record["exit_status"] != 0]
-    log(f"session done in {report['seconds']:.0f} s; " + (f"failed phases: {', '.join(failed)}" if failed else "all phases passed"))
+    outcome = f"failed phases: {', '.join(failed)}" if failed else "all phases passed"
+    log(f"session done in {report['seconds']:.0f} s; {outcome}")
     return 1 if failed else 0
 
 
@@ -319,7 +323,7 @@ def check_resume(args: argparse.Namespace) -> int:
     from equicsp_core.crystal import CrystalBatch
     from equicsp_core.hardware import resolve_device
     from equicsp_core.splits import load_rows, split_rows
-    from equicsp_core.train import _save_resume, build_training, restore_state
+    from equicsp_core.train import build_training
 
     config = load_run_config(args.preset, args.set)
     device = resolve_device(args.device)
@@ -330,20 +334,19 @@ def check_resume(args: argparse.Namespace) -> int:
     batch = CrystalBatch.collate(crystals)
 
     on_device = build_training(config, device)
-    restore_state(path, on_device.model, on_device.optimizer, on_device.scheduler, on_device.ema, on_device.generator)
+    on_device.restore(path)
     result["weights_equal_after_restore"] = all(
         torch.equal(value.cpu(), saved["model"][key]) for key, value in on_device.model.net.state_dict().items())
     generator_before = on_device.generator.get_state()
     terms = on_device.step(batch, config.train.precision, config.train.grad_clip_value)
     result["device_step_loss"] = None if terms is None else float(terms["loss"].detach())
     checked = Path(args.run).parent / "check-resume.pt"
-    _save_resume(checked, on_device.model, on_device.optimizer, on_device.scheduler, on_device.ema,
-                 on_device.generator, saved["progress"])
+    on_device.save(checked, saved["progress"])
     written = torch.load(checked, map_location=None, weights_only=True)
     result["saved_tensors_all_on_cpu"] = all(t.device.type == "cpu" for t in _tensors(written))
 
     on_cpu = build_training(config, "cpu")
-    restore_state(checked, on_cpu.model, on_cpu.optimizer, on_cpu.scheduler, on_cpu.ema, on_cpu.generator)
+    on_cpu.restore(checked)
     result["generator_round_trip"] = torch.equal(on_cpu.generator.get_state(), on_device.generator.get_state())
     result["weights_round_trip"] = all(torch.equal(value, on_device.model.net.state_dict()[key].cpu())
                                        for key, value in on_cpu.model.net.state_dict().items())
@@ -353,7 +356,7 @@ def check_resume(args: argparse.Namespace) -> int:
     # the same batch, the same generator state, on both devices: the same draws, so only arithmetic differs
     losses = {}
     for name, objects in (("cpu", build_training(config, "cpu")), ("device", build_training(config, device))):
-        restore_state(path, objects.model, objects.optimizer, objects.scheduler, objects.ema, objects.generator)
+        objects.restore(path)
         objects.generator.set_state(generator_before)
         with torch.no_grad():
             losses[name] = float(objects.model.loss(batch.to(next(objects.model.parameters()).device),
@@ -527,7 +530,8 @@ def _timed_result(model, numbers, counts, steps, precision, device):
     from equicsp_core.sampler import sample
 
     began = time.perf_counter()
-    result = sample(model, numbers, counts, steps=steps, generator=torch.Generator().manual_seed(0), precision=precision)
+    result = sample(model, numbers, counts, steps=steps, generator=torch.Generator().manual_seed(0),
+                    precision=precision)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return result, round(time.perf_counter() - began, 3)
@@ -576,7 +580,8 @@ def _one_call_difference(cpu_model, device_model, numbers, counts, device) -> di
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                     got = device_model.denoise(*moved, device_model.graph_for(moved[4]))
                 out[f"t{t}_{precision}"] = {
-                    head: float((getattr(got, head).float().cpu() - getattr(ref, head)).norm() / getattr(ref, head).norm())
+                    head: float((getattr(got, head).float().cpu() - getattr(ref, head)).norm()
+                                / getattr(ref, head).norm())
                     for head in ("lattice", "coord", "score") if getattr(ref, head) is not None}
     return out
 
@@ -632,13 +637,14 @@ def table(args: argparse.Namespace) -> int:
     phases = report.get("phases", {})
     bench_result = phases.get("bench", {}).get("result", {})
     where = bench_result.get("gpu") or bench_result.get("device", "?")
-    print(f"Sampling on {where} (torch {bench_result.get('torch', '?')}; {report['environment'].get('nvidia_smi', '')}); "
-          "noise drawn on the CPU unless stated\n")
+    machine = report["environment"].get("nvidia_smi", "")
+    print(f"Sampling on {where} (torch {bench_result.get('torch', '?')}; {machine}); noise drawn on the CPU unless "
+          "stated\n")
     print("| model | steps | precision | noise on | crystals | seconds | crystals/s | peak memory (MiB) | valid |")
     print("|---|---:|---|---|---:|---:|---:|---:|---:|")
     for r in bench_result.get("throughput", []):
-        print(f"| {r['model']} | {r['steps']} | {r['precision']} | {r['noise_on']} | {r['crystals']} | {r['seconds']} | "
-              f"{r['crystals_per_s']} | {r.get('peak_memory_mib', '-')} | {r['valid_fraction']:.1%} |")
+        print(f"| {r['model']} | {r['steps']} | {r['precision']} | {r['noise_on']} | {r['crystals']} | "
+              f"{r['seconds']} | {r['crystals_per_s']} | {r.get('peak_memory_mib', '-')} | {r['valid_fraction']:.1%} |")
     if bench_result.get("memory"):
         print("\n| model | precision | crystals | atoms | peak memory (MiB) |\n|---|---|---:|---:|---:|")
         for r in bench_result["memory"]:
@@ -651,7 +657,9 @@ def table(args: argparse.Namespace) -> int:
         for c in bench_result["same_seed_cpu_vs_device"]:
             for precision in ("fp32", "bf16"):
                 d = c[f"device_{precision}"]
-                cell = lambda key: f"{d[key].get('median', float('nan')):.2g} / {d[key].get('max', float('nan')):.2g}"  # noqa: E731
+                def cell(key: str, d: dict = d) -> str:
+                    return f"{d[key].get('median', float('nan')):.2g} / {d[key].get('max', float('nan')):.2g}"
+
                 print(f"| {c['model']} | {precision} | {c['crystals']} | {c['steps']} | {cell('frac')} | "
                       f"{cell('length_relative')} | {cell('angle_deg')} | {d['fraction_close']:.0%} | "
                       f"{c['cpu_fp32_seconds']} | {d['seconds']} |")
@@ -682,6 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="datasets whose report rows give the sampling checks' compositions")
     p.add_argument("--compositions", type=int, default=1000, help="compositions per dataset")
     p.add_argument("--no-wheels", dest="wheels", action="store_false", help="do not download the wheels")
+    p.add_argument("--run", default=str(ROOT / "training" / "mp_20-cpu"), help="the run folder the call continues")
     p.set_defaults(func=prepare)
 
     p = sub.add_parser("session", help="the device call (scripts/gpu_session.sh runs it)")
@@ -691,8 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="mp_20-cpu")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--minutes", type=float, default=8.0, help="training time at most (stops at the first epoch end after "
-                   "it); less where --budget-minutes leaves less after the other phases")
+    p.add_argument("--minutes", type=float, default=8.0, help="training time at most (stops at the first epoch end "
+                   "after it); less where --budget-minutes leaves less after the other phases")
     p.add_argument("--max-epochs", type=int, default=None, help="at most this many new epochs (0: restore only)")
     p.add_argument("--budget-minutes", type=float, default=9.5, help="the whole session; training shrinks to fit")
     p.add_argument("--bench-seconds", type=float, default=100.0, help="the sampling measurements' own budget")

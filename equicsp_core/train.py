@@ -10,7 +10,7 @@ A run lives in one folder::
 Every random draw (data order, t, noise, permutations) comes from seeded CPU generators whose state is in
 ``resume.pt``, so a run stopped at an epoch boundary and resumed continues bit for bit on the same device, and
 with the same random stream on another (``resume.pt`` holds CPU tensors only: a run saved on a CPU continues
-on a GPU and back, :func:`restore_state`).
+on a GPU and back, :meth:`TrainingObjects.restore`).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def train(
     settings = config.train
 
     run = build_training(config, torch_device, init_from)
-    model, optimizer, scheduler, ema, generator = run.model, run.optimizer, run.scheduler, run.ema, run.generator
+    model, optimizer, scheduler, ema = run.model, run.optimizer, run.scheduler, run.ema
     state: dict[str, Any] = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": None, "train_seconds": 0.0}
     if run.initialised_from is not None:
         state["initialised_from"] = run.initialised_from
@@ -136,7 +136,7 @@ def train(
     train_set = train_set[: settings.max_train_crystals]
     val_set = val_set[: settings.max_val_crystals]
     if resume:
-        state = restore_state(resume_path, model, optimizer, scheduler, ema, generator)
+        state = run.restore(resume_path)
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
         config_path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -187,7 +187,7 @@ def train(
         state["epoch"] = epoch + 1
         with open(out_dir / "metrics.jsonl", "a") as log:
             log.write(json.dumps(record) + "\n")
-        _save_resume(resume_path, model, optimizer, scheduler, ema, generator, state)
+        run.save(resume_path, state)
         if progress:
             tqdm.write(json.dumps(record))
         if max_minutes is not None and time.perf_counter() - started > 60 * max_minutes:
@@ -223,12 +223,48 @@ class TrainingObjects:
             self.ema.update_parameters(self.model.net)
         return terms
 
+    def save(self, path: Path, progress: dict[str, Any]) -> None:
+        """Write ``resume.pt`` atomically: weights, optimiser, scheduler, EMA, generator state and ``progress``, as
+        CPU tensors whatever the device (any machine can read and continue it)."""
+        saved = {"model": self.model.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
+                 "progress": progress}
+        if self.ema is not None:
+            saved["ema"] = self.ema.state_dict()
+        with atomic_path(path) as tmp:
+            torch.save(_on_cpu(saved), tmp)
+
+    def restore(self, path: Path) -> dict[str, Any]:
+        """Load a ``resume.pt`` into these freshly built objects; returns its progress record.
+
+        The file is read onto the CPU: the weights and the EMA are copied into the model and the average on
+        their device, the optimiser moves its moments to the parameters' device (its step counts stay on the
+        CPU, as a fresh Adam keeps them), and the generator is the run's CPU generator (:mod:`equicsp_core.rng`).
+        So a run saved on a CPU continues on a GPU and back.
+
+        Raises:
+            ValueError: the generator state is not a CPU generator's (a file written by a GPU run before the
+                generators moved to the CPU).
+        """
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        expected = self.generator.get_state()
+        if saved["generator"].dtype != expected.dtype or saved["generator"].shape != expected.shape:
+            raise ValueError(f"{path} holds the state of a {tuple(saved['generator'].shape)}-byte generator, not of "
+                             f"the CPU generator a run draws from ({tuple(expected.shape)} bytes)")
+        self.model.net.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(saved["ema"])
+        self.generator.set_state(saved["generator"])
+        return saved["progress"]
+
 
 def build_training(config: RunConfig, device: torch.device | str = "cpu",
                    init_from: str | Path | None = None) -> TrainingObjects:
     """The objects of a new run of ``config`` on ``device``: seeded initial weights (or those of ``init_from``,
     :func:`initial_state`), Adam, the scheduler, the EMA starting at the initial weights, the CPU generator.
-    A resumed run builds them so and then loads its ``resume.pt`` (:func:`restore_state`)."""
+    A resumed run builds them so and then loads its ``resume.pt`` (:meth:`TrainingObjects.restore`)."""
     settings = config.train
     torch.manual_seed(settings.seed)  # parameter initialisation
     model = CrystalDiffusion(config.denoiser, config.diffusion).to(torch.device(device))
@@ -240,39 +276,6 @@ def build_training(config: RunConfig, device: torch.device | str = "cpu",
     started = initial_state(init_from, model, optimizer) if init_from is not None else None
     ema = _averaged(model, settings.ema_decay)  # the average starts at the initial weights
     return TrainingObjects(model, optimizer, scheduler, ema, generator, started)
-
-
-def restore_state(
-    path: Path,
-    model: CrystalDiffusion,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
-    ema: AveragedModel | None,
-    generator: torch.Generator,
-) -> dict[str, Any]:
-    """Load a ``resume.pt`` into freshly built training objects; returns its progress record.
-
-    The file holds CPU tensors whatever device wrote it, and it is read onto the CPU: the weights and the
-    EMA are copied into ``model`` and ``ema`` on their device, the optimiser moves its moments to the
-    parameters' device (its step counts stay on the CPU, as a fresh Adam keeps them), and the generator is
-    the run's CPU generator (:mod:`equicsp_core.rng`). So a run saved on a CPU continues on a GPU and back.
-
-    Raises:
-        ValueError: the generator state is not a CPU generator's (a file written before generators moved
-            to the CPU by a run on a GPU).
-    """
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    expected = generator.get_state()
-    if saved["generator"].dtype != expected.dtype or saved["generator"].shape != expected.shape:
-        raise ValueError(f"{path} holds the state of a {tuple(saved['generator'].shape)}-byte generator, not of the "
-                         f"CPU generator a run draws from ({tuple(expected.shape)} bytes)")
-    model.net.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    if ema is not None:
-        ema.load_state_dict(saved["ema"])
-    generator.set_state(saved["generator"])
-    return saved["progress"]
 
 
 def _check_resumable(config: RunConfig, config_path: Path) -> None:
@@ -339,23 +342,6 @@ def _weights_of(model: CrystalDiffusion, ema: AveragedModel | None) -> Iterator[
         yield
     finally:
         model.net.load_state_dict(own)
-
-
-def _save_resume(
-    path: Path,
-    model: CrystalDiffusion,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
-    ema: AveragedModel | None,
-    generator: torch.Generator,
-    state: dict,
-) -> None:
-    saved = {"model": model.net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "generator": generator.get_state(), "progress": state}
-    if ema is not None:
-        saved["ema"] = ema.state_dict()
-    with atomic_path(path) as tmp:
-        torch.save(_on_cpu(saved), tmp)  # readable on any machine, whatever device trained
 
 
 def _on_cpu(value: Any) -> Any:

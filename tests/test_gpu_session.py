@@ -32,7 +32,7 @@ def test_draws_come_from_the_generator_device_and_land_on_the_computing_device()
 
 def test_resume_file_holds_cpu_tensors_and_refuses_a_foreign_generator_state(tmp_path):
     from equicsp_core.config import load_run_config
-    from equicsp_core.train import build_training, restore_state
+    from equicsp_core.train import build_training
 
     run = tmp_path / "run"
     assert main(["--quiet", "train", "--preset", "tiny", "--out", str(run), "--set", "train.epochs=1"]) == 0
@@ -44,8 +44,7 @@ def test_resume_file_holds_cpu_tensors_and_refuses_a_foreign_generator_state(tmp
     torch.save(saved, tmp_path / "foreign.pt")
     objects = build_training(load_run_config("tiny", []), "cpu")
     with pytest.raises(ValueError, match="16,\\)-byte generator"):
-        restore_state(tmp_path / "foreign.pt", objects.model, objects.optimizer, objects.scheduler, objects.ema,
-                      objects.generator)
+        objects.restore(tmp_path / "foreign.pt")
 
 
 def test_guard_refuses_what_the_device_machine_lacks():
