@@ -215,7 +215,10 @@ def session(args: argparse.Namespace) -> int:
     phase("train", train_command, 60 * minutes + TRAIN_OVERHEAD_SECONDS)
     lines = (run / "metrics.jsonl").read_text().splitlines()[epochs_before:]
     report["phases"]["train"]["new_epochs"] = [json.loads(line) for line in lines]
-    report["training"] = pack_run(run, out, start_sha, source)
+    if lines:
+        report["training"] = pack_run(run, out, start_sha, source)
+    else:
+        log("no new epoch: nothing of the training run is packed")
     write_json(out / JSON_NAME, report)
     phase("bench", me + ["bench", "--device", args.device, "--carry", str(carry), "--seconds", str(args.bench_seconds),
                          "--crystals", str(args.crystals), "--steps", args.steps, "--models", args.models,
