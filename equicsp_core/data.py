@@ -68,6 +68,13 @@ def _read_column(path: str, column: str, _mtime_ns: int, _size: int) -> tuple:
         raise ValueError(f"{path} has no {column!r} column") from error
 
 
+def cache_path(dataset: str, split: str, data_dir: str | os.PathLike | None = None, niggli: bool = True) -> Path:
+    """The cache file of one split's parsed crystals in ``$EQUICSP_CACHE_DIR`` (keyed by the split file's SHA-256
+    and :data:`PREPROCESSING_VERSION`). With the file there, :func:`load_split` imports no pymatgen."""
+    digest = file_sha256(split_path(dataset, split, data_dir))
+    return _cache_dir() / f"{dataset}_{split}_{digest[:16]}_v{PREPROCESSING_VERSION}_niggli{int(niggli)}.pt"
+
+
 def load_split(
     dataset: str,
     split: str,
@@ -77,8 +84,7 @@ def load_split(
 ) -> list[Crystal]:
     """Preprocessed crystals of one split (docs/method.md §1.5), from the cache when it is fresh."""
     path = split_path(dataset, split, data_dir)
-    digest = file_sha256(path)
-    cache = _cache_dir() / f"{dataset}_{split}_{digest[:16]}_v{PREPROCESSING_VERSION}_niggli{int(niggli)}.pt"
+    cache = cache_path(dataset, split, data_dir, niggli)
     if cache.is_file():
         try:
             return _unpack(torch.load(cache, weights_only=True))

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from equicsp_core import rng
 from equicsp_core.crystal import CrystalBatch
 from equicsp_core.lattice import (
     PERMUTATIONS,
@@ -144,7 +145,8 @@ class CrystalDiffusion(nn.Module):
     def loss(self, crystals: CrystalBatch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """One stochastic evaluation of the training loss (docs/method.md §6.1, §6.2).
 
-        All randomness (t, noise, permutations) comes from ``generator``, so a run is reproducible.
+        All randomness (t, noise, permutations) comes from ``generator``, so a run is reproducible; a CPU
+        generator draws the same numbers whatever device the batch is on (:mod:`equicsp_core.rng`).
 
         Returns:
             ``{"loss": total, ...}`` with the individual terms (detached) for logging.
@@ -159,9 +161,9 @@ class CrystalDiffusion(nn.Module):
         """Time steps ``(B,)``, lattice noise ``(B, *lattice_dims)`` and coordinate noise ``z`` ``(N, 3)``."""
         device, dtype = crystals.frac_coords.device, crystals.frac_coords.dtype
         num_crystals = crystals.num_crystals
-        t = torch.randint(1, self.config.num_steps + 1, (num_crystals,), generator=generator, device=device)
-        lattice_noise = torch.randn((num_crystals, *lattice_dims), generator=generator, device=device, dtype=dtype)
-        z = torch.randn(crystals.frac_coords.shape, generator=generator, device=device, dtype=dtype)
+        t = rng.randint(1, self.config.num_steps + 1, (num_crystals,), generator, device)
+        lattice_noise = rng.randn((num_crystals, *lattice_dims), generator, device, dtype)
+        z = rng.randn(crystals.frac_coords.shape, generator, device, dtype)
         return t, lattice_noise, z
 
     def _noisy_lattice(self, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -178,7 +180,7 @@ class CrystalDiffusion(nn.Module):
 
         terms: dict[str, torch.Tensor] = {}
         if self.config.lattice_perm == "regularised":
-            perm = torch.randint(1, len(PERMUTATIONS), (crystals.num_crystals,), generator=generator, device=t.device)
+            perm = rng.randint(1, len(PERMUTATIONS), (crystals.num_crystals,), generator, t.device)
             both = self.net(
                 crystals.atomic_numbers.repeat(2),
                 torch.cat([frac_t, permute_axes(frac_t, perm[batch])]),

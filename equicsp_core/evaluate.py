@@ -85,7 +85,7 @@ def evaluate(
 
     if symmetrise:
         model = symmetrised(model)
-    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on any device (equicsp_core.rng)
     started = time.perf_counter()
     predictions: list[list] = [[] for _ in rows]
     chunks = [(r, s) for r in range(num_samples) for s in range(0, len(selected), batch_size)]

@@ -102,8 +102,7 @@ def _sample_batches(
 ) -> Iterator[list[Candidate]]:
     """The sampling loop of :func:`predict_batches`; ``jobs`` are ``(formula, sample index, atomic numbers)``,
     ``sampler`` the keyword arguments of :func:`~equicsp_core.sampler.sample`."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on any device (equicsp_core.rng)
     batches = math.ceil(len(jobs) / batch_size)
     for number, start in enumerate(range(0, len(jobs), batch_size), start=1):
         chunk = jobs[start:start + batch_size]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from equicsp_core import rng
 from equicsp_core.crystal import Crystal, CrystalBatch
 from equicsp_core.diffusion import CrystalDiffusion
 from equicsp_core.lattice import LOG_LENGTH_BOUND, equicsp_to_lattice, parameters_from_lattice
@@ -96,7 +97,9 @@ def sample(
         num_atoms: ``(B,)`` atoms per crystal.
         steps: number of predictor–corrector steps (default: T, the papers' sampler).
         step_lr: Langevin step scale γ.
-        generator: source of all randomness (same seed ⇒ same samples).
+        generator: source of all randomness (same seed ⇒ same samples); a CPU generator gives the same noise on
+            any device, so a GPU run differs from a CPU run of the same seed only by arithmetic
+            (:mod:`equicsp_core.rng`).
         lattice_bound: clamp the lattice's predicted clean value x̂₀ to ±bound in the DDPM step (ours, see
             :func:`_lattice_step`); ``None`` takes :data:`LATTICE_X0_BOUND` of the model's mode,
             ``math.inf`` gives the papers' unclamped update.
@@ -125,9 +128,9 @@ def sample(
     grid = time_grid(total if steps is None else steps, total, grid_power) + [0]
     batch = torch.repeat_interleave(torch.arange(num_atoms.shape[0], device=device), num_atoms)
     graph = model.graph_for(num_atoms)
-    randn = lambda shape: torch.randn(shape, generator=generator, device=device, dtype=dtype)  # noqa: E731
+    randn = lambda shape: rng.randn(shape, generator, device, dtype)  # noqa: E731
 
-    frac = torch.rand((atomic_numbers.shape[0], 3), generator=generator, device=device, dtype=dtype)
+    frac = rng.rand((atomic_numbers.shape[0], 3), generator, device, dtype)
     lattice_shape = (num_atoms.shape[0], 6) if model.mode == "equicsp" else (num_atoms.shape[0], 3, 3)
     lattice = randn(lattice_shape)
     sigmas, alpha_bars = schedules.sigmas, schedules.alphas_cumprod

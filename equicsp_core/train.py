@@ -7,8 +7,10 @@ A run lives in one folder::
     resume.pt       model + optimiser + scheduler + generator state + epoch, overwritten each epoch
     best.pt         weights-only checkpoint with model card, best validation loss so far
 
-Every random draw (data order, t, noise, permutations) comes from seeded generators whose state is in
-``resume.pt``, so a run stopped at an epoch boundary and resumed continues bit for bit.
+Every random draw (data order, t, noise, permutations) comes from seeded CPU generators whose state is in
+``resume.pt``, so a run stopped at an epoch boundary and resumed continues bit for bit on the same device, and
+with the same random stream on another (``resume.pt`` holds CPU tensors only: a run saved on a CPU continues
+on a GPU and back, :meth:`TrainingObjects.restore`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import math
 import platform
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +76,7 @@ def validation_loss(
     precision: str = "fp32",
 ) -> float:
     """Mean training loss on ``crystals`` with a fixed seed, so values are comparable across epochs."""
-    generator = torch.Generator(device).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on any device (equicsp_core.rng)
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad(), _autocast(device, precision):
@@ -124,29 +127,16 @@ def train(
     torch_device = torch.device(device)
     settings = config.train
 
-    torch.manual_seed(settings.seed)  # parameter initialisation
-    model = CrystalDiffusion(config.denoiser, config.diffusion).to(torch_device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, factor=settings.lr_factor, patience=settings.lr_patience, min_lr=settings.min_lr
-    )
-    generator = torch.Generator(torch_device).manual_seed(settings.seed)
+    run = build_training(config, torch_device, init_from)
+    model, optimizer, scheduler, ema = run.model, run.optimizer, run.scheduler, run.ema
     state: dict[str, Any] = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": None, "train_seconds": 0.0}
-    if init_from is not None:
-        state["initialised_from"] = initial_state(init_from, model, optimizer, torch_device)
-    ema = _averaged(model, settings.ema_decay)  # the average starts at the initial weights
+    if run.initialised_from is not None:
+        state["initialised_from"] = run.initialised_from
     train_set, val_set, provenance = training_splits(config.dataset, data_dir, progress)
     train_set = train_set[: settings.max_train_crystals]
     val_set = val_set[: settings.max_val_crystals]
     if resume:
-        saved_state = torch.load(resume_path, map_location=torch_device, weights_only=True)
-        model.net.load_state_dict(saved_state["model"])
-        optimizer.load_state_dict(saved_state["optimizer"])
-        scheduler.load_state_dict(saved_state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(saved_state["ema"])
-        generator.set_state(saved_state["generator"].cpu())
-        state = saved_state["progress"]
+        state = run.restore(resume_path)
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
         config_path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -161,17 +151,10 @@ def train(
         bar = tqdm(list(_batches(train_set, settings.batch_size, order.tolist())), desc=f"epoch {epoch + 1}/{settings.epochs}",
                    disable=not progress, leave=False, unit="batch")
         for batch in bar:
-            with _autocast(torch_device, settings.precision):
-                terms = model.loss(batch.to(torch_device), generator)
-            if not torch.isfinite(terms["loss"]):
+            terms = run.step(batch, settings.precision, settings.grad_clip_value)
+            if terms is None:
                 skipped += 1  # as the official code: a NaN loss skips the step
                 continue
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            torch.nn.utils.clip_grad_value_(model.parameters(), settings.grad_clip_value)
-            optimizer.step()
-            if ema is not None:
-                ema.update_parameters(model.net)
             steps += 1
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
@@ -204,12 +187,95 @@ def train(
         state["epoch"] = epoch + 1
         with open(out_dir / "metrics.jsonl", "a") as log:
             log.write(json.dumps(record) + "\n")
-        _save_resume(resume_path, model, optimizer, scheduler, ema, generator, state)
+        run.save(resume_path, state)
         if progress:
             tqdm.write(json.dumps(record))
         if max_minutes is not None and time.perf_counter() - started > 60 * max_minutes:
             break
     return {"out_dir": str(out_dir), **state}
+
+
+@dataclass
+class TrainingObjects:
+    """What a training run updates: the model (on its device), Adam, the plateau scheduler, the EMA of the
+    weights (or None) and the run's CPU generator; ``initialised_from`` as :func:`initial_state` returns it."""
+
+    model: CrystalDiffusion
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    ema: AveragedModel | None
+    generator: torch.Generator
+    initialised_from: dict[str, Any] | None = None
+
+    def step(self, batch: CrystalBatch, precision: str, grad_clip_value: float) -> dict[str, torch.Tensor] | None:
+        """One optimiser step on ``batch`` (moved to the model's device); the loss terms, or None when the loss
+        was not finite and the step was skipped."""
+        device = next(self.model.parameters()).device
+        with _autocast(device, precision):
+            terms = self.model.loss(batch.to(device), self.generator)
+        if not torch.isfinite(terms["loss"]):
+            return None
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        torch.nn.utils.clip_grad_value_(self.model.parameters(), grad_clip_value)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model.net)
+        return terms
+
+    def save(self, path: Path, progress: dict[str, Any]) -> None:
+        """Write ``resume.pt`` atomically: weights, optimiser, scheduler, EMA, generator state and ``progress``, as
+        CPU tensors whatever the device (any machine can read and continue it)."""
+        saved = {"model": self.model.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
+                 "progress": progress}
+        if self.ema is not None:
+            saved["ema"] = self.ema.state_dict()
+        with atomic_path(path) as tmp:
+            torch.save(_on_cpu(saved), tmp)
+
+    def restore(self, path: Path) -> dict[str, Any]:
+        """Load a ``resume.pt`` into these freshly built objects; returns its progress record.
+
+        The file is read onto the CPU: the weights and the EMA are copied into the model and the average on
+        their device, the optimiser moves its moments to the parameters' device (its step counts stay on the
+        CPU, as a fresh Adam keeps them), and the generator is the run's CPU generator (:mod:`equicsp_core.rng`).
+        So a run saved on a CPU continues on a GPU and back.
+
+        Raises:
+            ValueError: the generator state is not a CPU generator's (a file written by a GPU run before the
+                generators moved to the CPU).
+        """
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        expected = self.generator.get_state()
+        if saved["generator"].dtype != expected.dtype or saved["generator"].shape != expected.shape:
+            raise ValueError(f"{path} holds the state of a {tuple(saved['generator'].shape)}-byte generator, not of "
+                             f"the CPU generator a run draws from ({tuple(expected.shape)} bytes)")
+        self.model.net.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(saved["ema"])
+        self.generator.set_state(saved["generator"])
+        return saved["progress"]
+
+
+def build_training(config: RunConfig, device: torch.device | str = "cpu",
+                   init_from: str | Path | None = None) -> TrainingObjects:
+    """The objects of a new run of ``config`` on ``device``: seeded initial weights (or those of ``init_from``,
+    :func:`initial_state`), Adam, the scheduler, the EMA starting at the initial weights, the CPU generator.
+    A resumed run builds them so and then loads its ``resume.pt`` (:meth:`TrainingObjects.restore`)."""
+    settings = config.train
+    torch.manual_seed(settings.seed)  # parameter initialisation
+    model = CrystalDiffusion(config.denoiser, config.diffusion).to(torch.device(device))
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, factor=settings.lr_factor, patience=settings.lr_patience, min_lr=settings.min_lr
+    )
+    generator = torch.Generator().manual_seed(settings.seed)  # on the CPU whatever the device (equicsp_core.rng)
+    started = initial_state(init_from, model, optimizer) if init_from is not None else None
+    ema = _averaged(model, settings.ema_decay)  # the average starts at the initial weights
+    return TrainingObjects(model, optimizer, scheduler, ema, generator, started)
 
 
 def _check_resumable(config: RunConfig, config_path: Path) -> None:
@@ -225,8 +291,7 @@ def _check_resumable(config: RunConfig, config_path: Path) -> None:
         raise ValueError(f"the config differs from the run in {config_path.parent}; only train.epochs may change on resume")
 
 
-def initial_state(source: str | Path, model: CrystalDiffusion, optimizer: torch.optim.Optimizer,
-                  device: torch.device) -> dict[str, Any]:
+def initial_state(source: str | Path, model: CrystalDiffusion, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Start from trained weights: a checkpoint (name or path), or a run folder's ``resume.pt``.
 
     From a run folder the optimiser's moments come along too, so training continues without Adam's
@@ -238,7 +303,7 @@ def initial_state(source: str | Path, model: CrystalDiffusion, optimizer: torch.
         path = folder / "resume.pt"
         if not path.is_file():
             raise FileNotFoundError(f"--init-from {source}: {path} does not exist")
-        saved = torch.load(path, map_location=device, weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # Adam's moments follow the parameters
         weights, epoch = saved["model"], saved["progress"]["epoch"]
         optimizer_state = saved["optimizer"]
         saved_config = yaml.safe_load((folder / "config.yaml").read_text())["denoiser"]
@@ -279,21 +344,15 @@ def _weights_of(model: CrystalDiffusion, ema: AveragedModel | None) -> Iterator[
         model.net.load_state_dict(own)
 
 
-def _save_resume(
-    path: Path,
-    model: CrystalDiffusion,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
-    ema: AveragedModel | None,
-    generator: torch.Generator,
-    state: dict,
-) -> None:
-    saved = {"model": model.net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "generator": generator.get_state(), "progress": state}
-    if ema is not None:
-        saved["ema"] = ema.state_dict()
-    with atomic_path(path) as tmp:
-        torch.save(saved, tmp)
+def _on_cpu(value: Any) -> Any:
+    """``value`` with every tensor inside dicts, lists and tuples moved to the CPU (CPU tensors are not copied)."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(item) for item in value)
+    return value
 
 
 def cpu_model() -> str:
@@ -307,6 +366,15 @@ def cpu_model() -> str:
     return platform.machine()
 
 
+def _device_description(device: torch.device) -> str:
+    """``cuda:0 (NVIDIA H200)``, ``cpu (<model>, N threads)``: where a model was trained, for its card."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
+    return str(device)
+
+
 def _card(config: RunConfig, provenance: dict, state: dict, device: torch.device) -> dict[str, Any]:
     return {
         "dataset": config.dataset,
@@ -316,7 +384,7 @@ def _card(config: RunConfig, provenance: dict, state: dict, device: torch.device
         "val_loss": state["best_val_loss"],
         "train_seconds": round(state["train_seconds"], 1),
         **({"initialised_from": state["initialised_from"]} if "initialised_from" in state else {}),
-        "device": str(device) if device.type != "cpu" else f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)",
+        "device": _device_description(device),
         "torch": str(torch.__version__),
         "equicsp": equicsp_core.__version__,
         "date": dt.date.today().isoformat(),

@@ -211,7 +211,7 @@ def test_init_from_run_folder_loads_its_weights_and_optimiser(tmp_path):
     config = load_run_config("tiny", ["train.lr=0.0005"])
     model = CrystalDiffusion(config.denoiser, config.diffusion)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
-    started = initial_state(source, model, optimizer, torch.device("cpu"))
+    started = initial_state(source, model, optimizer)
     assert started == {"source": str(source), "epoch": 1, "optimizer": True}
     saved = torch.load(source / "resume.pt", weights_only=True)
     for key, value in model.net.state_dict().items():
