@@ -24,7 +24,7 @@ def results(entries, run_info=RUN_INFO, stderr="") -> dict[str, str]:
     samples, files = [], {"equicsp.err": stderr, "equicsp.out": ""}
     for formula, sample, valid, units in entries:
         name = f"{formula}_{sample:03d}.cif" if valid else None
-        cell = "".join(f"{element}{'' if count * units == 1 else count * units}"
+        cell = "".join(f"{element}{'' if count * units == 1 else int(count * units)}"
                        for element, count in Composition(formula).as_dict().items())
         samples.append({"formula": formula, "sample": sample, "formula_units": units, "cell_formula": cell,
                         "valid": valid, "file": name})
