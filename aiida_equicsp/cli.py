@@ -130,7 +130,7 @@ def _read_overrides(path: str | None) -> dict[str, Any]:
 @options.CODE(required=True, help="the code of the `equicsp` program: label, LABEL@COMPUTER, pk or UUID")
 @click.option("--model", "model_name", required=True, help="a checkpoint file or the name of a shipped checkpoint")
 @click.option("--formula", "formulas", multiple=True, required=True, callback=_check_formulas,
-              help="cell contents, e.g. SrTiO3 (repeatable)")
+              help=f"{SampleSettings.model_fields['formulas'].description} (repeatable)")
 @click.option("--num-samples", type=click.IntRange(min=1), default=None,
               help="candidates per formula (default: that of `equicsp sample`)")
 @_protocol_option(EquiCSPSampleBaseWorkChain)
