@@ -166,7 +166,8 @@ def winners_dataframe(group: CampaignGroup):
     """The winners of a campaign as a pandas DataFrame, one row per composition (:func:`lowest_energy_per_formula`)."""
     import pandas as pd
 
-    columns = ["composition", "reduced_formula", "formula_units", "cell_formula", "level", "energy_per_atom", "ml_energy_per_atom",
+    columns = ["composition", "reduced_formula", "formula_units", "cell_formula", "level", "energy_per_atom",
+               "ml_energy_per_atom",
                "dft_energy_per_atom", "space_group", "label", "structure_pk", "structure_uuid", "workchain_pk"]
     records = []
     for composition, winner in lowest_energy_per_formula(group).items():

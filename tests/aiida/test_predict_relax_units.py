@@ -237,7 +237,8 @@ def test_tabulate_ranking_before_any_relaxation(candidates, sampled):
 
 
 def test_invalid_samples_are_grouped_by_reduced_composition():
-    """An invalid SrTiO3 sample at Z = 2 (cell Sr2Ti2O6) sits among the SrTiO3 rows, not under its own formula (which sorts before SrO)."""
+    """An invalid SrTiO3 sample at Z = 2 (cell Sr2Ti2O6) sits among the SrTiO3 rows, not under its cell formula
+    (which sorts before SrO)."""
     structures = {"SrO_000": node(Structure(Lattice.cubic(3.0), ["Sr", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])),
                   "SrTiO3_000": node(perovskite())}
     candidates = orm.Dict({"candidates": [{"formula": "SrTiO3", "sample": 3, "formula_units": 2,
