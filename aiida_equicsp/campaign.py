@@ -8,6 +8,10 @@ A campaign is a :class:`CampaignGroup` (entry point ``equicsp.campaign`` of ``ai
   so a submitter stopped before it submitted everything picks up where it left off;
 - the submitted work chains as members, each with its composition in the extra ``equicsp_composition``.
 
+A composition written reduced (``ZnO``) is sampled at every cell size Z its model supports, one written with
+Z > 1 (``Zn2O2``) as that cell only (:func:`equicsp_core.domain.sampling_cells`): two different requests, both
+allowed in one campaign. The winners' rows carry their Z (``formula_units``, :mod:`aiida_equicsp.queries`).
+
 Why a submitter, not a parent work chain
     :func:`submit_campaign` is one pass of a submitter (the pattern of aiida-submission-controller): it looks at
     the group, submits the compositions not yet present while fewer than ``max_concurrent`` of its work chains
@@ -188,7 +192,8 @@ class SubmissionReport:
 
 
 def composition_key(formula: str) -> tuple[int, ...]:
-    """The cell contents of a formula as sorted atomic numbers: ``TiSrO3`` and ``SrTiO3`` are one composition.
+    """The cell contents of a formula as sorted atomic numbers: ``TiSrO3`` and ``SrTiO3`` are one composition,
+    ``SrTiO3`` (a Z search) and ``Sr2Ti2O6`` (one cell) two.
 
     Raises:
         ValueError: naming the formula, when ``equicsp_core.settings.parse_formula`` refuses it.

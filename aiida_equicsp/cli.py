@@ -57,7 +57,7 @@ def _protocol_option(workchain: type[EquiCSPSampleBaseWorkChain | EquiCSPPredict
                         help=f"{workchain.__name__}'s protocol (default: {workchain.get_default_protocol()})")
 
 #: Columns of the ``results`` table.
-RESULT_COLUMNS = ("formula", "sample", "valid", "structure pk", "stored formula", "volume (Å³)")
+RESULT_COLUMNS = ("formula", "sample", "Z", "cell", "valid", "structure pk", "stored formula", "volume (Å³)")
 
 
 def _load_profile(_: click.Context, __: click.Parameter, profile: Any) -> None:
@@ -130,7 +130,7 @@ def _read_overrides(path: str | None) -> dict[str, Any]:
 @options.CODE(required=True, help="the code of the `equicsp` program: label, LABEL@COMPUTER, pk or UUID")
 @click.option("--model", "model_name", required=True, help="a checkpoint file or the name of a shipped checkpoint")
 @click.option("--formula", "formulas", multiple=True, required=True, callback=_check_formulas,
-              help="cell contents, e.g. SrTiO3 (repeatable)")
+              help=f"{SampleSettings.model_fields['formulas'].description} (repeatable)")
 @click.option("--num-samples", type=click.IntRange(min=1), default=None,
               help="candidates per formula (default: that of `equicsp sample`)")
 @_protocol_option(EquiCSPSampleBaseWorkChain)
@@ -199,7 +199,8 @@ def _result_rows(node: orm.ProcessNode) -> list[tuple[str, ...]]:
     """One row of :data:`RESULT_COLUMNS` per candidate of a sampling run's ``candidates`` output."""
     rows = []
     for candidate in node.outputs.candidates["candidates"]:
-        row = [candidate["formula"], str(candidate["sample"]), "yes" if candidate["valid"] else "no"]
+        row = [candidate["formula"], str(candidate["sample"]), str(candidate["formula_units"]),
+               candidate["cell_formula"], "yes" if candidate["valid"] else "no"]
         if candidate["valid"]:
             structure = node.outputs.structures[candidate["link_label"]]
             row += [str(structure.pk), structure.get_formula(mode="count"), f"{structure.get_cell_volume():.2f}"]
@@ -221,7 +222,7 @@ def results(node: orm.ProcessNode) -> None:
     widths = [max(len(text) for text in column) for column in zip(RESULT_COLUMNS, *rows, strict=True)]
     for row in (RESULT_COLUMNS, *rows):
         click.echo("  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)).rstrip())
-    valid = sum(row[2] == "yes" for row in rows)
+    valid = sum(row[RESULT_COLUMNS.index("valid")] == "yes" for row in rows)
     click.echo(f"{len(rows)} candidates, {valid} valid ({node.process_label}<{pk}>)")
 
 

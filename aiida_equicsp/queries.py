@@ -166,13 +166,15 @@ def winners_dataframe(group: CampaignGroup):
     """The winners of a campaign as a pandas DataFrame, one row per composition (:func:`lowest_energy_per_formula`)."""
     import pandas as pd
 
-    columns = ["composition", "reduced_formula", "level", "energy_per_atom", "ml_energy_per_atom",
+    columns = ["composition", "reduced_formula", "formula_units", "cell_formula", "level", "energy_per_atom",
+               "ml_energy_per_atom",
                "dft_energy_per_atom", "space_group", "label", "structure_pk", "structure_uuid", "workchain_pk"]
     records = []
     for composition, winner in lowest_energy_per_formula(group).items():
         row = winner.row
         records.append({
-            "composition": composition, "reduced_formula": row.get("reduced_formula"), "level": winner.level,
+            "composition": composition, "reduced_formula": row.get("reduced_formula"),
+            "formula_units": row.get("formula_units"), "cell_formula": row.get("formula"), "level": winner.level,
             "energy_per_atom": winner.energy_per_atom, "ml_energy_per_atom": row.get("ml_energy_per_atom"),
             "dft_energy_per_atom": row.get("dft_energy_per_atom"),
             "space_group": row.get(f"space_group_{winner.level}"), "label": row["label"],
@@ -185,7 +187,8 @@ def winners_dataframe(group: CampaignGroup):
 def export_winners(group: CampaignGroup, folder: str | Path, fmt: str = "cif") -> list[Path]:
     """Write each winner's structure to ``folder/<composition>.<cif|xyz>``; returns the paths written.
 
-    ``extxyz`` files carry the composition, level, energy per atom and node UUIDs in their comment line.
+    ``extxyz`` files carry the composition, Z (``formula_units``), level, energy per atom and node UUIDs in their
+    comment line.
 
     Raises:
         ValueError: for an unknown format.
@@ -203,7 +206,8 @@ def export_winners(group: CampaignGroup, folder: str | Path, fmt: str = "cif") -
             from ase.io import write
 
             atoms = winner.structure.get_ase()
-            atoms.info.update(composition=composition, level=winner.level, energy_per_atom=winner.energy_per_atom,
+            atoms.info.update(composition=composition, formula_units=winner.row.get("formula_units"),
+                              level=winner.level, energy_per_atom=winner.energy_per_atom,
                               structure_uuid=winner.structure.uuid, workchain_uuid=winner.workchain.uuid)
             write(path, atoms, format="extxyz")
         paths.append(path)

@@ -26,9 +26,14 @@ terminal (never with ``--quiet``); elsewhere (a batch job's log) progress is a l
 checkpoint, the potential, the device: :class:`equicsp_core.runfolder.Failure`) and the error line, for
 programs that run ``equicsp`` (the AiiDA parsers), so that they never read the message's words.
 
+``equicsp sample`` samples a reduced formula (``ZnO``, ``SrTiO3``) at every cell size Z = 1..Zmax the model's
+training domain holds (``--max-formula-units`` caps Zmax; 1: the written cell only), the candidates spread over
+Z; a formula written with Z > 1 (``Zn2O2``) is that cell only (:mod:`equicsp_core.domain`). Each entry of
+``index.json`` names its Z (``formula_units``) and its cell (``cell_formula``).
+
 ``equicsp sample`` takes its settings either from flags or from ``--input FILE``, a YAML mapping with the
-keys of :class:`equicsp_core.settings.SampleSettings` (``formulas`` (a list), ``num_samples``, ``steps``
-(null: the model's T), ``step_lr``, ``lattice_bound``, ``seed``, ``batch_size``, ``device``, ``threads``,
+keys of :class:`equicsp_core.settings.SampleSettings` (``formulas`` (a list), ``num_samples``,
+``max_formula_units``, ``steps`` (null: the model's T), ``step_lr``, ``lattice_bound``, ``seed``, ``batch_size``, ``device``, ``threads``,
 ``allow_outside_domain``), never both; the flags are derived from the same model (``threads``: the global
 ``--threads``). It writes its output folder (which must be new or empty) batch by batch, as
 :mod:`equicsp_core.runfolder` describes: after each batch, the batch's CIF files, then ``index.json``,
@@ -206,8 +211,8 @@ def _save_batch(out: Path, batch: list[Candidate], header: dict[str, Any], entri
     """Write a finished batch's CIF files, then ``index.json`` listing it after ``entries`` (extended in place)."""
     out.mkdir(parents=True, exist_ok=True)
     for cand in batch:
-        entry = {"formula": cand.formula, "sample": cand.sample_index, "valid": cand.structure is not None,
-                 "file": None}
+        entry = {"formula": cand.formula, "sample": cand.sample_index, "formula_units": cand.formula_units,
+                 "cell_formula": cand.cell_formula, "valid": cand.structure is not None, "file": None}
         if cand.structure is not None:
             name = runfolder.sample_file_name(cand.formula, cand.sample_index)
             cand.structure.to(filename=str(out / name))
@@ -241,7 +246,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     requested = len(settings.formulas) * settings.num_samples
     header = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": checkpoint_sha256, "steps": settings.steps,
               "seed": settings.seed, "step_lr": settings.step_lr, "formulas": list(settings.formulas),
-              "num_samples": settings.num_samples, "requested": requested}
+              "num_samples": settings.num_samples, "max_formula_units": settings.max_formula_units,
+              "requested": requested}
     entries: list[dict[str, Any]] = []
     for batch in batches:
         _save_batch(out, batch, header, entries)

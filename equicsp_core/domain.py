@@ -13,6 +13,15 @@ Two different limits:
 held for this project (perov_5: train, val and test; the others: val and test, the splits the shipped models
 were trained and tested on). A model of a dataset not listed here has no domain check.
 
+Formula units
+    A formula written reduced (``GaAs``, ``ZnO``, ``SrTiO3``: the gcd of its counts is 1) asks for a
+    composition, not a cell: :func:`sampling_cells` gives it every cell size Z = 1..Zmax, Zmax the largest Z
+    whose cell fits the training domain's largest cell (:func:`max_cell_atoms`; for a model with no known
+    domain, the hard limit of its mode), capped by the sampling setting ``max_formula_units``. A formula
+    written with gcd > 1 (``Zn2O2``) is an explicit cell: Z is its gcd, and it means exactly that cell.
+    ``allow_outside_domain`` keeps its meaning, per cell: a formula whose smallest cell is beyond the
+    domain is sampled at Z = 1 (as written) instead of refused; the Z search itself never leaves the domain.
+
 Torch-free: the AiiDA daemon checks a sampling request with it.
 """
 
@@ -21,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from equicsp_core.settings import FormulaError
+from equicsp_core.settings import FormulaError, SampleSettings, formula_units
 
 #: Largest crystal the von Mises normalisation tables cover (the largest in the CSP benchmarks: mpts_52).
 MAX_TABLE_ATOMS = 52
@@ -65,6 +74,47 @@ def training_domain(dataset: str | None) -> TrainingDomain | None:
     if dataset not in TRAINING_DOMAINS:
         return None
     return _domain(*TRAINING_DOMAINS[dataset])
+
+
+def max_cell_atoms(mode: str, dataset: str | None) -> int:
+    """Largest cell (atoms) of the Z search of a reduced formula: the training domain's largest cell, else the
+    mode's hard limit, else (a mode without one and no known domain) :data:`MAX_TABLE_ATOMS`, the largest cell
+    of the CSP benchmarks."""
+    domain, hard = training_domain(dataset), max_atoms_for_mode(mode)
+    if domain is not None:
+        return domain.max_atoms if hard is None else min(domain.max_atoms, hard)
+    return MAX_TABLE_ATOMS if hard is None else hard
+
+
+def sampling_cells(settings: SampleSettings, mode: str, dataset: str | None) -> dict[str, list[tuple[int, ...]]]:
+    """The cells to sample for each formula of ``settings``, as atomic numbers, in order of Z.
+
+    A reduced formula (Z = 1 as written) gets Z = 1..Zmax (see the module docstring), each cell's atoms
+    grouped by element (``SrTiO3`` at Z = 2: Sr Sr Ti Ti O O O O O O); an explicit cell (Z > 1) only
+    itself. Every cell is checked by :func:`check_cells` (hard limit, elements of the training domain).
+
+    Raises:
+        FormulaError: naming the formula, when the model supports none of its cells.
+    """
+    cells: dict[str, list[tuple[int, ...]]] = {}
+    limit = max_cell_atoms(mode, dataset)
+    for formula, written in settings.cells.items():
+        # the written cell: the hard limit, the domain's elements, and its size unless allow_outside_domain
+        check_cells({formula: written}, mode, dataset, settings.allow_outside_domain)
+        if formula_units(written) > 1:
+            cells[formula] = [written]
+            continue
+        largest = limit // len(written)
+        if settings.max_formula_units is not None:
+            largest = min(largest, settings.max_formula_units)
+        if largest == 0:  # the smallest cell is beyond the search's limit: only an insisted-on domain cell goes
+            if training_domain(dataset) is None:
+                raise FormulaError(f"formula {formula!r} has {len(written)} atoms in its smallest cell; the model "
+                                   f"supports cells of at most {limit} atoms")
+            largest = 1
+        cells[formula] = [tuple(z for z in dict.fromkeys(written) for _ in range(written.count(z) * units))
+                          for units in range(1, largest + 1)]
+    return cells
 
 
 def check_cells(cells: Mapping[str, Iterable[int]], mode: str, dataset: str | None, allow_outside_domain: bool) -> None:

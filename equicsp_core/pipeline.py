@@ -2,18 +2,21 @@
 
 ::
 
-    sampled candidates ─ screen ─► survivors ─ ML relax ─► rank ─► winners ─ (phonons) ─ symmetrise ─ DFT ─┐
-                         │                                 │                                               │
-                         └───────────────── table_rows: one row per sampled candidate ◄────────────────────┘
+    sampled candidates ─ screen ─► plausible ─ ML relax ─► merge + rank ─► winners ─ (phonons) ─ symmetrise ─ DFT ─┐
+                         │                                 │                                                       │
+                         └───────────────────── table_rows: one row per sampled candidate ◄────────────────────────┘
 
 The AiiDA work chain (``aiida_equicsp.workchains.predict_relax``) wraps these functions in calcfunctions, the
 jobflow Makers (``equicsp_jobflow``) in jobs; both hand them pymatgen structures and plain dicts, so both
 routes produce the same table from the same candidates. Relaxing and DFT are the routes' own (a CalcJob, a
 job); :func:`equicsp_core.relax.relax_structures` and :func:`equicsp_core.screening.symmetrized` do the work.
 
-Candidates are named by :func:`candidate_label` (``SrTiO3_000``) and compared and ranked within their reduced
-composition (``SrTiO3`` and ``Sr2Ti2O6`` compete, ``SrTiO3`` and ``CaTiO3`` do not). A candidate whose
-relaxation fails, at either level, stays in the table with its status and does not stop the others.
+Candidates are named by :func:`candidate_label` (``SrTiO3_000``: the requested formula's prefix and the sample
+index) and compared and ranked within their reduced composition (``SrTiO3`` and ``Sr2Ti2O6``, cells of Z = 1
+and 2, compete, ``SrTiO3`` and ``CaTiO3`` do not). Screening drops only implausible cells; every plausible
+candidate is relaxed, and duplicates are merged after relaxation (two distortions of one parent may relax to
+two minima, or to one). A candidate whose relaxation fails, at either level, stays in the table with its
+status and does not stop the others.
 
 Units: energies per atom in eV/atom, lengths in Å, volume changes as final/initial - 1.
 """
@@ -25,14 +28,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from equicsp_core.screening import (
-    UNRELAXED_MATCH_TOLERANCES,
-    displacement,
-    duplicate_of,
-    implausibility,
-    space_group,
-)
-from equicsp_core.settings import ScreenSettings
+from equicsp_core.screening import displacement, group_duplicates, implausibility, space_group
+from equicsp_core.settings import ScreenSettings, formula_of, formula_units
 
 if TYPE_CHECKING:
     from pymatgen.core import Structure
@@ -41,7 +38,7 @@ if TYPE_CHECKING:
 STATUSES = {
     "invalid_sample": "the sampler produced no valid crystal",
     "implausible": "dropped before relaxation (atoms too close, absurd volume)",
-    "duplicate": "same structure as a better candidate (StructureMatcher)",
+    "duplicate": "relaxed into the structure of a lower-energy candidate (StructureMatcher, after relaxation)",
     "ml_failed": "the ML relaxation failed",
     "ml_relaxed": "ML-relaxed (converged or stopped at the step cap: see ml_converged)",
     "dft_failed": "the DFT relaxation failed",
@@ -49,7 +46,8 @@ STATUSES = {
 }
 
 #: Columns of a ranking row, every row having all of them (``None`` where a level was not reached).
-ROW_COLUMNS = ("label", "formula", "reduced_formula", "sample", "status", "reason", "space_group_sampled",
+ROW_COLUMNS = ("label", "formula", "reduced_formula", "formula_units", "sample", "status", "reason", "members",
+               "space_group_sampled",
                "ml_energy_per_atom", "ml_converged", "ml_rank", "space_group_ml", "ml_rms_displacement",
                "ml_volume_change", "ml_imaginary_modes", "ml_min_frequency_thz", "dft_energy_per_atom",
                "space_group_dft", "dft_rms_displacement", "dft_volume_change")
@@ -90,8 +88,7 @@ def candidate_label(prefix: str, sample: int) -> str:
 
 def cell_formula(structure: Structure) -> str:
     """The cell's contents as written in a request: ``Sr2Ti2O6``, not pymatgen's ``Sr2 Ti2 O6``."""
-    return "".join(f"{element}{'' if amount == 1 else int(amount)}"
-                   for element, amount in structure.composition.items())
+    return formula_of(structure.atomic_numbers)
 
 
 # --- the stages -----------------------------------------------------------------------------------------------
@@ -100,28 +97,21 @@ def cell_formula(structure: Structure) -> str:
 def screen(structures: Mapping[str, Structure], settings: ScreenSettings) -> dict[str, dict[str, Any]]:
     """Which sampled candidates go on to relaxation: ``{label: {"kept", "status", "reason"}}``.
 
-    Implausible candidates (:func:`~equicsp_core.screening.implausibility` at ``settings``) are dropped; among
-    the plausible ones of each reduced composition, near-copies (:data:`UNRELAXED_MATCH_TOLERANCES`: distinct
-    distortions may relax to distinct minima, and relaxing costs seconds) are duplicates of the first sampled.
+    Only implausible candidates (:func:`~equicsp_core.screening.implausibility` at ``settings``: atoms too
+    close, absurd volume) are dropped; every plausible one is relaxed, and duplicates are merged after
+    relaxation (:func:`rank`).
     """
     decisions: dict[str, dict[str, Any]] = {}
-    plausible: dict[str, list[str]] = {}
     for label, structure in structures.items():
         reason = implausibility(structure, settings.min_distance, settings.max_volume_per_atom)
         decisions[label] = {"kept": reason is None, "status": "implausible" if reason else None, "reason": reason}
-        if reason is None:
-            plausible.setdefault(structure.composition.reduced_formula, []).append(label)
-    for labels in plausible.values():
-        for label, first in zip(labels, duplicate_of([structures[label] for label in labels],
-                                                     **UNRELAXED_MATCH_TOLERANCES)):
-            if labels[first] != label:
-                decisions[label] = {"kept": False, "status": "duplicate", "reason": f"duplicate of {labels[first]}"}
     return decisions
 
 
 @dataclass(frozen=True)
 class Ranking:
-    """The ML ranking: per relaxed candidate ``{"ml_rank", "status", "reason"}``; the winners chosen for DFT."""
+    """The ML ranking: per relaxed candidate ``{"ml_rank", "status", "reason", "members"}``; the winners chosen for
+    DFT."""
 
     ranking: dict[str, dict[str, Any]]
     winners: list[str]
@@ -131,34 +121,38 @@ class Ranking:
 
 
 def rank(results: Mapping[str, Mapping[str, Any]], relaxed: Mapping[str, Structure], top_k: int) -> Ranking:
-    """Rank the ML-relaxed candidates by energy per atom within each reduced composition; choose the winners.
+    """Merge the ML-relaxed duplicates, rank the rest by energy per atom within each reduced composition, and
+    choose the winners.
 
     ``results`` are the relaxation's results by label (``status``, ``energy_per_atom``, ``error``: those of
     :class:`~equicsp_core.relax.RelaxResult`), ``relaxed`` the relaxed structures by label. Relaxations often
-    end in the same structure from different starts: such duplicates keep only their lowest-energy member.
-    The winners are the best ``top_k`` of each composition, in composition order.
+    end in the same structure from different starts, and cells of different Z in one crystal: the relaxed
+    structures of each reduced composition are grouped
+    (:func:`~equicsp_core.screening.group_duplicates`), each group keeps its lowest-energy member as its
+    representative, whose ``members`` lists the group's labels (itself first, then by energy), and the others
+    become ``duplicate`` naming it. The winners are the best ``top_k`` representatives of each composition,
+    in composition order.
     """
     ranking: dict[str, dict[str, Any]] = {}
     by_composition: dict[str, list[str]] = {}
     for label, result in results.items():
         if result["status"] == "failed" or label not in relaxed:
-            ranking[label] = {"ml_rank": None, "status": "ml_failed", "reason": result.get("error")}
+            ranking[label] = {"ml_rank": None, "status": "ml_failed", "reason": result.get("error"), "members": None}
         else:
             by_composition.setdefault(relaxed[label].composition.reduced_formula, []).append(label)
     winners: list[str] = []
     for labels in by_composition.values():
-        labels.sort(key=lambda label: results[label]["energy_per_atom"])
-        representative = duplicate_of([relaxed[label] for label in labels])
-        position = 0
-        for label, first in zip(labels, representative):
-            if labels[first] != label:
-                ranking[label] = {"ml_rank": None, "status": "duplicate",
-                                  "reason": f"relaxed into the structure of {labels[first]}"}
-                continue
-            position += 1
-            ranking[label] = {"ml_rank": position, "status": "ml_relaxed", "reason": None}
+        labels.sort(key=lambda label: (results[label]["energy_per_atom"], label))
+        groups = [[labels[index] for index in group]
+                  for group in group_duplicates([relaxed[label] for label in labels])]
+        for position, (representative, *others) in enumerate(groups, start=1):
+            ranking[representative] = {"ml_rank": position, "status": "ml_relaxed", "reason": None,
+                                       "members": [representative, *others]}
+            for label in others:
+                ranking[label] = {"ml_rank": None, "status": "duplicate", "members": None,
+                                  "reason": f"relaxed into the structure of {representative}"}
             if position <= top_k:
-                winners.append(label)
+                winners.append(representative)
     return Ranking(ranking, winners)
 
 
@@ -173,7 +167,7 @@ class DFTOutcome:
 
 def table_rows(
     sampled: Mapping[str, Structure],
-    invalid: Sequence[tuple[str, int]],
+    invalid: Sequence[Mapping[str, Any]],
     screening: Mapping[str, Mapping[str, Any]],
     ranking: Mapping[str, Mapping[str, Any]],
     ml_results: Mapping[str, Mapping[str, Any]],
@@ -185,7 +179,8 @@ def table_rows(
 
     Args:
         sampled: every valid sampled candidate by label.
-        invalid: ``(formula, sample index)`` of each sample that was not a crystal.
+        invalid: each sample that was not a crystal: ``{"formula", "sample", "formula_units", "cell_formula"}``
+            (its requested formula, index, Z and cell: an entry of the sampler's index).
         screening: :func:`screen`'s decisions.
         ranking: :attr:`Ranking.ranking` (empty when nothing was relaxed).
         ml_results: the ML relaxation's results by label (``status``, ``energy_per_atom``, ``error``).
@@ -205,8 +200,9 @@ def table_rows(
         decision = screening[label]
         row: dict[str, Any] = dict.fromkeys(ROW_COLUMNS)
         row.update(label=label, formula=cell_formula(initial), reduced_formula=initial.composition.reduced_formula,
-                   sample=int(label.rsplit("_", 1)[1]), space_group_sampled=str(space_group(initial)),
-                   status=decision["status"], reason=decision["reason"])
+                   formula_units=formula_units(initial.atomic_numbers), sample=int(label.rsplit("_", 1)[1]),
+                   space_group_sampled=str(space_group(initial)), status=decision["status"],
+                   reason=decision["reason"])
         if decision["kept"]:
             row.update(_ml_columns(initial, ml_relaxed.get(label), ranking.get(label),
                                    ml_results.get(label, {"status": "failed", "error": "not relaxed"})))
@@ -217,10 +213,11 @@ def table_rows(
             if label in dft:
                 row.update(_dft_columns(ml_relaxed[label], dft[label]))
         rows.append(row)
-    for formula, sample in invalid:
-        rows.append({**dict.fromkeys(ROW_COLUMNS), "formula": formula, "sample": sample,
-                     "reduced_formula": Composition(formula).reduced_formula,
-                     "status": "invalid_sample", "reason": STATUSES["invalid_sample"]})
+    for entry in invalid:
+        rows.append({**dict.fromkeys(ROW_COLUMNS), "formula": entry["cell_formula"], "sample": entry["sample"],
+                     "reduced_formula": Composition(entry["formula"]).reduced_formula,
+                     "formula_units": entry["formula_units"], "status": "invalid_sample",
+                     "reason": STATUSES["invalid_sample"]})
 
     def order(row: dict[str, Any]) -> tuple:
         level = 0 if row["dft_energy_per_atom"] is not None else 1 if row["ml_rank"] is not None else 2
@@ -233,8 +230,8 @@ def table_rows(
 def _ml_columns(initial: Structure, relaxed: Structure | None, ranked: Mapping[str, Any] | None,
                 result: Mapping[str, Any]) -> dict[str, Any]:
     """A relaxed candidate's status, rank and ML columns."""
-    ranked = ranked or {"ml_rank": None, "status": "ml_failed", "reason": result.get("error")}
-    columns = {"status": ranked["status"], "reason": ranked["reason"], "ml_rank": ranked["ml_rank"]}
+    ranked = ranked or {"ml_rank": None, "status": "ml_failed", "reason": result.get("error"), "members": None}
+    columns = {key: ranked[key] for key in ("status", "reason", "ml_rank", "members")}
     if relaxed is not None:
         moved = displacement(initial, relaxed)
         columns.update(ml_energy_per_atom=result["energy_per_atom"], ml_converged=result["status"] == "converged",

@@ -2,7 +2,9 @@
 
 :func:`predict_batches` samples batch by batch so a caller can save each batch as it finishes, and
 :func:`predict_structures` returns all candidates at once; :func:`predict_with_settings` samples with the
-knobs of :class:`equicsp_core.settings.SampleSettings` (their one definition and check).
+knobs of :class:`equicsp_core.settings.SampleSettings` (their one definition and check), a reduced formula at
+every cell size Z the model supports (:func:`equicsp_core.domain.sampling_cells`), the candidates spread over
+Z round-robin (:func:`sampling_jobs`).
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from equicsp_core.diffusion import CrystalDiffusion
-from equicsp_core.domain import check_cells
+from equicsp_core.domain import check_cells, sampling_cells
 from equicsp_core.sampler import sample, time_grid
-from equicsp_core.settings import DEFAULT_STEP_LR, SampleSettings, parse_formula
+from equicsp_core.settings import DEFAULT_STEP_LR, SampleSettings, formula_of, formula_units, parse_formula
 
 if TYPE_CHECKING:
     from pymatgen.core import Structure
@@ -29,11 +31,28 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Candidate:
-    """One sampled structure (``None`` when the sample is not a valid crystal)."""
+    """One sampled structure (``None`` when the sample is not a valid crystal).
+
+    ``formula`` is the formula as requested, ``sample_index`` the candidate's index within it, ``formula_units``
+    the Z of its cell and ``cell_formula`` the cell's contents (``Sr2Ti2O6`` for ``SrTiO3`` at Z = 2).
+    """
 
     formula: str
     sample_index: int
+    formula_units: int
+    cell_formula: str
     structure: Structure | None
+
+
+def sampling_jobs(cells: Mapping[str, Sequence[Sequence[int]]], num_samples: int) -> list[tuple[str, int, list[int]]]:
+    """``(formula, sample index, atomic numbers)`` of every crystal to sample, formula by formula.
+
+    ``cells`` holds each formula's cells in order of Z; sample ``i`` of a formula gets its cell ``i mod
+    len(cells)`` (round-robin), so k = 20 over Z = 1..4 gives 5 candidates per Z, and k = 3 over Z = 1..4
+    samples Z = 1, 2, 3.
+    """
+    return [(formula, index, list(options[index % len(options)])) for formula, options in cells.items()
+            for index in range(num_samples)]
 
 
 def predict_batches(
@@ -49,13 +68,15 @@ def predict_batches(
 ) -> Iterator[list[Candidate]]:
     """Sample ``num_samples`` structures per formula, one batch of at most ``batch_size`` crystals at a time.
 
-    Every input is checked when this is called, before anything is sampled; each batch is sampled when
-    the returned iterator reaches it. Candidates come formula by formula, sample by sample; the same seed
-    and batch size give the same candidates (one random stream runs through the batches in order).
+    Each formula is a cell, as written (``SrTiO3``: 5 atoms, ``Sr2Ti2O6``: 10; no Z search, which needs the
+    model's domain: :func:`predict_with_settings`). Every input is checked when this is called, before
+    anything is sampled; each batch is sampled when the returned iterator reaches it. Candidates come formula
+    by formula, sample by sample; the same seed and batch size give the same candidates (one random stream
+    runs through the batches in order).
     """
     if not formulas:
         raise ValueError("no formula given")
-    cells = {formula: parse_formula(formula) for formula in formulas}
+    cells = {formula: [parse_formula(formula)] for formula in formulas}
     return _predict_cells(model, cells, num_samples, steps, step_lr, seed, batch_size, progress, lattice_bound)
 
 
@@ -64,17 +85,18 @@ def predict_with_settings(
 ) -> Iterator[list[Candidate]]:
     """:func:`predict_batches` with the knobs of ``settings``, for a model and its card (from :func:`load_model`).
 
-    The formulas are checked against the model's limits and its training domain
-    (:func:`~equicsp_core.domain.check_cells`) before anything is sampled.
+    Each reduced formula is sampled at every cell size Z the model supports, the candidates spread over Z
+    (:func:`~equicsp_core.domain.sampling_cells`, :func:`sampling_jobs`); the formulas are checked against the
+    model's limits and its training domain before anything is sampled.
     """
-    check_cells(settings.cells, model.mode, card.get("dataset"), settings.allow_outside_domain)
-    return _predict_cells(model, settings.cells, settings.num_samples, settings.steps, settings.step_lr,
+    cells = sampling_cells(settings, model.mode, card.get("dataset"))
+    return _predict_cells(model, cells, settings.num_samples, settings.steps, settings.step_lr,
                           settings.seed, settings.batch_size, progress, settings.lattice_bound)
 
 
 def _predict_cells(
     model: CrystalDiffusion,
-    cells: Mapping[str, Sequence[int]],
+    cells: Mapping[str, Sequence[Sequence[int]]],
     num_samples: int,
     steps: int | None,
     step_lr: float,
@@ -83,15 +105,17 @@ def _predict_cells(
     progress: bool,
     lattice_bound: float | None,
 ) -> Iterator[list[Candidate]]:
-    """:func:`predict_batches` on parsed formulas (``cells``: formula → atomic numbers)."""
+    """:func:`predict_batches` on parsed formulas (``cells``: formula → its cells as atomic numbers, by Z)."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     total_steps = model.schedules.num_steps
     time_grid(total_steps if steps is None else steps, total_steps)
-    check_cells(cells, model.mode, None, allow_outside_domain=True)  # the model's hard limit
-    jobs = [(formula, index, list(cell)) for formula, cell in cells.items() for index in range(num_samples)]
+    # the model's hard limit, on each formula's largest cell
+    check_cells({formula: max(options, key=len) for formula, options in cells.items()}, model.mode, None,
+                allow_outside_domain=True)
+    jobs = sampling_jobs(cells, num_samples)
     sampler = {"steps": steps, "step_lr": step_lr, "progress": progress, "lattice_bound": lattice_bound}
     return _sample_batches(model, jobs, seed, batch_size, sampler)
 
@@ -112,8 +136,9 @@ def _sample_batches(
         result = sample(model, numbers, counts, generator=generator, **sampler)
         logger.info("batch %d/%d: %d crystals sampled in %.1f s", number, batches, len(chunk),
                     time.perf_counter() - started)
-        yield [Candidate(formula, index, crystal.to_structure() if crystal is not None else None)
-               for (formula, index, _), crystal in zip(chunk, result.crystals(), strict=True)]
+        yield [Candidate(formula, index, formula_units(zs), formula_of(zs),
+                         crystal.to_structure() if crystal is not None else None)
+               for (formula, index, zs), crystal in zip(chunk, result.crystals(), strict=True)]
 
 
 def predict_structures(

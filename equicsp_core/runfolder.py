@@ -5,8 +5,10 @@ module, so neither reads the other's English::
 
     equicsp sample --out DIR
         DIR/<formula>_<iii>.cif  one per valid candidate, written with its batch
-        DIR/index.json           {header..., "samples": [{formula, sample, valid, file}]}: every finished
-                                 candidate, rewritten after each batch (the header holds the run's settings)
+        DIR/index.json           {header..., "samples": [{formula, sample, formula_units, cell_formula, valid,
+                                 file}]}: every finished candidate (its requested formula, index within it,
+                                 cell size Z and cell contents), rewritten after each batch (the header
+                                 holds the run's settings)
         DIR/run.json             {"complete": true, "requested", "written", "valid", ...}: written last
     equicsp relax --out DIR
         DIR/relax.json           {"settings": {...}, "results": {label: {status, structure, energy_per_atom,

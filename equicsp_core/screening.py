@@ -7,14 +7,15 @@ choices are in the provenance) and the jobflow Makers.
   ``None``; the thresholds default to the papers' structural validity (docs/method.md §8.1: every interatomic
   distance above 0.5 Å, volume above 0.1 Å³) plus an upper bound on the volume per atom that no solid at
   ambient pressure exceeds.
-- :func:`duplicate_of` maps every structure to the first earlier structure it matches (pymatgen's
-  ``StructureMatcher``; tight tolerances before relaxation, its defaults after), so ``[i for i, j in enumerate(m) if j == i]`` are the
-  distinct ones.
+- :func:`group_duplicates` groups relaxed structures that are the same crystal (pymatgen's
+  ``StructureMatcher.group_structures``): duplicates are merged after relaxation only, since distinct
+  distortions of one parent may relax to distinct minima.
 - :func:`space_group` and :func:`displacement` describe what a relaxation did.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -68,30 +69,25 @@ def implausibility(
     return None
 
 
-#: Tolerances for candidates before relaxation: only near-copies are duplicates. At pymatgen's defaults a
-#: polar P4mm distortion and the cubic Pm-3m parent match, and relaxing one of them only loses a basin.
-UNRELAXED_MATCH_TOLERANCES = {"ltol": 0.1, "stol": 0.1, "angle_tol": 2.0}
+def group_duplicates(structures: Sequence[Structure]) -> list[list[int]]:
+    """The structures grouped by pymatgen's ``StructureMatcher.group_structures`` (its default tolerances), as
+    indices: each group in the order given, the groups in the order of their first member.
 
-
-def duplicate_of(structures: list[Structure], ltol: float = 0.2, stol: float = 0.3, angle_tol: float = 5.0) -> list[int]:
-    """For each structure, the index of the first structure it matches (itself when it is the first).
-
-    Matching is pymatgen's ``StructureMatcher`` (defaults: its own, for relaxed structures; see
-    :data:`UNRELAXED_MATCH_TOLERANCES`), comparing each structure with the distinct ones found before it:
-    O(N × distinct) comparisons.
+    The first structure of each group is the reference the others matched, so given in order of energy the
+    first index of a group is its lowest-energy member. Cells of different sizes match when they reduce to
+    the same primitive cell (``SrTiO3`` and its 2×1×1 supercell). Compositions are compared reduced, so
+    structures of different compositions never group.
     """
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
-    matcher = StructureMatcher(ltol=ltol, stol=stol, angle_tol=angle_tol)
-    representative: list[int] = []
-    distinct: list[int] = []
+    positions: dict[int, list[int]] = {}
     for index, structure in enumerate(structures):
-        match = next((j for j in distinct if matcher.fit(structures[j], structure)), None)
-        if match is None:
-            distinct.append(index)
-            match = index
-        representative.append(match)
-    return representative
+        positions.setdefault(id(structure), []).append(index)
+    groups = [[positions[id(structure)].pop(0) for structure in group]
+              for group in StructureMatcher().group_structures(list(structures))]
+    for group in groups:
+        group.sort()
+    return sorted(groups)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 One model per stage of the pipeline (:mod:`equicsp_core.pipeline`)::
 
-    SampleSettings   formulas, num_samples, steps, step_lr, lattice_bound, seed, batch_size, device,
-                     threads, allow_outside_domain                       (equicsp sample, the sample CalcJob)
+    SampleSettings   formulas, num_samples, max_formula_units, steps, step_lr, lattice_bound, seed,
+                     batch_size, device, threads, allow_outside_domain  (equicsp sample, the sample CalcJob)
     ScreenSettings   min_distance, max_volume_per_atom                  (before relaxation)
     RelaxSettings    potential, fmax, steps, relax_cell, device, threads, phonons
                                                                         (equicsp relax, the relax CalcJob)
@@ -33,8 +33,9 @@ This module imports no torch: the AiiDA daemon validates work-chain inputs with 
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
@@ -239,6 +240,23 @@ def parse_formula(formula: str, max_atoms: int | None = None) -> list[int]:
     return numbers
 
 
+def formula_units(numbers: Sequence[int]) -> int:
+    """Z, the formula units of a cell (atomic numbers): the gcd of its element counts (``Sr2Ti2O6`` → 2).
+
+    A formula written with Z = 1 (``SrTiO3``, ``ZnO``) is *reduced*: :func:`equicsp_core.domain.sampling_cells`
+    samples it at every Z the model supports; one written with Z > 1 (``Zn2O2``) is an explicit cell.
+    """
+    return math.gcd(*(list(numbers).count(z) for z in set(numbers)))
+
+
+def formula_of(numbers: Sequence[int]) -> str:
+    """A cell (atomic numbers) written as a formula, elements in order of first appearance: ``Sr2Ti2O6``."""
+    from pymatgen.core import Element
+
+    counts = {z: list(numbers).count(z) for z in dict.fromkeys(numbers)}
+    return "".join(f"{Element.from_Z(z).symbol}{'' if count == 1 else count}" for z, count in counts.items())
+
+
 def formula_list(value: Any) -> tuple[str, ...]:
     """A list of formulas as a tuple; a bare string is refused (``"CO"`` is not ``["C", "O"]``)."""
     if isinstance(value, str):
@@ -257,8 +275,13 @@ class SampleSettings(Settings):
     The model itself (a checkpoint) is not a setting: it is a file, given beside them.
     """
 
-    formulas: tuple[str, ...] = Field(description="cell contents, e.g. SrTiO3; a formula fixes the atom count")
-    num_samples: StrictInt = Field(20, ge=1, description="candidates per formula (the papers' k)")
+    formulas: tuple[str, ...] = Field(
+        description="compositions: a reduced formula (SrTiO3, ZnO) is sampled at every cell size Z the model "
+                    "supports; one written with Z > 1 (Zn2O2) is that cell only")
+    num_samples: StrictInt = Field(20, ge=1, description="candidates per formula (the papers' k), spread over Z")
+    max_formula_units: StrictInt | None = Field(
+        None, ge=1, description="largest Z (formula units per cell) of a reduced formula (None: as many as the "
+                                "model's training domain holds; 1: only the written cell)")
     steps: StrictInt | None = Field(None, ge=1, description="predictor-corrector steps (None: the model's T)")
     step_lr: Number = Field(DEFAULT_STEP_LR, gt=0, allow_inf_nan=False, description="Langevin step scale")
     lattice_bound: Number | None = Field(
@@ -285,13 +308,17 @@ class SampleSettings(Settings):
 
     @model_validator(mode="after")
     def _parse_formulas(self) -> SampleSettings:
-        """Parse every formula, once: :attr:`cells` is what the sampler gets."""
+        """Parse every formula, once: :attr:`cells` are the cells as written (Z = 1 for a reduced formula)."""
         self._cells = {formula: tuple(parse_formula(formula)) for formula in self.formulas}
         return self
 
     @property
     def cells(self) -> dict[str, tuple[int, ...]]:
-        """Each formula's cell as atomic numbers, e.g. ``{"SrTiO3": (38, 22, 8, 8, 8)}``."""
+        """Each formula's cell as written, as atomic numbers, e.g. ``{"SrTiO3": (38, 22, 8, 8, 8)}``.
+
+        The cells the sampler gets, Z = 1..Zmax of each reduced formula, depend on the model:
+        :func:`equicsp_core.domain.sampling_cells`.
+        """
         return dict(self._cells)
 
 

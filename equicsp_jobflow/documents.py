@@ -22,14 +22,21 @@ class CandidateDocument(StructureMetadata):
     """One crystal of the pipeline (sampled, ML-relaxed or DFT-relaxed), with its metadata for queries."""
 
     label: str = Field(description="the candidate's label, <formula>_<sample>, e.g. SrTiO3_000")
-    formula: str = Field(description="the requested cell contents, e.g. Sr2Ti2O6")
+    formula: str = Field(description="the formula as requested, e.g. SrTiO3")
     sample: int = Field(description="the sample index within its formula")
+    formula_units: int = Field(description="Z, the formula units of its cell (2 for Sr2Ti2O6)")
+    cell_formula: str = Field(description="the cell's contents, e.g. Sr2Ti2O6")
     structure: Structure = Field(description="the crystal (kept in the 'data' store)")
 
     @classmethod
     def of(cls, label: str, formula: str, sample: int, structure: Structure) -> CandidateDocument:
-        """The document of ``structure``, its metadata computed (emmet's symmetry at its default tolerance)."""
-        return cls.from_structure(structure, label=label, formula=formula, sample=sample, structure=structure)
+        """The document of ``structure``, its metadata computed (emmet's symmetry at its default tolerance; Z and
+        the cell formula from its atoms, which every stage keeps)."""
+        from equicsp_core.settings import formula_of, formula_units
+
+        return cls.from_structure(structure, label=label, formula=formula, sample=sample,
+                                  formula_units=formula_units(structure.atomic_numbers),
+                                  cell_formula=formula_of(structure.atomic_numbers), structure=structure)
 
 
 class SampleDocument(BaseModel):
@@ -37,7 +44,8 @@ class SampleDocument(BaseModel):
 
     formulas: list[str]
     candidates: list[CandidateDocument] = Field(description="the valid samples")
-    invalid: list[tuple[str, int]] = Field(description="(formula, sample) of each sample that was not a crystal")
+    invalid: list[dict[str, Any]] = Field(
+        description="each sample that was not a crystal: {formula, sample, formula_units, cell_formula}")
     num_requested: int
     checkpoint: str = Field(description="checkpoint name or path, as given")
     checkpoint_sha256: str

@@ -69,7 +69,8 @@ class _SampleJob(Maker):
 
     @job(output_schema=SampleDocument, data=Structure)
     def make(self, formulas: list[str]) -> SampleDocument:
-        """Sample the candidates of ``formulas`` (cell contents: ``"SrTiO3"`` is a 5-atom cell)."""
+        """Sample the candidates of ``formulas`` (a reduced formula at every cell size Z the model supports,
+        ``Sr2Ti2O6`` as that cell only: :func:`equicsp_core.domain.sampling_cells`)."""
         from equicsp_core.checkpoint import load_model, resolve_checkpoint
         from equicsp_core.files import file_sha256
         from equicsp_core.hardware import resolve_device, set_threads
@@ -85,7 +86,8 @@ class _SampleJob(Maker):
         for batch in predict_with_settings(model, card, settings):
             for sample in batch:
                 if sample.structure is None:
-                    invalid.append((sample.formula, sample.sample_index))
+                    invalid.append({"formula": sample.formula, "sample": sample.sample_index,
+                                    "formula_units": sample.formula_units, "cell_formula": sample.cell_formula})
                 else:
                     label = candidate_label(prefixes[sample.formula], sample.sample_index)
                     candidates.append(CandidateDocument.of(label, sample.formula, sample.sample_index,
@@ -121,7 +123,7 @@ class _ScreenJob(Maker):
         return ScreenDocument(survivors=[c for c in candidates if decisions[c.label]["kept"]], decisions=decisions)
 
 
-#: Drop implausible candidates and near-copies before relaxation (:func:`equicsp_core.pipeline.screen`).
+#: Drop implausible candidates before relaxation (:func:`equicsp_core.pipeline.screen`).
 ScreenCandidatesMaker = make_dataclass(
     "ScreenCandidatesMaker", [("name", str, field(default="equicsp screen")), *knob_fields(ScreenSettings)],
     bases=(_ScreenJob,), namespace={"__module__": __name__, "__doc__": _ScreenJob.__doc__})
@@ -297,7 +299,7 @@ def tabulate(samples: SampleDocument, screening: ScreenDocument, relaxation: Rel
         dft_outcomes[label] = DFTOutcome(structure, energy)
         dft_relaxed.append(CandidateDocument.of(label, sampled[label].formula, sampled[label].sample, structure))
     rows = table_rows(
-        sampled={label: c.structure for label, c in sampled.items()}, invalid=[tuple(i) for i in samples.invalid],
+        sampled={label: c.structure for label, c in sampled.items()}, invalid=samples.invalid,
         screening=screening.decisions, ranking=ranking["ranking"], ml_results=relaxation.results,
         ml_relaxed={c.label: c.structure for c in relaxation.relaxed}, phonons=phonons, dft=dft_outcomes)
     return RankingDocument(rows=rows, statuses=STATUSES, units=UNITS, winners=ranking["dft"],

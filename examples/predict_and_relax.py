@@ -36,7 +36,8 @@ from aiida_equicsp.workchains.predict_relax import EquiCSPPredictRelaxWorkChain
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="verdi run examples/predict_and_relax.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--formula", default="SrTiO3", help="cell contents (default SrTiO3)")
+    parser.add_argument("--formula", default="SrTiO3", help="a composition, sampled at every cell size Z the model "
+                        "supports, or an explicit cell such as Sr2Ti2O6 (default SrTiO3)")
     parser.add_argument("--model", default="perov_5", help="shipped checkpoint name or file (default perov_5)")
     parser.add_argument("--num-samples", type=int, default=6, help="candidates to sample (default 6)")
     parser.add_argument("--top-k", type=int, default=1, help="DFT-relax the best k after CHGNet (default 1)")
@@ -107,11 +108,13 @@ def report(pk: int) -> None:
     query.append(orm.WorkflowNode, filters={"id": pk}, tag="run")
     query.append(orm.Dict, with_incoming="run", edge_filters={"label": "ranking"}, project="attributes.rows")
     rows = query.one()[0] if query.count() else []
-    columns = [("label", "{}"), ("status", "{}"), ("ml_rank", "{}"), ("ml_energy_per_atom", "{:.4f}"),
+    columns = [("label", "{}"), ("formula_units", "{}"), ("status", "{}"), ("ml_rank", "{}"),
+               ("ml_energy_per_atom", "{:.4f}"),
                ("dft_energy_per_atom", "{:.4f}"), ("space_group_sampled", "{}"), ("space_group_ml", "{}"),
-               ("space_group_dft", "{}"), ("ml_rms_displacement", "{:.3f}"), ("reason", "{}")]
+               ("space_group_dft", "{}"), ("ml_rms_displacement", "{:.3f}"), ("reason", "{}"), ("members", "{}")]
     table = [[name for name, _ in columns]]
-    table += [["-" if row.get(name) is None else fmt.format(row[name]) for name, fmt in columns] for row in rows]
+    table += [["-" if row.get(name) is None else fmt.format(", ".join(row[name]) if name == "members" else row[name])
+               for name, fmt in columns] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     print("\nranking (energies in eV/atom, displacement in Å):")
     for line in table:

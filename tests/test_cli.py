@@ -295,7 +295,9 @@ def test_sample_writes_index_with_one_entry_per_sample(checkpoint, tmp_path):
     index = json.loads((out / "index.json").read_text())
     entries = index["samples"]
     assert [(e["formula"], e["sample"]) for e in entries] == [("SrTiO3", 0), ("SrTiO3", 1), ("CaTiO3", 0), ("CaTiO3", 1)]
-    assert all(set(e) == {"formula", "sample", "valid", "file"} for e in entries)
+    assert all(set(e) == {"formula", "sample", "formula_units", "cell_formula", "valid", "file"} for e in entries)
+    # the test model's domain (perov_5) holds 5 atoms: SrTiO3 fits only at Z = 1
+    assert {(e["formula_units"], e["cell_formula"]) for e in entries} == {(1, "SrTiO3"), (1, "CaTiO3")}
     assert index["steps"] == 5 and index["seed"] == 1
     for entry in entries:
         assert (entry["file"] is not None) == entry["valid"]
@@ -318,6 +320,25 @@ def test_sample_writes_parsable_cifs_for_valid_samples(checkpoint, tmp_path, fix
         structure = Structure.from_file(out / entry["file"])
         assert structure.composition == Composition(entry["formula"])
         assert structure.lattice.abc == pytest.approx((4.0, 4.0, 4.0))
+
+
+def test_sample_spreads_a_reduced_formula_over_z_and_keeps_an_explicit_cell(checkpoint, tmp_path, fixed_cell_sampler):
+    """Si (reduced) with --max-formula-units 3: samples 0..4 at Z = 1, 2, 3, 1, 2, each CIF holding its cell;
+    O2 (written with Z = 2) is that cell only. Z and the cell are in index.json."""
+    from pymatgen.core import Composition, Structure
+
+    out = tmp_path / "out"
+    assert run_cli("sample", "--checkpoint", checkpoint, "--formula", "Si", "--formula", "O2", "--num-samples", 5,
+                   "--max-formula-units", 3, "--steps", 2, "--out", out) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["max_formula_units"] == 3 and index["requested"] == 10
+    entries = index["samples"]
+    assert [(e["formula"], e["sample"], e["formula_units"], e["cell_formula"]) for e in entries] == [
+        ("Si", 0, 1, "Si"), ("Si", 1, 2, "Si2"), ("Si", 2, 3, "Si3"), ("Si", 3, 1, "Si"), ("Si", 4, 2, "Si2"),
+        *[("O2", sample, 2, "O2") for sample in range(5)]]
+    for entry in entries:
+        assert entry["file"] == f"{entry['formula']}_{entry['sample']:03d}.cif"
+        assert Structure.from_file(out / entry["file"]).composition == Composition(entry["cell_formula"])
 
 
 def test_sample_same_seed_is_reproducible(checkpoint, tmp_path):
@@ -369,6 +390,9 @@ BAD_SAMPLE_INPUTS = {
     "zero steps": (None, ["--steps", "0"], "steps"),
     "more steps than T": (None, ["--steps", "1001"], "steps"),
     "zero samples": (None, ["--num-samples", "0"], "num_samples"),
+    "zero formula units": (None, ["--max-formula-units", "0"], "max_formula_units"),
+    "a reduced formula no cell of which fits": (None, ["--formula", "SrTiO4"], "'SrTiO4' is outside the model's "
+                                                "training domain (6 atoms, more than the 5 of perov_5)"),
 }
 
 

@@ -36,7 +36,7 @@ from equicsp_jobflow import (  # noqa: E402
 
 FORMULA = "SrTiO3"
 FORMULAS = [FORMULA]
-#: seed 1 gives three valid SrTiO3 candidates with perov_5 at 20 steps, one a duplicate of another.
+#: seed 1 gives three valid SrTiO3 candidates with perov_5 at 20 steps, all plausible (so all relaxed).
 SEED = 1
 
 
@@ -119,7 +119,10 @@ def test_predict_relax_flow_ranks_by_energy_and_runs_dft_on_the_symmetrised_best
     assert isinstance(ranking, RankingDocument)
     rows = ranking.rows
     assert len(rows) == 3 and {row["status"] for row in rows} <= {"duplicate", "ml_relaxed", "dft_relaxed"}
-    assert any(row["status"] == "duplicate" for row in rows)
+    # nothing was dropped before relaxation; each relaxed candidate is in exactly one representative's members
+    assert all(row["ml_energy_per_atom"] is not None and row["formula_units"] == 1 for row in rows)
+    members = [label for row in rows if row["members"] is not None for label in row["members"]]
+    assert sorted(members) == sorted(row["label"] for row in rows)
     ranked = [row for row in rows if row["ml_rank"] is not None]
     assert len(ranked) >= 2 and [row["ml_rank"] for row in ranked] == list(range(1, len(ranked) + 1))
     energies = [row["ml_energy_per_atom"] for row in ranked]
@@ -194,8 +197,22 @@ def test_documents_are_queryable_by_chemical_system_and_keep_structures_in_the_d
     assert store.additional_stores["data"].count() == len(candidates)
 
 
+def test_sample_documents_carry_z_and_the_cell(tmp_path):
+    """Si (reduced) with max_formula_units 3: samples 0, 1, 2 at Z = 1, 2, 3, valid or not."""
+    sample = _sample_maker(max_formula_units=3).make(["Si"])
+    store, _ = _run(Flow([sample]), tmp_path)
+    document = _output(store, sample.uuid)
+    found = {(c.sample, c.formula_units, c.cell_formula) for c in document.candidates}
+    found |= {(i["sample"], i["formula_units"], i["cell_formula"]) for i in document.invalid}
+    assert found == {(0, 1, "Si"), (1, 2, "Si2"), (2, 3, "Si3")}
+    for candidate in document.candidates:
+        assert candidate.formula == "Si" and candidate.structure.composition == Composition(candidate.cell_formula)
+    assert document.settings["max_formula_units"] == 3
+
+
 @pytest.mark.parametrize(("settings", "message"), [
     ({"num_samples": 0}, "num_samples"),
+    ({"max_formula_units": 0}, "max_formula_units"),
     ({"num_samples": 1.5}, "num_samples"),
     ({"steps": 0}, "steps"),
     ({"step_lr": float("inf")}, "step_lr"),
@@ -223,6 +240,7 @@ def test_bad_formulas_are_refused_when_the_flow_is_built(formulas):
     ("perov_5", "Xx2O3", "formula"),
     ("perov_5", "Sr30Ti30O90", "at most"),  # beyond the model's largest cell
     ("perov_5", "Sr2Ti2O6", "outside the model's training domain"),  # beyond perov_5's 5 atoms
+    ("perov_5", "SrTiO4", "outside the model's training domain"),  # a composition with no Z within 5 atoms
     ("no_such_model", FORMULA, "checkpoint"),
 ])
 def test_bad_input_fails_the_sample_job_with_a_clear_error(checkpoint, formula, message):

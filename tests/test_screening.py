@@ -1,4 +1,4 @@
-"""``equicsp_core.screening`` on hand-made crystals: plausibility, duplicates, space groups, displacements."""
+"""``equicsp_core.screening`` on hand-made crystals: plausibility, duplicates (after relaxation), space groups, displacements."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ from pymatgen.core import Lattice, Structure
 from equicsp_core.screening import (
     MAX_VOLUME_PER_ATOM,
     displacement,
-    duplicate_of,
+    group_duplicates,
     implausibility,
     min_distance,
     space_group,
@@ -75,28 +75,33 @@ def test_thresholds_are_parameters():
 
 
 # ------------------------------------------------------------------------------------------------
-# duplicate_of
+# group_duplicates
 
 
-def test_duplicates_map_to_the_first_match():
-    """A, A slightly perturbed, a 2x1x1 supercell of A, and a different crystal B."""
+def test_duplicates_group_with_their_first_member():
+    """A, a different crystal B, A slightly perturbed, a 2x1x1 supercell of A (another Z): two groups."""
     a = perovskite()
     perturbed = a.copy()
     perturbed.perturb(0.05, min_distance=0.01)
     supercell = a * (2, 1, 1)
     b = perovskite("Ca", 3.84)
-    assert duplicate_of([a, perturbed, supercell, b]) == [0, 0, 0, 3]
+    assert group_duplicates([a, b, perturbed, supercell]) == [[0, 2, 3], [1]]
 
 
 def test_different_arrangement_of_the_same_composition_is_distinct():
     """Sr and Ti swapped puts O on the edges of the Sr cube instead of its faces: another structure."""
     a = perovskite()
     swapped = Structure(Lattice.cubic(3.905), ["Ti", "Sr", "O", "O", "O"], PEROVSKITE_SITES)
-    assert duplicate_of([a, swapped, a.copy()]) == [0, 1, 0]
+    assert group_duplicates([swapped, a, a.copy()]) == [[0], [1, 2]]
 
 
-def test_duplicate_of_empty_list():
-    assert duplicate_of([]) == []
+def test_the_same_object_twice_is_one_group_of_two():
+    a = perovskite()
+    assert group_duplicates([a, a]) == [[0, 1]]
+
+
+def test_group_duplicates_of_no_structure():
+    assert group_duplicates([]) == []
 
 
 # ------------------------------------------------------------------------------------------------

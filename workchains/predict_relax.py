@@ -3,9 +3,10 @@
 Steps::
 
     sample (EquiCSPSampleBaseWorkChain)
-      -> screen (calcfunction screen_candidates: implausible and duplicate candidates dropped, with the reason)
-      -> ML relax (EquiCSPRelaxCalculation: all survivors in one job, CHGNet by default)
-      -> rank (calcfunction rank_candidates: ML-relaxed duplicates merged, ranked by energy per atom,
+      -> screen (calcfunction screen_candidates: implausible candidates dropped, with the reason)
+      -> ML relax (EquiCSPRelaxCalculation: every plausible candidate in one job, CHGNet by default)
+      -> rank (calcfunction rank_candidates: ML-relaxed duplicates merged within each reduced composition,
+         whatever their Z, the lowest-energy member kept with the list of members; ranked by energy per atom,
          the best ``top_k`` of each composition chosen for DFT)
       -> phonons (optional, ``phonons``: EquiCSPRelaxCalculation with no step, phonopy with the ML potential:
          imaginary modes of the best ``top_k``)
@@ -52,12 +53,13 @@ def screen_candidates(candidates: orm.Dict, parameters: orm.Dict, **structures: 
 
     ``candidates`` is the sampler's list (invalid samples included, ``link_label`` None); ``structures`` its valid
     ones by link label; ``parameters`` the :class:`~equicsp_core.settings.ScreenSettings`. Returns
-    ``{"screening": {label: {"kept", "status", "reason"}}, "invalid_samples": [{"formula", "sample"}]}``.
+    ``{"screening": {label: {"kept", "status", "reason"}}, "invalid_samples": [{"formula", "sample",
+    "formula_units", "cell_formula"}]}``.
     """
     decisions = screen({label: node.get_pymatgen() for label, node in structures.items()},
                        ScreenSettings.from_mapping(parameters.get_dict()))
-    invalid = [{"formula": entry["formula"], "sample": entry["sample"]} for entry in candidates["candidates"]
-               if not entry["valid"]]
+    invalid = [{key: entry[key] for key in ("formula", "sample", "formula_units", "cell_formula")}
+               for entry in candidates["candidates"] if not entry["valid"]]
     return orm.Dict({"screening": decisions, "invalid_samples": invalid})
 
 
@@ -91,7 +93,7 @@ def tabulate_ranking(screening: orm.Dict, ml_ranking: orm.Dict, ml_results: orm.
                 if key.startswith("dft_failed_")})
     rows = table_rows(
         sampled=structures("sampled_"),
-        invalid=[(entry["formula"], entry["sample"]) for entry in screening["invalid_samples"]],
+        invalid=screening["invalid_samples"],
         screening=screening["screening"], ranking=ml_ranking["ranking"], ml_results=ml_results.get_dict(),
         ml_relaxed=structures("ml_"), phonons=phonons.get_dict() if phonons is not None else None, dft=dft)
     return orm.Dict({"rows": rows, "statuses": STATUSES, "units": UNITS})
@@ -248,11 +250,11 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
         spec.output_namespace("dft_relaxed", valid_type=orm.StructureData, dynamic=True, required=False,
                               help="the DFT-relaxed candidates, by link label")
         spec.output("ranking", valid_type=orm.Dict,
-                    help="'rows': one per sampled candidate, best first within each composition: energies per "
-                         "atom, space groups, displacements, status")
+                    help="'rows': one per sampled candidate, best first within each composition: Z, energies per "
+                         "atom, space groups, displacements, status, merged duplicates (members)")
         spec.exit_code(401, "ERROR_SAMPLING_FAILED", message="sampling failed: {message}")
         spec.exit_code(402, "ERROR_NO_VALID_CANDIDATES",
-                       message="no candidate survived screening ({count} sampled, none plausible and distinct)")
+                       message="no candidate survived screening ({count} sampled, none plausible)")
         spec.exit_code(403, "ERROR_ML_RELAX_FAILED", message="the ML relaxation failed: {message}")
         spec.exit_code(404, "ERROR_ALL_DFT_FAILED",
                        message="every DFT relaxation failed; the ranking table holds the ML results")
@@ -342,7 +344,7 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
         return None
 
     def screen(self) -> ExitCode | None:
-        """Drop implausible and duplicate candidates (calcfunction ``screen_candidates``)."""
+        """Drop implausible candidates (calcfunction ``screen_candidates``)."""
         self.ctx.screening = call_function_once(
             self, screen_candidates, "screen", candidates=self.ctx.sample.outputs.candidates,
             parameters=self.inputs.screening, **self.ctx.sampled)

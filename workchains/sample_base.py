@@ -20,7 +20,9 @@ Rerunning only what is missing
     one formula partly done: asking every short formula for the largest shortfall costs at most
     ``num_samples - 1`` extra crystals in the same job, where one calculation per distinct shortfall would
     queue one more job per shortfall. The merge keeps the first ``num_samples`` candidates of each formula,
-    in the order of the calculations, and drops the surplus.
+    in the order of the calculations, and drops the surplus. Candidates are counted per requested formula,
+    whatever their cell size Z: a rerun spreads its candidates over Z afresh (from Z = 1), so after a restart a
+    formula's candidates may be spread over Z less evenly than in one run (by at most one per Z and rerun).
 
 Seeds
     Calculation ``i`` (1, 2, ...) runs with ``seed + i - 1`` (``seed`` from ``parameters``, else the engine's
@@ -90,8 +92,9 @@ def merge_candidate_lists(
         runs: per calculation, in the order they ran, ``(pk, uuid, its candidates entries)``.
 
     Returns:
-        Entries ``{formula, sample, valid, link_label, calculation_pk, calculation_uuid, calculation_sample,
-        calculation_link_label}``: ``sample`` counts 0, 1, ... per formula, ``link_label`` is the structure's
+        Entries ``{formula, sample, formula_units, cell_formula, valid, link_label, calculation_pk,
+        calculation_uuid, calculation_sample, calculation_link_label}``: ``sample`` counts 0, 1, ... per formula,
+        ``formula_units`` and ``cell_formula`` are the Z and cell the calculation sampled it at, ``link_label`` is the structure's
         new label (``None`` for an invalid candidate), the ``calculation_*`` keys say where it came from.
     """
     prefixes = label_prefixes(list(formulas))
@@ -105,6 +108,8 @@ def merge_candidate_lists(
             entries.append({
                 "formula": candidate["formula"],
                 "sample": index,
+                "formula_units": candidate["formula_units"],
+                "cell_formula": candidate["cell_formula"],
                 "valid": candidate["valid"],
                 "link_label": candidate_label(prefixes[candidate["formula"]], index) if candidate["valid"]
                 else None,
@@ -199,8 +204,8 @@ class EquiCSPSampleBaseWorkChain(EquiCSPProtocolMixin, BaseRestartWorkChain):
         spec.output_namespace("structures", valid_type=orm.StructureData, dynamic=True, required=False,
                               help="every valid candidate of every calculation, labelled <formula>_<index>")
         spec.output("candidates", valid_type=orm.Dict,
-                    help="'candidates': one {formula, sample, valid, link_label, calculation_pk, calculation_uuid, "
-                         "calculation_sample, calculation_link_label} per candidate")
+                    help="'candidates': one {formula, sample, formula_units, cell_formula, valid, link_label, "
+                         "calculation_pk, calculation_uuid, calculation_sample, calculation_link_label} per candidate")
         spec.output("run_info", valid_type=orm.Dict,
                     help="the last complete calculation's run_info, with the counts of the work chain and the "
                          "number of calculations")

@@ -10,7 +10,7 @@ model's checkpoint as ``model.pt`` and runs the ``equicsp`` program of the code 
 It knows nothing of torch: the program does the work, and the parser turns ``results/`` (the run folder
 of :mod:`equicsp_core.runfolder`) and ``status.json`` into nodes or an exit code. Inputs are checked before
 submission by the engine's own checks (:class:`equicsp_core.settings.SampleSettings`,
-:func:`equicsp_core.domain.check_cells`), so a request the program would refuse is refused here, with the
+:func:`equicsp_core.domain.sampling_cells`), so a request the program would refuse is refused here, with the
 same message.
 """
 
@@ -24,7 +24,7 @@ from aiida.common.folders import Folder
 from aiida.engine import CalcJobProcessSpec
 
 from equicsp_core import runfolder
-from equicsp_core.domain import check_cells
+from equicsp_core.domain import sampling_cells
 from equicsp_core.settings import SampleSettings, SettingsError
 
 from aiida_equicsp.calculations.base import EquiCSPCalcJob, validate_code
@@ -85,7 +85,7 @@ def validate_inputs(inputs: dict[str, Any], _: Any) -> str | None:
     model: EquiCSPModelData = inputs["model"]
     try:
         settings = SampleSettings.from_mapping(sample_request(inputs))
-        check_cells(settings.cells, model.mode, model.dataset, settings.allow_outside_domain)
+        sampling_cells(settings, model.mode, model.dataset)
     except SettingsError as error:
         return str(error)
     if settings.steps is not None and settings.steps > model.num_steps:
@@ -110,7 +110,8 @@ class EquiCSPSampleCalculation(EquiCSPCalcJob):
         super().define(spec)
         spec.input("model", valid_type=EquiCSPModelData, help="the trained model (a checkpoint file)")
         spec.input("compositions", valid_type=orm.List, validator=validate_compositions,
-                   help="formulas to sample, e.g. ['SrTiO3', 'CaTiO3']; a formula fixes the cell's contents")
+                   help="formulas to sample, e.g. ['SrTiO3', 'Ca2Ti2O6']: a reduced formula at every cell size Z the "
+                        "model supports (parameters: max_formula_units), one written with Z > 1 as that cell only")
         spec.input("num_samples", valid_type=orm.Int, validator=validate_num_samples,
                    help="candidates per formula")
         spec.input("parameters", valid_type=orm.Dict, required=False, validator=validate_parameters,
@@ -120,7 +121,8 @@ class EquiCSPSampleCalculation(EquiCSPCalcJob):
         spec.output_namespace("structures", valid_type=orm.StructureData, dynamic=True, required=False,
                               help="every valid candidate, labelled <formula>_<sample>, e.g. SrTiO3_000")
         spec.output("candidates", valid_type=orm.Dict,
-                    help="'candidates': one {formula, sample, valid, link_label} per sampled candidate")
+                    help="'candidates': one {formula, sample, formula_units, cell_formula, valid, link_label} per "
+                         "sampled candidate (formula: as requested; formula_units: Z of its cell)")
         spec.output("run_info", valid_type=orm.Dict,
                     help="the sampler's run.json: counts, steps, device, seconds, versions")
 

@@ -132,6 +132,7 @@ class EquiCSPSampleParser(Parser):
                     raise CandidateFileError(f"{path} is not a readable CIF file ({error})") from error
                 structures[link_label] = orm.StructureData(pymatgen=structure)
             candidates.append({"formula": entry["formula"], "sample": int(entry["sample"]),
+                               "formula_units": int(entry["formula_units"]), "cell_formula": str(entry["cell_formula"]),
                                "valid": bool(entry["valid"]), "link_label": link_label})
         for link_label, structure in structures.items():
             self.out(f"structures.{link_label}", structure)

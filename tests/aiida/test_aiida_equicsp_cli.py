@@ -38,11 +38,13 @@ def test_sample_runs_the_work_chain_and_results_lists_its_candidates(fixed_cell_
     assert lines[0].split("  ")[0] == "formula" and "volume (Å³)" in lines[0]
     rows = [line.split() for line in lines[1:5]]
     structures = workchain.outputs.structures
-    assert [row[:3] for row in rows] == [["SrTiO3", "0", "yes"], ["SrTiO3", "1", "yes"],
-                                         ["CaTiO3", "0", "yes"], ["CaTiO3", "1", "yes"]]
-    assert [row[3] for row in rows] == [str(structures[label].pk) for label in
+    assert lines[0].split()[:5] == ["formula", "sample", "Z", "cell", "valid"]
+    # formula, sample, Z and cell (the test model's 5-atom domain: Z = 1), valid
+    assert [row[:5] for row in rows] == [["SrTiO3", "0", "1", "SrTiO3", "yes"], ["SrTiO3", "1", "1", "SrTiO3", "yes"],
+                                         ["CaTiO3", "0", "1", "CaTiO3", "yes"], ["CaTiO3", "1", "1", "CaTiO3", "yes"]]
+    assert [row[5] for row in rows] == [str(structures[label].pk) for label in
                                         ("SrTiO3_000", "SrTiO3_001", "CaTiO3_000", "CaTiO3_001")]
-    assert [row[4:] for row in rows] == [["SrTiO3", "64.00"]] * 2 + [["CaTiO3", "64.00"]] * 2
+    assert [row[6:] for row in rows] == [["SrTiO3", "64.00"]] * 2 + [["CaTiO3", "64.00"]] * 2
     assert lines[5] == f"4 candidates, 4 valid (EquiCSPSampleBaseWorkChain<{pk}>)"
 
     calculation = next(node for node in workchain.called if isinstance(node, orm.CalcJobNode))

@@ -1,7 +1,8 @@
 """The AiiDA route and the jobflow route give the same ranking table from the same candidates.
 
 Both call :mod:`equicsp_core.pipeline` and :func:`equicsp_core.relax.relax_structures`; this runs both for real
-on SrTiO3 and CaTiO3 (the shipped perov_5 model, 20 sampling steps), with a stub Lennard-Jones potential for the
+on SrTiO3, CaTiO3 and NaF (the shipped perov_5 model, 20 sampling steps; NaF is sampled at Z = 1 and 2, the
+cells of perov_5's 5-atom domain), with a stub Lennard-Jones potential for the
 ML relaxation and the phonon check. The jobflow flow starts from the AiiDA route's sampled candidates, so the
 two tables must agree in every column (floats to 1e-8: structures pass through StructureData in one route and
 through JSON in the other).
@@ -24,7 +25,7 @@ from equicsp_jobflow import CandidateDocument, EquiCSPRelaxMaker, PredictRelaxMa
 
 pytestmark = pytest.mark.slow
 
-FORMULAS = ["SrTiO3", "CaTiO3"]
+FORMULAS = ["SrTiO3", "CaTiO3", "NaF"]
 #: A Lennard-Jones stub for every element (tests/test_relax.py), milliseconds per step.
 RELAX = {"potential": "tests.test_relax:lennard_jones", "fmax": 0.05, "steps": 20}
 
@@ -49,7 +50,8 @@ def test_aiida_and_jobflow_routes_give_the_same_table(equicsp_code, tmp_path):
     entries = sampling.outputs.candidates["candidates"]
     samples = SampleDocument(
         formulas=FORMULAS, num_requested=len(entries), checkpoint="perov_5", checkpoint_sha256=model.sha256,
-        settings={}, invalid=[(e["formula"], e["sample"]) for e in entries if not e["valid"]],
+        settings={}, invalid=[{key: e[key] for key in ("formula", "sample", "formula_units", "cell_formula")}
+                              for e in entries if not e["valid"]],
         candidates=[CandidateDocument.of(e["link_label"], e["formula"], e["sample"],
                                          outputs["sampled"][e["link_label"]].get_pymatgen())
                     for e in entries if e["valid"]])
@@ -64,3 +66,7 @@ def test_aiida_and_jobflow_routes_give_the_same_table(equicsp_code, tmp_path):
     statuses = {row["status"] for row in aiida_rows}
     assert "ml_relaxed" in statuses and statuses - {"ml_relaxed"}
     assert [row["ml_imaginary_modes"] is not None for row in aiida_rows].count(True) == len(FORMULAS)
+    # ... and the cell sizes and merged members: NaF at Z = 1 and 2, every ranked row listing its group
+    assert {(row["reduced_formula"], row["formula_units"]) for row in aiida_rows if row["formula"]} >= {
+        ("NaF", 1), ("NaF", 2), ("SrTiO3", 1)}
+    assert all(row["label"] in row["members"] for row in aiida_rows if row["ml_rank"] is not None)

@@ -35,6 +35,10 @@ def test_ml_only_run_ranks_every_candidate(fixed_cell_equicsp_code, model):
     for row in rows:
         assert row["status"] in {"implausible", "duplicate", "ml_relaxed", "ml_failed"}
         assert (row["status"] == "ml_relaxed") == (row["ml_rank"] is not None)
+        assert row["formula_units"] == 1  # the test model's domain (perov_5) holds SrTiO3 at Z = 1 only
+    # every relaxed candidate is in exactly one ranked row's members (duplicates merged after relaxation)
+    relaxed = sorted(row["label"] for row in rows if row["status"] in {"ml_relaxed", "duplicate"})
+    assert sorted(label for row in ranked for label in row["members"]) == relaxed
     for structure in outputs["ml_relaxed"].values():
         assert structure.get_pymatgen().composition == Composition("SrTiO3")
         assert structure.creator.process_type == "aiida.calculations:equicsp.relax"

@@ -53,8 +53,9 @@ def ml_result(status, energy=None, error=None):
 # SrTiO3_003 Sr and Ti swapped (another structure); SrTiO3_004 a tetragonal cell (c/a 1.5);
 # Sr2Ti2O6_000 a doubled, squashed cell (same reduced composition as SrTiO3, another structure);
 # CaTiO3_000 a cubic perovskite; and the sampler's CaTiO3 sample 1 was invalid.
-# ML relaxation: 000 -8.0 eV/atom; 003 -7.5; 004 failed; Sr2Ti2O6_000 -7.9 but relaxed into a supercell of
-# 000's structure (a duplicate); CaTiO3_000 -7.0.
+# Screening drops only SrTiO3_002 (implausible). ML relaxation: 000 -8.0 eV/atom; 001 -7.95 into 000's
+# structure; 003 -7.5; 004 failed; Sr2Ti2O6_000 (Z = 2) -7.9 but relaxed into a supercell of 000's structure;
+# CaTiO3_000 -7.0. Merged after relaxation: 000 represents {000, 001, Sr2Ti2O6_000}.
 
 
 @pytest.fixture
@@ -75,9 +76,11 @@ def sampled() -> dict[str, orm.StructureData]:
 @pytest.fixture
 def candidates(sampled) -> orm.Dict:
     """The sampler's list: the valid candidates above and one invalid sample."""
-    entries = [{"formula": label.split("_")[0], "sample": int(label.split("_")[1]), "valid": True,
-                "link_label": label} for label in sampled]
-    entries.append({"formula": "CaTiO3", "sample": 1, "valid": False, "link_label": None})
+    entries = [{"formula": label.split("_")[0], "sample": int(label.split("_")[1]),
+                "formula_units": 2 if label.startswith("Sr2") else 1, "cell_formula": label.split("_")[0],
+                "valid": True, "link_label": label} for label in sampled]
+    entries.append({"formula": "CaTiO3", "sample": 1, "formula_units": 1, "cell_formula": "CaTiO3", "valid": False,
+                    "link_label": None})
     return orm.Dict({"candidates": entries})
 
 
@@ -86,6 +89,7 @@ def ml_relaxed() -> dict[str, orm.StructureData]:
     relaxed = perovskite(lattice=Lattice.cubic(3.95))
     return {
         "SrTiO3_000": node(relaxed),
+        "SrTiO3_001": node(relaxed),
         "SrTiO3_003": node(perovskite("Ti", "Sr", Lattice.cubic(3.95))),
         "Sr2Ti2O6_000": node(relaxed * (1, 1, 2)),
         "CaTiO3_000": node(perovskite("Ca", lattice=Lattice.cubic(3.85))),
@@ -96,6 +100,7 @@ def ml_relaxed() -> dict[str, orm.StructureData]:
 def ml_results() -> orm.Dict:
     return orm.Dict({
         "SrTiO3_000": ml_result("converged", -8.0),
+        "SrTiO3_001": ml_result("converged", -7.95),
         "SrTiO3_003": ml_result("converged", -7.5),
         "SrTiO3_004": ml_result("failed", error="RuntimeError: boom"),
         "Sr2Ti2O6_000": ml_result("not_converged", -7.9),
@@ -108,12 +113,14 @@ def test_screen_candidates(candidates, sampled):
     decisions = screening["screening"]
     assert set(decisions) == set(sampled)
     kept = {label for label, decision in decisions.items() if decision["kept"]}
-    assert kept == {"SrTiO3_000", "SrTiO3_003", "SrTiO3_004", "Sr2Ti2O6_000", "CaTiO3_000"}
-    assert decisions["SrTiO3_001"] == {"kept": False, "status": "duplicate", "reason": "duplicate of SrTiO3_000"}
+    # only the implausible cell is dropped: the copy SrTiO3_001 is relaxed too (merged after relaxation)
+    assert kept == {"SrTiO3_000", "SrTiO3_001", "SrTiO3_003", "SrTiO3_004", "Sr2Ti2O6_000", "CaTiO3_000"}
+    assert decisions["SrTiO3_001"] == {"kept": True, "status": None, "reason": None}
     assert decisions["SrTiO3_002"]["status"] == "implausible"
     assert "0.31 Å apart" in decisions["SrTiO3_002"]["reason"]
     assert decisions["SrTiO3_000"] == {"kept": True, "status": None, "reason": None}
-    assert screening["invalid_samples"] == [{"formula": "CaTiO3", "sample": 1}]
+    assert screening["invalid_samples"] == [{"formula": "CaTiO3", "sample": 1, "formula_units": 1,
+                                             "cell_formula": "CaTiO3"}]
     # provenance: a calcfunction with the structures as inputs
     assert screening.creator.process_label == "screen_candidates"
     assert {link.link_label for link in screening.creator.base.links.get_incoming().all()} >= set(sampled)
@@ -128,14 +135,19 @@ def test_screen_candidates_thresholds_are_inputs(candidates, sampled):
     assert "volume per atom" in decisions["SrTiO3_000"]["reason"]
 
 
-def test_a_supercell_is_a_duplicate_across_formulas_of_one_composition(candidates):
-    """Sr2Ti2O6 and SrTiO3 compete: the doubled cell of the same crystal is a duplicate of the first."""
-    structures = {"SrTiO3_000": node(perovskite()), "Sr2Ti2O6_000": node(perovskite() * (2, 1, 1)),
+def test_a_supercell_merges_across_cell_sizes_after_relaxation_not_before():
+    """A Z = 2 cell of the same crystal as a Z = 1 one is kept by screening, and merged when ranked."""
+    structures = {"SrTiO3_000": node(perovskite()), "SrTiO3_001": node(perovskite() * (2, 1, 1)),
                   "CaTiO3_000": node(perovskite("Ca"))}
     decisions = screen_candidates(candidates=orm.Dict({"candidates": []}), parameters=orm.Dict({}),
                                   **structures)["screening"]
-    assert decisions["Sr2Ti2O6_000"]["status"] == "duplicate"
-    assert decisions["CaTiO3_000"]["kept"]
+    assert all(decision["kept"] for decision in decisions.values())
+    results = orm.Dict({"SrTiO3_000": ml_result("converged", -7.0), "SrTiO3_001": ml_result("converged", -7.1),
+                        "CaTiO3_000": ml_result("converged", -6.0)})
+    ranking = rank_candidates(ml_results=results, top_k=orm.Int(3), **structures)["ranking"]
+    assert ranking["SrTiO3_001"]["members"] == ["SrTiO3_001", "SrTiO3_000"]
+    assert ranking["SrTiO3_000"]["status"] == "duplicate"
+    assert ranking["CaTiO3_000"]["members"] == ["CaTiO3_000"]
 
 
 @pytest.mark.parametrize(("top_k", "dft"), [(1, {"SrTiO3_000", "CaTiO3_000"}),
@@ -144,12 +156,15 @@ def test_a_supercell_is_a_duplicate_across_formulas_of_one_composition(candidate
 def test_rank_candidates(ml_results, ml_relaxed, top_k, dft):
     ranked = rank_candidates(ml_results=ml_results, top_k=orm.Int(top_k), **ml_relaxed)
     ranking = ranked["ranking"]
-    assert ranking["SrTiO3_000"] == {"ml_rank": 1, "status": "ml_relaxed", "reason": None}
-    assert ranking["SrTiO3_003"] == {"ml_rank": 2, "status": "ml_relaxed", "reason": None}
-    assert ranking["Sr2Ti2O6_000"] == {"ml_rank": None, "status": "duplicate",
-                                       "reason": "relaxed into the structure of SrTiO3_000"}
-    assert ranking["SrTiO3_004"] == {"ml_rank": None, "status": "ml_failed", "reason": "RuntimeError: boom"}
-    assert ranking["CaTiO3_000"] == {"ml_rank": 1, "status": "ml_relaxed", "reason": None}
+    assert ranking["SrTiO3_000"] == {"ml_rank": 1, "status": "ml_relaxed", "reason": None,
+                                     "members": ["SrTiO3_000", "SrTiO3_001", "Sr2Ti2O6_000"]}
+    assert ranking["SrTiO3_003"] == {"ml_rank": 2, "status": "ml_relaxed", "reason": None, "members": ["SrTiO3_003"]}
+    for duplicate in ("SrTiO3_001", "Sr2Ti2O6_000"):
+        assert ranking[duplicate] == {"ml_rank": None, "status": "duplicate", "members": None,
+                                      "reason": "relaxed into the structure of SrTiO3_000"}
+    assert ranking["SrTiO3_004"] == {"ml_rank": None, "status": "ml_failed", "reason": "RuntimeError: boom",
+                                     "members": None}
+    assert ranking["CaTiO3_000"] == {"ml_rank": 1, "status": "ml_relaxed", "reason": None, "members": ["CaTiO3_000"]}
     assert set(ranked["dft"]) == dft
 
 
@@ -186,7 +201,8 @@ def test_tabulate_ranking(candidates, sampled, ml_results, ml_relaxed):
     by_label = {row["label"]: row for row in rows}
     best = by_label["SrTiO3_000"]
     assert best["ml_rank"] == 1 and best["ml_energy_per_atom"] == -8.0 and best["ml_converged"] is True
-    assert best["reduced_formula"] == "SrTiO3"
+    assert best["reduced_formula"] == "SrTiO3" and best["formula_units"] == 1 and best["formula"] == "SrTiO3"
+    assert best["members"] == ["SrTiO3_000", "SrTiO3_001", "Sr2Ti2O6_000"]
     assert best["space_group_sampled"] == "Pm-3m (221)" and best["space_group_ml"] == "Pm-3m (221)"
     assert best["ml_volume_change"] == pytest.approx((3.95 / 3.9) ** 3 - 1)
     assert best["ml_rms_displacement"] == pytest.approx(0.0, abs=1e-9)
@@ -194,14 +210,16 @@ def test_tabulate_ranking(candidates, sampled, ml_results, ml_relaxed):
     duplicate = by_label["Sr2Ti2O6_000"]
     assert duplicate["reason"] == "relaxed into the structure of SrTiO3_000"
     assert duplicate["ml_converged"] is False and duplicate["ml_energy_per_atom"] == -7.9
-    assert duplicate["reduced_formula"] == "SrTiO3"
-    assert by_label["SrTiO3_001"]["reason"] == "duplicate of SrTiO3_000"
-    assert by_label["SrTiO3_001"]["ml_energy_per_atom"] is None
+    assert duplicate["reduced_formula"] == "SrTiO3" and duplicate["formula_units"] == 2
+    assert duplicate["formula"] == "Sr2Ti2O6" and duplicate["members"] is None
+    assert by_label["SrTiO3_001"]["reason"] == "relaxed into the structure of SrTiO3_000"
+    assert by_label["SrTiO3_001"]["ml_energy_per_atom"] == -7.95
+    assert by_label["SrTiO3_002"]["ml_energy_per_atom"] is None and by_label["SrTiO3_002"]["members"] is None
     failed = by_label["SrTiO3_004"]
     assert failed["reason"] == "RuntimeError: boom" and failed["ml_rank"] is None
     assert failed["ml_energy_per_atom"] is None and failed["space_group_ml"] is None
     invalid = by_label[None]
-    assert invalid["formula"] == "CaTiO3" and invalid["sample"] == 1
+    assert invalid["formula"] == "CaTiO3" and invalid["sample"] == 1 and invalid["formula_units"] == 1
     assert invalid["reason"] == STATUSES["invalid_sample"]
     assert all(row["dft_energy_per_atom"] is None for row in rows if row["label"] is not None)
     assert table["statuses"] == STATUSES
@@ -219,10 +237,12 @@ def test_tabulate_ranking_before_any_relaxation(candidates, sampled):
 
 
 def test_invalid_samples_are_grouped_by_reduced_composition():
-    """An invalid Sr2Ti2O6 sample sits among the SrTiO3 rows, not under its own formula (which sorts before SrO)."""
+    """An invalid SrTiO3 sample at Z = 2 (cell Sr2Ti2O6) sits among the SrTiO3 rows, not under its cell formula
+    (which sorts before SrO)."""
     structures = {"SrO_000": node(Structure(Lattice.cubic(3.0), ["Sr", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])),
                   "SrTiO3_000": node(perovskite())}
-    candidates = orm.Dict({"candidates": [{"formula": "Sr2Ti2O6", "sample": 3, "valid": False, "link_label": None}]})
+    candidates = orm.Dict({"candidates": [{"formula": "SrTiO3", "sample": 3, "formula_units": 2,
+                                           "cell_formula": "Sr2Ti2O6", "valid": False, "link_label": None}]})
     screening = screen_candidates(candidates=candidates, parameters=orm.Dict({"min_distance": 50.0}), **structures)
     table = tabulate_ranking(screening=screening, ml_ranking=orm.Dict({"ranking": {}, "dft": []}),
                              ml_results=orm.Dict({}),
@@ -231,7 +251,7 @@ def test_invalid_samples_are_grouped_by_reduced_composition():
     assert [(row["label"], row["reduced_formula"]) for row in rows] == [
         ("SrO_000", "SrO"), (None, "SrTiO3"), ("SrTiO3_000", "SrTiO3")]
     assert rows[1]["formula"] == "Sr2Ti2O6"
-    assert rows[1]["reduced_formula"] == "SrTiO3" and rows[1]["sample"] == 3
+    assert rows[1]["reduced_formula"] == "SrTiO3" and rows[1]["sample"] == 3 and rows[1]["formula_units"] == 2
 
 
 # ------------------------------------------------------------------------------------------------

@@ -130,6 +130,8 @@ def test_winners_dataframe_and_export(campaign, tmp_path):
     winners = lowest_energy_per_formula(campaign)
     assert list(frame["composition"]) == COMPOSITIONS
     assert list(frame["level"]) == ["ml", "ml"]
+    # perov_5's domain holds 5 atoms: both winners at Z = 1, their cells as written
+    assert list(frame["formula_units"]) == [1, 1] and list(frame["cell_formula"]) == COMPOSITIONS
     assert list(frame["structure_pk"]) == [winner.structure.pk for winner in winners.values()]
     assert list(frame["energy_per_atom"]) == [winner.energy_per_atom for winner in winners.values()]
 
@@ -141,7 +143,7 @@ def test_winners_dataframe_and_export(campaign, tmp_path):
         assert abs(atoms.get_volume() - winner.structure.get_cell_volume()) < 1e-3
     paths = export_winners(campaign, tmp_path / "xyz", fmt="extxyz")
     atoms = read(paths[0], format="extxyz")
-    assert atoms.info["composition"] == "SrTiO3" and atoms.info["level"] == "ml"
+    assert atoms.info["composition"] == "SrTiO3" and atoms.info["level"] == "ml" and atoms.info["formula_units"] == 1
     assert atoms.info["energy_per_atom"] == pytest.approx(winners["SrTiO3"].energy_per_atom)
     with pytest.raises(ValueError, match="unknown format 'pdb'"):
         export_winners(campaign, tmp_path, fmt="pdb")

@@ -255,17 +255,25 @@ def test_missing_samples_are_counted_per_formula_valid_or_not():
 
 
 def test_merge_renumbers_per_formula_and_drops_the_surplus():
-    """Candidates in calculation order; a rerun's extra candidates of a formula already complete are dropped."""
-    first = [{"formula": "SrTiO3", "sample": 0, "valid": True, "link_label": "SrTiO3_000"},
-             {"formula": "CaTiO3", "sample": 0, "valid": False, "link_label": None}]
-    rerun = [{"formula": "CaTiO3", "sample": 0, "valid": True, "link_label": "CaTiO3_000"},
-             {"formula": "CaTiO3", "sample": 1, "valid": True, "link_label": "CaTiO3_001"},
-             {"formula": "SrTiO3", "sample": 0, "valid": True, "link_label": "SrTiO3_000"}]
+    """Candidates in calculation order; a rerun's extra candidates of a formula already complete are dropped;
+    each keeps the Z and cell its calculation sampled it at (not those of its new index: SrTiO3_001 is the
+    rerun's sample 0, at Z = 1)."""
+    def entry(formula, sample, valid, units):
+        cell = {1: formula, 2: formula.replace("Sr", "Sr2").replace("Ca", "Ca2").replace("TiO3", "Ti2O6")}[units]
+        return {"formula": formula, "sample": sample, "formula_units": units, "cell_formula": cell, "valid": valid,
+                "link_label": f"{formula}_{sample:03d}" if valid else None}
+
+    first = [entry("SrTiO3", 0, True, 1), entry("CaTiO3", 0, False, 1)]
+    rerun = [entry("CaTiO3", 0, True, 1), entry("CaTiO3", 1, True, 2), entry("SrTiO3", 0, True, 1)]
+    first[0]["formula_units"] = 2  # as if SrTiO3 had been asked for at Z = 2 only
+    first[0]["cell_formula"] = "Sr2Ti2O6"
     merged = merge_candidate_lists(["SrTiO3", "CaTiO3"], 2, [(1, "uuid-1", first), (2, "uuid-2", rerun)])
-    assert [(m["formula"], m["sample"], m["link_label"], m["calculation_pk"], m["calculation_link_label"])
-            for m in merged] == [
-        ("SrTiO3", 0, "SrTiO3_000", 1, "SrTiO3_000"), ("SrTiO3", 1, "SrTiO3_001", 2, "SrTiO3_000"),
-        ("CaTiO3", 0, None, 1, None), ("CaTiO3", 1, "CaTiO3_001", 2, "CaTiO3_000")]
+    assert [(m["formula"], m["sample"], m["formula_units"], m["cell_formula"], m["link_label"], m["calculation_pk"],
+             m["calculation_link_label"]) for m in merged] == [
+        ("SrTiO3", 0, 2, "Sr2Ti2O6", "SrTiO3_000", 1, "SrTiO3_000"),
+        ("SrTiO3", 1, 1, "SrTiO3", "SrTiO3_001", 2, "SrTiO3_000"),
+        ("CaTiO3", 0, 1, "CaTiO3", None, 1, None),
+        ("CaTiO3", 1, 1, "CaTiO3", "CaTiO3_001", 2, "CaTiO3_000")]
 
 
 # ------------------------------------------------------------------------------------------------

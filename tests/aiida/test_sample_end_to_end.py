@@ -84,3 +84,30 @@ def test_test_switch_fails_the_first_run_as_out_of_memory(equicsp_code, model, t
     assert (tmp_path / "failed-once").is_file()
     _, second = run_get_node(builder)
     assert second.exit_status == 0
+
+
+def test_a_reduced_formula_is_sampled_over_z_and_the_outputs_say_which(fixed_cell_equicsp_code, model):
+    """Si (reduced) with max_formula_units 2 and NaF explicit as Na2F2: Z and the cell of every candidate in
+    ``candidates``, each structure holding its cell, labels by requested formula and sample."""
+    builder = sample_builder(fixed_cell_equicsp_code, model, max_formula_units=2)
+    builder.compositions, builder.num_samples = orm.List(["Si", "Na2F2"]), orm.Int(3)
+    outputs, calc = run_get_node(builder)
+    assert calc.exit_status == 0, calc.exit_message
+    candidates = outputs["candidates"]["candidates"]
+    assert [(c["link_label"], c["formula_units"], c["cell_formula"]) for c in candidates] == [
+        ("Si_000", 1, "Si"), ("Si_001", 2, "Si2"), ("Si_002", 1, "Si"),
+        ("Na2F2_000", 2, "Na2F2"), ("Na2F2_001", 2, "Na2F2"), ("Na2F2_002", 2, "Na2F2")]
+    for candidate in candidates:
+        structure = outputs["structures"][candidate["link_label"]].get_pymatgen()
+        assert structure.composition == Composition(candidate["cell_formula"])
+
+
+def test_a_composition_with_no_z_the_model_supports_is_refused_before_anything_is_stored(equicsp_code, model):
+    """SrTiO4 (6 atoms at Z = 1) for the test model's 5-atom domain: refused at submission, naming it."""
+    builder = sample_builder(equicsp_code, model)
+    builder.compositions = orm.List(["SrTiO4"])
+    nodes_before = orm.QueryBuilder().append(orm.ProcessNode).count()
+    with pytest.raises(ValueError, match=r"'SrTiO4' is outside the model's training domain \(6 atoms, more than "
+                                         r"the 5 of perov_5\)"):
+        run_get_node(builder)
+    assert orm.QueryBuilder().append(orm.ProcessNode).count() == nodes_before

@@ -12,21 +12,24 @@ RUN_INFO = {"complete": True, "requested": 4, "written": 4, "valid": 2, "steps":
             "device": "cpu", "seconds": 0.1, "versions": {"equicsp": "0.1.0", "torch": "2.13.0+cpu"}}
 
 
-def perovskite_cif(a_site: str) -> str:
-    """A cubic ABO3 perovskite cell (5 atoms) as CIF text."""
+def perovskite_cif(a_site: str, formula_units: int = 1) -> str:
+    """A cubic ABO3 perovskite cell (5 atoms), or a 1×1×Z supercell of it, as CIF text."""
     structure = Structure(Lattice.cubic(3.9), [a_site, "Ti", "O", "O", "O"],
                           [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
-    return structure.to(fmt="cif")
+    return (structure * (1, 1, formula_units)).to(fmt="cif")
 
 
 def results(entries, run_info=RUN_INFO, stderr="") -> dict[str, str]:
-    """Retrieved files of a run: index.json listing ``entries`` (formula, sample, valid), their CIFs, run.json."""
+    """Retrieved files of a run: index.json listing ``entries`` (formula, sample, valid, Z), their CIFs, run.json."""
     samples, files = [], {"equicsp.err": stderr, "equicsp.out": ""}
-    for formula, sample, valid in entries:
+    for formula, sample, valid, units in entries:
         name = f"{formula}_{sample:03d}.cif" if valid else None
-        samples.append({"formula": formula, "sample": sample, "valid": valid, "file": name})
+        cell = "".join(f"{element}{'' if count * units == 1 else int(count * units)}"
+                       for element, count in Composition(formula).as_dict().items())
+        samples.append({"formula": formula, "sample": sample, "formula_units": units, "cell_formula": cell,
+                        "valid": valid, "file": name})
         if valid:
-            files[f"results/{name}"] = perovskite_cif(formula[:2])
+            files[f"results/{name}"] = perovskite_cif(formula[:2], units)
     files["results/index.json"] = json.dumps({"checkpoint": "model.pt", "steps": 5, "seed": 0, "step_lr": 5e-6,
                                               "samples": samples})
     if run_info is not None:
@@ -34,7 +37,7 @@ def results(entries, run_info=RUN_INFO, stderr="") -> dict[str, str]:
     return files
 
 
-ALL_ENTRIES = [("SrTiO3", 0, True), ("SrTiO3", 1, False), ("CaTiO3", 0, False), ("CaTiO3", 1, True)]
+ALL_ENTRIES = [("SrTiO3", 0, True, 1), ("SrTiO3", 1, False, 2), ("CaTiO3", 0, False, 1), ("CaTiO3", 1, True, 2)]
 
 
 @pytest.fixture
@@ -54,17 +57,22 @@ def failed_run(tiny_checkpoint, tmp_path, capsys, monkeypatch):
 
 
 def test_complete_run(parse_retrieved):
-    """Exit 0: a StructureData per valid candidate, labelled by formula and sample; candidates; run_info."""
+    """Exit 0: a StructureData per valid candidate, labelled by requested formula and sample; candidates with
+    their Z and cell; run_info."""
     outputs, calcfunction = parse_retrieved(results(ALL_ENTRIES))
     assert calcfunction.exit_status == 0
     assert set(outputs["structures"]) == {"SrTiO3_000", "CaTiO3_001"}
     assert outputs["structures"]["SrTiO3_000"].get_pymatgen().composition == Composition("SrTiO3")
-    assert outputs["structures"]["CaTiO3_001"].get_pymatgen().composition == Composition("CaTiO3")
+    assert outputs["structures"]["CaTiO3_001"].get_pymatgen().composition == Composition("Ca2Ti2O6")
     assert outputs["candidates"]["candidates"] == [
-        {"formula": "SrTiO3", "sample": 0, "valid": True, "link_label": "SrTiO3_000"},
-        {"formula": "SrTiO3", "sample": 1, "valid": False, "link_label": None},
-        {"formula": "CaTiO3", "sample": 0, "valid": False, "link_label": None},
-        {"formula": "CaTiO3", "sample": 1, "valid": True, "link_label": "CaTiO3_001"},
+        {"formula": "SrTiO3", "sample": 0, "formula_units": 1, "cell_formula": "SrTiO3", "valid": True,
+         "link_label": "SrTiO3_000"},
+        {"formula": "SrTiO3", "sample": 1, "formula_units": 2, "cell_formula": "Sr2Ti2O6", "valid": False,
+         "link_label": None},
+        {"formula": "CaTiO3", "sample": 0, "formula_units": 1, "cell_formula": "CaTiO3", "valid": False,
+         "link_label": None},
+        {"formula": "CaTiO3", "sample": 1, "formula_units": 2, "cell_formula": "Ca2Ti2O6", "valid": True,
+         "link_label": "CaTiO3_001"},
     ]
     assert outputs["run_info"].get_dict() == RUN_INFO
 
