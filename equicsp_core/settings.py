@@ -337,11 +337,11 @@ class StabilitySettings(Settings):
 
     stability: StrictBool = Field(True, description="energy above the hull (ML level) and novelty of each relaxed "
                                                     "candidate against the reference set")
-    reference_cutoff: Number = Field(0.0, ge=0, allow_inf_nan=False,
+    reference_cutoff: Number = Field(0.05, ge=0, allow_inf_nan=False,
                                      description="hull references: entries whose data e_above_hull is at most "
                                                  "this, eV/atom")
     references_per_composition: StrictInt = Field(
-        1, ge=1, description="hull references: at most this many per reduced formula, lowest data e_above_hull first")
+        2, ge=1, description="hull references: at most this many per reduced formula, lowest data e_above_hull first")
 
 
 class DFTSettings(Settings):
