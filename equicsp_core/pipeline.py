@@ -176,6 +176,16 @@ def ml_level(settings: RelaxSettings) -> str:
     return f"ML ({settings.potential}, fmax {settings.fmax:g} eV/Å, {settings.steps} steps{cell})"
 
 
+def levels(settings: RelaxSettings | None) -> dict[str, str]:
+    """The level of each ML energy column of the table (:func:`ml_level`); ``{}`` when the potential is not known
+    (a relax Maker other than the engine's)."""
+    if settings is None:
+        return {}
+    level = ml_level(settings)
+    return {"ml_energy_per_atom": level,
+            "ml_e_above_hull": f"{level}: the candidate and the reference entries of its system relaxed alike"}
+
+
 def stability(
     ml_results: Mapping[str, Mapping[str, Any]],
     ml_relaxed: Mapping[str, Structure],

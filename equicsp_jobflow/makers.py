@@ -32,6 +32,7 @@ from equicsp_core.pipeline import (
     DFTOutcome,
     candidate_label,
     label_prefixes,
+    levels,
     rank,
     screen,
     stability,
@@ -284,7 +285,8 @@ def rank_and_finish(samples: SampleDocument, screening: ScreenDocument, relaxati
             relax.name = f"{relax.name} {winner.label}"
             jobs.append(relax)
             dft[winner.label] = relax.output
-    table = tabulate(samples, screening, relaxation, ranked.as_dict(), phonons, dft, assess.output)
+    table = tabulate(samples, screening, relaxation, ranked.as_dict(), phonons, dft, assess.output,
+                     _relax_settings(maker.relax_maker))
     table.config.on_missing_references = OnMissing.NONE  # a failed DFT job arrives as None: a dft_failed row
     return Response(replace=Flow([*jobs, table], output=table.output))
 
@@ -326,8 +328,8 @@ def symmetrize_structure(structure: Structure, symprec: float) -> Structure:
 
 @job(output_schema=RankingDocument, data=Structure)
 def tabulate(samples: SampleDocument, screening: ScreenDocument, relaxation: RelaxDocument, ranking: dict[str, Any],
-             phonons: dict[str, Any] | None, dft: dict[str, Any],
-             stability: dict[str, Any] | None = None) -> RankingDocument:
+             phonons: dict[str, Any] | None, dft: dict[str, Any], stability: dict[str, Any] | None = None,
+             relax_settings: dict[str, Any] | None = None) -> RankingDocument:
     """The ranking table (:func:`equicsp_core.pipeline.table_rows`) and the relaxed structures."""
     sampled = {c.label: c for c in samples.candidates}
     dft_outcomes, dft_relaxed = {}, []
@@ -344,5 +346,6 @@ def tabulate(samples: SampleDocument, screening: ScreenDocument, relaxation: Rel
         ml_relaxed={c.label: c.structure for c in relaxation.relaxed}, phonons=phonons, dft=dft_outcomes,
         stability=stability)
     return RankingDocument(rows=rows, statuses=STATUSES, units=UNITS, winners=ranking["dft"],
+                           levels=levels(RelaxSettings(**relax_settings) if relax_settings is not None else None),
                            ml_relaxed=relaxation.relaxed, dft_relaxed=dft_relaxed)
 

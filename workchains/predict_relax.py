@@ -37,7 +37,7 @@ from aiida.common import AttributeDict
 from aiida.engine import ExitCode, ProcessBuilder, ToContext, WorkChain, calcfunction, if_
 from aiida.engine.processes.workchains.workchain import WorkChainSpec
 
-from equicsp_core.pipeline import STATUSES, UNITS, DFTOutcome, rank, screen, stability, table_rows
+from equicsp_core.pipeline import STATUSES, UNITS, DFTOutcome, levels, rank, screen, stability, table_rows
 from equicsp_core.settings import (
     DFTSettings,
     RankSettings,
@@ -98,12 +98,14 @@ def assess_stability(ml_results: orm.Dict, ml_ranking: orm.Dict, relax_parameter
 
 @calcfunction
 def tabulate_ranking(screening: orm.Dict, ml_ranking: orm.Dict, ml_results: orm.Dict, phonons: orm.Dict | None = None,
-                     stability: orm.Dict | None = None, **nodes: orm.Data) -> orm.Dict:
+                     stability: orm.Dict | None = None, relax_parameters: orm.Dict | None = None,
+                     **nodes: orm.Data) -> orm.Dict:
     """The ranking table (:func:`equicsp_core.pipeline.table_rows`) under ``"rows"``, with statuses and units.
 
     ``nodes`` holds, by link label ``L``: ``sampled_L``, ``ml_L`` (ML-relaxed), ``dft_L`` and ``dft_parameters_L``
     (the PwRelaxWorkChain's ``output_structure`` and ``output_parameters``) or ``dft_failed_L`` (why it failed);
-    ``phonons`` is the phonon check's ``results``, ``stability`` :func:`assess_stability`'s output.
+    ``phonons`` is the phonon check's ``results``, ``stability`` :func:`assess_stability`'s output,
+    ``relax_parameters`` the ML relaxation's settings (they name the ML level under ``"levels"``).
     """
     def structures(prefix: str) -> dict[str, Any]:
         return {key[len(prefix):]: node.get_pymatgen() for key, node in nodes.items()
@@ -120,7 +122,8 @@ def tabulate_ranking(screening: orm.Dict, ml_ranking: orm.Dict, ml_results: orm.
         screening=screening["screening"], ranking=ml_ranking["ranking"], ml_results=ml_results.get_dict(),
         ml_relaxed=structures("ml_"), phonons=phonons.get_dict() if phonons is not None else None, dft=dft,
         stability=stability.get_dict() if stability is not None else None)
-    return orm.Dict({"rows": rows, "statuses": STATUSES, "units": UNITS})
+    relax = RelaxSettings.from_mapping(relax_parameters.get_dict()) if relax_parameters is not None else None
+    return orm.Dict({"rows": rows, "statuses": STATUSES, "units": UNITS, "levels": levels(relax)})
 
 
 @calcfunction
@@ -500,5 +503,6 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
             nodes["phonons"] = phonons.outputs.results
         if "stability" in self.ctx:
             nodes["stability"] = self.ctx.stability
+        nodes["relax_parameters"] = self.inputs.relax.get("parameters", orm.Dict({}))
         self.out("ranking", call_function_once(self, tabulate_ranking, "tabulate", screening=self.ctx.screening,
                                                ml_ranking=ml_ranking, ml_results=ml_results, **nodes))

@@ -57,9 +57,12 @@ def test_aiida_and_jobflow_routes_give_the_same_table(equicsp_code, tmp_path):
     flow = maker.make_from_samples(samples)
     store = JobStore(MemoryStore(), additional_stores={"data": MemoryStore()})
     run_locally(flow, store=store, root_dir=tmp_path, ensure_success=True, log=False)
-    jobflow_rows = MontyDecoder().process_decoded(store.get_output(flow.output.uuid, load=True)).rows
+    jobflow_table = MontyDecoder().process_decoded(store.get_output(flow.output.uuid, load=True))
+    jobflow_rows = jobflow_table.rows
 
     assert rounded(jobflow_rows) == rounded(aiida_rows)
+    assert jobflow_table.levels == outputs["ranking"]["levels"]
+    assert outputs["ranking"]["levels"]["ml_energy_per_atom"] == "ML (tests.test_relax:lennard_jones, fmax 0.05 eV/Å, 20 steps)"
     # the comparison covers every stage: ranked rows, a duplicate or implausible one, and the phonon columns
     statuses = {row["status"] for row in aiida_rows}
     assert "ml_relaxed" in statuses and statuses - {"ml_relaxed"}

@@ -225,8 +225,11 @@ def test_assess_stability_and_its_columns(candidates, sampled, ml_results, ml_re
     screening = screen_candidates(candidates=candidates, parameters=orm.Dict({}), **sampled)
     nodes = {f"sampled_{label}": structure for label, structure in sampled.items()}
     nodes.update({f"ml_{label}": structure for label, structure in ml_relaxed.items()})
-    rows = {row["label"]: row for row in tabulate_ranking(screening=screening, ml_ranking=ranked, ml_results=ml_results,
-                                                          stability=assessed, **nodes)["rows"]}
+    table = tabulate_ranking(screening=screening, ml_ranking=ranked, ml_results=ml_results, stability=assessed,
+                             relax_parameters=orm.Dict({"potential": "sevennet", "steps": 100}), **nodes)
+    assert table["levels"]["ml_energy_per_atom"] == "ML (sevennet, fmax 0.05 eV/Å, 100 steps)"
+    assert table["levels"]["ml_e_above_hull"].startswith("ML (sevennet, fmax 0.05 eV/Å, 100 steps): ")
+    rows = {row["label"]: row for row in table["rows"]}
     assert "equicsp reference build" in rows["SrTiO3_000"]["reason"]
     assert rows["Sr2Ti2O6_000"]["reason"] == "relaxed into the structure of SrTiO3_000"
 
