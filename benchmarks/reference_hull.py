@@ -9,9 +9,11 @@ relaxed), on the CPU:
   relaxation takes (seconds per reference, measured on the references not yet in the energy cache);
 - ``sanity``: the first ``--rows`` reserved mp_20 test rows (``reserved_test_rows.txt``, file order) whose
   Materials Project ``e_above_hull`` is 0 and which have at most ``--max-elements`` elements: each known
-  structure is ML-relaxed and its energy above the ML hull computed against the reference set **without its
-  own entry** (the row is in the set: with it, the value could not be below 0). For DFT-stable entries it should
-  be near 0.
+  structure is ML-relaxed and its energy above the ML hull computed against the reference set. The row is in
+  the set, so the value is >= 0 by construction and 0 exactly when the ML hull agrees that the known structure
+  is stable; a positive value is how far the ML potential places it above other references. Also given:
+  the value **without its own entry** (its ML decomposition energy against the other references: negative
+  when the ML potential finds it stable against them, as the DFT data does).
 
 The reference energies are cached (:class:`equicsp_core.stability.EnergyCache`, in ``$EQUICSP_CACHE_DIR``), so
 a second run relaxes only what is new.
@@ -93,11 +95,14 @@ def main() -> None:
             (known,) = [entry for entry in reference.entries if entry.id == record["material_id"]]
             started = time.perf_counter()
             relaxed = relax_structure(known.structure, calculator, relax_settings)
-            hull = e_above_hull({"known": (relaxed.structure, relaxed.energy_per_atom)}, reference, relax, cache,
-                                settings.reference_cutoff, settings.references_per_composition,
-                                exclude=[known.id])["known"]
+            candidate = {"known": (relaxed.structure, relaxed.energy_per_atom)}
+            hull = e_above_hull(candidate, reference, relax, cache, settings.reference_cutoff,
+                                settings.references_per_composition)["known"]
+            without = e_above_hull(candidate, reference, relax, cache, settings.reference_cutoff,
+                                   settings.references_per_composition, exclude=[known.id])["known"]
             results.append({"row": row, "material_id": known.id, "formula": record["pretty_formula"],
                             "ml_e_above_hull": hull.e_above_hull, "reason": hull.reason,
+                            "ml_e_above_hull_without_itself": without.e_above_hull,
                             "novelty": novelty(relaxed.structure, reference),
                             "seconds": round(time.perf_counter() - started, 1)})
             print(json.dumps(results[-1]))
@@ -105,8 +110,12 @@ def main() -> None:
                 break
         values = [result["ml_e_above_hull"] for result in results if result["ml_e_above_hull"] is not None]
         report["rows"] = results
+        others = [result["ml_e_above_hull_without_itself"] for result in results
+                  if result["ml_e_above_hull_without_itself"] is not None]
         report["summary"] = {"n": len(values), "mean_abs": sum(map(abs, values)) / len(values),
-                             "max_abs": max(map(abs, values)), "within_0.05": sum(abs(v) <= 0.05 for v in values)}
+                             "max_abs": max(map(abs, values)), "within_0.025": sum(abs(v) <= 0.025 for v in values),
+                             "within_0.05": sum(abs(v) <= 0.05 for v in values),
+                             "without_itself_below_0": sum(v < 0 for v in others), "without_itself_n": len(others)}
         print(json.dumps(report["summary"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))

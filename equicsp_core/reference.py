@@ -2,9 +2,9 @@
 
 Stability (energy above the convex hull) and novelty (:mod:`equicsp_core.stability`) compare candidates with
 this set. It is **built**, never shipped: data never goes into git. ``equicsp reference build`` (or the first
-use, when the data folder is found) reads every split file of the data folder (:func:`equicsp_core.data.
-resolve_data_dir`: ``mp_20``, ``mpts_52``, ``perov_5``, ``carbon_24``; ``train``, ``val``, ``test`` where present)
-and writes one gzip JSON-lines file into the cache folder (``$EQUICSP_CACHE_DIR``, else ``~/.cache/equicsp``):
+use, when the data folder is found) reads every split file of the data folder
+(:func:`equicsp_core.data.resolve_data_dir`: ``mp_20``, ``mpts_52``, ``perov_5``, ``carbon_24``; ``train``,
+``val``, ``test`` where present) and writes one gzip JSON-lines file into the cache folder (``$EQUICSP_CACHE_DIR``, else ``~/.cache/equicsp``):
 ``reference_set.jsonl.gz``. Each line is one entry::
 
     {"id": "mp-1234", "source": "mp_20", "lattice": [[3x3] Å], "species": ["Sr", ...],
@@ -255,21 +255,28 @@ class ReferenceSet:
 
         Per reduced formula: the entries whose data ``e_above_hull`` is at most ``cutoff`` (eV/atom), lowest
         first; a formula with no data ``e_above_hull`` at all (perov_5, carbon_24, ASE's elements) gives its
-        entries in id order. Formulas whose every data value is above the cut-off are left out: the data
-        places them above its own hull.
+        entries in id order. Compounds whose every data value is above the cut-off are left out: the data
+        places them above its own hull. An element always has a reference: its lowest entries even above the
+        cut-off (the set lacks its ground state: Sn has only polymorphs 0.07 eV/atom above MP's hull), and ASE's
+        crystal where the set has it.
         """
         chosen: dict[str, list[ReferenceEntry]] = {}
         for entry in self.in_system(elements):
             chosen.setdefault(entry.reduced_formula, []).append(entry)
         selected: list[ReferenceEntry] = []
         for entries in chosen.values():
-            known = [entry for entry in entries if entry.e_above_hull is not None]
+            known = sorted((entry for entry in entries if entry.e_above_hull is not None),
+                           key=lambda entry: (entry.e_above_hull, entry.id))
+            unknown = sorted((entry for entry in entries if entry.e_above_hull is None), key=lambda entry: entry.id)
             if known:
-                keep = sorted((entry for entry in known if entry.e_above_hull <= cutoff),
-                              key=lambda entry: (entry.e_above_hull, entry.id))
+                keep = [entry for entry in known if entry.e_above_hull <= cutoff]
             else:
-                keep = sorted(entries, key=lambda entry: entry.id)
-            selected += keep[:per_composition]
+                keep = [entry for entry in unknown if entry.source != "ase"]
+            if len(entries[0].elements) == 1:
+                keep = (keep or known)[:per_composition] + [entry for entry in unknown if entry.source == "ase"]
+            else:
+                keep = keep[:per_composition]
+            selected += keep
         return sorted(selected, key=lambda entry: entry.id)
 
 

@@ -314,3 +314,12 @@ def test_chgnet_hull_of_silicon_from_the_real_data(tmp_path):
                         per_composition=1)
     assert abs(hull["si"].e_above_hull) < 0.01, hull  # measured: ~0 eV/atom
     assert novelty(candidate.structure, reference) == "matches mp-149 (Fd-3m)"
+
+
+def test_an_element_keeps_a_reference_above_the_cutoff():
+    """Sn's only entries lie 0.07 eV/atom above MP's hull: the element keeps its lowest rather than leave a gap."""
+    entries = [entry_of("sn-a", "test", fcc("Sn", 4.6), 0.074), entry_of("sn-b", "test", fcc("Sn", 4.7), 0.066),
+               entry_of("snna", "test", rocksalt("Sn", "Na"), 0.2), entry_of("na", "test", fcc("Na"), 0.0),
+               entry_of("ase-Na", "ase", fcc("Na", 4.3), None)]
+    chosen = ReferenceSet(entries, "a" * 64).hull_references({"Sn", "Na"}, cutoff=0.05, per_composition=1)
+    assert [entry.id for entry in chosen] == ["ase-Na", "na", "sn-b"]  # SnNa (above the cut-off) is left out
