@@ -298,9 +298,9 @@ def test_pipeline_stability_without_a_reference_set_says_how_to_build_it(tmp_pat
 def test_chgnet_hull_of_silicon_from_the_real_data(tmp_path):
     """The Si entries of mp_20 (val, test) relaxed with CHGNet: diamond Si (mp-149) lies on the ML hull."""
     folder = tmp_path / "data"
-    for split in ("val", "test"):
-        table = pd.read_csv(SHARED_DATA / "mp_20" / f"{split}.csv.gz")
-        write_split(folder, "mp_20", split, table[table["pretty_formula"] == "Si"].to_dict("records"))
+    tables = [pd.read_csv(SHARED_DATA / "mp_20" / f"{split}.csv.gz") for split in ("val", "test")]
+    silicon = pd.concat([table[table["pretty_formula"] == "Si"] for table in tables])
+    write_split(folder, "mp_20", "test", silicon.to_dict("records"))
     path = build_reference(folder, tmp_path / "si.jsonl.gz", pin=None)
     reference = load_reference(path, pin=None)
     (diamond,) = [entry for entry in reference.entries if entry.id == "mp-149"]
