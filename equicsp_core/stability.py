@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from equicsp_core.files import write_text_atomically
+from equicsp_core.files import cache_dir, write_text_atomically
 from equicsp_core.reference import ReferenceEntry, ReferenceSet
 
 if TYPE_CHECKING:
@@ -45,9 +45,7 @@ ENERGY_CACHE_FILE = "reference_energies.json"
 
 def default_cache_path() -> Path:
     """``reference_energies.json`` in the cache folder (``$EQUICSP_CACHE_DIR``, else ``~/.cache/equicsp``)."""
-    from equicsp_core.data import _cache_dir
-
-    return _cache_dir() / ENERGY_CACHE_FILE
+    return cache_dir() / ENERGY_CACHE_FILE
 
 
 class EnergyCache:
@@ -168,7 +166,7 @@ def novelty(structure: Structure, reference: ReferenceSet) -> str:
 
     from equicsp_core.screening import space_group
 
-    entries = sorted(reference.by_formula.get(structure.composition.reduced_formula, []),
+    entries = sorted(reference.like(structure),
                      key=lambda entry: (entry.e_above_hull is None, entry.e_above_hull or 0.0, entry.id))
     matcher = StructureMatcher()
     for entry in entries:
