@@ -18,7 +18,8 @@ relaxed), on the CPU:
 The reference energies are cached (:class:`equicsp_core.stability.EnergyCache`, in ``$EQUICSP_CACHE_DIR``), so
 a second run relaxes only what is new.
 
-    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/reference_hull.py cost --out benchmarks/results/reference_cost.json
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/reference_hull.py cost \\
+        --out benchmarks/results/reference_cost.json
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/reference_hull.py sanity --rows 12 --max-elements 2 \\
         --out benchmarks/results/reference_sanity.json
 """

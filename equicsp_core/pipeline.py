@@ -54,7 +54,8 @@ STATUSES = {
 #: Columns of a ranking row, every row having all of them (``None`` where a level was not reached).
 ROW_COLUMNS = ("label", "formula", "reduced_formula", "sample", "status", "reason", "space_group_sampled",
                "ml_energy_per_atom", "ml_converged", "ml_rank", "space_group_ml", "ml_rms_displacement",
-               "ml_volume_change", "ml_e_above_hull", "novelty", "ml_imaginary_modes", "ml_min_frequency_thz", "dft_energy_per_atom",
+               "ml_volume_change", "ml_e_above_hull", "novelty", "ml_imaginary_modes", "ml_min_frequency_thz",
+               "dft_energy_per_atom",
                "space_group_dft", "dft_rms_displacement", "dft_volume_change")
 
 #: Units of the table's quantities.

@@ -4,7 +4,8 @@ Stability (energy above the convex hull) and novelty (:mod:`equicsp_core.stabili
 this set. It is **built**, never shipped: data never goes into git. ``equicsp reference build`` (or the first
 use, when the data folder is found) reads every split file of the data folder
 (:func:`equicsp_core.data.resolve_data_dir`: ``mp_20``, ``mpts_52``, ``perov_5``, ``carbon_24``; ``train``,
-``val``, ``test`` where present) and writes one gzip JSON-lines file into the cache folder (``$EQUICSP_CACHE_DIR``, else ``~/.cache/equicsp``):
+``val``, ``test`` where present) and writes one gzip JSON-lines file into the cache folder
+(``$EQUICSP_CACHE_DIR``, else ``~/.cache/equicsp``):
 ``reference_set.jsonl.gz``. Each line is one entry::
 
     {"id": "mp-1234", "source": "mp_20", "lattice": [[3x3] Å], "species": ["Sr", ...],
@@ -53,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 #: SHA-256 of the decompressed JSON lines that ``equicsp reference build`` makes from the shared data folder.
 REFERENCE_SHA256 = "049b9f3dc400a8a7ec83ba9cdf50d9c7b59decd25806a3e967dad517d8edea2f"
+#: The ``pin`` that means :data:`REFERENCE_SHA256` (read when called, so a test may replace it).
+PINNED = "pinned"
 #: File name of the reference set in the cache folder.
 REFERENCE_FILE = "reference_set.jsonl.gz"
 #: Datasets read, in this order (the first of two entries with the same id is kept).
@@ -221,12 +224,13 @@ def serialise(entries: Sequence[ReferenceEntry]) -> bytes:
 
 
 def build_reference(data_dir: str | os.PathLike | None = None, path: str | os.PathLike | None = None,
-                    pin: str | None = REFERENCE_SHA256) -> Path:
+                    pin: str | None = PINNED) -> Path:
     """Build the reference set from the data folder into ``path`` (default :func:`default_path`).
 
-    ``pin``: the expected SHA-256 of the JSON lines; a build that gives another is refused
-    (:class:`ReferenceSetError`) and writes nothing; ``None``: no check (a set of other data).
+    ``pin``: the expected SHA-256 of the JSON lines (default :data:`REFERENCE_SHA256`); a build that gives another
+    is refused (:class:`ReferenceSetError`) and writes nothing; ``None``: no check (a set of other data).
     """
+    pin = REFERENCE_SHA256 if pin == PINNED else pin
     text = serialise(read_entries(data_dir))
     digest = hashlib.sha256(text).hexdigest()
     if pin is not None and digest != pin:
@@ -299,7 +303,7 @@ class ReferenceSet:
         return sorted(selected, key=lambda entry: entry.id)
 
 
-def load_reference(path: str | os.PathLike | None = None, pin: str | None = REFERENCE_SHA256,
+def load_reference(path: str | os.PathLike | None = None, pin: str | None = PINNED,
                    data_dir: str | os.PathLike | None = None) -> ReferenceSet:
     """The reference set at ``path`` (default :func:`default_path`), checked against ``pin``.
 
@@ -307,6 +311,7 @@ def load_reference(path: str | os.PathLike | None = None, pin: str | None = REFE
     parsed). Raises :class:`ReferenceSetError` (one line saying how to build it) when it is missing and cannot
     be built, or when its SHA-256 is not ``pin``.
     """
+    pin = REFERENCE_SHA256 if pin == PINNED else pin
     target = Path(path) if path is not None else default_path()
     if not target.is_file():
         if path is not None:

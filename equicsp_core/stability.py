@@ -120,7 +120,6 @@ def e_above_hull(candidates: Mapping[str, tuple[Structure, float]], reference: R
         exclude: ids of reference entries left out of every hull (a benchmark's own known structure).
     """
     from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
-    from pymatgen.core import Composition
 
     excluded = set(exclude)
     by_system: dict[frozenset[str], list[str]] = {}

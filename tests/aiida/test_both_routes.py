@@ -2,9 +2,9 @@
 
 Both call :mod:`equicsp_core.pipeline` and :func:`equicsp_core.relax.relax_structures`; this runs both for real
 on SrTiO3 and CaTiO3 (the shipped perov_5 model, 20 sampling steps), with a stub Lennard-Jones potential for the
-ML relaxation and the phonon check. The jobflow flow starts from the AiiDA route's sampled candidates, so the
-two tables must agree in every column (floats to 1e-8: structures pass through StructureData in one route and
-through JSON in the other).
+ML relaxation, the phonon check and the reference entries of the hull (a small pinned reference set). The
+jobflow flow starts from the AiiDA route's sampled candidates, so the two tables must agree in every column
+(floats to 1e-8: structures pass through StructureData in one route and through JSON in the other).
 """
 
 from pathlib import Path
@@ -33,7 +33,7 @@ def rounded(rows: list[dict]) -> list[dict]:
     return [{key: round(value, 8) if isinstance(value, float) else value for key, value in row.items()} for row in rows]
 
 
-def test_aiida_and_jobflow_routes_give_the_same_table(equicsp_code, tmp_path):
+def test_aiida_and_jobflow_routes_give_the_same_table(equicsp_code, tmp_path, perovskite_reference_set):
     model = EquiCSPModelData.from_shipped("perov_5")
     # the job imports the stub from the repository's tests: PYTHONPATH points there
     options = {"options": {"environment_variables": {"PYTHONPATH": str(Path(__file__).parents[2])}}}
@@ -62,8 +62,13 @@ def test_aiida_and_jobflow_routes_give_the_same_table(equicsp_code, tmp_path):
 
     assert rounded(jobflow_rows) == rounded(aiida_rows)
     assert jobflow_table.levels == outputs["ranking"]["levels"]
-    assert outputs["ranking"]["levels"]["ml_energy_per_atom"] == "ML (tests.test_relax:lennard_jones, fmax 0.05 eV/Å, 20 steps)"
+    level = "ML (tests.test_relax:lennard_jones, fmax 0.05 eV/Å, 20 steps)"
+    assert outputs["ranking"]["levels"]["ml_energy_per_atom"] == level
     # the comparison covers every stage: ranked rows, a duplicate or implausible one, and the phonon columns
     statuses = {row["status"] for row in aiida_rows}
     assert "ml_relaxed" in statuses and statuses - {"ml_relaxed"}
     assert [row["ml_imaginary_modes"] is not None for row in aiida_rows].count(True) == len(FORMULAS)
+    # and the stability columns: an ML E_hull (Lennard-Jones level) and a novelty verdict per representative
+    representatives = [row for row in aiida_rows if row["status"] == "ml_relaxed"]
+    assert all(isinstance(row["ml_e_above_hull"], float) for row in representatives), representatives
+    assert all(row["novelty"] == "new" or row["novelty"].startswith("matches mp-") for row in representatives)
