@@ -53,8 +53,8 @@ class EnergyCache:
 
     A record is ``{"energy_per_atom": eV/atom or None, "status": ..., "error": ...}``. ``level`` names the
     potential and the relaxation settings (:func:`equicsp_core.pipeline.ml_level`). Every new record is
-    written at once (atomically, merged with what another process wrote meanwhile), so an interrupted
-    campaign keeps what it relaxed.
+    written at once (atomically, the file re-read just before), so an interrupted campaign keeps what it
+    relaxed; two processes writing at the same instant may lose one record, which is then only relaxed again.
     """
 
     def __init__(self, path: str | Path, level: str, reference_sha256: str) -> None:
