@@ -12,7 +12,7 @@ use, when the data folder is found) reads every split file of the data folder
      "frac_coords": [[x, y, z], ...], "e_above_hull": 0.0}
 
 - ``id``: the data's ``material_id`` (``mp-1234``, ``C-148264-7891-51``); perov_5's integer ids become
-  ``perov_5-<id>``; an element the data lacks gets ``ase-<symbol>``;
+  ``perov_5-<id>``; an element's ASE crystal is ``ase-<symbol>``;
 - ``source``: the dataset (``ase`` for the added elements);
 - ``lattice`` (rows are the lattice vectors, Å), ``species`` and ``frac_coords`` (one row per site) of the
   structure in the data's CIF, rounded to 8 decimals;
@@ -20,9 +20,11 @@ use, when the data folder is found) reads every split file of the data folder
   ``energy_above_hull``), ``null`` where the data has none (perov_5, carbon_24, ase).
 
 Deduplicated by ``id`` (mp_20 and mpts_52 share Materials Project ids; the first in the order above is kept),
-sorted by ``id``. Elements: every element of the data that has no single-element entry gets ASE's reference
-crystal (:func:`ase.build.bulk`, the room-temperature structure of ``ase.data.reference_states``), where ASE
-has one (not for the gases: H, N, O, F, Cl and the noble gases, which are then either in the data or a gap).
+sorted by ``id``. Elements: every element of the data without a ground state in it (no single-element entry at
+``e_above_hull`` 0: the splits here hold only metastable Al, Sn, Cu, ...; none at all for Zn, Au, ...) gets
+ASE's reference crystal (:func:`ase.build.bulk`, the room-temperature structure of
+``ase.data.reference_states``), where ASE builds one (not for Cl, He, I, Mn, Pm, S, Se, Te, whose metastable
+data entries must then do, nor for Pa, which is then a gap).
 
 The build is deterministic (same data, same pymatgen and ASE: same bytes). The SHA-256 of the decompressed
 JSON lines is pinned in :data:`REFERENCE_SHA256`; a build that gives another digest is refused (nothing is
@@ -53,7 +55,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: SHA-256 of the decompressed JSON lines that ``equicsp reference build`` makes from the shared data folder.
-REFERENCE_SHA256 = "049b9f3dc400a8a7ec83ba9cdf50d9c7b59decd25806a3e967dad517d8edea2f"
+REFERENCE_SHA256 = "93b593d84254c6f9b390767d4c6667b0f699e58b4c7d812c9405cb84d14a58f2"
 #: The ``pin`` that means :data:`REFERENCE_SHA256` (read when called, so a test may replace it).
 PINNED = "pinned"
 #: File name of the reference set in the cache folder.
@@ -196,18 +198,19 @@ def read_entries(data_dir: str | os.PathLike | None = None) -> list[ReferenceEnt
 
 
 def element_entries(entries: Iterable[ReferenceEntry]) -> list[ReferenceEntry]:
-    """ASE's reference crystal of each element of ``entries`` that has no single-element entry, where ASE has one."""
+    """ASE's reference crystal of each element of ``entries`` without a ground state among them (no single-element
+    entry with a data ``e_above_hull`` of 0), where ASE has one."""
     from ase.build import bulk
     from pymatgen.io.ase import AseAtomsAdaptor
 
     present: set[str] = set()
-    elemental: set[str] = set()
+    grounded: set[str] = set()
     for entry in entries:
         present |= entry.elements
-        if len(entry.elements) == 1:
-            elemental |= entry.elements
+        if len(entry.elements) == 1 and entry.e_above_hull is not None and entry.e_above_hull <= 1e-6:
+            grounded |= entry.elements
     added = []
-    for symbol in sorted(present - elemental):
+    for symbol in sorted(present - grounded):
         try:
             atoms = bulk(symbol)
         except Exception:  # ASE has no crystal for it (a gas, an unknown structure): the element stays a gap

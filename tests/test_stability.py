@@ -323,3 +323,15 @@ def test_an_element_keeps_a_reference_above_the_cutoff():
                entry_of("ase-Na", "ase", fcc("Na", 4.3), None)]
     chosen = ReferenceSet(entries, "a" * 64).hull_references({"Sn", "Na"}, cutoff=0.05, per_composition=1)
     assert [entry.id for entry in chosen] == ["ase-Na", "na", "sn-b"]  # SnNa (above the cut-off) is left out
+
+
+def test_an_element_without_its_ground_state_gets_ases_crystal():
+    """ASE's crystal is added for an element whose data entries are all metastable (Cu here), not for one whose
+    ground state (e_above_hull 0) is in the data (Ag), nor for one ASE has no crystal for (Cl)."""
+    from equicsp_core.reference import element_entries
+
+    entries = [entry_of("cu-meta", "test", fcc("Cu", 3.7), 0.01), entry_of("ag", "test", fcc("Ag", 4.1), 0.0),
+               entry_of("agcl", "test", rocksalt("Ag", "Cl"), 0.0)]
+    added = element_entries(entries)
+    assert [(entry.id, entry.source, entry.e_above_hull) for entry in added] == [("ase-Cu", "ase", None)]
+    assert added[0].structure.composition.reduced_formula == "Cu"
