@@ -7,6 +7,7 @@
     equicsp relax --structures candidates.json [--input relax.yaml] --out relaxed/
     equicsp info runs/perov_5/best.pt
     equicsp tables --out tables.pt
+    equicsp reference build [--data-dir DIR] [--out FILE]
 
 Exit statuses: 0 done; 2 bad input: one line ``equicsp <command>: error: ...`` naming the problem, and no
 output is left; 3 out of memory: the line ``equicsp <command>: error: out of memory``; 4 device not
@@ -347,6 +348,16 @@ def cmd_tables(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reference(args: argparse.Namespace) -> int:
+    from equicsp_core.reference import build_reference, default_path, load_reference
+
+    out = Path(args.out) if args.out else default_path()
+    _check_writable(out.parent)
+    path = build_reference(args.data_dir, out)
+    print(f"reference set written to {path}: {len(load_reference(path))} entries, sha256 pinned and checked")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="equicsp", description="EquiCSP crystal structure prediction")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -427,6 +438,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=200_000)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tables)
+
+    p = sub.add_parser("reference", help="the reference set of stability and novelty (equicsp_core.reference)")
+    actions = p.add_subparsers(dest="action", required=True)
+    build = actions.add_parser("build", help="build it from the data folder into the cache folder; its sha256 is "
+                                             "checked against the pinned one")
+    build.add_argument("--data-dir", default=None, help="folder of <dataset>/<split>.csv.gz (or $EQUICSP_DATA_DIR)")
+    build.add_argument("--out", default=None, help="where to write it (default: the cache folder, "
+                                                   "$EQUICSP_CACHE_DIR or ~/.cache/equicsp)")
+    build.set_defaults(func=cmd_reference)
     return parser
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from equicsp_core.crystal import Crystal
-from equicsp_core.files import atomic_path, file_sha256
+from equicsp_core.files import atomic_path, cache_dir, file_sha256
 
 DATASETS: tuple[str, ...] = ("perov_5", "carbon_24", "mp_20", "mpts_52")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -48,8 +48,7 @@ def split_path(dataset: str, split: str, data_dir: str | os.PathLike | None = No
     return path
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("EQUICSP_CACHE_DIR", Path.home() / ".cache" / "equicsp"))
+_cache_dir = cache_dir
 
 
 def read_column(path: Path, column: str) -> list:

@@ -1,4 +1,4 @@
-"""File helpers every part of the project shares: a file's SHA-256, and writing a file atomically.
+"""File helpers every part of the project shares: the cache folder, a file's SHA-256, and writing a file atomically.
 
 A reader of a file written by :func:`atomic_path` sees the old content or the new one, never half of it
 (one ``rename`` on the same file system), so a run stopped at any moment leaves readable files.
@@ -11,6 +11,11 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """The cache folder: ``$EQUICSP_CACHE_DIR``, else ``~/.cache/equicsp`` (parsed data, the reference set)."""
+    return Path(os.environ.get("EQUICSP_CACHE_DIR", Path.home() / ".cache" / "equicsp"))
 
 
 def file_sha256(path: str | os.PathLike) -> str:

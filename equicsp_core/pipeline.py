@@ -29,10 +29,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from equicsp_core.screening import displacement, group_duplicates, implausibility, space_group
-from equicsp_core.settings import ScreenSettings, formula_of, formula_units
+from equicsp_core.settings import RelaxSettings, ScreenSettings, StabilitySettings, formula_of, formula_units
 
 if TYPE_CHECKING:
     from pymatgen.core import Structure
+
+    from equicsp_core.reference import ReferenceSet
+    from equicsp_core.stability import RelaxFunction
 
 #: Statuses of a candidate in the ranking table, in the order of the pipeline.
 STATUSES = {
@@ -49,11 +52,13 @@ STATUSES = {
 ROW_COLUMNS = ("label", "formula", "reduced_formula", "formula_units", "sample", "status", "reason", "members",
                "space_group_sampled",
                "ml_energy_per_atom", "ml_converged", "ml_rank", "space_group_ml", "ml_rms_displacement",
-               "ml_volume_change", "ml_imaginary_modes", "ml_min_frequency_thz", "dft_energy_per_atom",
+               "ml_volume_change", "ml_e_above_hull", "novelty", "ml_imaginary_modes", "ml_min_frequency_thz",
+               "dft_energy_per_atom",
                "space_group_dft", "dft_rms_displacement", "dft_volume_change")
 
 #: Units of the table's quantities.
-UNITS = {"energy_per_atom": "eV/atom", "rms_displacement": "Å", "volume_change": "final/initial - 1"}
+UNITS = {"energy_per_atom": "eV/atom", "e_above_hull": "eV/atom", "rms_displacement": "Å",
+         "volume_change": "final/initial - 1"}
 
 
 # --- names ----------------------------------------------------------------------------------------------------
@@ -156,6 +161,78 @@ def rank(results: Mapping[str, Mapping[str, Any]], relaxed: Mapping[str, Structu
     return Ranking(ranking, winners)
 
 
+def ml_level(settings: RelaxSettings) -> str:
+    """The ML level of a relaxation's energies, as the table states it: ``ML (chgnet, fmax 0.05 eV/Å, 500 steps)``.
+
+    It also keys the cached reference energies (:class:`equicsp_core.stability.EnergyCache`): a hull mixes
+    only energies of one level.
+    """
+    cell = "" if settings.relax_cell else ", fixed cell"
+    return f"ML ({settings.potential}, fmax {settings.fmax:g} eV/Å, {settings.steps} steps{cell})"
+
+
+def levels(settings: RelaxSettings | None) -> dict[str, str]:
+    """The level of each ML energy column of the table (:func:`ml_level`); ``{}`` when the potential is not known
+    (a relax Maker other than the engine's)."""
+    if settings is None:
+        return {}
+    level = ml_level(settings)
+    return {"ml_energy_per_atom": level,
+            "ml_e_above_hull": f"{level}: the candidate and the reference entries of its system relaxed alike"}
+
+
+def stability(
+    ml_results: Mapping[str, Mapping[str, Any]],
+    ml_relaxed: Mapping[str, Structure],
+    ranking: Mapping[str, Mapping[str, Any]],
+    relax_settings: RelaxSettings,
+    settings: StabilitySettings,
+    relax: RelaxFunction | None = None,
+    reference: ReferenceSet | None = None,
+    cache_path: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """ML energy above the hull and novelty per relaxed candidate: ``{label: {"ml_e_above_hull", "novelty",
+    "reason"}}`` (:mod:`equicsp_core.stability`); ``{}`` when ``settings.stability`` is off.
+
+    Every ML-relaxed candidate gets its energy above the hull (eV/atom, at :func:`ml_level` of
+    ``relax_settings``: the reference entries of its system are relaxed the same way, by ``relax``, default
+    :func:`equicsp_core.relax.relax_structures`, and cached); each representative (status ``ml_relaxed`` in
+    ``ranking``, duplicates merged) is matched with the reference set. ``reason`` says why a value is missing
+    (no reference set, an element with no elemental reference); the run goes on either way.
+    ``reference``: the set to use instead of :func:`equicsp_core.reference.load_reference`'s (the pinned one
+    of the cache folder); ``cache_path``: the reference energies' file instead of the cache folder's.
+    """
+    from equicsp_core.reference import ReferenceSetError, load_reference
+    from equicsp_core.stability import EnergyCache, default_cache_path, e_above_hull, novelty
+
+    if not settings.stability:
+        return {}
+    candidates = {label: (structure, ml_results[label]["energy_per_atom"]) for label, structure in ml_relaxed.items()
+                  if ml_results.get(label, {}).get("energy_per_atom") is not None}
+    if not candidates:
+        return {}
+    try:
+        reference = reference if reference is not None else load_reference()
+    except ReferenceSetError as error:
+        return {label: {"ml_e_above_hull": None, "novelty": None, "reason": f"no ML E_hull or novelty: {error}"}
+                for label in candidates}
+    if relax is None:
+        from equicsp_core.relax import relax_structures
+
+        def relax_references(structures: Mapping[str, Structure]) -> Any:
+            return relax_structures(structures, relax_settings)
+
+        relax = relax_references
+
+    cache = EnergyCache(cache_path or default_cache_path(), ml_level(relax_settings), reference.sha256)
+    hull = e_above_hull(candidates, reference, relax, cache, settings.reference_cutoff,
+                        settings.references_per_composition)
+    return {label: {"ml_e_above_hull": hull[label].e_above_hull, "reason": hull[label].reason,
+                    "novelty": novelty(structure, reference)
+                    if ranking.get(label, {}).get("status") == "ml_relaxed" else None}
+            for label, (structure, _) in candidates.items()}
+
+
 @dataclass(frozen=True)
 class DFTOutcome:
     """What the DFT relaxation of a winner gave: its structure and energy per atom, or why it failed."""
@@ -174,6 +251,7 @@ def table_rows(
     ml_relaxed: Mapping[str, Structure],
     phonons: Mapping[str, Mapping[str, Any]] | None = None,
     dft: Mapping[str, DFTOutcome] | None = None,
+    stability: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """The ranking table: one row per sampled candidate, best first, every row with the :data:`ROW_COLUMNS`.
 
@@ -187,13 +265,15 @@ def table_rows(
         ml_relaxed: the ML-relaxed structures by label.
         phonons: the phonon check's results by label (``{"phonons": {"imaginary_modes", "min_frequency_thz"}}``).
         dft: the DFT outcome of each winner sent to DFT.
+        stability: :func:`stability`'s results (``ml_e_above_hull``, ``novelty`` and, where a value is missing,
+            its ``reason``, which becomes the row's reason unless the row has one).
 
     Rows are ordered by reduced composition, then by the energy of the highest level reached (DFT-relaxed rows
     first), then by label.
     """
     from pymatgen.core import Composition
 
-    phonons, dft = phonons or {}, dft or {}
+    phonons, dft, stability = phonons or {}, dft or {}, stability or {}
     rows = []
     for label in sorted(screening):
         initial = sampled[label]
@@ -212,6 +292,11 @@ def table_rows(
                            ml_min_frequency_thz=checked["min_frequency_thz"])
             if label in dft:
                 row.update(_dft_columns(ml_relaxed[label], dft[label]))
+            if label in stability:
+                assessed = stability[label]
+                row.update(ml_e_above_hull=assessed["ml_e_above_hull"], novelty=assessed["novelty"])
+                if row["reason"] is None:
+                    row["reason"] = assessed["reason"]
         rows.append(row)
     for entry in invalid:
         rows.append({**dict.fromkeys(ROW_COLUMNS), "formula": entry["cell_formula"], "sample": entry["sample"],

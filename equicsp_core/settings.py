@@ -8,6 +8,8 @@ One model per stage of the pipeline (:mod:`equicsp_core.pipeline`)::
     RelaxSettings    potential, fmax, steps, relax_cell, device, threads, phonons
                                                                         (equicsp relax, the relax CalcJob)
     RankSettings     top_k, phonons                                     (which winners get phonons and DFT)
+    StabilitySettings stability, reference_cutoff, references_per_composition
+                                                                        (ML E_hull and novelty, after ranking)
     DFTSettings      protocol, relax_type, symprec                      (the DFT stage of the AiiDA route)
 
 Every entry point derives from these models instead of repeating them: the ``equicsp sample`` flags
@@ -355,6 +357,18 @@ class RankSettings(Settings):
 
     top_k: StrictInt = Field(3, ge=1, description="phonon-check and DFT-relax the best k of each composition")
     phonons: StrictBool = Field(False, description="check the best k for imaginary phonon modes (phonopy)")
+
+
+class StabilitySettings(Settings):
+    """ML energy above the hull and novelty of the relaxed candidates (:mod:`equicsp_core.stability`)."""
+
+    stability: StrictBool = Field(True, description="energy above the hull (ML level) and novelty of each relaxed "
+                                                    "candidate against the reference set")
+    reference_cutoff: Number = Field(0.05, ge=0, allow_inf_nan=False,
+                                     description="hull references: entries whose data e_above_hull is at most "
+                                                 "this, eV/atom")
+    references_per_composition: StrictInt = Field(
+        2, ge=1, description="hull references: at most this many per reduced formula, lowest data e_above_hull first")
 
 
 class DFTSettings(Settings):

@@ -73,6 +73,8 @@ class RankingDocument(BaseModel):
     rows: list[dict[str, Any]] = Field(description="rows of equicsp_core.pipeline.ROW_COLUMNS")
     statuses: dict[str, str] = Field(description="what each status means")
     units: dict[str, str]
+    levels: dict[str, str] = Field(default_factory=dict,
+                                   description="the level of each ML energy column (potential and settings)")
     winners: list[str] = Field(description="labels of the best top_k of each composition (phonons, DFT)")
     ml_relaxed: list[CandidateDocument]
     dft_relaxed: list[CandidateDocument] = Field(default_factory=list)

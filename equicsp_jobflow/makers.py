@@ -1,4 +1,5 @@
-"""jobflow Makers for structure prediction: sample → screen → ML relax → rank → (phonons) → symmetrise → DFT.
+"""jobflow Makers for structure prediction: sample → screen → ML relax → rank → stability → (phonons) → symmetrise →
+DFT.
 
 The same pipeline as the AiiDA work chain ``equicsp.predict_relax``, from the same functions: sampling through
 :func:`equicsp_core.predict.predict_with_settings`, screening, ranking and the table through
@@ -25,7 +26,18 @@ from typing import Any
 from jobflow import Flow, Maker, OnMissing, Response, job
 from pymatgen.core import Structure
 
-from equicsp_core.pipeline import STATUSES, UNITS, DFTOutcome, candidate_label, label_prefixes, rank, screen, table_rows
+from equicsp_core.pipeline import (
+    STATUSES,
+    UNITS,
+    DFTOutcome,
+    candidate_label,
+    label_prefixes,
+    levels,
+    rank,
+    screen,
+    stability,
+    table_rows,
+)
 from equicsp_core.settings import (
     DFTSettings,
     RankSettings,
@@ -33,6 +45,7 @@ from equicsp_core.settings import (
     SampleSettings,
     ScreenSettings,
     Settings,
+    StabilitySettings,
     formula_list,
 )
 from equicsp_jobflow.documents import CandidateDocument, RankingDocument, RelaxDocument, SampleDocument, ScreenDocument
@@ -165,10 +178,13 @@ EquiCSPRelaxMaker = make_dataclass(
 
 class _PredictRelaxFlow(Maker):
     """The flow of :class:`PredictRelaxMaker`; its fields: the Makers of each stage, :class:`RankSettings`' knobs
-    (``top_k``, ``phonons``) and ``symprec`` (:class:`DFTSettings`, Å; 0: the winners go to DFT as relaxed)."""
+    (``top_k``, ``phonons``), :class:`StabilitySettings`' knobs (``stability``, ``reference_cutoff``,
+    ``references_per_composition``) and ``symprec`` (:class:`DFTSettings`, Å; 0: the winners go to DFT as
+    relaxed)."""
 
     def __post_init__(self) -> None:
         _settings(self, RankSettings)
+        _settings(self, StabilitySettings)
         DFTSettings(symprec=self.symprec)
 
     def make(self, formulas: list[str]) -> Flow:
@@ -184,7 +200,8 @@ class _PredictRelaxFlow(Maker):
         return Flow([*(jobs or []), screen_job, relax, table], output=table.output, name=self.name)
 
 
-#: Flow from formulas to a ranking table: sample → screen → ML relax → rank → phonons (``phonons``) → symmetrise
+#: Flow from formulas to a ranking table: sample → screen → ML relax → rank → stability and novelty (``stability``)
+#: → phonons (``phonons``) → symmetrise
 #: → DFT on the best ``top_k`` of each composition (only with ``dft_maker``) → table.
 PredictRelaxMaker = make_dataclass(
     "PredictRelaxMaker",
@@ -193,6 +210,7 @@ PredictRelaxMaker = make_dataclass(
      ("screen_maker", Maker, field(default_factory=ScreenCandidatesMaker)),
      ("relax_maker", Maker, field(default_factory=EquiCSPRelaxMaker)),
      *knob_fields(RankSettings),
+     *knob_fields(StabilitySettings),
      ("symprec", float, field(default=DFTSettings.default("symprec"))),
      ("dft_maker", Maker | None, field(default=None))],
     bases=(_PredictRelaxFlow,), namespace={"__module__": __name__, "__doc__": _PredictRelaxFlow.__doc__})
@@ -250,6 +268,9 @@ def rank_and_finish(samples: SampleDocument, screening: ScreenDocument, relaxati
     ranked = rank(relaxation.results, {label: c.structure for label, c in relaxed.items()}, maker.top_k)
     winners = [relaxed[label] for label in ranked.winners]
     jobs, phonons, dft = [], None, {}
+    assess = assess_stability(relaxation, ranked.as_dict(), _relax_settings(maker.relax_maker),
+                              _settings(maker, StabilitySettings).to_dict())
+    jobs.append(assess)
     if maker.phonons and winners:
         check = _phonon_maker(maker.relax_maker).make(winners)
         check.name = "equicsp phonons"
@@ -266,9 +287,31 @@ def rank_and_finish(samples: SampleDocument, screening: ScreenDocument, relaxati
             relax.name = f"{relax.name} {winner.label}"
             jobs.append(relax)
             dft[winner.label] = relax.output
-    table = tabulate(samples, screening, relaxation, ranked.as_dict(), phonons, dft)
+    table = tabulate(samples, screening, relaxation, ranked.as_dict(), phonons, dft, assess.output,
+                     _relax_settings(maker.relax_maker))
     table.config.on_missing_references = OnMissing.NONE  # a failed DFT job arrives as None: a dft_failed row
     return Response(replace=Flow([*jobs, table], output=table.output))
+
+
+def _relax_settings(relax_maker: Maker) -> dict[str, Any] | None:
+    """The :class:`RelaxSettings` of an :class:`EquiCSPRelaxMaker` as a dict; ``None`` for another relax Maker."""
+    return _settings(relax_maker, RelaxSettings).to_dict() if isinstance(relax_maker, _RelaxJob) else None
+
+
+@job
+def assess_stability(relaxation: RelaxDocument, ranking: dict[str, Any], relax_settings: dict[str, Any] | None,
+                     settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """:func:`equicsp_core.pipeline.stability` of the relaxed candidates: ``{label: {"ml_e_above_hull", "novelty",
+    "reason"}}``. The reference entries are relaxed with the candidates' potential, which only an
+    :class:`EquiCSPRelaxMaker` names (``relax_settings``); after another relax Maker each row says so."""
+    stability_settings = StabilitySettings(**settings)
+    if relax_settings is None:
+        if not stability_settings.stability:
+            return {}
+        reason = "no ML E_hull or novelty: the reference set is relaxed with an EquiCSPRelaxMaker's potential only"
+        return {c.label: {"ml_e_above_hull": None, "novelty": None, "reason": reason} for c in relaxation.relaxed}
+    return stability(relaxation.results, {c.label: c.structure for c in relaxation.relaxed}, ranking["ranking"],
+                     RelaxSettings(**relax_settings), stability_settings)
 
 
 def _phonon_maker(relax_maker: Maker) -> Maker:
@@ -287,7 +330,8 @@ def symmetrize_structure(structure: Structure, symprec: float) -> Structure:
 
 @job(output_schema=RankingDocument, data=Structure)
 def tabulate(samples: SampleDocument, screening: ScreenDocument, relaxation: RelaxDocument, ranking: dict[str, Any],
-             phonons: dict[str, Any] | None, dft: dict[str, Any]) -> RankingDocument:
+             phonons: dict[str, Any] | None, dft: dict[str, Any], stability: dict[str, Any] | None = None,
+             relax_settings: dict[str, Any] | None = None) -> RankingDocument:
     """The ranking table (:func:`equicsp_core.pipeline.table_rows`) and the relaxed structures."""
     sampled = {c.label: c for c in samples.candidates}
     dft_outcomes, dft_relaxed = {}, []
@@ -301,7 +345,9 @@ def tabulate(samples: SampleDocument, screening: ScreenDocument, relaxation: Rel
     rows = table_rows(
         sampled={label: c.structure for label, c in sampled.items()}, invalid=samples.invalid,
         screening=screening.decisions, ranking=ranking["ranking"], ml_results=relaxation.results,
-        ml_relaxed={c.label: c.structure for c in relaxation.relaxed}, phonons=phonons, dft=dft_outcomes)
+        ml_relaxed={c.label: c.structure for c in relaxation.relaxed}, phonons=phonons, dft=dft_outcomes,
+        stability=stability)
     return RankingDocument(rows=rows, statuses=STATUSES, units=UNITS, winners=ranking["dft"],
+                           levels=levels(RelaxSettings(**relax_settings) if relax_settings is not None else None),
                            ml_relaxed=relaxation.relaxed, dft_relaxed=dft_relaxed)
 

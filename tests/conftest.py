@@ -38,3 +38,31 @@ def tiny_checkpoint(tmp_path_factory, _isolated_equicsp_env) -> Path:
     run = tmp_path_factory.mktemp("tiny-model") / "run"
     assert main(["--quiet", "train", "--preset", "tiny", "--out", str(run), "--set", "train.epochs=1"]) == 0
     return run / "best.pt"
+
+
+@pytest.fixture
+def perovskite_reference_set(tmp_path, monkeypatch):
+    """A pinned reference set of Sr-Ca-Ti-O in a fresh cache folder (equicsp_core.reference): cubic SrTiO3 and
+    CaTiO3, an O2 crystal, and ASE's Sr, Ca and Ti; ``$EQUICSP_CACHE_DIR`` points at it and the pin is its digest.
+    Returns the loaded set."""
+    import gzip
+    import hashlib
+
+    import pandas as pd
+    from pymatgen.core import Lattice, Structure
+
+    from equicsp_core import reference
+
+    sites = [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]
+    rows = [{"material_id": f"mp-{i}", "e_above_hull": 0.0,
+             "cif": Structure(Lattice.cubic(3.9), [a, "Ti", "O", "O", "O"], sites).to(fmt="cif")}
+            for i, a in ((5229, "Sr"), (4019, "Ca"))]
+    rows.append({"material_id": "mp-12957", "e_above_hull": 0.0,
+                 "cif": Structure(Lattice.cubic(4.0), ["O", "O"], [[0, 0, 0], [0.3, 0, 0]]).to(fmt="cif")})
+    (tmp_path / "reference-data" / "mp_20").mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(tmp_path / "reference-data" / "mp_20" / "test.csv.gz", index=False)
+    cache = tmp_path / "reference-cache"
+    path = reference.build_reference(tmp_path / "reference-data", cache / reference.REFERENCE_FILE, pin=None)
+    monkeypatch.setattr(reference, "REFERENCE_SHA256", hashlib.sha256(gzip.open(path).read()).hexdigest())
+    monkeypatch.setenv("EQUICSP_CACHE_DIR", str(cache))
+    return reference.load_reference()

@@ -128,7 +128,7 @@ def test_every_protocol_holds_only_valid_knobs():
 
     import yaml
 
-    from equicsp_core.settings import DFTSettings, RankSettings
+    from equicsp_core.settings import DFTSettings, RankSettings, StabilitySettings
 
     folder = resources.files("aiida_equicsp").joinpath("protocols")
     for name in ("sample", "predict_relax"):
@@ -138,6 +138,7 @@ def test_every_protocol_holds_only_valid_knobs():
             SampleSettings(formulas=["H"], num_samples=protocol.get("num_samples", 1), **sample.get("parameters", {}))
             RelaxSettings.from_mapping(protocol.get("relax", {}).get("parameters", {}))
             ScreenSettings.from_mapping(protocol.get("screening", {}))
+            StabilitySettings.from_mapping(protocol.get("stability", {}))
             RankSettings.from_mapping({key: protocol[key] for key in RankSettings.keys() if key in protocol})
             DFTSettings.from_mapping({key: value for key, value in protocol.get("dft", {}).items()
                                       if key in DFTSettings.keys()})

@@ -8,6 +8,9 @@ Steps::
       -> rank (calcfunction rank_candidates: ML-relaxed duplicates merged within each reduced composition,
          whatever their Z, the lowest-energy member kept with the list of members; ranked by energy per atom,
          the best ``top_k`` of each composition chosen for DFT)
+      -> stability (calcfunction assess_stability: ML energy above the hull against the reference set, whose
+         entries of each candidate's system are relaxed with the same potential and cached; novelty;
+         ``stability``)
       -> phonons (optional, ``phonons``: EquiCSPRelaxCalculation with no step, phonopy with the ML potential:
          imaginary modes of the best ``top_k``)
       -> symmetrise (calcfunction symmetrize: exact symmetry, so that pw.x uses it; ``dft.symprec``)
@@ -35,8 +38,16 @@ from aiida.common import AttributeDict
 from aiida.engine import ExitCode, ProcessBuilder, ToContext, WorkChain, calcfunction, if_
 from aiida.engine.processes.workchains.workchain import WorkChainSpec
 
-from equicsp_core.pipeline import STATUSES, UNITS, DFTOutcome, rank, screen, table_rows
-from equicsp_core.settings import DFTSettings, RankSettings, ScreenSettings, Settings, SettingsError
+from equicsp_core.pipeline import STATUSES, UNITS, DFTOutcome, levels, rank, screen, stability, table_rows
+from equicsp_core.settings import (
+    DFTSettings,
+    RankSettings,
+    RelaxSettings,
+    ScreenSettings,
+    Settings,
+    SettingsError,
+    StabilitySettings,
+)
 
 from aiida_equicsp.calculations.relax import EquiCSPRelaxCalculation
 from aiida_equicsp.data.model import EquiCSPModelData
@@ -74,13 +85,29 @@ def rank_candidates(ml_results: orm.Dict, top_k: orm.Int, **relaxed: orm.Structu
 
 
 @calcfunction
+def assess_stability(ml_results: orm.Dict, ml_ranking: orm.Dict, relax_parameters: orm.Dict, parameters: orm.Dict,
+                     **relaxed: orm.StructureData) -> orm.Dict:
+    """:func:`equicsp_core.pipeline.stability`: ``{label: {"ml_e_above_hull", "novelty", "reason"}}``.
+
+    ``relax_parameters`` are the ML relaxation's :class:`~equicsp_core.settings.RelaxSettings` (the reference
+    entries are relaxed with the same potential, here, and cached in the cache folder of the machine that runs
+    this), ``parameters`` the :class:`~equicsp_core.settings.StabilitySettings`.
+    """
+    return orm.Dict(stability(ml_results.get_dict(), {label: node.get_pymatgen() for label, node in relaxed.items()},
+                              ml_ranking["ranking"], RelaxSettings.from_mapping(relax_parameters.get_dict()),
+                              StabilitySettings.from_mapping(parameters.get_dict())))
+
+
+@calcfunction
 def tabulate_ranking(screening: orm.Dict, ml_ranking: orm.Dict, ml_results: orm.Dict, phonons: orm.Dict | None = None,
+                     stability: orm.Dict | None = None, relax_parameters: orm.Dict | None = None,
                      **nodes: orm.Data) -> orm.Dict:
     """The ranking table (:func:`equicsp_core.pipeline.table_rows`) under ``"rows"``, with statuses and units.
 
     ``nodes`` holds, by link label ``L``: ``sampled_L``, ``ml_L`` (ML-relaxed), ``dft_L`` and ``dft_parameters_L``
     (the PwRelaxWorkChain's ``output_structure`` and ``output_parameters``) or ``dft_failed_L`` (why it failed);
-    ``phonons`` is the phonon check's ``results``.
+    ``phonons`` is the phonon check's ``results``, ``stability`` :func:`assess_stability`'s output,
+    ``relax_parameters`` the ML relaxation's settings (they name the ML level under ``"levels"``).
     """
     def structures(prefix: str) -> dict[str, Any]:
         return {key[len(prefix):]: node.get_pymatgen() for key, node in nodes.items()
@@ -95,8 +122,10 @@ def tabulate_ranking(screening: orm.Dict, ml_ranking: orm.Dict, ml_results: orm.
         sampled=structures("sampled_"),
         invalid=screening["invalid_samples"],
         screening=screening["screening"], ranking=ml_ranking["ranking"], ml_results=ml_results.get_dict(),
-        ml_relaxed=structures("ml_"), phonons=phonons.get_dict() if phonons is not None else None, dft=dft)
-    return orm.Dict({"rows": rows, "statuses": STATUSES, "units": UNITS})
+        ml_relaxed=structures("ml_"), phonons=phonons.get_dict() if phonons is not None else None, dft=dft,
+        stability=stability.get_dict() if stability is not None else None)
+    relax = RelaxSettings.from_mapping(relax_parameters.get_dict()) if relax_parameters is not None else None
+    return orm.Dict({"rows": rows, "statuses": STATUSES, "units": UNITS, "levels": levels(relax)})
 
 
 @calcfunction
@@ -208,6 +237,10 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
         spec.input("screening", valid_type=orm.Dict, default=lambda: orm.Dict({}),
                    validator=settings_validator(ScreenSettings, "screening: "),
                    help=f"screening settings ({', '.join(ScreenSettings.keys())}); unset ones: their defaults")
+        spec.input("stability", valid_type=orm.Dict, default=lambda: orm.Dict({}),
+                   validator=settings_validator(StabilitySettings, "stability: "),
+                   help=f"stability and novelty settings ({', '.join(StabilitySettings.keys())}); unset ones: their "
+                        "defaults")
         spec.expose_inputs(EquiCSPRelaxCalculation, namespace="relax", exclude=("structures",),
                            namespace_options={"help": "inputs of the ML relaxation (the code is an equicsp program)"})
         for key in RankSettings.keys():
@@ -311,6 +344,8 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
         builder.phonons = orm.Bool(inputs.get("phonons", False))
         if "screening" in inputs:
             builder.screening = orm.Dict(inputs["screening"])
+        if "stability" in inputs:
+            builder.stability = orm.Dict(inputs["stability"])
         if pw_code is not None:
             dft = inputs["dft"]
             dft_overrides = dict(dft.get("overrides", {}))
@@ -377,6 +412,10 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
         self.out("ml_relaxed", self.ctx.ml_relaxed)
         self.ctx.ml_ranking = call_function_once(self, rank_candidates, "rank", ml_results=node.outputs.results,
                                                  top_k=self.inputs.top_k, **self.ctx.ml_relaxed)
+        relax_parameters = self.inputs.relax.get("parameters", orm.Dict({}))
+        self.ctx.stability = call_function_once(
+            self, assess_stability, "stability", ml_results=node.outputs.results, ml_ranking=self.ctx.ml_ranking,
+            relax_parameters=relax_parameters, parameters=self.inputs.stability, **self.ctx.ml_relaxed)
         return None
 
     def should_check_phonons(self) -> bool:
@@ -464,5 +503,8 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
         phonons = self.ctx.get("phonons")
         if phonons is not None and "results" in phonons.outputs:
             nodes["phonons"] = phonons.outputs.results
+        if "stability" in self.ctx:
+            nodes["stability"] = self.ctx.stability
+        nodes["relax_parameters"] = self.inputs.relax.get("parameters", orm.Dict({}))
         self.out("ranking", call_function_once(self, tabulate_ranking, "tabulate", screening=self.ctx.screening,
                                                ml_ranking=ml_ranking, ml_results=ml_results, **nodes))

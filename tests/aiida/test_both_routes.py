@@ -2,10 +2,10 @@
 
 Both call :mod:`equicsp_core.pipeline` and :func:`equicsp_core.relax.relax_structures`; this runs both for real
 on SrTiO3, CaTiO3 and NaF (the shipped perov_5 model, 20 sampling steps; NaF is sampled at Z = 1 and 2, the
-cells of perov_5's 5-atom domain), with a stub Lennard-Jones potential for the
-ML relaxation and the phonon check. The jobflow flow starts from the AiiDA route's sampled candidates, so the
-two tables must agree in every column (floats to 1e-8: structures pass through StructureData in one route and
-through JSON in the other).
+cells of perov_5's 5-atom domain), with a stub Lennard-Jones potential for the ML relaxation, the phonon check and
+the reference entries of the hull (a small pinned reference set). The jobflow flow starts from the AiiDA route's
+sampled candidates, so the two tables must agree in every column (floats to 1e-8: structures pass through
+StructureData in one route and through JSON in the other).
 """
 
 from pathlib import Path
@@ -34,7 +34,7 @@ def rounded(rows: list[dict]) -> list[dict]:
     return [{key: round(value, 8) if isinstance(value, float) else value for key, value in row.items()} for row in rows]
 
 
-def test_aiida_and_jobflow_routes_give_the_same_table(equicsp_code, tmp_path):
+def test_aiida_and_jobflow_routes_give_the_same_table(equicsp_code, tmp_path, perovskite_reference_set):
     model = EquiCSPModelData.from_shipped("perov_5")
     # the job imports the stub from the repository's tests: PYTHONPATH points there
     options = {"options": {"environment_variables": {"PYTHONPATH": str(Path(__file__).parents[2])}}}
@@ -59,9 +59,13 @@ def test_aiida_and_jobflow_routes_give_the_same_table(equicsp_code, tmp_path):
     flow = maker.make_from_samples(samples)
     store = JobStore(MemoryStore(), additional_stores={"data": MemoryStore()})
     run_locally(flow, store=store, root_dir=tmp_path, ensure_success=True, log=False)
-    jobflow_rows = MontyDecoder().process_decoded(store.get_output(flow.output.uuid, load=True)).rows
+    jobflow_table = MontyDecoder().process_decoded(store.get_output(flow.output.uuid, load=True))
+    jobflow_rows = jobflow_table.rows
 
     assert rounded(jobflow_rows) == rounded(aiida_rows)
+    assert jobflow_table.levels == outputs["ranking"]["levels"]
+    level = "ML (tests.test_relax:lennard_jones, fmax 0.05 eV/Å, 20 steps)"
+    assert outputs["ranking"]["levels"]["ml_energy_per_atom"] == level
     # the comparison covers every stage: ranked rows, a duplicate or implausible one, and the phonon columns
     statuses = {row["status"] for row in aiida_rows}
     assert "ml_relaxed" in statuses and statuses - {"ml_relaxed"}
@@ -70,3 +74,7 @@ def test_aiida_and_jobflow_routes_give_the_same_table(equicsp_code, tmp_path):
     assert {(row["reduced_formula"], row["formula_units"]) for row in aiida_rows if row["formula"]} >= {
         ("NaF", 1), ("NaF", 2), ("SrTiO3", 1)}
     assert all(row["label"] in row["members"] for row in aiida_rows if row["ml_rank"] is not None)
+    # and the stability columns: an ML E_hull (Lennard-Jones level) and a novelty verdict per representative
+    representatives = [row for row in aiida_rows if row["status"] == "ml_relaxed"]
+    assert all(isinstance(row["ml_e_above_hull"], float) for row in representatives), representatives
+    assert all(row["novelty"] == "new" or row["novelty"].startswith("matches mp-") for row in representatives)

@@ -17,6 +17,7 @@ from pymatgen.core import Lattice, Structure
 from aiida_equicsp.workchains.predict_relax import (
     STATUSES,
     EquiCSPPredictRelaxWorkChain,
+    assess_stability,
     missing_executable,
     pseudo_family_label,
     rank_candidates,
@@ -224,6 +225,31 @@ def test_tabulate_ranking(candidates, sampled, ml_results, ml_relaxed):
     assert all(row["dft_energy_per_atom"] is None for row in rows if row["label"] is not None)
     assert table["statuses"] == STATUSES
     assert table["units"]["energy_per_atom"] == "eV/atom"
+
+
+def test_assess_stability_and_its_columns(candidates, sampled, ml_results, ml_relaxed, tmp_path, monkeypatch):
+    """The calcfunction of :func:`equicsp_core.pipeline.stability`: without the pinned reference set (the tests'
+    data folder is not the one pinned) every relaxed row says how to build it, and the run goes on; off: nothing."""
+    monkeypatch.setenv("EQUICSP_CACHE_DIR", str(tmp_path))
+    ranked = rank_candidates(ml_results=ml_results, top_k=orm.Int(1), **ml_relaxed)
+    assessed = assess_stability(ml_results=ml_results, ml_ranking=ranked, relax_parameters=orm.Dict({}),
+                                parameters=orm.Dict({}), **ml_relaxed)
+    assert set(assessed.get_dict()) == set(ml_relaxed)
+    assert all(value["ml_e_above_hull"] is None and "equicsp reference build" in value["reason"]
+               for value in assessed.get_dict().values())
+    off = assess_stability(ml_results=ml_results, ml_ranking=ranked, relax_parameters=orm.Dict({}),
+                           parameters=orm.Dict({"stability": False}), **ml_relaxed)
+    assert off.get_dict() == {}
+    screening = screen_candidates(candidates=candidates, parameters=orm.Dict({}), **sampled)
+    nodes = {f"sampled_{label}": structure for label, structure in sampled.items()}
+    nodes.update({f"ml_{label}": structure for label, structure in ml_relaxed.items()})
+    table = tabulate_ranking(screening=screening, ml_ranking=ranked, ml_results=ml_results, stability=assessed,
+                             relax_parameters=orm.Dict({"potential": "sevennet", "steps": 100}), **nodes)
+    assert table["levels"]["ml_energy_per_atom"] == "ML (sevennet, fmax 0.05 eV/Å, 100 steps)"
+    assert table["levels"]["ml_e_above_hull"].startswith("ML (sevennet, fmax 0.05 eV/Å, 100 steps): ")
+    rows = {row["label"]: row for row in table["rows"]}
+    assert "equicsp reference build" in rows["SrTiO3_000"]["reason"]
+    assert rows["Sr2Ti2O6_000"]["reason"] == "relaxed into the structure of SrTiO3_000"
 
 
 def test_tabulate_ranking_before_any_relaxation(candidates, sampled):
@@ -597,6 +623,10 @@ REFUSED_AT_SUBMISSION = {
     "misspelt screening key": (lambda builder: setattr(builder, "screening", orm.Dict({"min_distance_": 1.0})),
                                "screening: unknown setting(s) min_distance_"),
     "top_k 0": (lambda builder: setattr(builder, "top_k", orm.Int(0)), "top_k: Input should be greater than"),
+    "negative reference cut-off": (lambda builder: setattr(builder, "stability", orm.Dict({"reference_cutoff": -1})),
+                                   "stability: reference_cutoff: Input should be greater than or equal to 0"),
+    "misspelt stability key": (lambda builder: setattr(builder, "stability", orm.Dict({"stabilty": False})),
+                               "stability: unknown setting(s) stabilty"),
     "unknown potential": (lambda builder: setattr(builder.relax, "parameters", orm.Dict({"potential": "chgnett"})),
                           "unknown potential 'chgnett'"),
     "unknown relax device": (lambda builder: setattr(builder.relax, "parameters", orm.Dict({"device": "gpu"})),

@@ -1,0 +1,175 @@
+"""Stability and novelty of relaxed candidates against the reference set (:mod:`equicsp_core.reference`).
+
+**Stability** is the energy above the convex hull at the ML level: the hull of a candidate's chemical system
+is built (pymatgen's :class:`~pymatgen.analysis.phase_diagram.PhaseDiagram`) from reference entries relaxed
+with the *same* potential and settings as the candidates, so that every energy on it comes from one model. The
+references are relaxed on demand, only those of the candidate's system and its subsystems (elements
+included), chosen by :meth:`~equicsp_core.reference.ReferenceSet.hull_references` (the data's
+``e_above_hull`` cut-off and a number per composition), and their energies are cached
+(:class:`EnergyCache`: a JSON file in the cache folder keyed by the relaxation level, the reference set's
+SHA-256 and the entry id), so a campaign relaxes each reference once. A candidate below the hull gets a
+negative value. A system with an element that has no elemental reference (or whose relaxation failed) has
+no hull: the candidate gets a reason instead of a number, and the others go on.
+
+**Novelty**: a relaxed candidate is matched (pymatgen's :class:`StructureMatcher`, default tolerances) with
+the reference entries of its reduced formula, as stored (DFT-relaxed cells of the data), the lowest data
+``e_above_hull`` first: ``"matches mp-1234 (Pm-3m)"`` or ``"new"``.
+
+The relaxation is injected (:data:`RelaxFunction`): :func:`equicsp_core.relax.relax_structures` in production,
+a stub in tests. Units: eV/atom.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from equicsp_core.files import cache_dir, write_text_atomically
+from equicsp_core.reference import ReferenceEntry, ReferenceSet
+
+if TYPE_CHECKING:
+    from pymatgen.core import Structure
+
+logger = logging.getLogger(__name__)
+
+#: Relax labelled structures, yielding ``(label, result)``; a result has ``status`` (``failed`` or not),
+#: ``energy_per_atom`` (eV/atom) and ``error`` (:class:`equicsp_core.relax.RelaxResult`).
+RelaxFunction = Callable[[Mapping[str, "Structure"]], Iterable[tuple[str, Any]]]
+#: File name of the reference energies in the cache folder.
+ENERGY_CACHE_FILE = "reference_energies.json"
+
+
+def default_cache_path() -> Path:
+    """``reference_energies.json`` in the cache folder (``$EQUICSP_CACHE_DIR``, else ``~/.cache/equicsp``)."""
+    return cache_dir() / ENERGY_CACHE_FILE
+
+
+class EnergyCache:
+    """Relaxed energies of reference entries: ``{level: {reference sha256: {id: record}}}`` in a JSON file.
+
+    A record is ``{"energy_per_atom": eV/atom or None, "status": ..., "error": ...}``. ``level`` names the
+    potential and the relaxation settings (:func:`equicsp_core.pipeline.ml_level`). Every new record is
+    written at once (atomically, the file re-read just before), so an interrupted campaign keeps what it
+    relaxed; two processes writing at the same instant may lose one record, which is then only relaxed again.
+    """
+
+    def __init__(self, path: str | Path, level: str, reference_sha256: str) -> None:
+        self.path, self.level, self.sha256 = Path(path), level, reference_sha256
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):  # missing or unreadable: start afresh (it is only a cache)
+            return {}
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        """The cached records of this level and reference set, by entry id."""
+        return self._read().get(self.level, {}).get(self.sha256, {})
+
+    def add(self, entry_id: str, record: dict[str, Any]) -> None:
+        """Store one record."""
+        content = self._read()
+        content.setdefault(self.level, {}).setdefault(self.sha256, {})[entry_id] = record
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(self.path, json.dumps(content, indent=1, sort_keys=True))
+
+
+def reference_energies(entries: Iterable[ReferenceEntry], relax: RelaxFunction,
+                       cache: EnergyCache) -> dict[str, float | None]:
+    """The relaxed energy per atom (eV/atom; ``None``: the relaxation failed) of each entry, by id.
+
+    Only the entries not in ``cache`` are relaxed (in one call of ``relax``, so a potential loads once).
+    """
+    entries = list(entries)
+    known = cache.records()
+    missing = {entry.id: entry.structure for entry in entries if entry.id not in known}
+    if missing:
+        logger.info("relaxing %d reference structure(s) at level %s", len(missing), cache.level)
+        for entry_id, result in relax(missing):
+            failed = result.status == "failed" or result.energy_per_atom is None
+            known[entry_id] = {"energy_per_atom": None if failed else float(result.energy_per_atom),
+                               "status": result.status, "error": result.error}
+            cache.add(entry_id, known[entry_id])
+    return {entry.id: known[entry.id]["energy_per_atom"] for entry in entries}
+
+
+@dataclass(frozen=True)
+class HullResult:
+    """A candidate's energy above the hull (eV/atom; negative: below it) or why there is none."""
+
+    e_above_hull: float | None
+    reason: str | None = None
+
+
+def e_above_hull(candidates: Mapping[str, tuple[Structure, float]], reference: ReferenceSet, relax: RelaxFunction,
+                 cache: EnergyCache, cutoff: float, per_composition: int,
+                 exclude: Iterable[str] = ()) -> dict[str, HullResult]:
+    """The energy above the ML hull of each candidate: ``{label: HullResult}``.
+
+    Args:
+        candidates: ``label -> (relaxed structure, energy per atom in eV/atom)`` at the cache's level.
+        reference: the reference set.
+        relax: relaxes the reference entries not yet in ``cache``.
+        cache: the reference energies at the candidates' level.
+        cutoff, per_composition: the choice of hull references
+            (:meth:`~equicsp_core.reference.ReferenceSet.hull_references`).
+        exclude: ids of reference entries left out of every hull (a benchmark's own known structure).
+    """
+    from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+
+    excluded = set(exclude)
+    by_system: dict[frozenset[str], list[str]] = {}
+    for label, (structure, _) in candidates.items():
+        by_system.setdefault(frozenset(element.symbol for element in structure.composition), []).append(label)
+    results: dict[str, HullResult] = {}
+    for system, labels in sorted(by_system.items(), key=lambda item: sorted(item[0])):
+        chosen = [entry for entry in reference.hull_references(system, cutoff, per_composition)
+                  if entry.id not in excluded]
+        energies = reference_energies(chosen, relax, cache)
+        usable = [entry for entry in chosen if energies[entry.id] is not None]
+        covered = {next(iter(entry.elements)) for entry in usable if len(entry.elements) == 1}
+        gaps = sorted(system - covered)
+        if gaps:
+            reason = (f"no ML E_hull: no elemental reference for {', '.join(gaps)} "
+                      "(none in the reference set, or its relaxation failed)")
+            results.update({label: HullResult(None, reason) for label in labels})
+            continue
+        diagram = PhaseDiagram([PDEntry(_composition(entry),
+                                        energies[entry.id] * len(entry.species), name=entry.id)
+                                for entry in usable])
+        for label in labels:
+            structure, energy = candidates[label]
+            entry = PDEntry(structure.composition, energy * len(structure))
+            _, above = diagram.get_decomp_and_e_above_hull(entry, allow_negative=True)
+            results[label] = HullResult(float(above))
+    return results
+
+
+def _composition(entry: ReferenceEntry) -> Any:
+    from pymatgen.core import Composition
+
+    counts: dict[str, int] = {}
+    for symbol in entry.species:
+        counts[symbol] = counts.get(symbol, 0) + 1
+    return Composition(counts)
+
+
+def novelty(structure: Structure, reference: ReferenceSet) -> str:
+    """``"matches <id> (<space group>)"`` for the first reference entry of the same reduced formula that
+    :class:`StructureMatcher` matches (lowest data ``e_above_hull`` first, then id), else ``"new"``."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    from equicsp_core.screening import space_group
+
+    entries = sorted(reference.like(structure),
+                     key=lambda entry: (entry.e_above_hull is None, entry.e_above_hull or 0.0, entry.id))
+    matcher = StructureMatcher()
+    for entry in entries:
+        known = entry.structure
+        if matcher.fit(structure, known):
+            return f"matches {entry.id} ({space_group(known).symbol})"
+    return "new"

@@ -1,0 +1,337 @@
+"""The reference set (equicsp_core.reference), the ML hull and novelty (equicsp_core.stability) and their
+columns of the ranking table (equicsp_core.pipeline.stability, table_rows)."""
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from pymatgen.core import Lattice, Structure
+
+from equicsp_core import pipeline
+from equicsp_core.cli import main
+from equicsp_core.reference import (
+    REFERENCE_SHA256,
+    ReferenceSet,
+    ReferenceSetError,
+    build_reference,
+    entry_of,
+    load_reference,
+)
+from equicsp_core.relax import RelaxResult
+from equicsp_core.settings import RelaxSettings, SettingsError, StabilitySettings
+from equicsp_core.stability import EnergyCache, e_above_hull, novelty, reference_energies
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def rocksalt(a: str, b: str, edge: float = 4.2) -> Structure:
+    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(edge), [a, b], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+def fcc(element: str, edge: float = 4.0) -> Structure:
+    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(edge), [element], [[0, 0, 0]])
+
+
+def cesium_chloride(a: str, b: str, edge: float = 3.0) -> Structure:
+    return Structure(Lattice.cubic(edge), [a, b], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+def write_split(folder: Path, dataset: str, split: str, rows: list[dict]) -> None:
+    (folder / dataset).mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(folder / dataset / f"{split}.csv.gz", index=False)
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    """A small data folder: three mp_20 rows (one repeated in mpts_52), one perov_5 row."""
+    folder = tmp_path / "data"
+    mp = [{"material_id": "mp-22862", "cif": rocksalt("Na", "Cl").to(fmt="cif"), "e_above_hull": 0.0},
+          {"material_id": "mp-22851", "cif": cesium_chloride("Na", "Cl").to(fmt="cif"), "e_above_hull": 0.05},
+          {"material_id": "mp-974558", "cif": fcc("Na").to(fmt="cif"), "e_above_hull": 0.0}]
+    write_split(folder, "mp_20", "test", mp)
+    write_split(folder, "mpts_52", "val", [{"material_id": "mp-22862", "cif": rocksalt("Na", "Cl", 5.0).to(fmt="cif"),
+                                            "energy_above_hull": 0.3}])
+    perovskite = Structure(Lattice.cubic(3.9), ["Sr", "Ti", "O", "O", "O"],
+                           [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    write_split(folder, "perov_5", "test", [{"material_id": 7, "cif": perovskite.to(fmt="cif")}])
+    return folder
+
+
+def content_sha256(path: Path) -> str:
+    return hashlib.sha256(gzip.open(path).read()).hexdigest()
+
+
+# --- the reference set ------------------------------------------------------------------------------------------
+
+
+def test_reference_build_is_deterministic_deduplicated_and_adds_elements(data_dir, tmp_path):
+    first = build_reference(data_dir, tmp_path / "a.jsonl.gz", pin=None)
+    second = build_reference(data_dir, tmp_path / "b.jsonl.gz", pin=None)
+    assert first.read_bytes() == second.read_bytes()
+    digest = content_sha256(first)
+    reference = load_reference(first, pin=digest)
+    assert reference.sha256 == digest
+    ids = [entry.id for entry in reference.entries]
+    assert ids == sorted(ids)
+    # mp-22862 once, from mp_20 (the first source), with mp_20's e_above_hull; perov_5's integer id prefixed
+    (salt,) = [entry for entry in reference.entries if entry.id == "mp-22862"]
+    assert (salt.source, salt.e_above_hull, salt.lattice[0][0]) == ("mp_20", 0.0, 4.2)
+    assert "perov_5-7" in ids
+    # the elements without a single-element entry get ASE's crystal where ASE has one: Cl, O (gases) do not
+    assert {"ase-Sr", "ase-Ti"} <= set(ids) and not {"ase-Cl", "ase-O", "ase-Na"} & set(ids)
+    assert reference.like("Sr")[0].source == "ase" and reference.like("Sr2Ti2O6")[0].e_above_hull is None
+
+
+def test_reference_build_is_refused_when_the_pin_does_not_match(data_dir, tmp_path):
+    out = tmp_path / "ref.jsonl.gz"
+    with pytest.raises(ReferenceSetError, match="^the reference set built from the data has SHA-256 [0-9a-f]{64}, "
+                                                "not the pinned 0{64}"):
+        build_reference(data_dir, out, pin="0" * 64)
+    assert not out.exists()
+
+
+def test_reference_load_checks_the_pin_and_says_how_to_build(data_dir, tmp_path):
+    path = build_reference(data_dir, tmp_path / "ref.jsonl.gz", pin=None)
+    with pytest.raises(ReferenceSetError, match="not the pinned 1{64}: delete it and run `equicsp reference build`"):
+        load_reference(path, pin="1" * 64)
+    with pytest.raises(ReferenceSetError, match=r"^no reference set at .*missing.jsonl.gz: run `equicsp reference "
+                                                r"build`"):
+        load_reference(tmp_path / "missing.jsonl.gz")
+
+
+def test_reference_is_built_on_first_use_and_refused_when_the_data_is_not_the_pinned(data_dir, monkeypatch, tmp_path):
+    """No file in the cache folder: load_reference builds it from the data folder, checked against the pin."""
+    monkeypatch.setenv("EQUICSP_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(ReferenceSetError, match="^no reference set at .* not the pinned .*: run `equicsp reference"):
+        load_reference(data_dir=data_dir)
+    assert not (tmp_path / "cache" / "reference_set.jsonl.gz").exists()
+    digest = content_sha256(build_reference(data_dir, tmp_path / "probe.jsonl.gz", pin=None))
+    assert len(load_reference(data_dir=data_dir, pin=digest)) == 6  # 4 rows (one twice), Sr, Ti
+    assert (tmp_path / "cache" / "reference_set.jsonl.gz").is_file()
+
+
+def test_cli_reference_build_refuses_other_data_in_one_line(data_dir, tmp_path, capsys):
+    out = tmp_path / "ref.jsonl.gz"
+    assert main(["--quiet", "reference", "build", "--data-dir", str(data_dir), "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("equicsp reference: error: the reference set built from the data has SHA-256")
+    assert error.count("\n") == 0 and REFERENCE_SHA256 in error and not out.exists()
+
+
+def test_hull_references_keep_the_lowest_below_the_cutoff(data_dir, tmp_path):
+    reference = load_reference(build_reference(data_dir, tmp_path / "r.jsonl.gz", pin=None), pin=None)
+    chosen = [entry.id for entry in reference.hull_references({"Na", "Cl"}, cutoff=0.0, per_composition=1)]
+    assert chosen == ["mp-22862", "mp-974558"]  # NaCl rock salt, Na; the CsCl polymorph is 0.05 above
+    chosen = [entry.id for entry in reference.hull_references({"Na", "Cl"}, cutoff=0.1, per_composition=2)]
+    assert chosen == ["mp-22851", "mp-22862", "mp-974558"]
+    assert [entry.id for entry in reference.hull_references({"Na", "Cl"}, 0.1, per_composition=1)][0] == "mp-22862"
+
+
+# --- the hull -----------------------------------------------------------------------------------------------------
+
+
+#: Energies per atom (eV/atom) that the stub potential gives each reference entry.
+ENERGIES = {"cu": -1.0, "au": -2.0, "cuau": -2.0, "cuau-high": -1.0, "broken": None}
+
+
+def hand_made_reference() -> ReferenceSet:
+    """Cu, Au (elements), CuAu (rock salt; e_above_hull 0) and a CuAu polymorph above the data's hull."""
+    entries = [entry_of("cu", "test", fcc("Cu", 3.6), 0.0), entry_of("au", "test", fcc("Au", 4.1), 0.0),
+               entry_of("cuau", "test", rocksalt("Cu", "Au"), 0.0),
+               entry_of("cuau-high", "test", cesium_chloride("Cu", "Au"), 0.2),
+               entry_of("zn-cu", "test", cesium_chloride("Zn", "Cu"), 0.0)]
+    return ReferenceSet(entries, "f" * 64)
+
+
+class StubRelax:
+    """Gives each reference entry its :data:`ENERGIES` value; counts what it relaxed."""
+
+    def __init__(self):
+        self.relaxed: list[str] = []
+
+    def __call__(self, structures):
+        for label, structure in structures.items():
+            self.relaxed.append(label)
+            energy = ENERGIES.get(label, -1.0)
+            yield label, RelaxResult("failed" if energy is None else "converged", structure, energy,
+                                     error="stub failure" if energy is None else None)
+
+
+def cu3au(edge: float = 3.7) -> Structure:
+    return Structure(Lattice.cubic(edge), ["Au", "Cu", "Cu", "Cu"],
+                     [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+
+
+def test_e_above_hull_by_hand(tmp_path):
+    """Cu -1, Au -2, CuAu -2 eV/atom: the hull at x(Au) = 1/4 lies at -1.5 eV/atom (half way from Cu to CuAu)."""
+    relax = StubRelax()
+    cache = EnergyCache(tmp_path / "energies.json", "ML (stub)", "f" * 64)
+    candidates = {"cu3au": (cu3au(), -1.6), "cuau": (rocksalt("Cu", "Au", 4.3), -1.9),
+                  "au": (fcc("Au", 4.2), -1.95)}
+    hull = e_above_hull(candidates, hand_made_reference(), relax, cache, cutoff=0.0, per_composition=1)
+    assert hull["cu3au"].e_above_hull == pytest.approx(-1.6 - (-1.5))  # below the hull: negative
+    assert hull["cuau"].e_above_hull == pytest.approx(-1.9 - (-2.0))
+    assert hull["au"].e_above_hull == pytest.approx(0.05)
+    assert all(result.reason is None for result in hull.values())
+    # the polymorph above the data's hull (0.2 > cutoff 0) and Zn's system were not relaxed
+    assert sorted(relax.relaxed) == ["au", "cu", "cuau"]
+
+
+def test_e_above_hull_without_an_elemental_reference_gives_a_reason(tmp_path):
+    relax = StubRelax()
+    cache = EnergyCache(tmp_path / "energies.json", "ML (stub)", "f" * 64)
+    candidates = {"zncu": (cesium_chloride("Zn", "Cu"), -1.0), "cuau": (rocksalt("Cu", "Au"), -1.9)}
+    hull = e_above_hull(candidates, hand_made_reference(), relax, cache, cutoff=0.0, per_composition=1)
+    assert hull["zncu"].e_above_hull is None
+    assert hull["zncu"].reason.startswith("no ML E_hull: no elemental reference for Zn ")
+    assert hull["cuau"].e_above_hull == pytest.approx(0.1)  # the run goes on for the others
+
+
+def test_a_failed_reference_relaxation_is_a_gap(tmp_path):
+    entries = [entry_of("broken", "test", fcc("Cu", 3.6), 0.0), entry_of("au", "test", fcc("Au", 4.1), 0.0)]
+    cache = EnergyCache(tmp_path / "energies.json", "ML (stub)", "e" * 64)
+    hull = e_above_hull({"cuau": (rocksalt("Cu", "Au"), -1.9)}, ReferenceSet(entries, "e" * 64), StubRelax(), cache,
+                        cutoff=0.0, per_composition=1)
+    assert hull["cuau"].e_above_hull is None and "no elemental reference for Cu" in hull["cuau"].reason
+
+
+def test_the_cache_relaxes_each_reference_once(tmp_path):
+    reference = hand_made_reference()
+    cache = EnergyCache(tmp_path / "energies.json", "ML (stub)", reference.sha256)
+    first, second = StubRelax(), StubRelax()
+    chosen = reference.hull_references({"Cu", "Au"}, 0.0, 1)
+    assert reference_energies(chosen, first, cache) == {"au": -2.0, "cu": -1.0, "cuau": -2.0}
+    assert reference_energies(chosen, second, cache) == {"au": -2.0, "cu": -1.0, "cuau": -2.0}
+    assert sorted(first.relaxed) == ["au", "cu", "cuau"] and second.relaxed == []
+    stored = json.loads((tmp_path / "energies.json").read_text())
+    assert stored["ML (stub)"]["f" * 64]["cu"] == {"energy_per_atom": -1.0, "status": "converged", "error": None}
+    # another level (potential, settings) or another reference set relaxes afresh
+    third = StubRelax()
+    reference_energies(chosen, third, EnergyCache(tmp_path / "energies.json", "ML (other)", reference.sha256))
+    assert sorted(third.relaxed) == ["au", "cu", "cuau"]
+
+
+# --- novelty ------------------------------------------------------------------------------------------------------
+
+
+def test_novelty_matches_a_known_structure_or_says_new():
+    reference = hand_made_reference()
+    assert novelty(rocksalt("Au", "Cu", 4.35), reference) == "matches cuau (Fm-3m)"  # another cell size matches
+    supercell = rocksalt("Cu", "Au").get_primitive_structure() * (2, 1, 1)  # Cu2Au2: same reduced formula
+    assert novelty(supercell, reference) == "matches cuau (Fm-3m)"
+    zincblende = Structure.from_spacegroup("F-43m", Lattice.cubic(5.0), ["Cu", "Au"], [[0, 0, 0], [0.25] * 3])
+    assert novelty(zincblende, reference) == "new"
+    assert novelty(fcc("Ag"), reference) == "new"  # nothing of the composition is known
+
+
+# --- the pipeline -------------------------------------------------------------------------------------------------
+
+
+def test_stability_settings_are_checked():
+    assert StabilitySettings().stability is True
+    with pytest.raises(SettingsError, match="^reference_cutoff: "):
+        StabilitySettings(reference_cutoff=-0.1)
+    with pytest.raises(SettingsError, match="^references_per_composition: "):
+        StabilitySettings(references_per_composition=0)
+
+
+def pipeline_inputs():
+    relaxed = {"CuAu_000": rocksalt("Cu", "Au", 4.3), "CuAu_001": rocksalt("Cu", "Au", 4.31),
+               "CuZn_000": cesium_chloride("Cu", "Zn")}
+    results = {"CuAu_000": {"status": "converged", "energy_per_atom": -1.9, "error": None},
+               "CuAu_001": {"status": "converged", "energy_per_atom": -1.8, "error": None},
+               "CuZn_000": {"status": "converged", "energy_per_atom": -1.0, "error": None},
+               "CuZn_001": {"status": "failed", "energy_per_atom": None, "error": "boom"}}
+    ranking = {"CuAu_000": {"ml_rank": 1, "status": "ml_relaxed", "reason": None},
+               "CuAu_001": {"ml_rank": None, "status": "duplicate", "reason": "relaxed into the structure of CuAu_000"},
+               "CuZn_000": {"ml_rank": 1, "status": "ml_relaxed", "reason": None},
+               "CuZn_001": {"ml_rank": None, "status": "ml_failed", "reason": "boom"}}
+    return results, relaxed, ranking
+
+
+def test_pipeline_stability_and_the_table_columns(tmp_path):
+    reference = hand_made_reference()
+    results, relaxed, ranking = pipeline_inputs()
+    assessed = pipeline.stability(results, relaxed, ranking, RelaxSettings(), StabilitySettings(),
+                                  relax=StubRelax(), reference=reference, cache_path=str(tmp_path / "e.json"))
+    assert assessed["CuAu_000"] == {"ml_e_above_hull": pytest.approx(0.1), "novelty": "matches cuau (Fm-3m)",
+                                    "reason": None}
+    assert assessed["CuAu_001"]["ml_e_above_hull"] == pytest.approx(0.2) and assessed["CuAu_001"]["novelty"] is None
+    assert assessed["CuZn_000"]["ml_e_above_hull"] is None
+    assert assessed["CuZn_000"]["novelty"] == "matches zn-cu (Pm-3m)"
+    assert "CuZn_001" not in assessed
+    cached = json.loads((tmp_path / "e.json").read_text())
+    assert list(cached) == [pipeline.ml_level(RelaxSettings())] == ["ML (chgnet, fmax 0.05 eV/Å, 500 steps)"]
+    assert pipeline.stability(results, relaxed, ranking, RelaxSettings(), StabilitySettings(stability=False),
+                              relax=StubRelax(), reference=reference) == {}
+
+    sampled = dict(relaxed)
+    screening = {label: {"kept": True, "status": None, "reason": None} for label in sampled}
+    rows = {row["label"]: row for row in pipeline.table_rows(sampled, [], screening, ranking, results, relaxed,
+                                                               stability=assessed)}
+    columns = list(pipeline.ROW_COLUMNS)
+    assert columns[columns.index("ml_volume_change") + 1: columns.index("ml_volume_change") + 3] == [
+        "ml_e_above_hull", "novelty"]
+    assert rows["CuAu_000"]["ml_e_above_hull"] == pytest.approx(0.1) and rows["CuAu_000"]["reason"] is None
+    assert rows["CuAu_001"]["reason"] == "relaxed into the structure of CuAu_000"  # its own reason stays
+    assert rows["CuZn_000"]["reason"].startswith("no ML E_hull: no elemental reference for Zn")
+
+
+def test_pipeline_stability_without_a_reference_set_says_how_to_build_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("EQUICSP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("EQUICSP_DATA_DIR", str(tmp_path / "no-data"))
+    results, relaxed, ranking = pipeline_inputs()
+    assessed = pipeline.stability(results, relaxed, ranking, RelaxSettings(), StabilitySettings(), relax=StubRelax())
+    assert set(assessed) == {"CuAu_000", "CuAu_001", "CuZn_000"}
+    assert all(value["ml_e_above_hull"] is None and value["novelty"] is None
+               and "run `equicsp reference build`" in value["reason"] for value in assessed.values())
+
+
+# --- for real -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "mp_20" / "test.csv.gz").is_file(), reason="needs ../shared/data")
+def test_chgnet_hull_of_silicon_from_the_real_data(tmp_path):
+    """The Si entries of mp_20 (val, test) relaxed with CHGNet: diamond Si (mp-149) lies on the ML hull."""
+    folder = tmp_path / "data"
+    tables = [pd.read_csv(SHARED_DATA / "mp_20" / f"{split}.csv.gz") for split in ("val", "test")]
+    silicon = pd.concat([table[table["pretty_formula"] == "Si"] for table in tables])
+    write_split(folder, "mp_20", "test", silicon.to_dict("records"))
+    path = build_reference(folder, tmp_path / "si.jsonl.gz", pin=None)
+    reference = load_reference(path, pin=None)
+    (diamond,) = [entry for entry in reference.entries if entry.id == "mp-149"]
+    settings = RelaxSettings(potential="chgnet", fmax=0.05, steps=300, device="cpu")
+    from equicsp_core.relax import relax_structure, relax_structures, load_calculator
+
+    candidate = relax_structure(diamond.structure.perturb(0.05, 0.0), load_calculator("chgnet", "cpu"), settings)
+    cache = EnergyCache(tmp_path / "e.json", pipeline.ml_level(settings), reference.sha256)
+    hull = e_above_hull({"si": (candidate.structure, candidate.energy_per_atom)}, reference,
+                        lambda structures: relax_structures(structures, settings), cache, cutoff=0.0,
+                        per_composition=1)
+    assert abs(hull["si"].e_above_hull) < 0.01, hull  # measured: ~0 eV/atom
+    assert novelty(candidate.structure, reference) == "matches mp-149 (Fd-3m)"
+
+
+def test_an_element_keeps_a_reference_above_the_cutoff():
+    """Sn's only entries lie 0.07 eV/atom above MP's hull: the element keeps its lowest rather than leave a gap."""
+    entries = [entry_of("sn-a", "test", fcc("Sn", 4.6), 0.074), entry_of("sn-b", "test", fcc("Sn", 4.7), 0.066),
+               entry_of("snna", "test", rocksalt("Sn", "Na"), 0.2), entry_of("na", "test", fcc("Na"), 0.0),
+               entry_of("ase-Na", "ase", fcc("Na", 4.3), None)]
+    chosen = ReferenceSet(entries, "a" * 64).hull_references({"Sn", "Na"}, cutoff=0.05, per_composition=1)
+    assert [entry.id for entry in chosen] == ["ase-Na", "na", "sn-b"]  # SnNa (above the cut-off) is left out
+
+
+def test_an_element_without_its_ground_state_gets_ases_crystal():
+    """ASE's crystal is added for an element whose data entries are all metastable (Cu here), not for one whose
+    ground state (e_above_hull 0) is in the data (Ag), nor for one ASE has no crystal for (Cl)."""
+    from equicsp_core.reference import element_entries
+
+    entries = [entry_of("cu-meta", "test", fcc("Cu", 3.7), 0.01), entry_of("ag", "test", fcc("Ag", 4.1), 0.0),
+               entry_of("agcl", "test", rocksalt("Ag", "Cl"), 0.0)]
+    added = element_entries(entries)
+    assert [(entry.id, entry.source, entry.e_above_hull) for entry in added] == [("ase-Cu", "ase", None)]
+    assert added[0].structure.composition.reduced_formula == "Cu"
