@@ -36,6 +36,7 @@ from aiida import load_profile, orm
 from aiida.cmdline.groups import VerdiCommandGroup
 from aiida.cmdline.params import arguments, options, types
 from aiida.common.exceptions import ConfigurationError, InvalidOperation, NotExistent
+from aiida.common.log import configure_logging
 from aiida.engine import run_get_node, submit
 from aiida_quantumespresso.workflows.protocols.utils import recursive_merge
 
@@ -165,6 +166,9 @@ def sample(code: orm.AbstractCode, model_name: str, formulas: list[str], num_sam
             raise click.ClickException(f"cannot submit to the daemon: {error}") from error
         click.echo(f"submitted {label}<{node.pk}>; when it is done: aiida-equicsp results {node.pk}")
         return
+    # verdi's --verbosity callback (VerdiCommandGroup) reconfigures logging without the database handler, after
+    # the profile was loaded: put it back, or the reports of a process run here would not be stored
+    configure_logging(with_orm=True)
     _, node = run_get_node(builder)
     if not node.is_finished_ok:
         raise click.ClickException(f"{label}<{node.pk}> failed with exit status {node.exit_status}: "

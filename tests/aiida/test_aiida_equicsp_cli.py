@@ -5,10 +5,20 @@ from importlib.metadata import entry_points
 
 import pytest
 from aiida import orm
+from aiida.common import log
 from click.testing import CliRunner
 
 from aiida_equicsp import cli
 from aiida_equicsp.workchains.sample_base import EquiCSPSampleBaseWorkChain
+
+
+@pytest.fixture(autouse=True)
+def logging_as_before_the_command():
+    """Undo what verdi's ``--verbosity`` callback does to the process's logging (CLI mode, no database handler),
+    so that the work chains of later tests still store their reports."""
+    yield
+    log.CLI_ACTIVE = log.CLI_LOG_LEVEL = None
+    log.configure_logging(with_orm=True)
 
 
 def invoke(*args: str):
@@ -31,6 +41,8 @@ def test_sample_runs_the_work_chain_and_results_lists_its_candidates(fixed_cell_
     workchain = orm.load_node(pk)
     assert workchain.is_finished_ok
     assert workchain.inputs.sample.parameters.get_dict() == {"steps": 5, "seed": 3, "batch_size": 2}
+    # run in this process, its reports are stored (verdi process report PK shows them)
+    assert orm.Log.collection.get_logs_for(workchain), "no report stored for the work chain run by the command"
 
     result = invoke("results", str(pk))
     assert result.exit_code == 0, result.output
