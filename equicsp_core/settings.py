@@ -8,7 +8,7 @@ One model per stage of the pipeline (:mod:`equicsp_core.pipeline`)::
     RelaxSettings    potential, fmax, steps, relax_cell, device, threads, phonons
                                                                         (equicsp relax, the relax CalcJob)
     RankSettings     top_k, phonons                                     (which winners get phonons and DFT)
-    DFTSettings      protocol, relax_type, symprec                      (the DFT stage of the AiiDA route)
+    DFTSettings      protocol, relax_type, symprec, spin                (the DFT stage of the AiiDA route)
 
 Every entry point derives from these models instead of repeating them: the ``equicsp sample`` flags
 (:func:`equicsp_core.cli.build_parser`), the ``parameters`` keys of the CalcJobs, the protocol files of
@@ -331,9 +331,21 @@ class RankSettings(Settings):
 
 
 class DFTSettings(Settings):
-    """The DFT stage (aiida-quantumespresso's PwRelaxWorkChain); its code and pseudopotentials are nodes."""
+    """The DFT stage (aiida-quantumespresso's PwRelaxWorkChain); its code and pseudopotentials are nodes.
+
+    ``symprec`` is 0.01 Å, not more, because the DFT relaxation keeps the symmetry it starts with (pw.x
+    symmetrises forces and stress): symmetrising only removes what is noise, so that pw.x finds the symmetry
+    the ML minimum has, and the relaxation stays free to break any higher one. Measured on CHGNet-relaxed
+    perovskites (fmax 0.03 eV/Å, docs/aiida.md "Symmetry before DFT"): 0.05 Å raised the space group of all six
+    (SrTiO3 Pm to P4mm, BaTiO3 P1 to Cm, PbTiO3 Pm to P4mm), erasing real 0.01-0.05 Å distortions; 0.01 Å
+    raised none beyond what the structure had at that tolerance. A distortion under 0.01 Å is worth under
+    ~1 meV per mode (½ k x², k ≲ 10 eV/Å²), below the DFT protocols' energy resolution.
+    """
 
     protocol: str | None = Field(None, description="a PwRelaxWorkChain protocol (None: its default)")
     relax_type: Literal[DFT_RELAX_TYPES] = Field("positions_cell", description="a RelaxType value")  # type: ignore
-    symprec: Number = Field(0.05, ge=0, allow_inf_nan=False,
+    symprec: Number = Field(0.01, ge=0, allow_inf_nan=False,
                             description="symmetrise at this tolerance (Å) before DFT; 0: as it is")
+    spin: Literal["auto", "collinear", "none"] = Field(
+        "auto", description="spin polarisation: auto (collinear when a magnetic element has an open shell, "
+                            "equicsp_core.dft.initial_moments), collinear (always), none (never)")
