@@ -247,7 +247,7 @@ def rank_and_finish(samples: SampleDocument, screening: ScreenDocument, relaxati
     relaxed = {c.label: c for c in relaxation.relaxed}
     ranked = rank(relaxation.results, {label: c.structure for label, c in relaxed.items()}, maker.top_k)
     winners = [relaxed[label] for label in ranked.winners]
-    jobs, phonons, dft = [], None, {}
+    jobs, phonons, dft, dft_inputs = [], None, {}, {}
     if maker.phonons and winners:
         check = _phonon_maker(maker.relax_maker).make(winners)
         check.name = "equicsp phonons"
@@ -264,7 +264,10 @@ def rank_and_finish(samples: SampleDocument, screening: ScreenDocument, relaxati
             relax.name = f"{relax.name} {winner.label}"
             jobs.append(relax)
             dft[winner.label] = relax.output
-    table = tabulate(samples, screening, relaxation, ranked.as_dict(), phonons, dft)
+            dft_inputs[winner.label] = structure
+    table = tabulate(samples, screening, relaxation, ranked.as_dict(), phonons, dft,
+                     dft_inputs if maker.symprec > 0 else None, maker.symprec,
+                     dft_maker_level(maker.dft_maker) if maker.dft_maker is not None else None)
     table.config.on_missing_references = OnMissing.NONE  # a failed DFT job arrives as None: a dft_failed row
     return Response(replace=Flow([*jobs, table], output=table.output))
 
@@ -283,18 +286,36 @@ def symmetrize_structure(structure: Structure, symprec: float) -> Structure:
     return symmetrized(structure, symprec)
 
 
+def dft_maker_level(dft_maker: Maker) -> str:
+    """The ``dft_level`` of a DFT Maker's energies: its name and class (``relax (atomate2 RelaxMaker)``).
+
+    Unlike the AiiDA route, the flow does not choose the DFT settings: functional, k-points, cut-offs and spin
+    are the Maker's (atomate2's VASP input sets, for instance, are spin-polarised with default moments).
+    """
+    kind = type(dft_maker)
+    return f"{dft_maker.name} ({kind.__module__.split('.')[0]} {kind.__name__})"
+
+
 @job(output_schema=RankingDocument, data=Structure)
 def tabulate(samples: SampleDocument, screening: ScreenDocument, relaxation: RelaxDocument, ranking: dict[str, Any],
-             phonons: dict[str, Any] | None, dft: dict[str, Any]) -> RankingDocument:
-    """The ranking table (:func:`equicsp_core.pipeline.table_rows`) and the relaxed structures."""
+             phonons: dict[str, Any] | None, dft: dict[str, Any], dft_inputs: dict[str, Structure] | None = None,
+             symprec: float = 0.0, dft_level: str | None = None) -> RankingDocument:
+    """The ranking table (:func:`equicsp_core.pipeline.table_rows`) and the relaxed structures.
+
+    ``dft_inputs`` are the symmetrised structures sent to DFT (at ``symprec`` Å; ``None``: not symmetrised),
+    ``dft_level`` what the DFT energies are (:func:`dft_maker_level`).
+    """
+    from equicsp_core.dft import symmetrisation_note
+
     sampled = {c.label: c for c in samples.candidates}
     dft_outcomes, dft_relaxed = {}, []
     for label, document in dft.items():
+        notes = (symmetrisation_note(dft_inputs[label], symprec),) if dft_inputs and label in dft_inputs else ()
         structure, energy, _ = _task_result(document)
         if structure is None:
-            dft_outcomes[label] = DFTOutcome(failure="the DFT job failed")
+            dft_outcomes[label] = DFTOutcome(failure="the DFT job failed", notes=notes)
             continue
-        dft_outcomes[label] = DFTOutcome(structure, energy)
+        dft_outcomes[label] = DFTOutcome(structure, energy, level=dft_level, notes=notes)
         dft_relaxed.append(CandidateDocument.of(label, sampled[label].formula, sampled[label].sample, structure))
     rows = table_rows(
         sampled={label: c.structure for label, c in sampled.items()}, invalid=[tuple(i) for i in samples.invalid],

@@ -211,6 +211,26 @@ def validate_inputs(inputs: Mapping[str, Any], _: Any) -> str | None:
     return None
 
 
+def dft_builder(code: orm.AbstractCode, structure: orm.StructureData, settings: DFTSettings,
+                overrides: Mapping[str, Any] | None = None, options: Mapping[str, Any] | None = None) -> ProcessBuilder:
+    """The ``PwRelaxWorkChain`` of one structure: aiida-quantumespresso's protocol ``settings.protocol`` with
+    ``overrides`` and ``options``, ``settings.relax_type``, spin-polarised (collinear) with the starting moments of
+    :func:`equicsp_core.dft.spin_moments` where it gives any, and without the coarse initial relaxation (the ML
+    relaxation was that)."""
+    from aiida_quantumespresso.common.types import RelaxType, SpinType
+    from aiida_quantumespresso.workflows.pw.relax import PwRelaxWorkChain
+
+    moments = spin_moments(structure.get_pymatgen().composition, settings.spin)
+    spin = {"spin_type": SpinType.COLLINEAR,
+            "initial_magnetic_moments": {kind.name: moments[kind.symbol] for kind in structure.kinds}
+            } if moments else {}
+    builder = PwRelaxWorkChain.get_builder_from_protocol(
+        code, structure, protocol=settings.protocol, overrides=dict(overrides) if overrides else None,
+        relax_type=RelaxType(settings.relax_type), options=dict(options) if options else None, **spin)
+    builder.pop("base_init_relax", None)
+    return builder
+
+
 def pw_events(node: orm.ProcessNode) -> list[str]:
     """The pw.x calculations of a DFT run that did not finish cleanly, oldest first, each with the action
     aiida-quantumespresso's ``PwBaseWorkChain`` took (its report ``Action taken: ...``), if it took one.
@@ -237,7 +257,8 @@ def _action_taken(calculation: orm.CalcJobNode) -> str | None:
     caller = calculation.caller
     if caller is None:
         return None
-    messages = [log.message for log in orm.Log.collection.get_logs_for(caller)]
+    # a report is stored as "[pk|process|method]: message"
+    messages = [log.message.split("]: ", 1)[-1] for log in orm.Log.collection.get_logs_for(caller)]
     failed = f"{calculation.process_label}<{calculation.pk}> failed with exit status"
     for position, message in enumerate(messages):
         if message.startswith(failed):
@@ -508,9 +529,6 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
 
     def run_dft(self):
         """One PwRelaxWorkChain per chosen candidate, from the aiida-quantumespresso protocol."""
-        from aiida_quantumespresso.common.types import RelaxType, SpinType
-        from aiida_quantumespresso.workflows.pw.relax import PwRelaxWorkChain
-
         dft = self.inputs.dft
         settings = dft_settings(dft)
         futures = {}
@@ -520,17 +538,9 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
             if symprec.value > 0:
                 structure = call_function_once(self, symmetrize, f"symmetrize_{label}", structure=structure,
                                                symprec=symprec)
-            moments = spin_moments(structure.get_pymatgen().composition, settings.spin)
-            spin = {"spin_type": SpinType.COLLINEAR,
-                    "initial_magnetic_moments": {kind.name: moments[kind.symbol] for kind in structure.kinds}
-                    } if moments else {}
-            builder = PwRelaxWorkChain.get_builder_from_protocol(
-                dft.code, structure, protocol=settings.protocol,
-                overrides=dft["overrides"].get_dict() if "overrides" in dft else None,
-                relax_type=RelaxType(settings.relax_type),
-                options=dft["options"].get_dict() if "options" in dft else None, **spin)
-            # The ML relaxation was the initial relaxation: a second, coarse DFT one would only cost time.
-            builder.pop("base_init_relax", None)
+            builder = dft_builder(dft.code, structure, settings,
+                                  dft["overrides"].get_dict() if "overrides" in dft else None,
+                                  dft["options"].get_dict() if "options" in dft else None)
             futures[f"dft.{label}"] = submit_once(self, builder, f"dft_{label}")
             self.report(f"DFT relaxation of {label}: PwRelaxWorkChain<{futures[f'dft.{label}'].pk}>")
         return ToContext(**futures)
