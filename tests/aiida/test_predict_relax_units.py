@@ -460,8 +460,8 @@ def test_stringent_is_tighter_than_balanced_than_fast(equicsp_code, model, pw_co
     def thresholds(protocol):
         base = pw_inputs(equicsp_code, model, pw_code, pseudodojo, protocol, perovskite()).base_relax
         parameters = base.pw.parameters.get_dict()
-        return (base.kpoints_distance.value, parameters["ELECTRONS"]["conv_thr"], parameters["CONTROL"]["etot_conv_thr"],
-                parameters["CONTROL"]["forc_conv_thr"])
+        return (base.kpoints_distance.value, parameters["ELECTRONS"]["conv_thr"],
+                parameters["CONTROL"]["etot_conv_thr"], parameters["CONTROL"]["forc_conv_thr"])
 
     fast, balanced, stringent = (thresholds(protocol) for protocol in ("fast", "balanced", "stringent"))
     assert all(s < b < f for s, b, f in zip(stringent, balanced, fast)), (fast, balanced, stringent)
