@@ -336,9 +336,10 @@ class DFTSettings(Settings):
     ``symprec`` is 0.01 Å, not more, because the DFT relaxation keeps the symmetry it starts with (pw.x
     symmetrises forces and stress): symmetrising only removes what is noise, so that pw.x finds the symmetry
     the ML minimum has, and the relaxation stays free to break any higher one. Measured on CHGNet-relaxed
-    perovskites (fmax 0.03 eV/Å, docs/aiida.md "Symmetry before DFT"): 0.05 Å raised the space group of all six
-    (SrTiO3 Pm to P4mm, BaTiO3 P1 to Cm, PbTiO3 Pm to P4mm), erasing real 0.01-0.05 Å distortions; 0.01 Å
-    raised none beyond what the structure had at that tolerance. A distortion under 0.01 Å is worth under
+    perovskites (fmax 0.03 eV/Å, docs/aiida.md "DFT settings"): 0.05 Å raised the space group of all six
+    (SrTiO3 to P4mm, BaTiO3 to Cm, PbTiO3 to P4mm), imposing symmetry on 0.01-0.05 Å deviations that only a
+    relaxation free to keep them could judge; at 0.01 Å their groups were subgroups of those (Pm, P1, Pm), from
+    which the relaxation can still reach the higher symmetry. A distortion under 0.01 Å is worth under
     ~1 meV per mode (½ k x², k ≲ 10 eV/Å²), below the DFT protocols' energy resolution.
     """
 

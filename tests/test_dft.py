@@ -65,7 +65,7 @@ def test_spin_setting():
 
 
 def test_symmetrisation_tolerance_is_noise_level():
-    """0.01 Å by default: the measured tolerance that raised no ML-relaxed perovskite's space group."""
+    """0.01 Å by default: noise level (docs/aiida.md "DFT settings", benchmarks/symprec_before_dft.py)."""
     assert DFTSettings().symprec == 0.01
 
 
