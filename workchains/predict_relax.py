@@ -231,13 +231,15 @@ def dft_builder(code: orm.AbstractCode, structure: orm.StructureData, settings: 
     return builder
 
 
-def pw_events(node: orm.ProcessNode) -> list[str]:
-    """The pw.x calculations of a DFT run that did not finish cleanly, oldest first, each with the action
-    aiida-quantumespresso's ``PwBaseWorkChain`` took (its report ``Action taken: ...``), if it took one.
+def pw_events(node: orm.ProcessNode) -> list[tuple[str, str | None]]:
+    """The pw.x calculations of a DFT run that did not finish cleanly, oldest first: ``(what happened, the action
+    aiida-quantumespresso's PwBaseWorkChain reported taking or None)``, e.g. ``("PwCalculation<143> exit status
+    510: The electronic minimization cycle failed during an ionic minimization cycle.", "no electronic
+    convergence but clean shutdown: reduced beta mixing ...")``.
 
-    These are the parser errors AiiDA prints as ``Error:`` lines while the run goes on: a handled one is a note,
-    not a failure (e.g. exit status 501, "The ionic minimization cycle converged but the thresholds are exceeded
-    in the final SCF", whose handler keeps the relaxed structure).
+    These are the parser errors AiiDA prints as ``Error:`` lines while the run goes on; a handled one is a note,
+    not a failure (exit status 501, "The ionic minimization cycle converged but the thresholds are exceeded in
+    the final SCF", is handled by keeping the relaxed structure).
     """
     events = []
     for calculation in sorted((descendant for descendant in node.called_descendants
@@ -246,9 +248,7 @@ def pw_events(node: orm.ProcessNode) -> list[str]:
             continue
         state = (f"exit status {calculation.exit_status}: {calculation.exit_message}" if calculation.is_finished
                  else calculation.process_state.value)
-        event = f"{calculation.process_label}<{calculation.pk}> {state}"
-        action = _action_taken(calculation)
-        events.append(f"{event}; handled: {action}" if action else event)
+        events.append((f"{calculation.process_label}<{calculation.pk}> {state}", _action_taken(calculation)))
     return events
 
 
@@ -258,7 +258,8 @@ def _action_taken(calculation: orm.CalcJobNode) -> str | None:
     if caller is None:
         return None
     # a report is stored as "[pk|process|method]: message"
-    messages = [log.message.split("]: ", 1)[-1] for log in orm.Log.collection.get_logs_for(caller)]
+    logs = sorted(orm.Log.collection.get_logs_for(caller), key=lambda log: log.pk)
+    messages = [log.message.split("]: ", 1)[-1] for log in logs]
     failed = f"{calculation.process_label}<{calculation.pk}> failed with exit status"
     for position, message in enumerate(messages):
         if message.startswith(failed):
@@ -271,7 +272,7 @@ def dft_failure(node: orm.ProcessNode) -> str:
     """Why a DFT run failed: its exit status and message, and the last pw.x failure under it if there is one."""
     reason = f"PwRelaxWorkChain<{node.pk}> exit status {node.exit_status}: {node.exit_message}"
     events = pw_events(node)
-    return f"{reason} (last: {events[-1].split('; handled: ')[0]})" if events else reason
+    return f"{reason} (last: {events[-1][0]})" if events else reason
 
 
 def describe_dft(node: orm.ProcessNode, settings: DFTSettings, family_label: str) -> dict[str, Any]:
@@ -296,7 +297,7 @@ def describe_dft(node: orm.ProcessNode, settings: DFTSettings, family_label: str
     spin_polarised = system.get("nspin") == 2
     if spin_polarised and structure is not None:
         notes.append(moments_note(spin_moments(structure.get_pymatgen().composition, settings.spin)))
-    notes += pw_events(node)
+    notes += [f"{event}; handled: {action}" if action else event for event, action in pw_events(node)]
     level = None
     if node.is_finished_ok and "output_parameters" in node.outputs:
         parameters = node.outputs.output_parameters.get_dict()
