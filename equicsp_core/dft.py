@@ -196,8 +196,10 @@ def symmetrisation_note(symmetrised: Structure, symprec: float) -> str:
     """What the symmetrisation before DFT did: the space group the DFT code then keeps."""
     from equicsp_core.screening import space_group
 
-    return (f"symmetrised at {symprec:g} Å to {space_group(symmetrised, symprec=1e-4)} for DFT "
-            "(the DFT relaxation keeps this symmetry)")
+    group = space_group(symmetrised, symprec=1e-4)
+    if group.number == 1:
+        return f"no symmetry at {symprec:g} Å: the DFT relaxation is held to none"
+    return f"symmetrised at {symprec:g} Å to {group} for DFT (the DFT relaxation keeps this symmetry)"
 
 
 def moments_note(moments: Mapping[str, float]) -> str:

@@ -94,3 +94,17 @@ def test_magnetisation_note():
     assert magnetisation_note(0.001, 0.002, 2) == "spin-polarised, converged to no magnetic moment"
     assert magnetisation_note(4.4, 4.6, 2) == \
         "final magnetisation 4.40 μB/cell (2.20 μB/atom), absolute 4.60 μB/cell"
+
+
+def test_symmetrisation_note_names_the_group_held_or_none():
+    from pymatgen.core import Lattice, Structure
+
+    from equicsp_core.dft import symmetrisation_note
+
+    cubic = Structure(Lattice.cubic(3.9), ["Sr", "Ti", "O", "O", "O"],
+                      [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    assert symmetrisation_note(cubic, 0.01) == \
+        "symmetrised at 0.01 Å to Pm-3m (221) for DFT (the DFT relaxation keeps this symmetry)"
+    skewed = Structure(Lattice([[3.9, 0.1, 0.2], [0.05, 4.1, 0.3], [0.1, 0.2, 4.3]]), ["Sr", "Ti", "O", "O", "O"],
+                       [[0, 0, 0], [0.52, 0.47, 0.55], [0.5, 0.43, 0.02], [0.56, 0.04, 0.5], [0.03, 0.5, 0.41]])
+    assert symmetrisation_note(skewed, 0.01) == "no symmetry at 0.01 Å: the DFT relaxation is held to none"
