@@ -163,12 +163,16 @@ def checkpoint_of(structure: orm.StructureData) -> EquiCSPModelData:
 
 
 def winners_dataframe(group: CampaignGroup):
-    """The winners of a campaign as a pandas DataFrame, one row per composition (:func:`lowest_energy_per_formula`)."""
+    """The winners of a campaign as a pandas DataFrame, one row per composition (:func:`lowest_energy_per_formula`).
+
+    ``energy_per_atom`` is at the row's ``level`` (``dft`` or ``ml``); ``dft_level`` says what a DFT energy is
+    (functional, protocol, spin, quick look): compare energies only at one level.
+    """
     import pandas as pd
 
     columns = ["composition", "reduced_formula", "formula_units", "cell_formula", "level", "energy_per_atom",
-               "ml_energy_per_atom",
-               "dft_energy_per_atom", "space_group", "label", "structure_pk", "structure_uuid", "workchain_pk"]
+               "ml_energy_per_atom", "dft_energy_per_atom", "dft_level", "space_group", "label", "structure_pk",
+               "structure_uuid", "workchain_pk"]
     records = []
     for composition, winner in lowest_energy_per_formula(group).items():
         row = winner.row
@@ -176,7 +180,7 @@ def winners_dataframe(group: CampaignGroup):
             "composition": composition, "reduced_formula": row.get("reduced_formula"),
             "formula_units": row.get("formula_units"), "cell_formula": row.get("formula"), "level": winner.level,
             "energy_per_atom": winner.energy_per_atom, "ml_energy_per_atom": row.get("ml_energy_per_atom"),
-            "dft_energy_per_atom": row.get("dft_energy_per_atom"),
+            "dft_energy_per_atom": row.get("dft_energy_per_atom"), "dft_level": row.get("dft_level"),
             "space_group": row.get(f"space_group_{winner.level}"), "label": row["label"],
             "structure_pk": winner.structure.pk, "structure_uuid": winner.structure.uuid,
             "workchain_pk": winner.workchain.pk,

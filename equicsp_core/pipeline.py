@@ -53,12 +53,18 @@ ROW_COLUMNS = ("label", "formula", "reduced_formula", "formula_units", "sample",
                "space_group_sampled",
                "ml_energy_per_atom", "ml_converged", "ml_rank", "space_group_ml", "ml_rms_displacement",
                "ml_volume_change", "ml_e_above_hull", "novelty", "ml_imaginary_modes", "ml_min_frequency_thz",
-               "dft_energy_per_atom",
-               "space_group_dft", "dft_rms_displacement", "dft_volume_change")
+               "dft_energy_per_atom", "dft_level", "space_group_dft", "dft_rms_displacement", "dft_volume_change",
+               "notes")
 
 #: Units of the table's quantities.
 UNITS = {"energy_per_atom": "eV/atom", "e_above_hull": "eV/atom", "rms_displacement": "Å",
          "volume_change": "final/initial - 1"}
+
+#: Why ML and DFT energies are never compared: said wherever both are shown (the example, the docs).
+ENERGY_SCALES = ("ML and DFT energies per atom are on different scales: the potential's are fitted to Materials "
+                 "Project energies (VASP, PAW), the DFT code's are total energies with its own pseudopotentials "
+                 "(pw.x: hundreds of eV/atom). Compare energies only within one column, and DFT energies only at "
+                 "one dft_level.")
 
 
 # --- names ----------------------------------------------------------------------------------------------------
@@ -235,11 +241,18 @@ def stability(
 
 @dataclass(frozen=True)
 class DFTOutcome:
-    """What the DFT relaxation of a winner gave: its structure and energy per atom, or why it failed."""
+    """What the DFT relaxation of a winner gave: its structure and energy per atom, or why it failed.
+
+    ``level`` says what the energy is (:func:`equicsp_core.dft.dft_level`: functional, code, protocol, spin,
+    quick look); ``notes`` what a user should read about the run (handled events of the DFT code, final
+    magnetisation, the symmetry it was held to), for the failed runs too.
+    """
 
     structure: Structure | None = None
     energy_per_atom: float | None = None
     failure: str | None = None
+    level: str | None = None
+    notes: tuple[str, ...] = ()
 
 
 def table_rows(
@@ -267,6 +280,10 @@ def table_rows(
         dft: the DFT outcome of each winner sent to DFT.
         stability: :func:`stability`'s results (``ml_e_above_hull``, ``novelty`` and, where a value is missing,
             its ``reason``, which becomes the row's reason unless the row has one).
+
+    ``dft_level`` is what ``dft_energy_per_atom`` is (set with it), ``notes`` the DFT run's notes joined by
+    ``"; "`` (``None`` without any): energies of different levels never share a column, ML and DFT energies
+    are on different scales (:data:`ENERGY_SCALES`).
 
     Rows are ordered by reduced composition, then by the energy of the highest level reached (DFT-relaxed rows
     first), then by label.
@@ -327,9 +344,11 @@ def _ml_columns(initial: Structure, relaxed: Structure | None, ranked: Mapping[s
 
 def _dft_columns(ml_relaxed: Structure, outcome: DFTOutcome) -> dict[str, Any]:
     """A winner's DFT status and columns."""
+    notes = "; ".join(outcome.notes) or None
     if outcome.structure is None:
-        return {"status": "dft_failed", "reason": outcome.failure}
+        return {"status": "dft_failed", "reason": outcome.failure, "notes": notes}
     moved = displacement(ml_relaxed, outcome.structure)
     return {"status": "dft_relaxed", "reason": None, "dft_energy_per_atom": outcome.energy_per_atom,
-            "space_group_dft": str(space_group(outcome.structure)), "dft_rms_displacement": moved["rms_displacement"],
-            "dft_volume_change": moved["volume_change"]}
+            "dft_level": outcome.level, "space_group_dft": str(space_group(outcome.structure)),
+            "dft_rms_displacement": moved["rms_displacement"], "dft_volume_change": moved["volume_change"],
+            "notes": notes}

@@ -10,7 +10,7 @@ One model per stage of the pipeline (:mod:`equicsp_core.pipeline`)::
     RankSettings     top_k, phonons                                     (which winners get phonons and DFT)
     StabilitySettings stability, reference_cutoff, references_per_composition
                                                                         (ML E_hull and novelty, after ranking)
-    DFTSettings      protocol, relax_type, symprec                      (the DFT stage of the AiiDA route)
+    DFTSettings      protocol, relax_type, symprec, spin                (the DFT stage of the AiiDA route)
 
 Every entry point derives from these models instead of repeating them: the ``equicsp sample`` flags
 (:func:`equicsp_core.cli.build_parser`), the ``parameters`` keys of the CalcJobs, the protocol files of
@@ -372,9 +372,22 @@ class StabilitySettings(Settings):
 
 
 class DFTSettings(Settings):
-    """The DFT stage (aiida-quantumespresso's PwRelaxWorkChain); its code and pseudopotentials are nodes."""
+    """The DFT stage (aiida-quantumespresso's PwRelaxWorkChain); its code and pseudopotentials are nodes.
+
+    ``symprec`` is 0.01 Å, not more, because the DFT relaxation keeps the symmetry it starts with (pw.x
+    symmetrises forces and stress): symmetrising only removes what is noise, so that pw.x finds the symmetry
+    the ML minimum has, and the relaxation stays free to break any higher one. Measured on CHGNet-relaxed
+    perovskites (fmax 0.03 eV/Å, docs/aiida.md "DFT settings"): 0.05 Å raised the space group of all six
+    (SrTiO3 to P4mm, BaTiO3 to Cm, PbTiO3 to P4mm), imposing symmetry on 0.01-0.05 Å deviations that only a
+    relaxation free to keep them could judge; at 0.01 Å their groups were subgroups of those (Pm, P1, Pm), from
+    which the relaxation can still reach the higher symmetry. A distortion under 0.01 Å is worth under
+    ~1 meV per mode (½ k x², k ≲ 10 eV/Å²), below the DFT protocols' energy resolution.
+    """
 
     protocol: str | None = Field(None, description="a PwRelaxWorkChain protocol (None: its default)")
     relax_type: Literal[DFT_RELAX_TYPES] = Field("positions_cell", description="a RelaxType value")  # type: ignore
-    symprec: Number = Field(0.05, ge=0, allow_inf_nan=False,
+    symprec: Number = Field(0.01, ge=0, allow_inf_nan=False,
                             description="symmetrise at this tolerance (Å) before DFT; 0: as it is")
+    spin: Literal["auto", "collinear", "none"] = Field(
+        "auto", description="spin polarisation: auto (collinear when a magnetic element has an open shell, "
+                            "equicsp_core.dft.initial_moments), collinear (always), none (never)")

@@ -267,7 +267,7 @@ def rank_and_finish(samples: SampleDocument, screening: ScreenDocument, relaxati
     relaxed = {c.label: c for c in relaxation.relaxed}
     ranked = rank(relaxation.results, {label: c.structure for label, c in relaxed.items()}, maker.top_k)
     winners = [relaxed[label] for label in ranked.winners]
-    jobs, phonons, dft = [], None, {}
+    jobs, phonons, dft, dft_inputs = [], None, {}, {}
     assess = assess_stability(relaxation, ranked.as_dict(), _relax_settings(maker.relax_maker),
                               _settings(maker, StabilitySettings).to_dict())
     jobs.append(assess)
@@ -287,8 +287,10 @@ def rank_and_finish(samples: SampleDocument, screening: ScreenDocument, relaxati
             relax.name = f"{relax.name} {winner.label}"
             jobs.append(relax)
             dft[winner.label] = relax.output
+            dft_inputs[winner.label] = structure
     table = tabulate(samples, screening, relaxation, ranked.as_dict(), phonons, dft, assess.output,
-                     _relax_settings(maker.relax_maker))
+                     _relax_settings(maker.relax_maker), dft_inputs if maker.symprec > 0 else None, maker.symprec,
+                     dft_maker_level(maker.dft_maker) if maker.dft_maker is not None else None)
     table.config.on_missing_references = OnMissing.NONE  # a failed DFT job arrives as None: a dft_failed row
     return Response(replace=Flow([*jobs, table], output=table.output))
 
@@ -328,19 +330,38 @@ def symmetrize_structure(structure: Structure, symprec: float) -> Structure:
     return symmetrized(structure, symprec)
 
 
+def dft_maker_level(dft_maker: Maker) -> str:
+    """The ``dft_level`` of a DFT Maker's energies: its name and class (``relax (atomate2 RelaxMaker)``).
+
+    Unlike the AiiDA route, the flow does not choose the DFT settings: functional, k-points, cut-offs and spin
+    are the Maker's (atomate2's VASP input sets, for instance, are spin-polarised with default moments).
+    """
+    kind = type(dft_maker)
+    return f"{dft_maker.name} ({kind.__module__.split('.')[0]} {kind.__name__})"
+
+
 @job(output_schema=RankingDocument, data=Structure)
 def tabulate(samples: SampleDocument, screening: ScreenDocument, relaxation: RelaxDocument, ranking: dict[str, Any],
              phonons: dict[str, Any] | None, dft: dict[str, Any], stability: dict[str, Any] | None = None,
-             relax_settings: dict[str, Any] | None = None) -> RankingDocument:
-    """The ranking table (:func:`equicsp_core.pipeline.table_rows`) and the relaxed structures."""
+             relax_settings: dict[str, Any] | None = None, dft_inputs: dict[str, Structure] | None = None,
+             symprec: float = 0.0, dft_level: str | None = None) -> RankingDocument:
+    """The ranking table (:func:`equicsp_core.pipeline.table_rows`) and the relaxed structures.
+
+    ``stability`` is :func:`assess_stability`'s output, ``relax_settings`` the ML relaxation's (they name the ML
+    level); ``dft_inputs`` are the symmetrised structures sent to DFT (at ``symprec`` Å; ``None``: not
+    symmetrised), ``dft_level`` what the DFT energies are (:func:`dft_maker_level`).
+    """
+    from equicsp_core.dft import symmetrisation_note
+
     sampled = {c.label: c for c in samples.candidates}
     dft_outcomes, dft_relaxed = {}, []
     for label, document in dft.items():
+        notes = (symmetrisation_note(dft_inputs[label], symprec),) if dft_inputs and label in dft_inputs else ()
         structure, energy, _ = _task_result(document)
         if structure is None:
-            dft_outcomes[label] = DFTOutcome(failure="the DFT job failed")
+            dft_outcomes[label] = DFTOutcome(failure="the DFT job failed", notes=notes)
             continue
-        dft_outcomes[label] = DFTOutcome(structure, energy)
+        dft_outcomes[label] = DFTOutcome(structure, energy, level=dft_level, notes=notes)
         dft_relaxed.append(CandidateDocument.of(label, sampled[label].formula, sampled[label].sample, structure))
     rows = table_rows(
         sampled={label: c.structure for label, c in sampled.items()}, invalid=samples.invalid,

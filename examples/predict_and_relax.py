@@ -15,8 +15,14 @@ results back from the database with QueryBuilder: the ranking table, and every s
 with the level it was relaxed at.
 
 DFT here is a quick look, not production settings: the family's ``low`` cutoff stringency, a coarse k-point
-spacing and aiida-quantumespresso's ``fast`` protocol, one cell-volume cycle (``--stringency normal
---kpoints-distance 0.3 --protocol stringent`` for real work).
+spacing and aiida-quantumespresso's ``fast`` protocol, one cell-volume cycle; the table's ``dft_level`` column
+says so. For energies that resolve polymorphs: ``--protocol balanced --stringency normal --kpoints-distance
+0.15`` (the ``balanced`` protocol's own values; k spacing in 1/Å with 2π included).
+
+The ML and DFT energies are printed in separate columns, each labelled with its level: they are on different
+scales (see ``equicsp_core.pipeline.ENERGY_SCALES``) and are never compared. pw.x failures that
+aiida-quantumespresso's restart handlers recover from are logged by AiiDA as ``Error:`` lines while the run goes
+on; each is listed under ``notes``, with the action taken.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from aiida.engine import run_get_node
 from aiida_equicsp.data.model import EquiCSPModelData
 from aiida_equicsp.pseudos import PSEUDODOJO_LABEL, install_pseudodojo_family
 from aiida_equicsp.workchains.predict_relax import EquiCSPPredictRelaxWorkChain
+from equicsp_core.pipeline import ENERGY_SCALES
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,7 +53,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stringency", default="low", choices=["low", "normal", "high"],
                         help="PseudoDojo cutoff hints to use (default low)")
     parser.add_argument("--kpoints-distance", type=float, default=0.8,
-                        help="k-point spacing in 1/Å (default 0.8: coarse; the protocols use 0.15-0.5)")
+                        help="k-point spacing in 1/Å, 2π included (default 0.8: a quick look; the DFT protocols use "
+                             "0.30 fast, 0.15 balanced, 0.10 stringent)")
     parser.add_argument("--computer", default="localhost", help="where the codes run (default localhost)")
     parser.add_argument("--equicsp-code", default=None, help="label of an equicsp code (default: set one up)")
     parser.add_argument("--pw-code", default=None, help="label of a pw.x code (default: set one up)")
@@ -96,6 +104,9 @@ def main() -> None:
         equicsp_code, model, [args.formula], protocol=args.protocol, pw_code=pw_code,
         pseudo_family=None if family is None else family.label, overrides=overrides)
     print(f"predicting {args.formula} with model {model.filename} ({args.num_samples} candidates) ...")
+    if args.dft:
+        print("(an `Error:` line from aiida.parser.PwParser is a pw.x failure; the notes below say how it was "
+              "handled)")
     _, node = run_get_node(builder)
     print(f"{node.process_label}<{node.pk}> finished: exit status {node.exit_status}"
           + (f" ({node.exit_message})" if node.exit_status else ""))
@@ -108,17 +119,31 @@ def report(pk: int) -> None:
     query.append(orm.WorkflowNode, filters={"id": pk}, tag="run")
     query.append(orm.Dict, with_incoming="run", edge_filters={"label": "ranking"}, project="attributes.rows")
     rows = query.one()[0] if query.count() else []
-    columns = [("label", "{}"), ("formula_units", "{}"), ("status", "{}"), ("ml_rank", "{}"),
-               ("ml_energy_per_atom", "{:.4f}"),
-               ("dft_energy_per_atom", "{:.4f}"), ("space_group_sampled", "{}"), ("space_group_ml", "{}"),
-               ("space_group_dft", "{}"), ("ml_rms_displacement", "{:.3f}"), ("reason", "{}"), ("members", "{}")]
-    table = [[name for name, _ in columns]]
+    run = orm.load_node(pk)
+    potential = run.inputs.relax.parameters.get_dict().get("potential", "chgnet") if "parameters" in run.inputs.relax \
+        else "chgnet"
+    columns = [("label", "label", "{}"), ("formula_units", "Z", "{}"), ("status", "status", "{}"),
+               ("ml_rank", "ml_rank", "{}"), ("ml_energy_per_atom", f"E_ML ({potential})", "{:.4f}"),
+               ("ml_e_above_hull", "E_hull_ML", "{:.3f}"), ("dft_energy_per_atom", "E_DFT", "{:.4f}"),
+               ("space_group_sampled", "space_group_sampled", "{}"), ("space_group_ml", "space_group_ml", "{}"),
+               ("space_group_dft", "space_group_dft", "{}"), ("novelty", "novelty", "{}"), ("reason", "reason", "{}"),
+               ("members", "members", "{}")]
+    table = [[title for _, title, _ in columns]]
     table += [["-" if row.get(name) is None else fmt.format(", ".join(row[name]) if name == "members" else row[name])
-               for name, fmt in columns] for row in rows]
+               for name, _, fmt in columns] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     print("\nranking (energies in eV/atom, displacement in Å):")
     for line in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
+    print(f"\nE_ML: {potential} energy per atom. {ENERGY_SCALES}")
+    levels = sorted({row["dft_level"] for row in rows if row.get("dft_level")})
+    for level in levels:
+        print(f"E_DFT level: {level}")
+    noted = [row for row in rows if row.get("notes")]
+    if noted:
+        print("\nnotes:")
+        for row in noted:
+            print(f"  {row['label']}: {row['notes']}")
 
     query = orm.QueryBuilder()
     query.append(orm.WorkflowNode, filters={"id": pk}, tag="run")

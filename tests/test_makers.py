@@ -25,6 +25,7 @@ from monty.json import MontyDecoder  # noqa: E402
 from pymatgen.core import Composition, Structure  # noqa: E402
 
 from equicsp_core.checkpoint import resolve_checkpoint  # noqa: E402
+from equicsp_core.dft import symmetrisation_note  # noqa: E402
 from equicsp_jobflow import (  # noqa: E402
     EquiCSPSampleMaker,
     PredictRelaxMaker,
@@ -134,9 +135,13 @@ def test_predict_relax_flow_ranks_by_energy_and_runs_dft_on_the_symmetrised_best
     best = rows[0]
     assert best["status"] == "dft_relaxed" and best["ml_rank"] == 1 and ranking.winners == [best["label"]]
     assert np.isfinite(best["dft_energy_per_atom"]) and best["space_group_dft"]
+    # what the DFT number is, beside it (the Maker's own settings), and the symmetry it was held to
+    assert best["dft_level"] == f"{maker.dft_maker.name} (atomate2 ForceFieldStaticMaker)"
+    assert all(row["dft_level"] is None and row["notes"] is None for row in rows[1:])
     assert [doc.label for doc in ranking.dft_relaxed] == [best["label"]]
     symmetrised = [r.output for job in responses.values() for r in job.values() if isinstance(r.output, Structure)]
     assert len(symmetrised) == 1 and symmetrised[0].composition == Composition(FORMULA)
+    assert best["notes"] == symmetrisation_note(symmetrised[0], 0.01)
     for document in ranking.ml_relaxed:
         assert document.structure.composition == Composition(FORMULA) and document.chemsys == "O-Sr-Ti"
 

@@ -13,8 +13,10 @@ Steps::
          ``stability``)
       -> phonons (optional, ``phonons``: EquiCSPRelaxCalculation with no step, phonopy with the ML potential:
          imaginary modes of the best ``top_k``)
-      -> symmetrise (calcfunction symmetrize: exact symmetry, so that pw.x uses it; ``dft.symprec``)
-      -> DFT relax (one aiida-quantumespresso PwRelaxWorkChain per chosen candidate; only with ``dft`` inputs)
+      -> symmetrise (calcfunction symmetrize: exact symmetry at ``dft.symprec``, 0.01 Å, so that pw.x finds the
+         symmetry the ML minimum has and no more: the relaxation keeps what it starts with)
+      -> DFT relax (one aiida-quantumespresso PwRelaxWorkChain per chosen candidate; only with ``dft`` inputs;
+         spin-polarised with starting moments where a magnetic element has an open shell, ``dft.spin``)
       -> table (calcfunction tabulate_ranking: one row per sampled candidate)
 
 The calcfunctions are thin wrappers of :mod:`equicsp_core.pipeline` (screen, rank, table), the same functions
@@ -22,9 +24,13 @@ the jobflow route (``equicsp_jobflow``) calls, so both routes give the same tabl
 :mod:`equicsp_core.settings` and is checked at submission, before anything is stored.
 
 The DFT stage drops PwRelaxWorkChain's coarse initial relaxation (``base_init_relax``): the ML relaxation
-already took the structure close to its minimum. The DFT inputs are a protocol, overrides and options of ``PwRelaxWorkChain.get_builder_from_protocol``, not a
-ready builder: the structures to relax exist only at run time, and the protocol chooses pseudopotentials and
-magnetisation per structure.
+already took the structure close to its minimum. The DFT inputs are a protocol, overrides and options of
+``PwRelaxWorkChain.get_builder_from_protocol``, not a ready builder: the structures to relax exist only at run
+time, and the protocol chooses pseudopotentials and magnetisation per structure
+(:func:`equicsp_core.dft.spin_moments`). Each DFT row of the table says what its energy is (``dft_level``:
+functional, code, protocol, spin, quick look) and what happened (``notes``: pw.x failures that
+aiida-quantumespresso's restart handlers handled, with their action, the final magnetisation, the symmetry
+held), from the stored nodes of the run (:func:`describe_dft`).
 """
 
 from __future__ import annotations
@@ -38,6 +44,14 @@ from aiida.common import AttributeDict
 from aiida.engine import ExitCode, ProcessBuilder, ToContext, WorkChain, calcfunction, if_
 from aiida.engine.processes.workchains.workchain import WorkChainSpec
 
+from equicsp_core.dft import (
+    dft_level,
+    magnetisation_note,
+    moments_note,
+    quick_look_reasons,
+    spin_moments,
+    symmetrisation_note,
+)
 from equicsp_core.pipeline import STATUSES, UNITS, DFTOutcome, levels, rank, screen, stability, table_rows
 from equicsp_core.settings import (
     DFTSettings,
@@ -105,19 +119,24 @@ def tabulate_ranking(screening: orm.Dict, ml_ranking: orm.Dict, ml_results: orm.
     """The ranking table (:func:`equicsp_core.pipeline.table_rows`) under ``"rows"``, with statuses and units.
 
     ``nodes`` holds, by link label ``L``: ``sampled_L``, ``ml_L`` (ML-relaxed), ``dft_L`` and ``dft_parameters_L``
-    (the PwRelaxWorkChain's ``output_structure`` and ``output_parameters``) or ``dft_failed_L`` (why it failed);
-    ``phonons`` is the phonon check's ``results``, ``stability`` :func:`assess_stability`'s output,
-    ``relax_parameters`` the ML relaxation's settings (they name the ML level under ``"levels"``).
+    (the PwRelaxWorkChain's ``output_structure`` and ``output_parameters``) or ``dft_failed_L`` (why it failed),
+    and ``dft_info_L`` (:func:`describe_dft`: ``{"level", "notes"}``); ``phonons`` is the phonon check's
+    ``results``, ``stability`` :func:`assess_stability`'s output, ``relax_parameters`` the ML relaxation's
+    settings (they name the ML level under ``"levels"``).
     """
     def structures(prefix: str) -> dict[str, Any]:
         return {key[len(prefix):]: node.get_pymatgen() for key, node in nodes.items()
                 if key.startswith(prefix) and isinstance(node, orm.StructureData)}
 
+    def info(label: str) -> dict[str, Any]:
+        node = nodes.get(f"dft_info_{label}")
+        return {"level": node["level"], "notes": tuple(node["notes"])} if node is not None else {}
+
     dft = {label: DFTOutcome(structure, nodes[f"dft_parameters_{label}"]["energy"]
-                             / nodes[f"dft_parameters_{label}"]["number_of_atoms"])
+                             / nodes[f"dft_parameters_{label}"]["number_of_atoms"], **info(label))
            for label, structure in structures("dft_").items()}
-    dft.update({key[len("dft_failed_"):]: DFTOutcome(failure=node.value) for key, node in nodes.items()
-                if key.startswith("dft_failed_")})
+    dft.update({key[len("dft_failed_"):]: DFTOutcome(failure=node.value, **info(key[len("dft_failed_"):]))
+                for key, node in nodes.items() if key.startswith("dft_failed_")})
     rows = table_rows(
         sampled=structures("sampled_"),
         invalid=screening["invalid_samples"],
@@ -223,6 +242,111 @@ def validate_inputs(inputs: Mapping[str, Any], _: Any) -> str | None:
     return None
 
 
+def dft_builder(code: orm.AbstractCode, structure: orm.StructureData, settings: DFTSettings,
+                overrides: Mapping[str, Any] | None = None, options: Mapping[str, Any] | None = None) -> ProcessBuilder:
+    """The ``PwRelaxWorkChain`` of one structure: aiida-quantumespresso's protocol ``settings.protocol`` with
+    ``overrides`` and ``options``, ``settings.relax_type``, spin-polarised (collinear) with the starting moments of
+    :func:`equicsp_core.dft.spin_moments` where it gives any, and without the coarse initial relaxation (the ML
+    relaxation was that)."""
+    from aiida_quantumespresso.common.types import RelaxType, SpinType
+    from aiida_quantumespresso.workflows.pw.relax import PwRelaxWorkChain
+
+    moments = spin_moments(structure.get_pymatgen().composition, settings.spin)
+    spin = {"spin_type": SpinType.COLLINEAR,
+            "initial_magnetic_moments": {kind.name: moments[kind.symbol] for kind in structure.kinds}
+            } if moments else {}
+    builder = PwRelaxWorkChain.get_builder_from_protocol(
+        code, structure, protocol=settings.protocol, overrides=dict(overrides) if overrides else None,
+        relax_type=RelaxType(settings.relax_type), options=dict(options) if options else None, **spin)
+    builder.pop("base_init_relax", None)
+    return builder
+
+
+def pw_events(node: orm.ProcessNode) -> list[tuple[str, str | None]]:
+    """The pw.x calculations of a DFT run that did not finish cleanly, oldest first: ``(what happened, the action
+    aiida-quantumespresso's PwBaseWorkChain reported taking or None)``, e.g. ``("PwCalculation<143> exit status
+    510: The electronic minimization cycle failed during an ionic minimization cycle.", "no electronic
+    convergence but clean shutdown: reduced beta mixing ...")``.
+
+    These are the parser errors AiiDA prints as ``Error:`` lines while the run goes on; a handled one is a note,
+    not a failure (exit status 501, "The ionic minimization cycle converged but the thresholds are exceeded in
+    the final SCF", is handled by keeping the relaxed structure).
+    """
+    events = []
+    for calculation in sorted((descendant for descendant in node.called_descendants
+                               if isinstance(descendant, orm.CalcJobNode)), key=lambda calculation: calculation.pk):
+        if calculation.is_finished_ok or not calculation.is_terminated:
+            continue
+        state = (f"exit status {calculation.exit_status}: {calculation.exit_message}" if calculation.is_finished
+                 else calculation.process_state.value)
+        events.append((f"{calculation.process_label}<{calculation.pk}> {state}", _action_taken(calculation)))
+    return events
+
+
+def _action_taken(calculation: orm.CalcJobNode) -> str | None:
+    """What the restart work chain that called ``calculation`` reported doing about its failure, if anything."""
+    caller = calculation.caller
+    if caller is None:
+        return None
+    # a report is stored as "[pk|process|method]: message"
+    logs = sorted(orm.Log.collection.get_logs_for(caller), key=lambda log: log.pk)
+    messages = [log.message.split("]: ", 1)[-1] for log in logs]
+    failed = f"{calculation.process_label}<{calculation.pk}> failed with exit status"
+    for position, message in enumerate(messages):
+        if message.startswith(failed):
+            following = messages[position + 1] if position + 1 < len(messages) else ""
+            return following.removeprefix("Action taken: ") if following.startswith("Action taken: ") else None
+    return None
+
+
+def dft_failure(node: orm.ProcessNode) -> str:
+    """Why a DFT run failed: its exit status and message, and the last pw.x failure under it if there is one."""
+    reason = f"PwRelaxWorkChain<{node.pk}> exit status {node.exit_status}: {node.exit_message}"
+    events = pw_events(node)
+    return f"{reason} (last: {events[-1][0]})" if events else reason
+
+
+def describe_dft(node: orm.ProcessNode, settings: DFTSettings, family_label: str) -> dict[str, Any]:
+    """``{"level", "notes"}`` of a DFT run from its stored inputs and outputs (:mod:`equicsp_core.dft`).
+
+    ``level`` (``None`` unless it finished with an energy): the functional pw.x reports, the protocol, spin, and
+    the reasons it is a quick look (:func:`equicsp_core.dft.quick_look_reasons`: the ``fast`` protocol, a k-point
+    spacing above 0.3 1/Å, a cut-off below the family's recommended one). ``notes``: the symmetrisation, the
+    starting moments, handled pw.x events (:func:`pw_events`), the final magnetisation.
+    """
+    from aiida_quantumespresso.workflows.pw.relax import PwRelaxWorkChain
+
+    from aiida_equicsp.pseudos import get_cutoffs_family
+
+    inputs = node.inputs
+    structure = inputs.structure if "structure" in inputs else None
+    notes = []
+    if structure is not None and settings.symprec > 0:
+        notes.append(symmetrisation_note(structure.get_pymatgen(), settings.symprec))
+    base = inputs.base_relax if "base_relax" in inputs else None
+    system = base.pw.parameters.get_dict().get("SYSTEM", {}) if base is not None and "parameters" in base.pw else {}
+    spin_polarised = system.get("nspin") == 2
+    if spin_polarised and structure is not None:
+        notes.append(moments_note(spin_moments(structure.get_pymatgen().composition, settings.spin)))
+    notes += [f"{event}; handled: {action}" if action else event for event, action in pw_events(node)]
+    level = None
+    if node.is_finished_ok and "output_parameters" in node.outputs:
+        parameters = node.outputs.output_parameters.get_dict()
+        if parameters.get("lsda"):
+            notes.append(magnetisation_note(parameters.get("total_magnetization"),
+                                            parameters.get("absolute_magnetization"), parameters["number_of_atoms"]))
+        protocol = settings.protocol or PwRelaxWorkChain.get_default_protocol()
+        recommended = None
+        family = get_cutoffs_family(family_label)
+        if family is not None and structure is not None:
+            recommended = family.get_recommended_cutoffs(structure=structure, unit="Ry")[0]
+        kpoints_distance = base.kpoints_distance.value if base is not None and "kpoints_distance" in base else None
+        reasons = quick_look_reasons(protocol, kpoints_distance, system.get("ecutwfc"), recommended)
+        level = dft_level(parameters.get("dft_exchange_correlation", "unknown functional"), "QE",
+                          protocol, spin_polarised, reasons)
+    return {"level": level, "notes": [note for note in notes if note]}
+
+
 class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
     """Predict crystal structures for formulas, relax them with an ML potential, then the best with DFT; rank."""
 
@@ -258,6 +382,7 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
                    help="metadata.options of every pw.x calculation (resources, withmpi, walltime)")
         spec.input("dft.relax_type", valid_type=orm.Str, required=False, help=DFTSettings.describe("relax_type"))
         spec.input("dft.symprec", valid_type=orm.Float, required=False, help=DFTSettings.describe("symprec"))
+        spec.input("dft.spin", valid_type=orm.Str, required=False, help=DFTSettings.describe("spin"))
         spec.inputs.validator = validate_inputs
 
         spec.outline(
@@ -355,6 +480,10 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
             builder.dft.code = pw_code
             builder.dft.protocol = orm.Str(dft["protocol"])
             builder.dft.relax_type = orm.Str(dft["relax_type"])
+            if "symprec" in dft:
+                builder.dft.symprec = orm.Float(dft["symprec"])
+            if "spin" in dft:
+                builder.dft.spin = orm.Str(dft["spin"])
             builder.dft.overrides = orm.Dict(dft_overrides)
             builder.dft.options = orm.Dict({"withmpi": False, **dft.get("options", {})})
         return builder
@@ -442,9 +571,6 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
 
     def run_dft(self):
         """One PwRelaxWorkChain per chosen candidate, from the aiida-quantumespresso protocol."""
-        from aiida_quantumespresso.common.types import RelaxType
-        from aiida_quantumespresso.workflows.pw.relax import PwRelaxWorkChain
-
         dft = self.inputs.dft
         settings = dft_settings(dft)
         futures = {}
@@ -454,13 +580,9 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
             if symprec.value > 0:
                 structure = call_function_once(self, symmetrize, f"symmetrize_{label}", structure=structure,
                                                symprec=symprec)
-            builder = PwRelaxWorkChain.get_builder_from_protocol(
-                dft.code, structure, protocol=settings.protocol,
-                overrides=dft["overrides"].get_dict() if "overrides" in dft else None,
-                relax_type=RelaxType(settings.relax_type),
-                options=dft["options"].get_dict() if "options" in dft else None)
-            # The ML relaxation was the initial relaxation: a second, coarse DFT one would only cost time.
-            builder.pop("base_init_relax", None)
+            builder = dft_builder(dft.code, structure, settings,
+                                  dft["overrides"].get_dict() if "overrides" in dft else None,
+                                  dft["options"].get_dict() if "options" in dft else None)
             futures[f"dft.{label}"] = submit_once(self, builder, f"dft_{label}")
             self.report(f"DFT relaxation of {label}: PwRelaxWorkChain<{futures[f'dft.{label}'].pk}>")
         return ToContext(**futures)
@@ -498,8 +620,9 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
                 nodes[f"dft_{label}"] = node.outputs.output_structure
                 nodes[f"dft_parameters_{label}"] = node.outputs.output_parameters
             else:
-                nodes[f"dft_failed_{label}"] = orm.Str(f"PwRelaxWorkChain<{node.pk}> exit status {node.exit_status}: "
-                                                       f"{node.exit_message}")
+                nodes[f"dft_failed_{label}"] = orm.Str(dft_failure(node))
+            nodes[f"dft_info_{label}"] = orm.Dict(describe_dft(node, dft_settings(self.inputs.dft),
+                                                               pseudo_family_label(self.inputs.dft)))
         phonons = self.ctx.get("phonons")
         if phonons is not None and "results" in phonons.outputs:
             nodes["phonons"] = phonons.outputs.results

@@ -112,3 +112,54 @@ def test_full_run_with_real_dft(equicsp_code, pw_code, pseudo_family):
                  tag="dft")
     query.append(orm.StructureData, with_incoming="dft", filters={"uuid": final.uuid})
     assert query.count() == 1
+
+
+#: Fe and Si, one atom each in a 4 Å cube (the fixed-cell sampler), relaxed by the Lennard-Jones potential;
+#: pw.x relaxes the positions of each (one SCF: a single atom feels no force) at a low cutoff, with at most
+#: ``electron_maxstep`` 12 SCF iterations and no restart (``max_iterations`` 1). Measured (QE 6.7, these
+#: settings, 2026-11-30): Si converges in 7 iterations, spin-polarised Fe in a 4 Å cube not in 12 (exit 510).
+REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+MAGNETIC_FAULT = {
+    "num_samples": 1, "top_k": 1, "sample": {"parameters": {"steps": 5}},
+    "relax": {"parameters": {"potential": "tests.test_relax:lennard_jones", "steps": 5, "fmax": 0.5},
+              "metadata": {"options": {"environment_variables": {"PYTHONPATH": str(REPO_ROOT)}}}},
+    "dft": {"protocol": "fast", "relax_type": "positions", "overrides": {
+        "meta_convergence": False,
+        "base_relax": {"kpoints_distance": 0.8, "max_iterations": 1,
+                       "pw": {"parameters": {"SYSTEM": {"ecutwfc": 30, "ecutrho": 120},
+                                             "ELECTRONS": {"electron_maxstep": 12}}}}}},
+}
+
+
+def test_a_magnetic_dft_that_does_not_converge_gets_a_reason_and_the_others_go_on(fixed_cell_equicsp_code, model,
+                                                                                   pw_code, pseudo_family):
+    """Real pw.x: Fe is relaxed spin-polarised (Fe in a metal: 5 μB start) and its SCF does not converge within
+    ``electron_maxstep``; its row is ``dft_failed`` with the pw.x failure named, and Si (non-magnetic, not
+    spin-polarised) is DFT-relaxed in the same run, its level a quick look."""
+    builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
+        fixed_cell_equicsp_code, model, ["Fe", "Si"], pw_code=pw_code, pseudo_family=pseudo_family,
+        overrides=MAGNETIC_FAULT)
+    outputs, node = run_get_node(builder)
+    assert node.exit_status == 0, node.exit_message
+    rows = {row["label"]: row for row in outputs["ranking"]["rows"]}
+    fe, si = rows["Fe_000"], rows["Si_000"]
+    fe_dft = node.base.links.get_outgoing(link_label_filter="dft_Fe_000").one().node
+    si_dft = node.base.links.get_outgoing(link_label_filter="dft_Si_000").one().node
+    fe_parameters = fe_dft.inputs.base_relax.pw.parameters.get_dict()["SYSTEM"]
+    assert fe_parameters["nspin"] == 2 and fe_parameters["starting_magnetization"]["Fe"] > 0
+    assert "nspin" not in si_dft.inputs.base_relax.pw.parameters.get_dict()["SYSTEM"]
+
+    assert fe["status"] == "dft_failed" and fe["dft_energy_per_atom"] is None and fe["dft_level"] is None
+    assert fe["reason"].startswith(f"PwRelaxWorkChain<{fe_dft.pk}> exit status 401")
+    assert "exit status 510: The electronic minimization cycle failed" in fe["reason"], fe["reason"]
+    assert "spin-polarised (collinear), starting moments Fe 5 μB" in fe["notes"], fe["notes"]
+    assert "exit status 510" in fe["notes"] and "handled: " in fe["notes"], fe["notes"]  # pw.x's event, explained
+
+    assert si["status"] == "dft_relaxed" and si["dft_energy_per_atom"] is not None, si
+    from aiida_equicsp.pseudos import install_pseudodojo_family
+
+    recommended, _ = install_pseudodojo_family().get_recommended_cutoffs(elements=("Si",), unit="Ry")
+    assert si["dft_level"] == f"PBE, QE, fast (quick look: k spacing 0.8 1/Å > 0.3, cut-off 30 Ry < recommended " \
+        f"{recommended:g})", si["dft_level"]
+    assert si["notes"].startswith("symmetrised at 0.01 Å to Pm-3m (221) for DFT"), si["notes"]
+    assert set(outputs["dft_relaxed"]) == {"Si_000"}

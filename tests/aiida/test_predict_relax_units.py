@@ -18,6 +18,8 @@ from aiida_equicsp.workchains.predict_relax import (
     STATUSES,
     EquiCSPPredictRelaxWorkChain,
     assess_stability,
+    dft_builder,
+    dft_settings,
     missing_executable,
     pseudo_family_label,
     rank_candidates,
@@ -462,6 +464,75 @@ def test_gpu_cluster_overrides_send_the_equicsp_jobs_to_the_gpu_partition_and_df
     assert builder.sample.sample.parameters["steps"] == 100  # the protocol's, kept beside the overrides
     dft = builder.dft.options.get_dict()
     assert (dft["queue_name"], dft["withmpi"], dft["resources"]["num_mpiprocs_per_machine"]) == ("cpu", True, 32)
+
+
+# --- the DFT settings each protocol gives pw.x (issue 16: DFT that resolves polymorphs, spin where needed) ------
+
+
+def pw_inputs(equicsp_code, model, pw_code, family, protocol, structure, overrides=None):
+    """The PwRelaxWorkChain builder the work chain makes for ``structure`` under ``protocol``."""
+    builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
+        equicsp_code, model, ["SrTiO3"], protocol, pw_code=pw_code, pseudo_family=family.label, overrides=overrides)
+    dft = builder.dft
+    return dft_builder(dft.code, node(structure), dft_settings(dft), dft.overrides.get_dict(), dft.options.get_dict())
+
+
+@pytest.mark.parametrize(("protocol", "kpoints_distance", "quick_look"), [
+    (None, 0.15, []),                      # balanced, the default: aiida-quantumespresso's balanced (ex-moderate)
+    ("stringent", 0.10, []),               # aiida-quantumespresso's stringent (ex-precise)
+    ("fast", 0.30, ["fast protocol"]),
+])
+def test_protocols_give_pw_the_k_spacing_and_cutoffs_that_resolve_polymorphs(equicsp_code, model, pw_code,
+                                                                              pseudodojo, protocol, kpoints_distance,
+                                                                              quick_look):
+    """k spacing (1/Å, 2π included) at most 0.3 in every protocol, the family's recommended (normal) cut-offs;
+    only ``fast`` is a quick look."""
+    from equicsp_core.dft import MAX_KPOINTS_DISTANCE, quick_look_reasons
+
+    pw = pw_inputs(equicsp_code, model, pw_code, pseudodojo, protocol, perovskite())
+    base = pw.base_relax
+    system = base.pw.parameters["SYSTEM"]
+    recommended = pseudodojo.get_recommended_cutoffs(elements=("Sr", "Ti", "O"), stringency="normal", unit="Ry")
+    assert base.kpoints_distance.value == kpoints_distance <= MAX_KPOINTS_DISTANCE
+    assert (system["ecutwfc"], system["ecutrho"]) == recommended
+    assert pw.base_relax.pw.parameters["CONTROL"]["calculation"] == "vc-relax" and "base_init_relax" not in pw
+    settings = dft_settings(EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
+        equicsp_code, model, ["SrTiO3"], protocol, pw_code=pw_code, pseudo_family=pseudodojo.label).dft)
+    assert quick_look_reasons(settings.protocol, kpoints_distance, system["ecutwfc"], recommended[0]) == quick_look
+
+
+def test_stringent_is_tighter_than_balanced_than_fast(equicsp_code, model, pw_code, pseudodojo):
+    """Each step up the protocols tightens the SCF, energy and force thresholds and the k-point mesh."""
+    def thresholds(protocol):
+        base = pw_inputs(equicsp_code, model, pw_code, pseudodojo, protocol, perovskite()).base_relax
+        parameters = base.pw.parameters.get_dict()
+        return (base.kpoints_distance.value, parameters["ELECTRONS"]["conv_thr"],
+                parameters["CONTROL"]["etot_conv_thr"], parameters["CONTROL"]["forc_conv_thr"])
+
+    fast, balanced, stringent = (thresholds(protocol) for protocol in ("fast", "balanced", "stringent"))
+    assert all(s < b < f for s, b, f in zip(stringent, balanced, fast)), (fast, balanced, stringent)
+
+
+def test_magnetic_structures_are_spin_polarised_from_high_spin_moments(equicsp_code, model, pw_code, pseudodojo):
+    """Fe2O3 (Fe3+, d5): nspin 2, Fe starting at 5 μB over its valence charge, O at 0; SrTiO3 (Ti4+, d0): not
+    spin-polarised; ``dft.spin: none`` turns it off and ``collinear`` on."""
+    hematite_like = Structure(Lattice.cubic(4.2), ["Fe", "Fe", "O", "O", "O"], PEROVSKITE_SITES)
+    system = pw_inputs(equicsp_code, model, pw_code, pseudodojo, None, hematite_like).base_relax.pw.parameters["SYSTEM"]
+    valence = pseudodojo.get_pseudo("Fe").z_valence
+    assert system["nspin"] == 2
+    assert system["starting_magnetization"] == {"Fe": pytest.approx(5.0 / valence), "O": 0.0}
+    system = pw_inputs(equicsp_code, model, pw_code, pseudodojo, None, perovskite()).base_relax.pw.parameters["SYSTEM"]
+    assert "nspin" not in system and "starting_magnetization" not in system
+    off = pw_inputs(equicsp_code, model, pw_code, pseudodojo, None, hematite_like, {"dft": {"spin": "none"}})
+    assert "nspin" not in off.base_relax.pw.parameters["SYSTEM"]
+    on = pw_inputs(equicsp_code, model, pw_code, pseudodojo, None, perovskite(), {"dft": {"spin": "collinear"}})
+    assert on.base_relax.pw.parameters["SYSTEM"]["nspin"] == 2
+
+
+def test_a_bad_spin_setting_is_refused_at_submission(equicsp_code, model, pw_code, pseudodojo):
+    builder = builder_with_dft(equicsp_code, model, pw_code, pseudo_family=pseudodojo.label)
+    builder.dft.spin = orm.Str("ferro")
+    assert "dft: spin: Input should be 'auto', 'collinear' or 'none'" in validation_error(builder)
 
 
 # ------------------------------------------------------------------------------------------------
