@@ -245,10 +245,7 @@ def pipeline_inputs():
                "CuAu_001": {"status": "converged", "energy_per_atom": -1.8, "error": None},
                "CuZn_000": {"status": "converged", "energy_per_atom": -1.0, "error": None},
                "CuZn_001": {"status": "failed", "energy_per_atom": None, "error": "boom"}}
-    ranking = {"CuAu_000": {"ml_rank": 1, "status": "ml_relaxed", "reason": None},
-               "CuAu_001": {"ml_rank": None, "status": "duplicate", "reason": "relaxed into the structure of CuAu_000"},
-               "CuZn_000": {"ml_rank": 1, "status": "ml_relaxed", "reason": None},
-               "CuZn_001": {"ml_rank": None, "status": "ml_failed", "reason": "boom"}}
+    ranking = pipeline.rank(results, relaxed, top_k=1).ranking  # CuAu_001 merges into CuAu_000
     return results, relaxed, ranking
 
 
