@@ -34,7 +34,7 @@ from equicsp_core.settings import RelaxSettings, ScreenSettings, StabilitySettin
 if TYPE_CHECKING:
     from pymatgen.core import Structure
 
-    from equicsp_core.reference import ReferenceSet
+    from equicsp_core.reference import ReferenceEntry, ReferenceSet
     from equicsp_core.stability import RelaxFunction
 
 #: Statuses of a candidate in the ranking table, in the order of the pipeline.
@@ -187,6 +187,40 @@ def levels(settings: RelaxSettings | None) -> dict[str, str]:
             "ml_e_above_hull": f"{level}: the candidate and the reference entries of its system relaxed alike"}
 
 
+def _hull_candidates(ml_results: Mapping[str, Mapping[str, Any]],
+                     ml_relaxed: Mapping[str, Structure]) -> dict[str, tuple[Structure, float]]:
+    """The relaxed candidates with an ML energy: ``label -> (structure, eV/atom)``."""
+    return {label: (structure, ml_results[label]["energy_per_atom"]) for label, structure in ml_relaxed.items()
+            if ml_results.get(label, {}).get("energy_per_atom") is not None}
+
+
+def stability_references(
+    ml_results: Mapping[str, Mapping[str, Any]],
+    ml_relaxed: Mapping[str, Structure],
+    settings: StabilitySettings,
+    reference: ReferenceSet | None = None,
+) -> list[ReferenceEntry]:
+    """The reference entries :func:`stability` needs for these candidates (those of each chemical system's hull,
+    :func:`equicsp_core.stability.hull_references`), sorted by id; ``[]`` when ``settings.stability`` is off, no
+    candidate has an ML energy, or there is no reference set (:func:`stability` then says why in each row).
+
+    A route that relaxes the references itself (the AiiDA work chain: a CalcJob on the compute host) relaxes
+    these, at :func:`ml_level` of the candidates' settings, and hands :func:`stability` their energies.
+    """
+    from equicsp_core.reference import ReferenceSetError, load_reference
+    from equicsp_core.stability import hull_references
+
+    candidates = _hull_candidates(ml_results, ml_relaxed)
+    if not settings.stability or not candidates:
+        return []
+    try:
+        reference = reference if reference is not None else load_reference()
+    except ReferenceSetError:
+        return []
+    return hull_references({label: structure for label, (structure, _) in candidates.items()}, reference,
+                           settings.reference_cutoff, settings.references_per_composition)
+
+
 def stability(
     ml_results: Mapping[str, Mapping[str, Any]],
     ml_relaxed: Mapping[str, Structure],
@@ -196,25 +230,30 @@ def stability(
     relax: RelaxFunction | None = None,
     reference: ReferenceSet | None = None,
     cache_path: str | None = None,
+    reference_energies: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """ML energy above the hull and novelty per relaxed candidate: ``{label: {"ml_e_above_hull", "novelty",
     "reason"}}`` (:mod:`equicsp_core.stability`); ``{}`` when ``settings.stability`` is off.
 
     Every ML-relaxed candidate gets its energy above the hull (eV/atom, at :func:`ml_level` of
-    ``relax_settings``: the reference entries of its system are relaxed the same way, by ``relax``, default
-    :func:`equicsp_core.relax.relax_structures`, and cached); each representative (status ``ml_relaxed`` in
-    ``ranking``, duplicates merged) is matched with the reference set. ``reason`` says why a value is missing
-    (no reference set, an element with no elemental reference); the run goes on either way.
-    ``reference``: the set to use instead of :func:`equicsp_core.reference.load_reference`'s (the pinned one
-    of the cache folder); ``cache_path``: the reference energies' file instead of the cache folder's.
+    ``relax_settings``); each representative (status ``ml_relaxed`` in ``ranking``, duplicates merged) is
+    matched with the reference set. ``reason`` says why a value is missing (no reference set, an element with
+    no elemental reference); the run goes on either way.
+
+    The reference entries' energies come either from ``reference_energies`` (``{id: {"energy_per_atom",
+    "status", "error"}}``, relaxed elsewhere at the same level: the AiiDA route's CalcJob; an entry without an
+    energy is left out of the hull, as a failed relaxation) or, when it is ``None``, from relaxing the entries of
+    :func:`stability_references` here, by ``relax`` (default :func:`equicsp_core.relax.relax_structures` with
+    ``relax_settings``) and caching them in ``cache_path`` (default: the cache folder's
+    :data:`~equicsp_core.stability.ENERGY_CACHE_FILE`). ``reference``: the set to use instead of
+    :func:`equicsp_core.reference.load_reference`'s (the pinned one of the cache folder).
     """
     from equicsp_core.reference import ReferenceSetError, load_reference
-    from equicsp_core.stability import EnergyCache, default_cache_path, e_above_hull, novelty
+    from equicsp_core.stability import EnergyCache, default_cache_path, e_above_hull, hull, known_energies, novelty
 
     if not settings.stability:
         return {}
-    candidates = {label: (structure, ml_results[label]["energy_per_atom"]) for label, structure in ml_relaxed.items()
-                  if ml_results.get(label, {}).get("energy_per_atom") is not None}
+    candidates = _hull_candidates(ml_results, ml_relaxed)
     if not candidates:
         return {}
     try:
@@ -222,18 +261,20 @@ def stability(
     except ReferenceSetError as error:
         return {label: {"ml_e_above_hull": None, "novelty": None, "reason": f"no ML E_hull or novelty: {error}"}
                 for label in candidates}
-    if relax is None:
-        from equicsp_core.relax import relax_structures
+    cutoff, per_composition = settings.reference_cutoff, settings.references_per_composition
+    if reference_energies is not None:
+        hulls = hull(candidates, reference, known_energies(reference_energies), cutoff, per_composition)
+    else:
+        if relax is None:
+            from equicsp_core.relax import relax_structures
 
-        def relax_references(structures: Mapping[str, Structure]) -> Any:
-            return relax_structures(structures, relax_settings)
+            def relax_references(structures: Mapping[str, Structure]) -> Any:
+                return relax_structures(structures, relax_settings)
 
-        relax = relax_references
-
-    cache = EnergyCache(cache_path or default_cache_path(), ml_level(relax_settings), reference.sha256)
-    hull = e_above_hull(candidates, reference, relax, cache, settings.reference_cutoff,
-                        settings.references_per_composition)
-    return {label: {"ml_e_above_hull": hull[label].e_above_hull, "reason": hull[label].reason,
+            relax = relax_references
+        cache = EnergyCache(cache_path or default_cache_path(), ml_level(relax_settings), reference.sha256)
+        hulls = e_above_hull(candidates, reference, relax, cache, cutoff, per_composition)
+    return {label: {"ml_e_above_hull": hulls[label].e_above_hull, "reason": hulls[label].reason,
                     "novelty": novelty(structure, reference)
                     if ranking.get(label, {}).get("status") == "ml_relaxed" else None}
             for label, (structure, _) in candidates.items()}

@@ -15,15 +15,19 @@ no hull: the candidate gets a reason instead of a number, and the others go on.
 the reference entries of its reduced formula, as stored (DFT-relaxed cells of the data), the lowest data
 ``e_above_hull`` first: ``"matches mp-1234 (Pm-3m)"`` or ``"new"``.
 
-The relaxation is injected (:data:`RelaxFunction`): :func:`equicsp_core.relax.relax_structures` in production,
-a stub in tests. Units: eV/atom.
+The reference energies are injected: relaxed on demand by a :data:`RelaxFunction`
+(:func:`equicsp_core.relax.relax_structures` in production, a stub in tests) and cached (:func:`e_above_hull`,
+the engine's and the jobflow route's way), or relaxed elsewhere and handed over as records
+(:func:`known_energies`: the AiiDA work chain relaxes the entries :func:`hull_references` names in a CalcJob on
+the compute host, and the daemon only builds the hull). Either way one function, :func:`hull`, builds it.
+Units: eV/atom.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,32 +109,78 @@ class HullResult:
     reason: str | None = None
 
 
+#: The relaxed energy per atom (eV/atom; ``None``: unknown or failed) of reference entries, by id.
+EnergiesFunction = Callable[[Sequence[ReferenceEntry]], Mapping[str, "float | None"]]
+
+
+def known_energies(records: Mapping[str, Mapping[str, Any]]) -> EnergiesFunction:
+    """The :data:`EnergiesFunction` of energies relaxed elsewhere: ``records`` is ``{id: {"energy_per_atom",
+    "status", "error"}}`` (the :class:`EnergyCache` record); an entry without a record, or with no energy, is
+    ``None`` (left out of the hull, as a failed relaxation)."""
+
+    def energies(entries: Sequence[ReferenceEntry]) -> dict[str, float | None]:
+        return {entry.id: _energy(records.get(entry.id)) for entry in entries}
+
+    return energies
+
+
+def _energy(record: Mapping[str, Any] | None) -> float | None:
+    value = None if record is None else record.get("energy_per_atom")
+    return None if value is None else float(value)
+
+
+def hull_systems(structures: Mapping[str, Structure], reference: ReferenceSet, cutoff: float, per_composition: int,
+                 exclude: Iterable[str] = ()) -> list[tuple[frozenset[str], list[str], list[ReferenceEntry]]]:
+    """The hulls to build for labelled candidates: ``[(elements, labels, reference entries)]``, one per chemical
+    system (sorted), with the entries that go into its hull
+    (:meth:`~equicsp_core.reference.ReferenceSet.hull_references`, less the ``exclude`` ids)."""
+    excluded = set(exclude)
+    by_system: dict[frozenset[str], list[str]] = {}
+    for label, structure in structures.items():
+        by_system.setdefault(frozenset(element.symbol for element in structure.composition), []).append(label)
+    return [(system, labels, [entry for entry in reference.hull_references(system, cutoff, per_composition)
+                              if entry.id not in excluded])
+            for system, labels in sorted(by_system.items(), key=lambda item: sorted(item[0]))]
+
+
+def hull_references(structures: Mapping[str, Structure], reference: ReferenceSet, cutoff: float,
+                    per_composition: int, exclude: Iterable[str] = ()) -> list[ReferenceEntry]:
+    """Every reference entry the hulls of ``structures`` need (:func:`hull_systems`), once each, sorted by id:
+    what must be relaxed before :func:`hull` can run on energies relaxed elsewhere (:func:`known_energies`)."""
+    needed = {entry.id: entry for _, _, entries in hull_systems(structures, reference, cutoff, per_composition,
+                                                                  exclude) for entry in entries}
+    return [needed[key] for key in sorted(needed)]
+
+
 def e_above_hull(candidates: Mapping[str, tuple[Structure, float]], reference: ReferenceSet, relax: RelaxFunction,
                  cache: EnergyCache, cutoff: float, per_composition: int,
                  exclude: Iterable[str] = ()) -> dict[str, HullResult]:
+    """:func:`hull` with the reference entries relaxed by ``relax`` where ``cache`` (at the candidates' level)
+    does not hold them yet (:func:`reference_energies`)."""
+    return hull(candidates, reference, lambda entries: reference_energies(entries, relax, cache), cutoff,
+                per_composition, exclude)
+
+
+def hull(candidates: Mapping[str, tuple[Structure, float]], reference: ReferenceSet, energies: EnergiesFunction,
+         cutoff: float, per_composition: int, exclude: Iterable[str] = ()) -> dict[str, HullResult]:
     """The energy above the ML hull of each candidate: ``{label: HullResult}``.
 
     Args:
-        candidates: ``label -> (relaxed structure, energy per atom in eV/atom)`` at the cache's level.
+        candidates: ``label -> (relaxed structure, energy per atom in eV/atom)``, all at one level.
         reference: the reference set.
-        relax: relaxes the reference entries not yet in ``cache``.
-        cache: the reference energies at the candidates' level.
+        energies: the reference entries' energies per atom at the candidates' level, called once per chemical
+            system (relaxed on demand: :func:`e_above_hull`; relaxed elsewhere: :func:`known_energies`).
         cutoff, per_composition: the choice of hull references
             (:meth:`~equicsp_core.reference.ReferenceSet.hull_references`).
         exclude: ids of reference entries left out of every hull (a benchmark's own known structure).
     """
     from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 
-    excluded = set(exclude)
-    by_system: dict[frozenset[str], list[str]] = {}
-    for label, (structure, _) in candidates.items():
-        by_system.setdefault(frozenset(element.symbol for element in structure.composition), []).append(label)
     results: dict[str, HullResult] = {}
-    for system, labels in sorted(by_system.items(), key=lambda item: sorted(item[0])):
-        chosen = [entry for entry in reference.hull_references(system, cutoff, per_composition)
-                  if entry.id not in excluded]
-        energies = reference_energies(chosen, relax, cache)
-        usable = [entry for entry in chosen if energies[entry.id] is not None]
+    structures = {label: structure for label, (structure, _) in candidates.items()}
+    for system, labels, chosen in hull_systems(structures, reference, cutoff, per_composition, exclude):
+        known = energies(chosen)
+        usable = [entry for entry in chosen if known.get(entry.id) is not None]
         covered = {next(iter(entry.elements)) for entry in usable if len(entry.elements) == 1}
         gaps = sorted(system - covered)
         if gaps:
@@ -139,7 +189,7 @@ def e_above_hull(candidates: Mapping[str, tuple[Structure, float]], reference: R
             results.update({label: HullResult(None, reason) for label in labels})
             continue
         diagram = PhaseDiagram([PDEntry(_composition(entry),
-                                        energies[entry.id] * len(entry.species), name=entry.id)
+                                        known[entry.id] * len(entry.species), name=entry.id)
                                 for entry in usable])
         for label in labels:
             structure, energy = candidates[label]

@@ -67,6 +67,20 @@ def lennard_jones_failing_for_ca(device="cpu"):
     return LennardJonesFailingForCa(sigma=2.0, epsilon=0.01, rc=5.0, smooth=True)
 
 
+class LennardJonesFailingForElements(LennardJones):
+    """:func:`lennard_jones` that raises for a structure of one element (a reference set's elemental entries)."""
+
+    def calculate(self, atoms=None, properties=None, system_changes=None, **kwargs):
+        if len(set(atoms.get_chemical_symbols())) == 1:
+            raise RuntimeError("this potential refuses pure elements")
+        return super().calculate(atoms, properties or ["energy"], system_changes or [], **kwargs)
+
+
+def lennard_jones_failing_for_elements(device="cpu"):
+    """:class:`LennardJonesFailingForElements` with the parameters of :func:`lennard_jones`."""
+    return LennardJonesFailingForElements(sigma=2.0, epsilon=0.01, rc=5.0, smooth=True)
+
+
 def not_installed(device="cpu"):
     """A potential whose package is missing."""
     raise ImportError("No module named 'some_potential_package'")

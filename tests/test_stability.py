@@ -332,3 +332,29 @@ def test_an_element_without_its_ground_state_gets_ases_crystal():
     added = element_entries(entries)
     assert [(entry.id, entry.source, entry.e_above_hull) for entry in added] == [("ase-Cu", "ase", None)]
     assert added[0].structure.composition.reduced_formula == "Cu"
+
+
+def test_pipeline_stability_from_known_energies_relaxes_nothing_and_agrees(tmp_path):
+    """Reference energies relaxed elsewhere (the AiiDA route's CalcJob) give the same rows as relaxing them here,
+    for exactly the entries :func:`pipeline.stability_references` names; nothing is relaxed, no cache is written."""
+    reference = hand_made_reference()
+    results, relaxed, ranking = pipeline_inputs()
+    needed = pipeline.stability_references(results, relaxed, StabilitySettings(), reference)
+    assert [entry.id for entry in needed] == ["au", "cu", "cuau", "zn-cu"]  # no Zn element: CuZn's hull has a gap
+    relax = StubRelax()
+    here = pipeline.stability(results, relaxed, ranking, RelaxSettings(), StabilitySettings(), relax=relax,
+                              reference=reference, cache_path=str(tmp_path / "e.json"))
+    assert sorted(relax.relaxed) == [entry.id for entry in needed]
+    records = {entry.id: {"energy_per_atom": ENERGIES.get(entry.id, -1.0), "status": "converged", "error": None}
+               for entry in needed}
+    untouched = StubRelax()
+    known = pipeline.stability(results, relaxed, ranking, RelaxSettings(), StabilitySettings(), relax=untouched,
+                               reference=reference, cache_path=str(tmp_path / "other.json"),
+                               reference_energies=records)
+    assert known == here and untouched.relaxed == [] and not (tmp_path / "other.json").exists()
+    # an entry with no record is left out of its hull as a failed relaxation: Cu missing, CuAu has no hull
+    partial = pipeline.stability(results, relaxed, ranking, RelaxSettings(), StabilitySettings(), reference=reference,
+                                 reference_energies={key: value for key, value in records.items() if key != "cu"})
+    assert partial["CuAu_000"]["ml_e_above_hull"] is None
+    assert partial["CuAu_000"]["reason"].startswith("no ML E_hull: no elemental reference for Cu")
+    assert pipeline.stability_references(results, relaxed, StabilitySettings(stability=False), reference) == []

@@ -8,8 +8,12 @@ Steps::
       -> rank (calcfunction rank_candidates: ML-relaxed duplicates merged within each reduced composition,
          whatever their Z, the lowest-energy member kept with the list of members; ranked by energy per atom,
          the best ``top_k`` of each composition chosen for DFT)
-      -> stability (calcfunction assess_stability: ML energy above the hull against the reference set, whose
-         entries of each candidate's system are relaxed with the same potential and cached; novelty;
+      -> reference relax (only when needed: EquiCSPRelaxCalculation of the reference entries that the ML hulls of
+         the candidates' chemical systems need and that no earlier reference relaxation of this reference set
+         and ML level holds, found by a query on the extras ``equicsp_reference_set`` and ``equicsp_ml_level``;
+         on the relax code with the relax parameters, so the potential runs on the compute host, never here)
+      -> stability (calcfunction collect_reference_energies: the reference energies out of those relaxations'
+         ``results``; calcfunction assess_stability: ML energy above the hull and novelty from them, torch-free;
          ``stability``)
       -> phonons (optional, ``phonons``: EquiCSPRelaxCalculation with no step, phonopy with the ML potential:
          imaginary modes of the best ``top_k``)
@@ -19,7 +23,7 @@ Steps::
          spin-polarised with starting moments where a magnetic element has an open shell, ``dft.spin``)
       -> table (calcfunction tabulate_ranking: one row per sampled candidate)
 
-The calcfunctions are thin wrappers of :mod:`equicsp_core.pipeline` (screen, rank, table), the same functions
+The calcfunctions are thin wrappers of :mod:`equicsp_core.pipeline` (screen, rank, stability, table), the same functions
 the jobflow route (``equicsp_jobflow``) calls, so both routes give the same table; every knob is a field of
 :mod:`equicsp_core.settings` and is checked at submission, before anything is stored.
 
@@ -52,7 +56,19 @@ from equicsp_core.dft import (
     spin_moments,
     symmetrisation_note,
 )
-from equicsp_core.pipeline import STATUSES, UNITS, DFTOutcome, levels, rank, screen, stability, table_rows
+from equicsp_core.pipeline import (
+    STATUSES,
+    UNITS,
+    DFTOutcome,
+    levels,
+    ml_level,
+    rank,
+    screen,
+    stability,
+    stability_references,
+    table_rows,
+)
+from equicsp_core.reference import ReferenceEntry, ReferenceSet, ReferenceSetError, load_reference
 from equicsp_core.settings import (
     DFTSettings,
     RankSettings,
@@ -68,6 +84,14 @@ from aiida_equicsp.data.model import EquiCSPModelData
 from aiida_quantumespresso.workflows.protocols.utils import recursive_merge
 
 from aiida_equicsp.protocols import EquiCSPProtocolMixin
+from aiida_equicsp.workchains.reference_energies import (
+    ML_LEVEL_EXTRA,
+    REFERENCE_SET_EXTRA,
+    collect_reference_energies,
+    collection_inputs,
+    known_records,
+    reference_link_label,
+)
 from aiida_equicsp.workchains.replay import call_function_once, submit_once
 from aiida_equicsp.workchains.sample_base import EquiCSPSampleBaseWorkChain
 
@@ -100,16 +124,20 @@ def rank_candidates(ml_results: orm.Dict, top_k: orm.Int, **relaxed: orm.Structu
 
 @calcfunction
 def assess_stability(ml_results: orm.Dict, ml_ranking: orm.Dict, relax_parameters: orm.Dict, parameters: orm.Dict,
-                     **relaxed: orm.StructureData) -> orm.Dict:
+                     reference_energies: orm.Dict, **relaxed: orm.StructureData) -> orm.Dict:
     """:func:`equicsp_core.pipeline.stability`: ``{label: {"ml_e_above_hull", "novelty", "reason"}}``.
 
-    ``relax_parameters`` are the ML relaxation's :class:`~equicsp_core.settings.RelaxSettings` (the reference
-    entries are relaxed with the same potential, here, and cached in the cache folder of the machine that runs
-    this), ``parameters`` the :class:`~equicsp_core.settings.StabilitySettings`.
+    ``reference_energies`` are the reference entries' energies at the candidates' ML level, ``{id:
+    {"energy_per_atom" (eV/atom or None), "status", "error"}}``, relaxed by an ``EquiCSPRelaxCalculation``
+    (:func:`~aiida_equicsp.workchains.reference_energies.collect_reference_energies`); nothing is relaxed here, so
+    the daemon never loads the potential (or torch). ``relax_parameters`` are the ML relaxation's
+    :class:`~equicsp_core.settings.RelaxSettings` (their level), ``parameters`` the
+    :class:`~equicsp_core.settings.StabilitySettings`.
     """
     return orm.Dict(stability(ml_results.get_dict(), {label: node.get_pymatgen() for label, node in relaxed.items()},
                               ml_ranking["ranking"], RelaxSettings.from_mapping(relax_parameters.get_dict()),
-                              StabilitySettings.from_mapping(parameters.get_dict())))
+                              StabilitySettings.from_mapping(parameters.get_dict()),
+                              reference_energies=reference_energies.get_dict()))
 
 
 @calcfunction
@@ -391,6 +419,10 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
             cls.screen,
             cls.run_ml_relax,
             cls.inspect_ml_relax,
+            if_(cls.should_relax_references)(
+                cls.run_reference_relax,
+            ),
+            cls.compute_stability,
             if_(cls.should_check_phonons)(
                 cls.run_phonons,
                 cls.inspect_phonons,
@@ -529,7 +561,8 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
         return ToContext(ml_relax=submit_once(self, EquiCSPRelaxCalculation, "ml_relax", **inputs))
 
     def inspect_ml_relax(self) -> ExitCode | None:
-        """Rank the relaxed candidates (calcfunction ``rank_candidates``); 403 when nothing was relaxed."""
+        """Rank the relaxed candidates (calcfunction ``rank_candidates``) and name the reference entries their
+        hulls need that are not relaxed yet; 403 when nothing was relaxed."""
         node = self.ctx.ml_relax
         if "results" not in node.outputs or "relaxed" not in node.outputs:
             self._output_table()
@@ -541,11 +574,83 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
         self.out("ml_relaxed", self.ctx.ml_relaxed)
         self.ctx.ml_ranking = call_function_once(self, rank_candidates, "rank", ml_results=node.outputs.results,
                                                  top_k=self.inputs.top_k, **self.ctx.ml_relaxed)
-        relax_parameters = self.inputs.relax.get("parameters", orm.Dict({}))
-        self.ctx.stability = call_function_once(
-            self, assess_stability, "stability", ml_results=node.outputs.results, ml_ranking=self.ctx.ml_ranking,
-            relax_parameters=relax_parameters, parameters=self.inputs.stability, **self.ctx.ml_relaxed)
+        self._find_references()
         return None
+
+    def _stability_references(self) -> tuple[ReferenceSet | None, list[ReferenceEntry]]:
+        """The reference set and the entries the hulls of the ML-relaxed candidates need
+        (:func:`equicsp_core.pipeline.stability_references`); ``(None, [])`` with stability off or no reference set
+        (:func:`assess_stability` then says why in each row)."""
+        settings = StabilitySettings.from_mapping(self.inputs.stability.get_dict())
+        if not settings.stability:
+            return None, []
+        try:
+            reference = load_reference()
+        except ReferenceSetError:
+            return None, []
+        relaxed = {label: node.get_pymatgen() for label, node in self.ctx.ml_relaxed.items()}
+        return reference, stability_references(self.ctx.ml_relax.outputs.results.get_dict(), relaxed, settings,
+                                               reference)
+
+    def _find_references(self) -> None:
+        """Name the reference entries the hulls need and those not relaxed yet at this ML level
+        (:func:`~aiida_equicsp.workchains.reference_energies.known_records`: earlier reference relaxations of this
+        reference set, found by their extras)."""
+        reference, entries = self._stability_references()
+        self.ctx.reference_ids = [entry.id for entry in entries]
+        self.ctx.missing_references = []
+        if reference is None or not entries:
+            return
+        self.ctx.reference_sha256 = reference.sha256
+        self.ctx.ml_level = ml_level(RelaxSettings.from_mapping(self._relax_parameters().get_dict()))
+        records, _ = known_records(reference.sha256, self.ctx.ml_level, self.ctx.reference_ids)
+        self.ctx.missing_references = [entry_id for entry_id in self.ctx.reference_ids if entry_id not in records]
+        self.report(f"ML hull: {len(entries)} reference entries, {len(self.ctx.missing_references)} not yet relaxed "
+                    f"at {self.ctx.ml_level}")
+
+    def _relax_parameters(self) -> orm.Dict:
+        """The ML relaxation's parameters (an empty Dict: the engine's defaults)."""
+        return self.inputs.relax.get("parameters", orm.Dict({}))
+
+    def should_relax_references(self) -> bool:
+        """A reference relaxation when the hulls need entries not yet relaxed at this ML level."""
+        return bool(self.ctx.get("missing_references"))
+
+    def run_reference_relax(self):
+        """Relax the missing reference entries with the candidates' potential and settings (no phonons), in one
+        ``EquiCSPRelaxCalculation`` on the relax code, named by the reference set and ML level in its extras."""
+        _, entries = self._stability_references()
+        missing = set(self.ctx.missing_references)
+        inputs = AttributeDict(self.exposed_inputs(EquiCSPRelaxCalculation, "relax"))
+        inputs.parameters = orm.Dict({**self._relax_parameters().get_dict(), "phonons": False})
+        inputs.structures = {reference_link_label(entry.id): orm.StructureData(pymatgen=entry.structure)
+                             for entry in entries if entry.id in missing}
+        inputs.metadata = {**inputs.get("metadata", {}), "label": "equicsp reference relaxation",
+                           "description": f"reference set {self.ctx.reference_sha256}, {self.ctx.ml_level}"}
+        node = submit_once(self, EquiCSPRelaxCalculation, "reference_relax", **inputs)
+        node.base.extras.set_many({REFERENCE_SET_EXTRA: self.ctx.reference_sha256, ML_LEVEL_EXTRA: self.ctx.ml_level})
+        self.report(f"relaxing {len(inputs.structures)} reference entries: {node.process_label}<{node.pk}>")
+        return ToContext(reference_relax=node)
+
+    def compute_stability(self) -> None:
+        """ML E_hull and novelty (calcfunction ``assess_stability``) from the reference energies found in the
+        provenance (calcfunction ``collect_reference_energies``); a failed reference relaxation is reported, and
+        the hulls that lack its entries say so in their rows."""
+        node = self.ctx.get("reference_relax")
+        if node is not None and not node.is_finished_ok:
+            self.report(f"reference relaxation {node.process_label}<{node.pk}> failed: exit status "
+                        f"{node.exit_status} {node.exit_message}; the hulls that need its entries say so")
+        ids = self.ctx.get("reference_ids", [])
+        if ids:
+            _, nodes = known_records(self.ctx.reference_sha256, self.ctx.ml_level, ids)
+            energies = call_function_once(self, collect_reference_energies, "collect_references",
+                                          references=orm.List(ids), **collection_inputs(nodes))
+        else:
+            energies = orm.Dict({})
+        self.ctx.stability = call_function_once(
+            self, assess_stability, "stability", ml_results=self.ctx.ml_relax.outputs.results,
+            ml_ranking=self.ctx.ml_ranking, relax_parameters=self._relax_parameters(),
+            parameters=self.inputs.stability, reference_energies=energies, **self.ctx.ml_relaxed)
 
     def should_check_phonons(self) -> bool:
         """Phonons when asked for."""
@@ -628,6 +733,6 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
             nodes["phonons"] = phonons.outputs.results
         if "stability" in self.ctx:
             nodes["stability"] = self.ctx.stability
-        nodes["relax_parameters"] = self.inputs.relax.get("parameters", orm.Dict({}))
+        nodes["relax_parameters"] = self._relax_parameters()
         self.out("ranking", call_function_once(self, tabulate_ranking, "tabulate", screening=self.ctx.screening,
                                                ml_ranking=ml_ranking, ml_results=ml_results, **nodes))

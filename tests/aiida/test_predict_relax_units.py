@@ -235,12 +235,12 @@ def test_assess_stability_and_its_columns(candidates, sampled, ml_results, ml_re
     monkeypatch.setenv("EQUICSP_CACHE_DIR", str(tmp_path))
     ranked = rank_candidates(ml_results=ml_results, top_k=orm.Int(1), **ml_relaxed)
     assessed = assess_stability(ml_results=ml_results, ml_ranking=ranked, relax_parameters=orm.Dict({}),
-                                parameters=orm.Dict({}), **ml_relaxed)
+                                parameters=orm.Dict({}), reference_energies=orm.Dict({}), **ml_relaxed)
     assert set(assessed.get_dict()) == set(ml_relaxed)
     assert all(value["ml_e_above_hull"] is None and "equicsp reference build" in value["reason"]
                for value in assessed.get_dict().values())
     off = assess_stability(ml_results=ml_results, ml_ranking=ranked, relax_parameters=orm.Dict({}),
-                           parameters=orm.Dict({"stability": False}), **ml_relaxed)
+                           parameters=orm.Dict({"stability": False}), reference_energies=orm.Dict({}), **ml_relaxed)
     assert off.get_dict() == {}
     screening = screen_candidates(candidates=candidates, parameters=orm.Dict({}), **sampled)
     nodes = {f"sampled_{label}": structure for label, structure in sampled.items()}
