@@ -1,9 +1,9 @@
-"""Predict crystal structures for a formula, relax them with CHGNet and the best with DFT, rank them.
+"""Predict crystal structures for compositions, relax them with CHGNet and the best with DFT, rank them.
 
 Run on the AiiDA profile that `bash scripts/setup.sh` made (a `verdi presto` SQLite profile)::
 
-    verdi run examples/predict_and_relax.py
-    verdi run examples/predict_and_relax.py --formula BaTiO3 --num-samples 8 --top-k 2
+    verdi run examples/predict_and_relax.py                          # ZnO and SrTiO3 with the general model
+    verdi run examples/predict_and_relax.py --formula BaTiO3 --model perov_5 --num-samples 8 --top-k 2
     verdi run examples/predict_and_relax.py --no-dft                  # sampling and CHGNet only
     verdi run examples/predict_and_relax.py --computer my-cluster --equicsp-code equicsp@my-cluster \\
         --pw-code pw@my-cluster                                       # existing codes on another computer
@@ -43,10 +43,15 @@ from equicsp_core.pipeline import ENERGY_SCALES
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="verdi run examples/predict_and_relax.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--formula", default="SrTiO3", help="a composition, sampled at every cell size Z the model "
-                        "supports, or an explicit cell such as Sr2Ti2O6 (default SrTiO3)")
-    parser.add_argument("--model", default="perov_5", help="shipped checkpoint name or file (default perov_5)")
-    parser.add_argument("--num-samples", type=int, default=6, help="candidates to sample (default 6)")
+    parser.add_argument("--formula", action="append", default=None,
+                        help="a composition, sampled at every cell size Z the model supports (up to "
+                             "--max-formula-units), or an explicit cell such as Zn2O2; repeatable (default: ZnO and "
+                             "SrTiO3: wurtzite ZnO has Z = 2, so a Z search is what finds it)")
+    parser.add_argument("--model", default="mp_20", help="shipped checkpoint name or file (default mp_20, the "
+                        "general model)")
+    parser.add_argument("--num-samples", type=int, default=8, help="candidates per composition, spread over Z "
+                        "(default 8)")
+    parser.add_argument("--max-formula-units", type=int, default=4, help="largest Z sampled (default 4)")
     parser.add_argument("--top-k", type=int, default=1, help="DFT-relax the best k after CHGNet (default 1)")
     parser.add_argument("--dft", action=argparse.BooleanOptionalAction, default=True, help="run the DFT stage")
     parser.add_argument("--protocol", default="fast", choices=["fast", "balanced", "stringent"])
@@ -58,7 +63,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--computer", default="localhost", help="where the codes run (default localhost)")
     parser.add_argument("--equicsp-code", default=None, help="label of an equicsp code (default: set one up)")
     parser.add_argument("--pw-code", default=None, help="label of a pw.x code (default: set one up)")
-    return parser.parse_args(sys.argv[1:])
+    args = parser.parse_args(sys.argv[1:])
+    args.formula = args.formula or ["ZnO", "SrTiO3"]
+    return args
 
 
 def installed_code(label: str | None, name: str, executable: str | None, plugin: str, computer: str) -> orm.Code:
@@ -82,7 +89,8 @@ def main() -> None:
                                   or str(Path(sys.executable).with_name("equicsp")), "equicsp.sample", args.computer)
     model = EquiCSPModelData.from_shipped(args.model) if not Path(args.model).exists() else \
         EquiCSPModelData.get_or_create(args.model)
-    overrides: dict = {"num_samples": args.num_samples, "top_k": args.top_k}
+    overrides: dict = {"num_samples": args.num_samples, "top_k": args.top_k,
+                       "sample": {"parameters": {"max_formula_units": args.max_formula_units}}}
     pw_code = family = None
     if args.dft:
         pw_code = installed_code(args.pw_code, "pw", shutil.which("pw.x"), "quantumespresso.pw", args.computer)
@@ -92,7 +100,7 @@ def main() -> None:
             sys.exit(str(error))
         from pymatgen.core import Composition
 
-        elements = tuple(str(element) for element in Composition(args.formula))
+        elements = tuple(sorted({str(element) for formula in args.formula for element in Composition(formula)}))
         ecutwfc, ecutrho = family.get_recommended_cutoffs(elements=elements, stringency=args.stringency, unit="Ry")
         overrides["dft"] = {"overrides": {"meta_convergence": False, "base_relax": {
             "kpoints_distance": args.kpoints_distance,
@@ -101,9 +109,10 @@ def main() -> None:
               f"k-point spacing {args.kpoints_distance} 1/Å")
 
     builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
-        equicsp_code, model, [args.formula], protocol=args.protocol, pw_code=pw_code,
+        equicsp_code, model, args.formula, protocol=args.protocol, pw_code=pw_code,
         pseudo_family=None if family is None else family.label, overrides=overrides)
-    print(f"predicting {args.formula} with model {model.filename} ({args.num_samples} candidates) ...")
+    print(f"predicting {', '.join(args.formula)} with model {model.filename} ({args.num_samples} candidates each, "
+          f"Z <= {args.max_formula_units}) ...")
     if args.dft:
         print("(an `Error:` line from aiida.parser.PwParser is a pw.x failure; the notes below say how it was "
               "handled)")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up aiida-equicsp on a fresh machine (CPU) and run the main job.
-#   bash scripts/setup.sh                 # install + predict, relax (CHGNet, pw.x) and rank SrTiO3 through AiiDA
+#   bash scripts/setup.sh                 # install + predict, relax (CHGNet, pw.x) and rank ZnO and SrTiO3 via AiiDA
 #   bash scripts/setup.sh --install-only  # install only (what CI does before the tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,9 +26,10 @@ print(f"torch {torch.__version__} OK")
 PY
 
 if [ "${1:-}" != "--install-only" ]; then
-    # The main job on AiiDA's embedded default (a `verdi presto` SQLite profile, no services): predict SrTiO3
-    # with the shipped perov_5 model, relax the candidates with CHGNet and the best with pw.x, rank them and
-    # query the results back (examples/predict_and_relax.py sets up its codes and pseudopotentials).
+    # The main job on AiiDA's embedded default (a `verdi presto` SQLite profile, no services): predict ZnO and
+    # SrTiO3 from their compositions (every Z up to 4) with the shipped general model mp_20, relax the candidates
+    # with CHGNet, place them on the ML hull of the reference set, DFT-relax the best of each with pw.x, rank
+    # them and query the results back (examples/predict_and_relax.py sets up its codes and pseudopotentials).
     export PATH="$PWD/.venv/bin:$PATH"
     verdi profile show equicsp > /dev/null 2>&1 || verdi presto --profile-name equicsp
     verdi profile set-default equicsp
