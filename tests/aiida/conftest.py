@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from aiida import orm
+from aiida.common import log
 from aiida.common.links import LinkType
 from aiida.engine.utils import instantiate_process
 from aiida.manage import get_manager
@@ -60,6 +61,17 @@ UNKNOWN_FAILURE_EQUICSP = """#!/bin/sh
 echo "equicsp sample: error: the GPU caught fire" >&2
 exit 1
 """
+
+
+@pytest.fixture(autouse=True)
+def logging_as_before_a_command():
+    """Undo what verdi's ``--verbosity`` callback does to the process's logging when a test runs a command of
+    ``aiida-equicsp`` in this process (CLI mode, no database handler), so that the work chains of later tests
+    still store their reports."""
+    yield
+    if log.CLI_ACTIVE:
+        log.CLI_ACTIVE = log.CLI_LOG_LEVEL = None
+        log.configure_logging(with_orm=True)
 
 
 @pytest.fixture

@@ -5,20 +5,10 @@ from importlib.metadata import entry_points
 
 import pytest
 from aiida import orm
-from aiida.common import log
 from click.testing import CliRunner
 
 from aiida_equicsp import cli
 from aiida_equicsp.workchains.sample_base import EquiCSPSampleBaseWorkChain
-
-
-@pytest.fixture(autouse=True)
-def logging_as_before_the_command():
-    """Undo what verdi's ``--verbosity`` callback does to the process's logging (CLI mode, no database handler),
-    so that the work chains of later tests still store their reports."""
-    yield
-    log.CLI_ACTIVE = log.CLI_LOG_LEVEL = None
-    log.configure_logging(with_orm=True)
 
 
 def invoke(*args: str):
