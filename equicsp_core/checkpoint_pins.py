@@ -6,6 +6,6 @@ file matches its pin and that every pin has its file.
 """
 
 SHIPPED_SHA256 = {
-    "mp_20": "a772ebac4d5728a8e4538011fbdfccfa43a3bde798195ebaa8022abe104c94eb",
+    "mp_20": "a587714efc15da68e0d73d3fa909fa6eeb6089321f7f90adb71cad3d946271b7",
     "perov_5": "d486647ec30f377d39e4b99bd0e573987f767ce61f87487de482a14ece955e5d",
 }
