@@ -27,15 +27,16 @@ import json
 import time
 from pathlib import Path
 
-from equicsp_core.settings import RelaxSettings, SampleSettings, ScreenSettings
+from equicsp_core.settings import RelaxSettings, SampleSettings, ScreenSettings, SettingsError
 
 
 def reduced_formula_of(cif: str) -> tuple[str, object]:
-    """The known structure of a data row and its reduced formula written as a request (``SrTiO3``)."""
+    """The known structure of a data row and its reduced formula written as a request (``Sr1Ti1O3``; pymatgen's
+    ``reduced_formula`` may group, ``InGa(AgTe2)2``, which is no request)."""
     from pymatgen.core import Structure
 
     structure = Structure.from_str(cif, fmt="cif")
-    return structure.composition.reduced_formula.replace("(", "").replace(")", ""), structure
+    return structure.composition.reduced_composition.formula.replace(" ", ""), structure  # In1Ga1Ag2Te4
 
 
 def run_row(index: int, cif: str, model, card, calculator, args: argparse.Namespace) -> dict:
@@ -48,8 +49,14 @@ def run_row(index: int, cif: str, model, card, calculator, args: argparse.Namesp
     started = time.perf_counter()
     formula, known = reduced_formula_of(cif)
     settings = SampleSettings(formulas=[formula], num_samples=args.num_samples, steps=args.steps, seed=args.seed)
+    try:
+        batches = list(predict_with_settings(model, card, settings))
+    except SettingsError as error:  # no cell size Z of the composition fits the model: a row that says so
+        return {"row": index, "formula": formula, "known_atoms": len(known), "refused": str(error),
+                "sampled": False, "relaxed_match": False, "top1": False, "known_z": len(known) // formula_unit_atoms(
+                    formula), "sampling_seconds": 0.0, "seconds": round(time.perf_counter() - started, 1)}
     sampled = {}
-    for batch in predict_with_settings(model, card, settings):
+    for batch in batches:
         for candidate in batch:
             if candidate.structure is not None:
                 sampled[candidate_label(formula, candidate.sample_index)] = candidate
@@ -100,6 +107,7 @@ def summary(path: Path) -> dict:
         "top1": round(100 * top1 / count, 1),
         "top1_over_any": round(100 * top1 / relaxed, 1) if relaxed else None,
         "known_z_above_1": sum(line["known_z"] > 1 for line in lines),
+        "refused": sum("refused" in line for line in lines),
         "mean_seconds": round(sum(line["seconds"] for line in lines) / count, 1),
         "mean_sampling_seconds": round(sum(line["sampling_seconds"] for line in lines) / count, 1),
     }
@@ -142,8 +150,8 @@ def main() -> None:
                 **run_row(row.index, cif, model, card, calculator, args)}
         with out.open("a") as handle:
             handle.write(json.dumps(line) + "\n")
-        print(f"{line['formula']}: sampled {line['sampled']}, relaxed {line['relaxed_match']}, top1 {line['top1']} "
-              f"({line['seconds']} s)", flush=True)
+        print(f"{line['formula']}: {line.get('refused') or ''} sampled {line['sampled']}, relaxed "
+              f"{line['relaxed_match']}, top1 {line['top1']} ({line['seconds']} s)", flush=True)
 
 
 if __name__ == "__main__":
