@@ -12,6 +12,11 @@ A composition written reduced (``ZnO``) is sampled at every cell size Z its mode
 Z > 1 (``Zn2O2``) as that cell only (:func:`equicsp_core.domain.sampling_cells`): two different requests, both
 allowed in one campaign. The winners' rows carry their Z (``formula_units``, :mod:`aiida_equicsp.queries`).
 
+A chemical system (``Li-Fe-P-O``) is one more way to name compositions: :func:`chemical_system_compositions`
+gives its charge-balanced ones that the campaign's model can sample (:mod:`equicsp_core.chemical_system`), and
+they join the queue as formulas would; the stable and near-stable candidates are then a query
+(:func:`aiida_equicsp.queries.stable_candidates`).
+
 Why a submitter, not a parent work chain
     :func:`submit_campaign` is one pass of a submitter (the pattern of aiida-submission-controller): it looks at
     the group, submits the compositions not yet present while fewer than ``max_concurrent`` of its work chains
@@ -223,6 +228,24 @@ def validate_compositions(compositions: Iterable[str]) -> list[str]:
             raise ValueError(f"composition {formula!r} is given twice (same cell as {seen[key]!r})")
         seen[key] = formula
     return [formula.strip() for formula in compositions]
+
+
+def chemical_system_compositions(settings: CampaignSettings, chemical_system: str,
+                                 max_atoms: int | None = None) -> list[str]:
+    """The compositions of ``chemical_system`` that the campaign's model can sample, as reduced formulas: those of
+    :func:`equicsp_core.chemical_system.compositions_to_explore` within ``max_atoms`` atoms per formula unit
+    (``None``: the model's largest cell).
+
+    Raises:
+        ValueError: one line naming the problem (a malformed system, an unknown element, no charge-balanced
+            composition within the limits); nothing is stored.
+    """
+    from equicsp_core.chemical_system import compositions_to_explore
+    from equicsp_core.settings import ExploreSettings
+
+    model = orm.load_node(settings.model_uuid)
+    return compositions_to_explore(ExploreSettings(chemical_system=chemical_system, max_atoms=max_atoms),
+                                   model.mode, model.dataset)
 
 
 def load_campaign(label: str) -> CampaignGroup:

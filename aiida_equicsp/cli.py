@@ -7,7 +7,7 @@
     aiida-equicsp install-pseudos [--label L] [--wheel PATH]
     aiida-equicsp structures FORMULA          # every structure sampled for a formula
     aiida-equicsp checkpoint-of PK            # the model that produced a structure
-    aiida-equicsp campaign submit|status|winners ...
+    aiida-equicsp campaign submit|status|winners|stable ...
     aiida-equicsp --profile NAME ...
 
 ``sample`` builds an :class:`~aiida_equicsp.workchains.sample_base.EquiCSPSampleBaseWorkChain` with its
@@ -40,7 +40,7 @@ from aiida.common.log import configure_logging
 from aiida.engine import run_get_node, submit
 from aiida_quantumespresso.workflows.protocols.utils import recursive_merge
 
-from equicsp_core.settings import SampleSettings, SettingsError
+from equicsp_core.settings import ExploreSettings, SampleSettings, SettingsError
 
 from aiida_equicsp.calculations.sample import PARAMETER_KEYS, EquiCSPSampleCalculation
 from aiida_equicsp.data.model import EquiCSPModelData
@@ -259,10 +259,12 @@ def campaign() -> None:
 
     \b
     aiida-equicsp campaign submit LABEL --code equicsp@cluster --model perov_5 --formula SrTiO3 --formula BaTiO3
-        [--formulas-file FILE] [--max-concurrent N] [--wait [--interval S]] [--protocol fast|balanced|stringent]
-        [--num-samples N] [--overrides FILE] [--dft --pw-code pw@cluster [--pseudo-family F]] [--retry-failed]
+        [--formulas-file FILE | --chemical-system Li-Fe-P-O [--max-atoms N]] [--max-concurrent N]
+        [--wait [--interval S]] [--protocol fast|balanced|stringent] [--num-samples N] [--overrides FILE]
+        [--dft --pw-code pw@cluster [--pseudo-family F]] [--retry-failed]
     aiida-equicsp campaign status LABEL
     aiida-equicsp campaign winners LABEL [--export DIR [--format cif|extxyz]]
+    aiida-equicsp campaign stable LABEL [--ehull-max E] [--chemical-system S]
 
     ``submit`` is safe to rerun: it submits only what is missing (see aiida_equicsp.campaign). A later call
     may leave out the settings (model, protocol, overrides, DFT): the campaign's stored ones are used; given
@@ -336,6 +338,10 @@ def _campaign_settings(stored: Any, model_name: str | None, protocol: str | None
 @click.option("--formula", "formulas", multiple=True, help="a composition to add, e.g. SrTiO3 (repeatable)")
 @click.option("--formulas-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="a file of compositions, one a line (# comments)")
+@click.option("--chemical-system", default=None, metavar="Li-Fe-P-O",
+              help=ExploreSettings.model_fields["chemical_system"].description)
+@click.option("--max-atoms", type=click.IntRange(min=1), default=None,
+              help=f"with --chemical-system: {ExploreSettings.model_fields['max_atoms'].description}")
 @click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
               help="most work chains of the campaign active at once (default: the campaign's, else 4)")
 @_protocol_option(EquiCSPPredictRelaxWorkChain)
@@ -351,22 +357,30 @@ def _campaign_settings(stored: Any, model_name: str | None, protocol: str | None
 @click.option("--interval", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="seconds between two passes with --wait")
 def campaign_submit(label: str, code: orm.AbstractCode, model_name: str | None, formulas: tuple[str, ...],
-                    formulas_file: str | None, max_concurrent: int | None, protocol: str | None,
+                    formulas_file: str | None, chemical_system: str | None, max_atoms: int | None,
+                    max_concurrent: int | None, protocol: str | None,
                     num_samples: int | None, overrides_file: str | None, dft: bool | None,
                     pw_code: orm.AbstractCode | None,
                     pseudo_family: str | None, retry_failed: bool, wait: bool, interval: float) -> None:
-    """Add compositions to campaign LABEL and submit what is missing, at most --max-concurrent active at once."""
+    """Add compositions to campaign LABEL and submit what is missing, at most --max-concurrent active at once.
+
+    --chemical-system adds the system's charge-balanced compositions that the model can sample (every element
+    present, at most --max-atoms atoms per formula unit).
+    """
     import time
 
     from aiida_equicsp.campaign import (
+        chemical_system_compositions,
         create_or_load_campaign,
         load_campaign,
         submit_campaign,
         validate_compositions,
     )
 
-    if formulas and formulas_file:
-        raise click.UsageError("give --formula or --formulas-file, not both")
+    if sum((bool(formulas), formulas_file is not None, chemical_system is not None)) > 1:
+        raise click.UsageError("give one of --formula, --formulas-file and --chemical-system")
+    if max_atoms is not None and chemical_system is None:
+        raise click.UsageError("--max-atoms is a limit of --chemical-system")
     requested = _read_formulas_file(formulas_file) if formulas_file else list(formulas)
     try:
         compositions = validate_compositions(requested) if requested else None
@@ -377,10 +391,18 @@ def campaign_submit(label: str, code: orm.AbstractCode, model_name: str | None, 
         existing = load_campaign(label)
     except ValueError:
         existing = None
-    if compositions is None and (existing is None or not existing.compositions):
-        raise click.UsageError(f"campaign {label!r} has no compositions yet: give --formula or --formulas-file")
+    if compositions is None and chemical_system is None and (existing is None or not existing.compositions):
+        raise click.UsageError(f"campaign {label!r} has no compositions yet: give --formula, --formulas-file or "
+                               "--chemical-system")
     settings = _campaign_settings(existing.settings if existing else None, model_name, protocol, overrides_file,
                                   num_samples, dft, pw_code, pseudo_family, max_concurrent)
+    if chemical_system is not None:
+        try:
+            compositions = chemical_system_compositions(settings, chemical_system, max_atoms)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="'--chemical-system'") from error
+        click.echo(f"chemical system {chemical_system}: {len(compositions)} charge-balanced compositions "
+                   f"({', '.join(compositions)})")
     try:
         group = create_or_load_campaign(label, settings, code, compositions or [])
     except ValueError as error:
@@ -457,6 +479,30 @@ def campaign_winners(label: str, folder: str | None, fmt: str) -> None:
     if folder is not None:
         paths = export_winners(group, folder, fmt)
         click.echo(f"wrote {len(paths)} {fmt} files to {folder}")
+
+
+@campaign.command("stable")
+@click.argument("label")
+@click.option("--ehull-max", type=click.FloatRange(min=0), default=ExploreSettings.default("ehull_max"),
+              show_default=True, help=f"{ExploreSettings.model_fields['ehull_max'].description}")
+@click.option("--chemical-system", default=None, metavar="Li-Fe-P-O",
+              help="only compositions of this system and its subsystems (default: all of the campaign's)")
+def campaign_stable(label: str, ehull_max: float, chemical_system: str | None) -> None:
+    """The stable and near-stable candidates of campaign LABEL (ML energy above the hull), with their novelty."""
+    from aiida_equicsp.queries import stable_candidates
+
+    group = _load_campaign_or_fail(label)
+    try:
+        found = stable_candidates(chemical_system, group, ehull_max)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="'--chemical-system'") from error
+    _echo_table(("composition", "Z", "E_hull (eV/atom)", "energy (eV/atom)", "space group", "novelty", "label",
+                 "structure pk", "work chain"),
+                [(c.row["reduced_formula"], str(c.row["formula_units"]), f"{c.row['ml_e_above_hull']:.4f}",
+                  f"{c.row['ml_energy_per_atom']:.4f}", str(c.row["space_group_ml"]), str(c.row["novelty"]),
+                  c.row["label"], str(c.structure.pk), str(c.workchain.pk)) for c in found])
+    click.echo(f"{len(found)} candidates with ML E_hull <= {ehull_max:g} eV/atom (campaign {label}); energies at the "
+               "ML level, E_hull against the shipped reference set relaxed alike")
 
 
 @main.command("structures")

@@ -6,7 +6,9 @@ rewrite each time:
 - :func:`predicted_structures`: every structure sampled for a formula, over all sampling calculations;
 - :func:`lowest_energy_per_formula`: the winner of each composition of a campaign (DFT energy if it has one,
   else ML), with its structure node; :func:`winners_dataframe` and :func:`export_winners` tabulate and write them;
-- :func:`checkpoint_of`: the model (checkpoint) a structure comes from, through any relaxation.
+- :func:`checkpoint_of`: the model (checkpoint) a structure comes from, through any relaxation;
+- :func:`stable_candidates`: the stable and near-stable candidates (ML energy above the hull at most a threshold)
+  of a chemical system, of a campaign, or of both, with their novelty and structure nodes.
 
 Formulas are compared by reduced formula (``Sr2Ti2O6`` is ``SrTiO3``), as the work chain ranks them.
 """
@@ -20,7 +22,7 @@ from typing import Any
 
 from aiida import orm
 
-from aiida_equicsp.campaign import COMPOSITION_EXTRA, PROCESS_TYPE, CampaignGroup
+from aiida_equicsp.campaign import COMPOSITION_EXTRA, PROCESS_TYPE, CampaignGroup, current_work_chains
 from aiida_equicsp.data.model import EquiCSPModelData
 
 #: Process type of the sampling calculation.
@@ -216,3 +218,55 @@ def export_winners(group: CampaignGroup, folder: str | Path, fmt: str = "cif") -
             write(path, atoms, format="extxyz")
         paths.append(path)
     return paths
+
+
+@dataclass(frozen=True)
+class StableCandidate:
+    """A stable or near-stable candidate: its row of the work chain's ``ranking`` table (``ml_e_above_hull`` in
+    eV/atom at the ML level, ``novelty``, ``formula_units``, space groups, energies), its ML-relaxed structure and
+    the work chain."""
+
+    row: dict[str, Any]
+    structure: orm.StructureData
+    workchain: orm.WorkChainNode
+
+
+def stable_candidates(chemical_system: str | None = None, group: CampaignGroup | None = None,
+                      ehull_max: float | None = None) -> list[StableCandidate]:
+    """The merged candidates of ``equicsp.predict_relax`` work chains whose ML energy above the hull is at most
+    ``ehull_max`` eV/atom (``None``: :class:`~equicsp_core.settings.ExploreSettings`' default), lowest first.
+
+    Args:
+        chemical_system: only compositions of this system and its subsystems (``Li-Fe-P-O``: LiFePO4, Li3PO4,
+            Fe2O3, ...); ``None``: any.
+        group: only the campaign's current work chains (one per composition: the finished-ok one, else the
+            newest); ``None``: every predict-relax work chain of the profile.
+        ehull_max: the threshold, eV/atom.
+
+    The work chains and their ``ranking`` tables are found by the QueryBuilder (the work chain's process type,
+    the ``ranking`` output link); the rows are chosen by :func:`equicsp_core.chemical_system.near_stable`,
+    since a table's rows are a list inside one node's attributes, which a query cannot filter portably.
+
+    Raises:
+        ValueError: for a malformed chemical system or a negative threshold, naming it.
+    """
+    from equicsp_core.chemical_system import near_stable
+    from equicsp_core.settings import ExploreSettings
+
+    if ehull_max is None:
+        ehull_max = ExploreSettings.default("ehull_max")
+    elif ehull_max < 0:
+        raise ValueError(f"ehull_max must be at least 0 eV/atom, got {ehull_max}")
+    query = orm.QueryBuilder()
+    filters: dict[str, Any] = {"process_type": PROCESS_TYPE}
+    if group is not None:
+        filters["id"] = {"in": [node.pk for node in current_work_chains(group).values()] or [-1]}
+    query.append(orm.WorkChainNode, filters=filters, tag="workchain", project="*")
+    query.append(orm.Dict, with_incoming="workchain", edge_filters={"label": "ranking"}, project="attributes.rows")
+    query.order_by({orm.WorkChainNode: {"id": "asc"}})
+    found = []
+    for node, rows in query.all():
+        for row in near_stable(rows or [], ehull_max, chemical_system):
+            found.append(StableCandidate(dict(row), node.outputs.ml_relaxed[row["label"]], node))
+    return sorted(found, key=lambda candidate: (candidate.row["ml_e_above_hull"], candidate.row["reduced_formula"],
+                                                candidate.workchain.pk, candidate.row["label"]))

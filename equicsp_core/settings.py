@@ -11,6 +11,8 @@ One model per stage of the pipeline (:mod:`equicsp_core.pipeline`)::
     StabilitySettings stability, reference_cutoff, references_per_composition
                                                                         (ML E_hull and novelty, after ranking)
     DFTSettings      protocol, relax_type, symprec, spin                (the DFT stage of the AiiDA route)
+    ExploreSettings  chemical_system, max_atoms, ehull_max             (the compositions of a chemical system,
+                                                                        the candidates reported stable)
 
 Every entry point derives from these models instead of repeating them: the ``equicsp sample`` flags
 (:func:`equicsp_core.cli.build_parser`), the ``parameters`` keys of the CalcJobs, the protocol files of
@@ -391,3 +393,23 @@ class DFTSettings(Settings):
     spin: Literal["auto", "collinear", "none"] = Field(
         "auto", description="spin polarisation: auto (collinear when a magnetic element has an open shell, "
                             "equicsp_core.dft.initial_moments), collinear (always), none (never)")
+
+
+class ExploreSettings(Settings):
+    """Exploring a chemical system (:mod:`equicsp_core.chemical_system`): which compositions are predicted, which
+    candidates are reported as stable or near-stable."""
+
+    chemical_system: str = Field(description="elements joined by '-', e.g. Li-Fe-P-O: its charge-balanced "
+                                             "compositions with every element present are predicted")
+    max_atoms: StrictInt | None = Field(
+        None, ge=1, description="largest formula unit (atoms of the reduced formula) of a composition; each is "
+                                "sampled at every Z the model supports (None: the model's largest cell)")
+    ehull_max: Number = Field(0.1, ge=0, allow_inf_nan=False,
+                              description="stable and near-stable: ML energy above the hull at most this, eV/atom")
+
+    @field_validator("chemical_system")
+    @classmethod
+    def _chemical_system(cls, value: str) -> str:
+        from equicsp_core.chemical_system import parse_chemical_system
+
+        return "-".join(parse_chemical_system(value))

@@ -1,0 +1,192 @@
+"""Exploring a chemical system with a campaign, without a daemon: the compositions submitted, the refusals, and
+the stable candidates found by the query (``aiida_equicsp.queries.stable_candidates``) on stored stand-in nodes.
+
+Submission is faked as in ``test_campaign_units.py``; the work chains of the query are stored nodes with the
+outputs a finished ``equicsp.predict_relax`` has (``ranking``, ``ml_relaxed``), so no sampling or relaxation runs.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from aiida import orm
+from aiida.common.links import LinkType
+from aiida.engine import ProcessState
+from click.testing import CliRunner
+from pymatgen.core import Composition, Lattice, Structure
+
+from aiida_equicsp import campaign as campaign_module
+from aiida_equicsp import cli
+from aiida_equicsp.campaign import (
+    COMPOSITION_EXTRA,
+    COMPOSITIONS_EXTRA,
+    PROCESS_TYPE,
+    CampaignGroup,
+    CampaignSettings,
+    chemical_system_compositions,
+    load_campaign,
+)
+from aiida_equicsp.data.model import EquiCSPModelData
+from aiida_equicsp.queries import stable_candidates
+from equicsp_core.pipeline import ROW_COLUMNS
+from tests.aiida.test_campaign_units import FakeSubmit
+
+
+@pytest.fixture
+def fake_submit(monkeypatch) -> FakeSubmit:
+    fake = FakeSubmit()
+    monkeypatch.setattr(campaign_module, "submit", fake)
+    return fake
+
+
+@pytest.fixture
+def label() -> str:
+    return f"system-{uuid.uuid4().hex[:8]}"
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli.main, list(args))
+
+
+def test_compositions_follow_the_model_and_max_atoms(model):
+    """The tiny model (perov_5: cells of at most 5 atoms) can sample only SrTiO3 of Sr-Ti-O; mp_20 (20 atoms)
+    with --max-atoms 7 SrTiO3 and Sr2TiO4; refusals name the system."""
+    tiny = CampaignSettings.from_nodes(model)
+    assert chemical_system_compositions(tiny, "Sr-Ti-O") == ["SrTiO3"]
+    assert chemical_system_compositions(tiny, "Sr-Ti-O", max_atoms=50) == ["SrTiO3"]  # the model's limit holds
+    general = CampaignSettings.from_nodes(EquiCSPModelData.from_shipped("mp_20"))
+    assert chemical_system_compositions(general, "Sr-Ti-O", max_atoms=7) == ["SrTiO3", "Sr2TiO4"]
+    with pytest.raises(ValueError, match="no charge-balanced composition .* at most 5 atoms"):
+        chemical_system_compositions(tiny, "Ca-Sr-Ti-O")
+    with pytest.raises(ValueError, match="unknown element Xx"):
+        chemical_system_compositions(general, "Li-Xx-O")
+
+
+def test_cli_submits_one_work_chain_per_composition(equicsp_code, label, fake_submit):
+    """``--chemical-system Sr-Ti-O --max-atoms 7`` with mp_20: both compositions queued, one submitted at a time."""
+    result = invoke("campaign", "submit", label, "--code", equicsp_code.full_label, "--model", "mp_20",
+                    "--chemical-system", "Sr-Ti-O", "--max-atoms", "7", "--max-concurrent", "1", "--num-samples", "2")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "chemical system Sr-Ti-O: 2 charge-balanced compositions (SrTiO3, Sr2TiO4)"
+    assert f"campaign {label}: 1 submitted now, 1 waiting for a free slot (max 1 active)" in result.output
+    assert load_campaign(label).compositions == ["SrTiO3", "Sr2TiO4"]
+    (builder,) = fake_submit.builders
+    assert builder.sample.sample.compositions.get_list() == ["SrTiO3"]  # reduced: the Z search of the model
+    assert builder.metadata.label == "SrTiO3"
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (("--chemical-system", "Li-Xx-O"), "unknown element Xx"),
+    (("--chemical-system", "LiFePO4"), "is not element symbols joined by '-'"),
+    (("--chemical-system", "Li-Li-O"), "names Li twice"),
+    (("--chemical-system", "Ca-Sr-Ti-O"), "no charge-balanced composition"),  # the tiny model: 5 atoms at most
+    (("--chemical-system", "Ne-O"), "Ne has no common oxidation state"),
+    (("--chemical-system", "Sr-Ti-O", "--formula", "SrTiO3"), "give one of --formula, --formulas-file and"),
+    (("--formula", "SrTiO3", "--max-atoms", "5"), "--max-atoms is a limit of --chemical-system"),
+    (("--chemical-system", "Sr-Ti-O", "--max-atoms", "0"), "--max-atoms"),
+])
+def test_cli_refuses_bad_systems_before_anything_is_stored(arguments, message, equicsp_code, model, label,
+                                                           fake_submit):
+    result = invoke("campaign", "submit", label, "--code", equicsp_code.full_label, "--model", str(model.pk),
+                    *arguments)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert not orm.QueryBuilder().append(orm.Group, filters={"label": label}).count()
+    assert fake_submit.builders == []
+
+
+# --- the query, on stored stand-ins of finished work chains -----------------------------------------------------
+
+def _structure(formula: str) -> orm.StructureData:
+    """A stand-in relaxed structure of ``formula``, its atoms 3 Å apart on a line (the query reads no positions)."""
+    species = [str(element) for element, amount in Composition(formula).items() for _ in range(int(amount))]
+    coords = [[index / len(species), 0.5, 0.5] for index in range(len(species))]
+    return orm.StructureData(pymatgen=Structure(Lattice.cubic(3.0 * len(species)), species, coords))
+
+
+def _row(label: str, reduced_formula: str, ml_rank: int | None, e_hull: float | None, **values) -> dict:
+    row = dict.fromkeys(ROW_COLUMNS)
+    row.update(label=label, formula=reduced_formula, reduced_formula=reduced_formula, formula_units=1,
+               ml_rank=ml_rank, ml_e_above_hull=e_hull, ml_energy_per_atom=-6.0, space_group_ml="P1",
+               novelty="new" if ml_rank is not None else None,
+               status="ml_relaxed" if ml_rank is not None else "duplicate")
+    return {**row, **values}
+
+
+def finished_work_chain(composition: str, rows: list[dict], exit_status: int = 0) -> orm.WorkChainNode:
+    """A stored, finished predict-relax work chain node with a ``ranking`` output and one ``ml_relaxed`` structure
+    per row."""
+    node = orm.WorkChainNode(label=composition)
+    node.set_process_type(PROCESS_TYPE)
+    node.set_process_state(ProcessState.FINISHED)
+    node.set_exit_status(exit_status)
+    node.store()
+    node.base.extras.set(COMPOSITION_EXTRA, composition)
+    for row in rows:
+        structure = _structure(row["reduced_formula"]).store()
+        structure.base.links.add_incoming(node, LinkType.RETURN, f"ml_relaxed__{row['label']}")
+    ranking = orm.Dict({"rows": rows}).store()
+    ranking.base.links.add_incoming(node, LinkType.RETURN, "ranking")
+    return node
+
+
+@pytest.fixture
+def explored(label):
+    """A campaign of LiFePO4 (a failed attempt, then a finished one), Fe2O3 and SrTiO3 (no hull), and a ZnO work
+    chain outside it."""
+    group = CampaignGroup(label=label).store()
+    group.base.extras.set(COMPOSITIONS_EXTRA, ["LiFePO4", "Fe2O3", "SrTiO3"])
+    failed = finished_work_chain("LiFePO4", [_row("LiFePO4_009", "LiFePO4", 1, 0.0)], exit_status=403)
+    lfp = finished_work_chain("LiFePO4", [_row("LiFePO4_000", "LiFePO4", 1, 0.0, novelty="matches mp-19017 (Pnma)"),
+                                          _row("LiFePO4_001", "LiFePO4", None, 0.0),
+                                          _row("LiFePO4_002", "LiFePO4", 2, 0.25)])
+    fe2o3 = finished_work_chain("Fe2O3", [_row("Fe2O3_000", "Fe2O3", 1, 0.05)])
+    sto = finished_work_chain("SrTiO3", [_row("SrTiO3_000", "SrTiO3", 1, None, reason="no ML E_hull: no elemental "
+                                                                                       "reference for Sr")])
+    group.add_nodes([failed, lfp, fe2o3, sto])
+    zno = finished_work_chain("ZnO", [_row("ZnO_000", "ZnO", 1, 0.01)])
+    return group, {"failed": failed, "lfp": lfp, "fe2o3": fe2o3, "sto": sto, "zno": zno}
+
+
+def test_stable_candidates_of_a_campaign(explored):
+    """Default 0.1 eV/atom: LiFePO4's best and Fe2O3, lowest E_hull first; not the duplicate, not the rank-2 one at
+    0.25, not SrTiO3 (no hull), not the failed attempt's row, not ZnO (outside the campaign)."""
+    group, nodes = explored
+    found = stable_candidates(group=group)
+    assert [(c.row["label"], c.workchain.pk) for c in found] == [("LiFePO4_000", nodes["lfp"].pk),
+                                                                 ("Fe2O3_000", nodes["fe2o3"].pk)]
+    assert found[0].row["novelty"] == "matches mp-19017 (Pnma)"
+    assert found[0].structure.uuid == nodes["lfp"].outputs.ml_relaxed["LiFePO4_000"].uuid
+    wider = stable_candidates("Li-Fe-P-O", group, ehull_max=0.3)
+    assert [c.row["label"] for c in wider] == ["LiFePO4_000", "Fe2O3_000", "LiFePO4_002"]
+    assert [c.row["label"] for c in stable_candidates("Li-P-O", group)] == []  # Fe is in both compositions
+
+
+def test_stable_candidates_of_a_system_over_the_profile(explored):
+    """Without a campaign: every predict-relax work chain, within the system and its subsystems only."""
+    _, nodes = explored
+    found = stable_candidates("Zn-O")
+    assert nodes["zno"].pk in {c.workchain.pk for c in found}
+    assert all(set(c.structure.get_symbols_set()) <= {"Zn", "O"} for c in found)
+    with pytest.raises(ValueError, match="unknown element Xx"):
+        stable_candidates("Li-Xx")
+    with pytest.raises(ValueError, match="ehull_max must be at least 0"):
+        stable_candidates("Zn-O", ehull_max=-0.1)
+
+
+def test_cli_stable(explored):
+    """``campaign stable LABEL``: one line per candidate, its Z, E_hull, novelty and nodes; a bad system: 2."""
+    group, nodes = explored
+    result = invoke("campaign", "stable", group.label)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split()[:3] == ["composition", "Z", "E_hull"]
+    first = lines[1].split()
+    assert first[:3] == ["LiFePO4", "1", "0.0000"] and "mp-19017" in lines[1] and str(nodes["lfp"].pk) == first[-1]
+    assert lines[2].split()[:3] == ["Fe2O3", "1", "0.0500"]
+    assert lines[3].startswith(f"2 candidates with ML E_hull <= 0.1 eV/atom (campaign {group.label})")
+    result = invoke("campaign", "stable", group.label, "--ehull-max", "0.3", "--chemical-system", "Fe-O")
+    assert result.exit_code == 0 and [line.split()[0] for line in result.output.splitlines()[1:-1]] == ["Fe2O3"]
+    assert invoke("campaign", "stable", group.label, "--chemical-system", "Fe-Xx").exit_code == 2
