@@ -78,3 +78,15 @@ class RankingDocument(BaseModel):
     winners: list[str] = Field(description="labels of the best top_k of each composition (phonons, DFT)")
     ml_relaxed: list[CandidateDocument]
     dft_relaxed: list[CandidateDocument] = Field(default_factory=list)
+
+
+class StableCandidatesDocument(BaseModel):
+    """The stable and near-stable candidates of a chemical system: the merged candidates of its compositions' ranking
+    tables whose ML energy above the hull is at most ``ehull_max`` (:func:`equicsp_core.chemical_system.near_stable`)."""
+
+    chemical_system: str
+    compositions: list[str] = Field(description="the compositions predicted, one predict-relax flow each")
+    ehull_max: float = Field(description="the threshold of the ML energy above the hull, eV/atom")
+    candidates: list[dict[str, Any]] = Field(description="their ranking rows, lowest ML E_hull first")
+    structures: list[CandidateDocument] = Field(description="their ML-relaxed structures, in the same order")
+    missing: list[str] = Field(description="compositions whose flow gave no ranking table (it failed)")

@@ -1,5 +1,5 @@
 """jobflow Makers for structure prediction: sample → screen → ML relax → rank → stability → (phonons) → symmetrise →
-DFT.
+DFT; and for exploring a chemical system (:class:`ChemicalSystemMaker`: one such flow per composition).
 
 The same pipeline as the AiiDA work chain ``equicsp.predict_relax``, from the same functions: sampling through
 :func:`equicsp_core.predict.predict_with_settings`, screening, ranking and the table through
@@ -40,6 +40,7 @@ from equicsp_core.pipeline import (
 )
 from equicsp_core.settings import (
     DFTSettings,
+    ExploreSettings,
     RankSettings,
     RelaxSettings,
     SampleSettings,
@@ -48,7 +49,14 @@ from equicsp_core.settings import (
     StabilitySettings,
     formula_list,
 )
-from equicsp_jobflow.documents import CandidateDocument, RankingDocument, RelaxDocument, SampleDocument, ScreenDocument
+from equicsp_jobflow.documents import (
+    CandidateDocument,
+    RankingDocument,
+    RelaxDocument,
+    SampleDocument,
+    ScreenDocument,
+    StableCandidatesDocument,
+)
 
 
 def knob_fields(model: type[Settings], exclude: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
@@ -372,3 +380,60 @@ def tabulate(samples: SampleDocument, screening: ScreenDocument, relaxation: Rel
                            levels=levels(RelaxSettings(**relax_settings) if relax_settings is not None else None),
                            ml_relaxed=relaxation.relaxed, dft_relaxed=dft_relaxed)
 
+
+
+# --- a chemical system ------------------------------------------------------------------------------------------
+
+
+class _ChemicalSystemFlow(Maker):
+    """The flow of :class:`ChemicalSystemMaker`; its fields: ``predict_relax_maker`` (a :class:`PredictRelaxMaker`,
+    whose sample Maker's checkpoint sets the model's largest cell) and :class:`ExploreSettings`' knobs
+    (``max_atoms``, ``ehull_max``)."""
+
+    def __post_init__(self) -> None:
+        _settings(self, ExploreSettings, chemical_system="H-O")  # refuse bad knobs now ("H-O": any valid system)
+
+    def make(self, chemical_system: str) -> Flow:
+        """One predict-relax flow per composition of ``chemical_system`` that the model can sample
+        (:func:`equicsp_core.chemical_system.compositions_to_explore`), then the stable ones; a bad system, or one
+        with no composition within the limits, is refused here (``ValueError``), before any job exists."""
+        from equicsp_core.chemical_system import compositions_to_explore
+        from equicsp_core.checkpoint import read_checkpoint
+
+        settings = _settings(self, ExploreSettings, chemical_system=chemical_system)
+        payload = read_checkpoint(self.predict_relax_maker.sample_maker.checkpoint)
+        compositions = compositions_to_explore(settings, payload["denoiser"]["mode"],
+                                               (payload.get("card") or {}).get("dataset"))
+        flows = [self.predict_relax_maker.make([formula]) for formula in compositions]
+        for flow, formula in zip(flows, compositions, strict=True):
+            flow.name = f"{flow.name} {formula}"
+        report = collect_stable([flow.output for flow in flows], compositions, settings.chemical_system,
+                                settings.ehull_max)
+        report.config.on_missing_references = OnMissing.NONE  # a failed composition arrives as None: "missing"
+        return Flow([*flows, report], output=report.output, name=f"{self.name} {settings.chemical_system}")
+
+
+#: Flow exploring a chemical system: a :class:`PredictRelaxMaker` flow per charge-balanced composition (every
+#: element present, at most ``max_atoms`` atoms per formula unit), then the candidates with ML E_hull <= ``ehull_max``.
+ChemicalSystemMaker = make_dataclass(
+    "ChemicalSystemMaker",
+    [("name", str, field(default="equicsp chemical system")),
+     ("predict_relax_maker", Maker, field(default_factory=PredictRelaxMaker)),
+     *knob_fields(ExploreSettings, exclude=("chemical_system",))],
+    bases=(_ChemicalSystemFlow,), namespace={"__module__": __name__, "__doc__": _ChemicalSystemFlow.__doc__})
+
+
+@job(output_schema=StableCandidatesDocument, data=Structure)
+def collect_stable(tables: list[RankingDocument | None], compositions: list[str], chemical_system: str,
+                   ehull_max: float) -> StableCandidatesDocument:
+    """The stable and near-stable candidates of the compositions' ranking tables
+    (:func:`equicsp_core.chemical_system.near_stable`), with their ML-relaxed structures; ``None``: a failed flow."""
+    from equicsp_core.chemical_system import near_stable
+
+    rows = [row for table in tables if table is not None for row in table.rows]
+    relaxed = {document.label: document for table in tables if table is not None for document in table.ml_relaxed}
+    chosen = near_stable(rows, ehull_max, chemical_system)
+    return StableCandidatesDocument(
+        chemical_system=chemical_system, compositions=compositions, ehull_max=ehull_max, candidates=chosen,
+        structures=[relaxed[row["label"]] for row in chosen],
+        missing=[formula for formula, table in zip(compositions, tables, strict=True) if table is None])

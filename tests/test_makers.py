@@ -26,14 +26,20 @@ from pymatgen.core import Composition, Structure  # noqa: E402
 
 from equicsp_core.checkpoint import resolve_checkpoint  # noqa: E402
 from equicsp_core.dft import symmetrisation_note  # noqa: E402
+from equicsp_core.chemical_system import near_stable  # noqa: E402
 from equicsp_jobflow import (  # noqa: E402
+    CandidateDocument,
+    ChemicalSystemMaker,
+    EquiCSPRelaxMaker,
     EquiCSPSampleMaker,
     PredictRelaxMaker,
     RankingDocument,
     SampleDocument,
     ScreenCandidatesMaker,
     ScreenDocument,
+    StableCandidatesDocument,
 )
+from equicsp_jobflow.makers import collect_stable  # noqa: E402
 
 FORMULA = "SrTiO3"
 FORMULAS = [FORMULA]
@@ -253,3 +259,76 @@ def test_bad_input_fails_the_sample_job_with_a_clear_error(checkpoint, formula, 
     store.connect()
     with pytest.raises(ValueError, match=message):
         _sample_maker(checkpoint=checkpoint).make([formula]).run(store)
+
+
+# --- a chemical system ------------------------------------------------------------------------------------------
+
+
+def test_chemical_system_flow_has_one_predict_relax_flow_per_composition():
+    """mp_20 with max_atoms 7: SrTiO3 and Sr2TiO4, each its own predict-relax flow, then the collecting job."""
+    maker = ChemicalSystemMaker(predict_relax_maker=PredictRelaxMaker(sample_maker=_sample_maker(checkpoint="mp_20")),
+                                max_atoms=7, ehull_max=0.05)
+    flow = maker.make("Sr-Ti-O")
+    *predictions, collect = flow.jobs
+    assert [prediction.jobs[0].function_args[0] for prediction in predictions] == [["SrTiO3"], ["Sr2TiO4"]]
+    assert [prediction.name for prediction in predictions] == ["equicsp predict-relax SrTiO3",
+                                                               "equicsp predict-relax Sr2TiO4"]
+    assert collect.function_args[1:] == (["SrTiO3", "Sr2TiO4"], "Sr-Ti-O", 0.05)
+    assert flow.output.uuid == collect.uuid
+
+
+@pytest.mark.parametrize(("system", "message"), [
+    ("Li-Xx-O", "unknown element Xx"),
+    ("Li-Fe-P-O", "no charge-balanced composition"),  # perov_5: 5 atoms at most, LiFePO4 has 7
+    ("LiFePO4", "is not element symbols joined by '-'"),
+])
+def test_bad_chemical_systems_are_refused_when_the_flow_is_built(system, message):
+    with pytest.raises(ValueError, match=message):
+        ChemicalSystemMaker(predict_relax_maker=PredictRelaxMaker(sample_maker=_sample_maker())).make(system)
+
+
+@pytest.mark.parametrize("settings", [{"max_atoms": 0}, {"ehull_max": -1.0}])
+def test_bad_explore_settings_are_refused_at_construction(settings):
+    with pytest.raises(ValueError, match=next(iter(settings))):
+        ChemicalSystemMaker(**settings)
+
+
+def _table(formula: str, e_hulls: list[float | None]) -> RankingDocument:
+    """A ranking table of ``formula`` with one merged candidate per E_hull, and their structures."""
+    species = [str(element) for element, amount in Composition(formula).items() for _ in range(int(amount))]
+    structure = Structure(np.eye(3) * 3.0 * len(species), species,
+                          [[index / len(species), 0.5, 0.5] for index in range(len(species))])
+    rows = [{"label": f"{formula}_{index:03d}", "reduced_formula": formula, "ml_rank": index + 1,
+             "ml_e_above_hull": e_hull} for index, e_hull in enumerate(e_hulls)]
+    return RankingDocument(rows=rows, statuses={}, units={}, winners=[],
+                           ml_relaxed=[CandidateDocument.of(row["label"], formula, index, structure)
+                                       for index, row in enumerate(rows)])
+
+
+def test_collect_stable_keeps_the_rows_at_or_below_the_threshold_with_their_structures():
+    tables = [_table("SrTiO3", [0.0, 0.2]), None, _table("Sr2TiO4", [0.08])]
+    document = collect_stable.original(tables, ["SrTiO3", "Sr3Ti2O7", "Sr2TiO4"], "Sr-Ti-O", 0.1)
+    assert isinstance(document, StableCandidatesDocument)
+    assert [row["label"] for row in document.candidates] == ["SrTiO3_000", "Sr2TiO4_000"]
+    assert [candidate.label for candidate in document.structures] == ["SrTiO3_000", "Sr2TiO4_000"]
+    assert document.missing == ["Sr3Ti2O7"] and document.ehull_max == 0.1
+
+
+@pytest.mark.slow
+def test_chemical_system_flow_runs_and_reports_its_stable_candidates(tmp_path, perovskite_reference_set):
+    """perov_5 on Sr-Ti-O (SrTiO3 only, 5 atoms at most), CHGNet for 20 steps, the small Sr-Ca-Ti-O reference set:
+    the report holds exactly the merged rows of SrTiO3's table within the threshold (here wide: 10 eV/atom)."""
+    pytest.importorskip("chgnet")
+    relax = EquiCSPRelaxMaker(steps=20, threads=1)
+    maker = ChemicalSystemMaker(predict_relax_maker=PredictRelaxMaker(sample_maker=_sample_maker(), relax_maker=relax),
+                                ehull_max=10.0)
+    flow = maker.make("Sr-Ti-O")
+    store, _ = _run(flow, tmp_path)
+    report = _output(store, flow.output.uuid)
+    table = _output(store, flow.jobs[0].output.uuid)
+    assert report.compositions == ["SrTiO3"] and report.missing == []
+    expected = near_stable(table.rows, 10.0, "Sr-Ti-O")
+    assert expected and [row["label"] for row in report.candidates] == [row["label"] for row in expected]
+    assert all(row["ml_e_above_hull"] is not None and row["novelty"] for row in report.candidates)
+    assert [document.structure.composition.reduced_formula for document in report.structures] == ["SrTiO3"] * len(
+        expected)
