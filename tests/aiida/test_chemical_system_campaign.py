@@ -7,17 +7,12 @@ outputs a finished ``equicsp.predict_relax`` has (``ranking``, ``ml_relaxed``), 
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from aiida import orm
 from aiida.common.links import LinkType
 from aiida.engine import ProcessState
-from click.testing import CliRunner
 from pymatgen.core import Composition, Lattice, Structure
 
-from aiida_equicsp import campaign as campaign_module
-from aiida_equicsp import cli
 from aiida_equicsp.campaign import (
     COMPOSITION_EXTRA,
     COMPOSITIONS_EXTRA,
@@ -30,23 +25,7 @@ from aiida_equicsp.campaign import (
 from aiida_equicsp.data.model import EquiCSPModelData
 from aiida_equicsp.queries import stable_candidates
 from equicsp_core.pipeline import ROW_COLUMNS
-from tests.aiida.test_campaign_units import FakeSubmit
-
-
-@pytest.fixture
-def fake_submit(monkeypatch) -> FakeSubmit:
-    fake = FakeSubmit()
-    monkeypatch.setattr(campaign_module, "submit", fake)
-    return fake
-
-
-@pytest.fixture
-def label() -> str:
-    return f"system-{uuid.uuid4().hex[:8]}"
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(cli.main, list(args))
+from tests.aiida.test_campaign_units import fake_submit, invoke, label  # noqa: F401  (fixtures, the CLI runner)
 
 
 def test_compositions_follow_the_model_and_max_atoms(model):
