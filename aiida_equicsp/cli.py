@@ -502,7 +502,7 @@ def campaign_stable(label: str, ehull_max: float, chemical_system: str | None) -
                   f"{c.row['ml_energy_per_atom']:.4f}", str(c.row["space_group_ml"]), str(c.row["novelty"]),
                   c.row["label"], str(c.structure.pk), str(c.workchain.pk)) for c in found])
     click.echo(f"{len(found)} candidates with ML E_hull <= {ehull_max:g} eV/atom (campaign {label}); energies at the "
-               "ML level, E_hull against the shipped reference set relaxed alike")
+               "ML level, E_hull against the pinned reference set relaxed alike")
 
 
 @main.command("structures")
