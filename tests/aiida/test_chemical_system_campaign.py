@@ -62,6 +62,7 @@ def test_cli_submits_one_work_chain_per_composition(equicsp_code, label, fake_su
     (("--chemical-system", "Li-Li-O"), "names Li twice"),
     (("--chemical-system", "Ca-Sr-Ti-O"), "no charge-balanced composition"),  # the tiny model: 5 atoms at most
     (("--chemical-system", "Ne-O"), "Ne has no common oxidation state"),
+    (("--chemical-system", "H-Li-O"), "outside the model's training domain"),  # LiOH: perov_5 has no H
     (("--chemical-system", "Sr-Ti-O", "--formula", "SrTiO3"), "give one of --formula, --formulas-file and"),
     (("--formula", "SrTiO3", "--max-atoms", "5"), "--max-atoms is a limit of --chemical-system"),
     (("--chemical-system", "Sr-Ti-O", "--max-atoms", "0"), "--max-atoms"),
