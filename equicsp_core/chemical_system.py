@@ -73,7 +73,8 @@ def parse_chemical_system(system: Any) -> tuple[str, ...]:
         raise ChemicalSystemError(f"chemical system {system!r}: unknown element {unknown[0]}")
     beyond = [symbol for symbol in elements if Element(symbol).Z > MAX_ATOMIC_NUMBER]
     if beyond:
-        raise ChemicalSystemError(f"chemical system {system!r}: unsupported element {beyond[0]} (Z > {MAX_ATOMIC_NUMBER})")
+        raise ChemicalSystemError(f"chemical system {system!r}: unsupported element {beyond[0]} "
+                                  f"(Z > {MAX_ATOMIC_NUMBER})")
     repeated = sorted({symbol for symbol in elements if elements.count(symbol) > 1})
     if repeated:
         raise ChemicalSystemError(f"chemical system {system!r} names {repeated[0]} twice")

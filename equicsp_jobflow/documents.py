@@ -81,8 +81,9 @@ class RankingDocument(BaseModel):
 
 
 class StableCandidatesDocument(BaseModel):
-    """The stable and near-stable candidates of a chemical system: the merged candidates of its compositions' ranking
-    tables whose ML energy above the hull is at most ``ehull_max`` (:func:`equicsp_core.chemical_system.near_stable`)."""
+    """The stable and near-stable candidates of a chemical system: the merged candidates of its compositions'
+    ranking tables whose ML energy above the hull is at most ``ehull_max``
+    (:func:`equicsp_core.chemical_system.near_stable`)."""
 
     chemical_system: str
     compositions: list[str] = Field(description="the compositions predicted, one predict-relax flow each")
