@@ -211,9 +211,9 @@ def test_coordinate_direction_is_the_chain_rule_through_the_centre_of_mass():
                                rtol=0, atol=1e-10)
 
 
-def test_lattice_step_unclamped_is_the_papers_update():
+def test_ddpm_step_unclamped_is_the_papers_update():
     """Without a bound, the x̂₀ form equals (x_t − β/sqrt(1 − ᾱ_t) ε̂)/sqrt(α) for any gap t → t_prev."""
-    from equicsp_core.sampler import _lattice_step
+    from equicsp_core.sampler import _ddpm_step
 
     gen = torch.Generator().manual_seed(0)
     x, eps = torch.randn(4, 6, generator=gen, dtype=torch.float64), torch.randn(4, 6, generator=gen, dtype=torch.float64)
@@ -222,10 +222,10 @@ def test_lattice_step_unclamped_is_the_papers_update():
         alpha_bar, alpha_bar_prev = float(schedules.alphas_cumprod[t]), float(schedules.alphas_cumprod[t_prev])
         alpha = alpha_bar / alpha_bar_prev
         papers = (x - (1 - alpha) / (1 - alpha_bar) ** 0.5 * eps) / alpha**0.5
-        torch.testing.assert_close(_lattice_step(x, eps, alpha_bar, alpha_bar_prev, math.inf), papers, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(_ddpm_step(x, eps, alpha_bar, alpha_bar_prev, math.inf), papers, rtol=1e-9, atol=1e-9)
 
 
-def test_bounded_lattice_step_keeps_few_step_sampling_finite():
+def test_bounded_ddpm_step_keeps_few_step_sampling_finite():
     """With a poor noise prediction, a 10-step sampler diverges unbounded but stays finite with the bound."""
     torch.manual_seed(0)
     model = CrystalDiffusion(TINY).eval()
