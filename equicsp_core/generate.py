@@ -3,7 +3,7 @@
 A generation model (``DenoiserConfig.task == "generation"``) is given no composition: each crystal's atom
 count is drawn from the distribution of the training crystals, which training records in the model card as
 ``num_atoms_counts`` (:func:`atom_count_distribution`), unless ``num_atoms`` fixes it; the sampler
-(:func:`equicsp_core.sampler.generate`) draws the types with the structure. The candidates come batch by batch,
+(:func:`equicsp_core.sampler.sample` without atom types) draws the types with the structure. The candidates come batch by batch,
 as :class:`equicsp_core.predict.Candidate` objects, so ``equicsp generate`` writes the run folder of
 ``equicsp sample`` (:mod:`equicsp_core.runfolder`); a candidate's ``formula`` is the reduced formula it came
 out with.
@@ -25,7 +25,7 @@ from equicsp_core.crystal import Crystal
 from equicsp_core.diffusion import CrystalDiffusion
 from equicsp_core.domain import max_atoms_for_mode
 from equicsp_core.predict import Candidate
-from equicsp_core.sampler import generate, time_grid
+from equicsp_core.sampler import sample, time_grid
 from equicsp_core.settings import GenerateSettings, formula_of, formula_units
 
 logger = logging.getLogger(__name__)
@@ -93,11 +93,11 @@ def _generate_batches(
     model: CrystalDiffusion, counts: torch.Tensor, batch_size: int, sampler: dict[str, Any]
 ) -> Iterator[list[Candidate]]:
     """The loop of :func:`generate_with_settings`; ``sampler`` the keyword arguments of
-    :func:`~equicsp_core.sampler.generate`."""
+    :func:`~equicsp_core.sampler.sample`."""
     batches = math.ceil(len(counts) / batch_size)
     for number, start in enumerate(range(0, len(counts), batch_size), start=1):
         started = time.perf_counter()
-        result = generate(model, counts[start:start + batch_size], **sampler)
+        result = sample(model, None, counts[start:start + batch_size], **sampler)
         logger.info("batch %d/%d: %d crystals generated in %.1f s", number, batches, result.batch.num_crystals,
                     time.perf_counter() - started)
         cells = result.batch.atomic_numbers.cpu().split(result.batch.num_atoms.tolist())

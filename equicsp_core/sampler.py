@@ -1,5 +1,6 @@
 """Predictor–corrector sampling (docs/method.md §7), on the full or a sub-sampled time grid (§7.3): CSP
-(:func:`sample`, atom types given) and ab initio generation (:func:`generate`, types diffused too, §7.6).
+(:func:`sample` given the atom types) and ab initio generation (:func:`sample` without them: types
+diffused too, §7.6).
 
 Per step ``t_k → t_{k−1}`` (``t_0 = 0``): a Langevin corrector on the coordinates, then a reverse VE step
 for the coordinates and a DDPM ancestral step for the lattice. On a sub-sampled grid every "t − 1" becomes
@@ -82,9 +83,10 @@ class SampleResult:
         return out
 
 
+@torch.inference_mode()
 def sample(
     model: CrystalDiffusion,
-    atomic_numbers: torch.Tensor,
+    atomic_numbers: torch.Tensor | None,
     num_atoms: torch.Tensor,
     steps: int | None = None,
     step_lr: float = DEFAULT_STEP_LR,
@@ -94,11 +96,13 @@ def sample(
     precision: str = "fp32",
     grid_power: float = 1.0,
 ) -> SampleResult:
-    """Sample one structure per composition (CSP).
+    """Sample one structure per composition (CSP), or generate whole crystals (ab initio).
 
     Args:
-        model: a trained CSP :class:`CrystalDiffusion` (its parameters' device and dtype are used).
-        atomic_numbers: ``(N,)`` the atoms of all crystals, crystal after crystal.
+        model: a trained :class:`CrystalDiffusion` (its parameters' device and dtype are used).
+        atomic_numbers: ``(N,)`` the atoms of all crystals, crystal after crystal, for a CSP model; ``None`` for a
+            generation model, which draws them (docs/method.md §7.6): the types start as ``N(0, I)`` vectors
+            ``(N, num_elements)`` and end as ``argmax + 1``.
         num_atoms: ``(B,)`` atoms per crystal.
         steps: number of predictor–corrector steps (default: T, the papers' sampler).
         step_lr: Langevin step scale γ.
@@ -116,50 +120,9 @@ def sample(
         A :class:`SampleResult`; fractional coordinates in [0, 1).
 
     Raises:
-        CheckpointError: ``model`` is a generation model.
+        CheckpointError: atom types given to a generation model, or none to a CSP model.
     """
-    require_task(model, "csp")
-    return _predictor_corrector(model, atomic_numbers, num_atoms, steps, step_lr, generator, progress, lattice_bound,
-                                precision, grid_power)
-
-
-def generate(
-    model: CrystalDiffusion,
-    num_atoms: torch.Tensor,
-    steps: int | None = None,
-    step_lr: float = DEFAULT_STEP_LR,
-    generator: torch.Generator | None = None,
-    progress: bool = False,
-    lattice_bound: float | None = None,
-    precision: str = "fp32",
-    grid_power: float = 1.0,
-) -> SampleResult:
-    """Generate one crystal per entry of ``num_atoms`` ``(B,)``, atom types included (ab initio, docs/method.md
-    §7.6): the types start as ``N(0, I)`` vectors ``(N, num_elements)`` and end as ``argmax + 1``. Other
-    arguments and the result as :func:`sample`.
-
-    Raises:
-        CheckpointError: ``model`` is a CSP model.
-    """
-    require_task(model, "generation")
-    return _predictor_corrector(model, None, num_atoms, steps, step_lr, generator, progress, lattice_bound,
-                                precision, grid_power)
-
-
-@torch.inference_mode()
-def _predictor_corrector(
-    model: CrystalDiffusion,
-    atomic_numbers: torch.Tensor | None,
-    num_atoms: torch.Tensor,
-    steps: int | None,
-    step_lr: float,
-    generator: torch.Generator | None,
-    progress: bool,
-    lattice_bound: float | None,
-    precision: str,
-    grid_power: float,
-) -> SampleResult:
-    """The sampler of :func:`sample` (``atomic_numbers`` given) and :func:`generate` (``None``: types diffused)."""
+    require_task(model, "csp" if atomic_numbers is not None else "generation")
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     if step_lr < 0:

@@ -18,16 +18,7 @@ from equicsp_core.config import RunConfig, load_run_config
 from equicsp_core.structure_files import read_structures
 from equicsp_core.train import _check_resumable
 from tests.test_cli import read_metrics, run_cli, train_tiny, without_timing
-
-
-def error_line(capsys) -> str:
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
-def never(*_args, **_kwargs):
-    raise AssertionError("work started before the refusal")
+from tests.test_cli_refusals import error_line, never
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +34,15 @@ def generation_checkpoint(tmp_path_factory):
 def fixed_cell_generator(monkeypatch):
     """Every generated crystal valid: the sampled types and coordinates in a 4 Å cubic cell (a 2-epoch model's
     lattices diverge, which would leave the CIF-writing path untested)."""
-    real_generate = sampler.generate
+    real_sample = sampler.sample
 
-    def generate(*args, **kwargs):
-        result = real_generate(*args, **kwargs)
+    def sample(*args, **kwargs):
+        result = real_sample(*args, **kwargs)
         result.batch.lengths = torch.full_like(result.batch.lengths, 4.0)
         result.batch.angles = torch.full_like(result.batch.angles, 90.0)
         return sampler.SampleResult(result.batch, torch.ones_like(result.finite))
 
-    monkeypatch.setattr("equicsp_core.generate.generate", generate)
+    monkeypatch.setattr("equicsp_core.generate.sample", sample)
 
 
 def test_train_task_generation_records_the_task_and_the_atom_counts(generation_checkpoint):

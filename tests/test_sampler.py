@@ -18,7 +18,7 @@ from equicsp_core.lattice import (
 )
 from equicsp_core.network import DenoiserConfig, DenoiserOutput
 from equicsp_core.checkpoint import CheckpointError
-from equicsp_core.sampler import _coord_direction, generate, sample, time_grid
+from equicsp_core.sampler import _coord_direction, sample, time_grid
 from equicsp_core.segment import segment_sum
 from equicsp_core.torus import TWO_PI, com_free, wrap_centered, wrapped_normal_neg_score
 
@@ -266,7 +266,7 @@ def test_perfect_network_generates_the_crystal_with_its_types(mode):
     model = CrystalDiffusion(DenoiserConfig(mode=mode, hidden_dim=8, num_layers=1, num_freqs=2, task="generation"),
                              DiffusionConfig(lattice_perm="none"))
     model.net = Oracle(model, crystal, copies)
-    result = generate(model, torch.full((copies,), crystal.num_atoms), generator=torch.Generator().manual_seed(0))
+    result = sample(model, None, torch.full((copies,), crystal.num_atoms), generator=torch.Generator().manual_seed(0))
     assert torch.equal(result.batch.atomic_numbers, crystal.atomic_numbers.repeat(copies))
     matcher = StructureMatcher()
     for got in result.crystals():
@@ -281,7 +281,7 @@ def test_generate_is_a_pure_function_of_the_seed_and_gives_types_in_range():
     counts = torch.tensor([5, 2, 3])
 
     def run(seed):
-        return generate(model, counts, steps=20, generator=torch.Generator().manual_seed(seed)).batch
+        return sample(model, None, counts, steps=20, generator=torch.Generator().manual_seed(seed)).batch
 
     a, b, c = run(1), run(1), run(2)
     assert torch.equal(a.atomic_numbers, b.atomic_numbers) and torch.equal(a.frac_coords, b.frac_coords)
@@ -297,4 +297,4 @@ def test_each_sampler_refuses_a_model_of_the_other_task():
     with pytest.raises(CheckpointError, match="ab initio generation model.*`equicsp generate`"):
         sample(generation, torch.tensor([8]), torch.tensor([1]), steps=2)
     with pytest.raises(CheckpointError, match=r"structure prediction \(CSP\) model.*`equicsp sample`"):
-        generate(csp, torch.tensor([1]), steps=2)
+        sample(csp, None, torch.tensor([1]), steps=2)
