@@ -346,7 +346,7 @@ def cmd_relax(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from equicsp_core.checkpoint import load_model
+    from equicsp_core.checkpoint import load_model, require_task
     from equicsp_core.evaluate import evaluate
 
     indices = None
@@ -360,6 +360,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if out is not None and (out.is_dir() or not out.parent.is_dir()):
         raise ValueError(f"--out {out} cannot be written (a folder, or its folder does not exist)")
     model, card = load_model(args.checkpoint, resolve_device(args.device))
+    require_task(model, "csp")  # the match rate is a CSP metric
     report = evaluate(model, args.dataset, args.split, args.limit, indices, args.num_samples, args.steps, args.step_lr,
                       args.seed, args.batch_size, args.processes, args.data_dir, progress=_show_progress(args),
                       lattice_bound=args.lattice_bound, precision=args.precision, symmetrise=args.symmetrise,

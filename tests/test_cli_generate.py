@@ -162,3 +162,9 @@ def test_bad_generate_input_is_one_line_and_leaves_nothing(generation_checkpoint
     assert run_cli("generate", "--checkpoint", generation_checkpoint, *samples, *args, "--out", out) == 2
     assert error_line(capsys) == f"equicsp generate: error: {message}"
     assert not out.exists()
+
+
+def test_evaluate_refuses_a_generation_checkpoint_before_sampling(generation_checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr("equicsp_core.evaluate.evaluate", never)
+    assert run_cli("evaluate", "--checkpoint", generation_checkpoint, "--dataset", "perov_5", "--limit", 2) == 2
+    assert "ab initio generation model" in error_line(capsys)
