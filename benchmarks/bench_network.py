@@ -90,7 +90,7 @@ def run_single(args: argparse.Namespace) -> dict:
 
     lattice = (lattice_to_equicsp(crystals.lengths, crystals.angles) if args.mode == "equicsp"
                else lattice_from_parameters(crystals.lengths, crystals.angles))
-    inputs = dict(atomic_numbers=crystals.atomic_numbers, frac_coords=crystals.frac_coords, lattice=lattice,
+    inputs = dict(atoms=crystals.atomic_numbers, frac_coords=crystals.frac_coords, lattice=lattice,
                   t=torch.randint(1, 1001, (crystals.num_crystals,)), num_atoms=crystals.num_atoms, batch=crystals.batch)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
 

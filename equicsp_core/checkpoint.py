@@ -198,6 +198,22 @@ def _fit_problem(model: CrystalDiffusion, state_dict: Mapping[str, torch.Tensor]
     return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
 
 
+#: What each task's models do, and the command that uses them.
+_TASK_USES = {"csp": ("a structure prediction (CSP) model: it needs the atom types", "equicsp sample"),
+              "generation": ("an ab initio generation model: it draws the atom types itself", "equicsp generate")}
+
+
+def require_task(model: CrystalDiffusion, task: str) -> None:
+    """Refuse a model of the other task: CSP sampling needs a ``"csp"`` model, generation a ``"generation"`` one.
+
+    Raises:
+        CheckpointError: one line saying what the model is and which command uses it.
+    """
+    if model.task != task:
+        what, command = _TASK_USES[model.task]
+        raise CheckpointError(f"the checkpoint is {what}; use it with `{command}`")
+
+
 def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[CrystalDiffusion, dict[str, Any]]:
     """Rebuild the model of a checkpoint; returns ``(model in eval mode, card)``.
 

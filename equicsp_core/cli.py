@@ -1,8 +1,10 @@
 """The ``equicsp`` command: train, sample, inspect checkpoints, rebuild the normalisation tables.
 
     equicsp train --preset perov_5-cpu --out runs/perov_5 [--set train.epochs=100] [--resume] [--max-minutes 60]
+    equicsp train --dataset perov_5 --task generation --out runs/perov_5-gen     # ab initio: types diffused too
     equicsp sample --checkpoint runs/perov_5/best.pt --formula SrTiO3 --num-samples 4 --out out/
     equicsp sample --checkpoint runs/perov_5/best.pt --input sample.yaml --out out/
+    equicsp generate --checkpoint runs/perov_5-gen/best.pt --num-samples 100 [--num-atoms 5] --out gen/
     equicsp evaluate --checkpoint runs/perov_5/best.pt --dataset perov_5 --limit 200 --steps 100 --out eval.json
     equicsp relax --structures candidates.json [--input relax.yaml] --out relaxed/
     equicsp info runs/perov_5/best.pt
@@ -45,6 +47,12 @@ memory, Ctrl-C) is visibly partial: its finished batches, fewer ``samples`` than
 ``run.json``. A run refused for bad input (an ``--out`` that cannot be written too) leaves no folder. Error messages about a bad
 composition contain "formula", those about an unusable checkpoint contain "checkpoint".
 
+``equicsp generate`` draws whole crystals, atom types included, from a generation model (trained with
+``--task generation``; :mod:`equicsp_core.generate`): each crystal's atom count from the training distribution
+in the model card, or ``--num-atoms``. It writes the run folder of ``equicsp sample`` (``index.json`` entries
+name the reduced formula each crystal came out with). A generation checkpoint given to ``equicsp sample``, or a
+CSP checkpoint given to ``equicsp generate``, is refused in one line before anything is computed.
+
 ``equicsp relax`` relaxes the structures of ``--structures PATH`` (a JSON file of label → pymatgen structure
 dict, a CIF file, an extended XYZ file, or the output folder of ``equicsp sample``:
 :func:`equicsp_core.structure_files.read_structures`) with a machine-learned potential; ``--input FILE`` is a
@@ -80,7 +88,15 @@ from equicsp_core.files import write_text_atomically
 from equicsp_core.hardware import DeviceUnavailableError, resolve_device, set_threads
 from equicsp_core.predict import Candidate
 from equicsp_core.runtime import keep_freed_memory
-from equicsp_core.settings import DEVICE_CHOICES, FormulaError, PotentialError, RelaxSettings, SampleSettings, Settings
+from equicsp_core.settings import (
+    DEVICE_CHOICES,
+    FormulaError,
+    GenerateSettings,
+    PotentialError,
+    RelaxSettings,
+    SampleSettings,
+    Settings,
+)
 
 Failure = runfolder.Failure
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a program stopped by Ctrl-C
@@ -92,6 +108,8 @@ TEST_FAIL_ONCE_VARIABLE = "EQUICSP_TEST_FAIL_ONCE"
 
 #: ``equicsp sample`` flag of each :class:`SampleSettings` key (``threads``: the global ``--threads``).
 SAMPLE_FLAGS = {key: SampleSettings.flag(key) for key in SampleSettings.keys() if key != "threads"}
+#: ``equicsp generate`` flag of each :class:`GenerateSettings` key (``threads``: the global ``--threads``).
+GENERATE_FLAGS = {key: GenerateSettings.flag(key) for key in GenerateSettings.keys() if key != "threads"}
 
 
 def add_settings_flags(parser: argparse.ArgumentParser, model: type[Settings], keys: list[str]) -> None:
@@ -133,6 +151,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.dataset:
         overrides.append(f"dataset={args.dataset}")
+    if args.task:
+        overrides.append(f"denoiser.task={args.task}")
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}")
     config = load_run_config(args.preset or args.dataset, overrides)
@@ -222,12 +242,12 @@ def _save_batch(out: Path, batch: list[Candidate], header: dict[str, Any], entri
     runfolder.write_index(out, header, entries)
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
+def _prepare_sampling(args: argparse.Namespace, settings: SampleSettings | GenerateSettings) -> tuple[Any, ...]:
+    """Check ``--out`` (new or empty, writable), set the device and threads and load the checkpoint, before any
+    work: ``(out, device, threads, model, card, checkpoint sha256)``."""
     from equicsp_core.checkpoint import CheckpointError, load_model, resolve_checkpoint
     from equicsp_core.files import file_sha256
-    from equicsp_core.predict import predict_with_settings
 
-    settings = _sample_settings(args)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output folder {out} already exists and is not empty")
@@ -240,33 +260,57 @@ def cmd_sample(args: argparse.Namespace) -> int:
     except CheckpointError as error:
         raise CheckpointError(f"cannot use checkpoint {args.checkpoint}: {error}") from error
     logger.info("sampling on %s with %d CPU thread(s)", device, threads)
-    batches = predict_with_settings(model, card, settings, progress=_show_progress(args))
-    _fail_once_if_requested()
+    return out, device, threads, model, card, checkpoint_sha256
 
+
+def _write_candidates(out: Path, batches: Any, header: dict[str, Any], run: dict[str, Any]) -> None:
+    """Save each batch of candidates as it comes (:func:`_save_batch`), then ``run.json`` (``run`` with the counts
+    and the time); ``header`` holds ``requested``."""
     started = time.perf_counter()
-    requested = len(settings.formulas) * settings.num_samples
-    header = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": checkpoint_sha256, "steps": settings.steps,
-              "seed": settings.seed, "step_lr": settings.step_lr, "formulas": list(settings.formulas),
-              "num_samples": settings.num_samples, "max_formula_units": settings.max_formula_units,
-              "requested": requested}
     entries: list[dict[str, Any]] = []
     for batch in batches:
         _save_batch(out, batch, header, entries)
     valid = sum(entry["valid"] for entry in entries)
-    run = {
-        "checkpoint_sha256": checkpoint_sha256,
-        "requested": requested,
-        "written": len(entries),
-        "valid": valid,
-        "steps": model.schedules.num_steps if settings.steps is None else settings.steps,
-        "batch_size": settings.batch_size,
-        "device": str(device),
-        "threads": threads,
-        "seconds": round(time.perf_counter() - started, 3),
-        "versions": {"equicsp": __version__, "torch": torch.__version__},
-    }
-    runfolder.write_run(out, run)
+    runfolder.write_run(out, {"checkpoint_sha256": header["checkpoint_sha256"], "requested": header["requested"],
+                              "written": len(entries), "valid": valid, **run,
+                              "seconds": round(time.perf_counter() - started, 3),
+                              "versions": {"equicsp": __version__, "torch": torch.__version__}})
     print(f"{valid}/{len(entries)} valid structures written to {out}")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from equicsp_core.predict import predict_with_settings
+
+    settings = _sample_settings(args)
+    out, device, threads, model, card, checkpoint_sha256 = _prepare_sampling(args, settings)
+    batches = predict_with_settings(model, card, settings, progress=_show_progress(args))
+    _fail_once_if_requested()
+
+    header = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": checkpoint_sha256, "steps": settings.steps,
+              "seed": settings.seed, "step_lr": settings.step_lr, "formulas": list(settings.formulas),
+              "num_samples": settings.num_samples, "max_formula_units": settings.max_formula_units,
+              "requested": len(settings.formulas) * settings.num_samples}
+    _write_candidates(out, batches, header, {
+        "steps": model.schedules.num_steps if settings.steps is None else settings.steps,
+        "batch_size": settings.batch_size, "device": str(device), "threads": threads})
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from equicsp_core.generate import generate_with_settings
+
+    given = {key: getattr(args, key) for key in GENERATE_FLAGS if getattr(args, key) is not None}
+    settings = GenerateSettings.from_mapping(given)
+    out, device, threads, model, card, checkpoint_sha256 = _prepare_sampling(args, settings)
+    batches = generate_with_settings(model, card, settings, progress=_show_progress(args))
+
+    step_lr = settings.step_lr_for(card.get("dataset"))
+    header = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": checkpoint_sha256, "task": "generation",
+              "steps": settings.steps, "seed": settings.seed, "step_lr": step_lr, "num_atoms": settings.num_atoms,
+              "num_samples": settings.num_samples, "requested": settings.num_samples}
+    _write_candidates(out, batches, header, {
+        "steps": model.schedules.num_steps if settings.steps is None else settings.steps,
+        "batch_size": settings.batch_size, "device": str(device), "threads": threads})
     return 0
 
 
@@ -302,7 +346,7 @@ def cmd_relax(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from equicsp_core.checkpoint import load_model
+    from equicsp_core.checkpoint import load_model, require_task
     from equicsp_core.evaluate import evaluate
 
     indices = None
@@ -316,6 +360,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if out is not None and (out.is_dir() or not out.parent.is_dir()):
         raise ValueError(f"--out {out} cannot be written (a folder, or its folder does not exist)")
     model, card = load_model(args.checkpoint, resolve_device(args.device))
+    require_task(model, "csp")  # the match rate is a CSP metric
     report = evaluate(model, args.dataset, args.split, args.limit, indices, args.num_samples, args.steps, args.step_lr,
                       args.seed, args.batch_size, args.processes, args.data_dir, progress=_show_progress(args),
                       lattice_bound=args.lattice_bound, precision=args.precision, symmetrise=args.symmetrise,
@@ -374,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (resumable)")
     p.add_argument("--dataset", help="dataset (its paper preset unless --preset is given)")
     p.add_argument("--preset", help=f"preset name ({', '.join(preset_names())}) or YAML file")
+    p.add_argument("--task", choices=("csp", "generation"), default=None,
+                   help="csp: structures of given compositions (the preset's, csp by default); generation: ab initio, "
+                        "atom types diffused too (sets denoiser.task)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config value")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -392,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_flags(p, SampleSettings, list(SAMPLE_FLAGS))
     p.add_argument("--out", required=True, help="new or empty output folder (CIF files, index.json, run.json)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("generate", help="generate crystals ab initio (atom types too) with a generation model")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or shipped name of a generation model")
+    add_settings_flags(p, GenerateSettings, list(GENERATE_FLAGS))
+    p.add_argument("--out", required=True, help="new or empty output folder (CIF files, index.json, run.json)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("relax", help="relax structures with a machine-learned potential (CHGNet by default)")
     p.add_argument("--structures", required=True, metavar="PATH",

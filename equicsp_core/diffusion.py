@@ -11,6 +11,11 @@
   - ``"none"``: neither (ablation).
 
 * ``diffcsp``: the baseline; raw lattice matrix under DDPM, wrapped-normal score targets.
+
+With the denoiser's ``task == "generation"`` (ab initio, docs/method.md §7.6) the atom types are diffused too:
+the one-hot types A₀ ``(N, 100)`` under the lattice's DDPM schedule, ``A_t = sqrt(ᾱ_t) A₀ + sqrt(1 − ᾱ_t) ε_A``,
+the type head predicting ε_A (loss weight ``type_weight``); the regularised treatment adds the invariance of
+the type head to lattice-vector permutations (``type_perm_weight``), and the symmetrised one averages it.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ class DiffusionConfig:
         sigma_begin, sigma_end: ends of the geometric σ ladder for coordinates.
         lattice_perm: how lattice-vector permutation equivariance is obtained (EquiCSP mode only).
         coord_weight: weight of the coordinate loss (``cost_coord``).
+        type_weight: weight of the type loss (``cost_type``; generation task only).
+        type_perm_weight: weight of the type head's lattice-permutation invariance loss (``cost_replace_type``;
+            generation task, regularised treatment only).
     """
 
     num_steps: int = 1000
@@ -55,12 +63,15 @@ class DiffusionConfig:
     sigma_end: float = 0.5
     lattice_perm: LatticePerm = "regularised"
     coord_weight: float = 1.0
+    type_weight: float = 20.0
+    type_perm_weight: float = 20.0
 
     def __post_init__(self) -> None:
         if self.lattice_perm not in ("regularised", "symmetrised", "none"):
             raise ValueError(f"unknown lattice_perm {self.lattice_perm!r}")
-        if self.coord_weight < 0:
-            raise ValueError(f"coord_weight must be >= 0, got {self.coord_weight}")
+        for name in ("coord_weight", "type_weight", "type_perm_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,6 +109,11 @@ class CrystalDiffusion(nn.Module):
     def mode(self) -> str:
         return self.denoiser_config.mode
 
+    @property
+    def task(self) -> str:
+        """``"csp"`` (types given) or ``"generation"`` (types diffused too)."""
+        return self.denoiser_config.task
+
     # ------------------------------------------------------------------------------------------------
     # The (optionally symmetrised) denoiser
 
@@ -108,7 +124,7 @@ class CrystalDiffusion(nn.Module):
 
     def denoise(
         self,
-        atomic_numbers: torch.Tensor,
+        atoms: torch.Tensor,
         frac_coords: torch.Tensor,
         lattice: torch.Tensor,
         t: torch.Tensor,
@@ -118,15 +134,16 @@ class CrystalDiffusion(nn.Module):
     ) -> DenoiserOutput:
         """The network's prediction, symmetrised over S₃ when ``lattice_perm == "symmetrised"``.
 
-        Shapes as :meth:`equicsp_core.network.CSPNet.forward`; ``graph`` from :meth:`graph_for`.
+        Shapes as :meth:`equicsp_core.network.CSPNet.forward`; ``graph`` from :meth:`graph_for`. The type output
+        (generation) is invariant, so its six copies are averaged as they are.
         """
         if self.config.lattice_perm != "symmetrised" or self.mode != "equicsp":
-            return self.net(atomic_numbers, frac_coords, lattice, t, num_atoms, batch, graph)
-        copies, num_crystals, num = len(PERMUTATIONS), num_atoms.shape[0], atomic_numbers.shape[0]
+            return self.net(atoms, frac_coords, lattice, t, num_atoms, batch, graph)
+        copies, num_crystals, num = len(PERMUTATIONS), num_atoms.shape[0], atoms.shape[0]
         crystal_perm = torch.arange(copies, device=lattice.device).repeat_interleave(num_crystals)
         atom_perm = torch.arange(copies, device=lattice.device).repeat_interleave(num)
         out = self.net(
-            atomic_numbers.repeat(copies),
+            _tile(atoms, copies),
             permute_axes(frac_coords.repeat(copies, 1), atom_perm),
             permute_axes(lattice.repeat(copies, 1), crystal_perm),
             t.repeat(copies),
@@ -135,9 +152,9 @@ class CrystalDiffusion(nn.Module):
             graph,
         )
         unpermute = lambda x, perm: permute_axes(x, inverse_permutation_index(perm)).reshape(copies, -1, x.shape[-1]).mean(0)  # noqa: E731
-        return DenoiserOutput(
-            unpermute(out.lattice, crystal_perm), unpermute(out.coord, atom_perm), unpermute(out.score, atom_perm)
-        )
+        types = None if out.types is None else out.types.reshape(copies, num, -1).mean(0)
+        return DenoiserOutput(unpermute(out.lattice, crystal_perm), unpermute(out.coord, atom_perm),
+                              unpermute(out.score, atom_perm), types)
 
     # ------------------------------------------------------------------------------------------------
     # Training
@@ -170,6 +187,22 @@ class CrystalDiffusion(nn.Module):
         alpha_bar = self.schedules.alphas_cumprod.to(clean)[t].reshape(-1, *([1] * (clean.dim() - 1)))
         return alpha_bar.sqrt() * clean + (1 - alpha_bar).sqrt() * noise
 
+    def _network_atoms(
+        self, crystals: CrystalBatch, t: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the network gets for the atoms, and the type noise it must predict.
+
+        CSP: the atomic numbers ``(N,)`` and ``None`` (nothing drawn). Generation: the noisy one-hot types
+        ``A_t = sqrt(ᾱ_t) A₀ + sqrt(1 − ᾱ_t) ε_A`` ``(N, num_elements)`` at the crystal's t, and ε_A, drawn from
+        ``generator`` after the draws of :meth:`_draw`.
+        """
+        if self.task == "csp":
+            return crystals.atomic_numbers, None
+        dtype = crystals.frac_coords.dtype
+        one_hot = F.one_hot(crystals.atomic_numbers - 1, self.denoiser_config.num_elements).to(dtype)
+        noise = rng.randn(one_hot.shape, generator, one_hot.device, dtype)
+        return self._noisy_lattice(one_hot, noise, t[crystals.batch]), noise
+
     def _equicsp_loss(self, crystals: CrystalBatch, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         batch, num_atoms = crystals.batch, crystals.num_atoms
         t, lattice_noise, z = self._draw(crystals, (6,), generator)
@@ -177,27 +210,30 @@ class CrystalDiffusion(nn.Module):
         sigma = self.schedules.sigmas.to(z)[t]
         eps = sigma[batch, None] * z
         frac_t = torch.remainder(crystals.frac_coords + eps, 1.0)
+        atoms, type_noise = self._network_atoms(crystals, t, generator)
 
         terms: dict[str, torch.Tensor] = {}
         if self.config.lattice_perm == "regularised":
             perm = rng.randint(1, len(PERMUTATIONS), (crystals.num_crystals,), generator, t.device)
             both = self.net(
-                crystals.atomic_numbers.repeat(2),
+                _tile(atoms, 2),
                 torch.cat([frac_t, permute_axes(frac_t, perm[batch])]),
                 torch.cat([lattice_t, permute_axes(lattice_t, perm)]),
                 t.repeat(2),
                 num_atoms.repeat(2),
                 torch.cat([batch, batch + crystals.num_crystals]),
             )
-            split = lambda x: x.split(x.shape[0] // 2)  # noqa: E731
-            (lattice_out, lattice_perm_out), (coord, coord_perm), (score, score_perm) = map(split, both)
-            out = DenoiserOutput(lattice_out, coord, score)
+            split = lambda x: (None, None) if x is None else x.split(x.shape[0] // 2)  # noqa: E731
+            (lattice_out, lattice_perm_out), (coord, coord_perm), (score, score_perm), (types, types_perm) = map(split, both)
+            out = DenoiserOutput(lattice_out, coord, score, types)
             terms["perm_lattice"] = F.mse_loss(lattice_perm_out, permute_axes(lattice_out, perm))
             terms["perm_coord"] = F.mse_loss(coord_perm, permute_axes(coord, perm[batch])) + F.mse_loss(
                 score_perm, permute_axes(score, perm[batch])
             )
+            if types is not None:  # the types do not depend on the ordering of the lattice vectors
+                terms["perm_type"] = self.config.type_perm_weight * F.mse_loss(types_perm, types)
         else:
-            out = self.denoise(crystals.atomic_numbers, frac_t, lattice_t, t, num_atoms, batch, self.graph_for(num_atoms))
+            out = self.denoise(atoms, frac_t, lattice_t, t, num_atoms, batch, self.graph_for(num_atoms))
 
         kappa, kappa_norm, sample_norm = self.tables.lookup(num_atoms, sigma)
         eps_bar = com_free(eps, batch, num_atoms)
@@ -208,6 +244,7 @@ class CrystalDiffusion(nn.Module):
         terms["lattice"] = F.mse_loss(out.lattice, lattice_noise)
         terms["coord"] = self.config.coord_weight * _masked_mse(out.coord, target_coord, multi)
         terms["score"] = _masked_mse(out.score, target_score, multi)
+        self._type_term(terms, out, type_noise)
         return self._total(terms)
 
     def _diffcsp_loss(self, crystals: CrystalBatch, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
@@ -216,13 +253,20 @@ class CrystalDiffusion(nn.Module):
         lattice_t = self._noisy_lattice(lattice_from_parameters(crystals.lengths, crystals.angles), lattice_noise, t)
         sigma = self.schedules.sigmas.to(z)[t][batch, None]
         frac_t = torch.remainder(crystals.frac_coords + sigma * z, 1.0)
-        out = self.net(crystals.atomic_numbers, frac_t, lattice_t, t, crystals.num_atoms, batch)
+        atoms, type_noise = self._network_atoms(crystals, t, generator)
+        out = self.net(atoms, frac_t, lattice_t, t, crystals.num_atoms, batch)
         target = wrapped_normal_neg_score(sigma * z, sigma.expand_as(z)) / self.score_norm.to(z)[t][batch, None].sqrt()
         terms = {
             "lattice": F.mse_loss(out.lattice, lattice_noise),
             "coord": self.config.coord_weight * F.mse_loss(out.coord, target),
         }
+        self._type_term(terms, out, type_noise)
         return self._total(terms)
+
+    def _type_term(self, terms: dict[str, torch.Tensor], out: DenoiserOutput, type_noise: torch.Tensor | None) -> None:
+        """Add ``type = type_weight · MSE(ε̂_A, ε_A)`` to ``terms`` (generation task; nothing for CSP)."""
+        if type_noise is not None:
+            terms["type"] = self.config.type_weight * F.mse_loss(out.types, type_noise)
 
     @staticmethod
     def _total(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -251,8 +295,9 @@ def lattice_permutation_error(model: CrystalDiffusion, crystals: CrystalBatch,
 
     At a random t per crystal, for each of the five non-identity orderings P the relative change
     ‖P⁻¹ ε̂(PC_t, F_t Pᵀ) − ε̂(C_t, F_t)‖ / ‖ε̂(C_t, F_t)‖, over the batch, of the lattice output and of the
-    coordinate outputs (coord and score heads together); averaged over the orderings. An exactly
-    equivariant denoiser gives 0 (up to rounding).
+    coordinate outputs (coord and score heads together); averaged over the orderings. For a generation model
+    also ``"types"``: ‖ε̂_A(PC_t, F_t Pᵀ) − ε̂_A(C_t, F_t)‖ / ‖ε̂_A(C_t, F_t)‖ (the type head is invariant). An
+    exactly equivariant denoiser gives 0 (up to rounding).
     """
     if model.mode != "equicsp":
         raise ValueError("the lattice-permutation error is defined for the EquiCSP denoiser")
@@ -260,19 +305,28 @@ def lattice_permutation_error(model: CrystalDiffusion, crystals: CrystalBatch,
     t, lattice_noise, z = model._draw(crystals, (6,), generator)
     lattice_t = model._noisy_lattice(lattice_to_equicsp(crystals.lengths, crystals.angles), lattice_noise, t)
     frac_t = torch.remainder(crystals.frac_coords + model.schedules.sigmas.to(z)[t][batch, None] * z, 1.0)
+    atoms, _ = model._network_atoms(crystals, t, generator)
     graph = model.graph_for(num_atoms)
-    reference = model.denoise(crystals.atomic_numbers, frac_t, lattice_t, t, num_atoms, batch, graph)
-    lattice_errors, coord_errors = [], []
+    reference = model.denoise(atoms, frac_t, lattice_t, t, num_atoms, batch, graph)
+    lattice_errors, coord_errors, type_errors = [], [], []
     for index in range(1, len(PERMUTATIONS)):
         perm = torch.full((crystals.num_crystals,), index, device=t.device)
-        out = model.denoise(crystals.atomic_numbers, permute_axes(frac_t, perm[batch]), permute_axes(lattice_t, perm),
+        out = model.denoise(atoms, permute_axes(frac_t, perm[batch]), permute_axes(lattice_t, perm),
                             t, num_atoms, batch, graph)
         back = lambda x, p: permute_axes(x, inverse_permutation_index(p))  # noqa: E731
         lattice_errors.append((back(out.lattice, perm) - reference.lattice).norm() / reference.lattice.norm())
         moved = torch.cat([back(out.coord, perm[batch]), back(out.score, perm[batch])])
         still = torch.cat([reference.coord, reference.score])
         coord_errors.append((moved - still).norm() / still.norm())
-    return {"lattice": float(torch.stack(lattice_errors).mean()), "coord": float(torch.stack(coord_errors).mean())}
+        if reference.types is not None:
+            type_errors.append((out.types - reference.types).norm() / reference.types.norm())
+    errors = {"lattice": lattice_errors, "coord": coord_errors, "types": type_errors}
+    return {name: float(torch.stack(values).mean()) for name, values in errors.items() if values}
+
+
+def _tile(atoms: torch.Tensor, copies: int) -> torch.Tensor:
+    """``copies`` copies of the atoms' rows one after the other: ``(copies·N,)`` or ``(copies·N, num_elements)``."""
+    return atoms.repeat(copies, *([1] * (atoms.dim() - 1)))
 
 
 def _masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

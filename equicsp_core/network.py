@@ -15,6 +15,10 @@ For an n-atom crystal this replaces n² rows of a ``(2H + 6 + 6K) → H`` produc
 
 Inputs are a flat batch (see :class:`equicsp_core.crystal.CrystalBatch`); the graph is fully connected
 within each crystal, self-loops included (``E = Σ n²`` directed edges).
+
+Two tasks (docs/method.md §7.6): ``"csp"`` takes the atoms as atomic numbers through an embedding table;
+``"generation"`` (ab initio) takes them as noisy one-hot vectors ``(N, 100)`` through ``Linear(100 → H)`` and
+adds a type head ``Linear(H → 100)`` (with bias) that predicts their noise.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from equicsp_core.schedules import time_embedding
 from equicsp_core.segment import segment_mean, segment_sum
 
 Mode = Literal["equicsp", "diffcsp"]
+Task = Literal["csp", "generation"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,8 @@ class DenoiserConfig:
         time_dim: sinusoidal time-embedding size.
         num_elements: element-embedding rows (atomic numbers 1..num_elements).
         crystal_mean_heads: add each crystal's mean to the per-atom heads (EquiCSP ``cspnet_v3``, mpts_52).
+        task: ``"csp"`` (atom types given: an embedding of the atomic numbers) or ``"generation"`` (ab initio:
+            noisy one-hot types in through ``Linear(num_elements → H)``, their noise out through a type head).
     """
 
     mode: Mode = "equicsp"
@@ -55,10 +62,13 @@ class DenoiserConfig:
     time_dim: int = 256
     num_elements: int = 100
     crystal_mean_heads: bool = False
+    task: Task = "csp"
 
     def __post_init__(self) -> None:
         if self.mode not in ("equicsp", "diffcsp"):
             raise ValueError(f"unknown mode {self.mode!r}; choose 'equicsp' or 'diffcsp'")
+        if self.task not in ("csp", "generation"):
+            raise ValueError(f"unknown task {self.task!r}; choose 'csp' or 'generation'")
         for name in ("hidden_dim", "num_layers", "num_freqs", "time_dim", "num_elements"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -81,11 +91,13 @@ class DenoiserOutput(NamedTuple):
         lattice: ``(B, 6)`` ε̂_C (EquiCSP) or ``(B, 3, 3)`` ε̂_L (DiffCSP).
         coord: ``(N, 3)`` ε̂_F.
         score: ``(N, 3)`` ŝ (EquiCSP) or ``None`` (DiffCSP).
+        types: ``(N, num_elements)`` ε̂_A, the noise of the one-hot types (generation task), else ``None``.
     """
 
     lattice: torch.Tensor
     coord: torch.Tensor
     score: torch.Tensor | None
+    types: torch.Tensor | None = None
 
 
 class FullyConnectedGraph(NamedTuple):
@@ -228,7 +240,11 @@ class CSPNet(nn.Module):
         super().__init__()
         self.config = config = config or DenoiserConfig()
         hidden = config.hidden_dim
-        self.element_embedding = nn.Embedding(config.num_elements, hidden)
+        if config.task == "csp":
+            self.element_embedding = nn.Embedding(config.num_elements, hidden)
+        else:
+            self.type_embedding = nn.Linear(config.num_elements, hidden)
+            self.type_head = nn.Linear(hidden, config.num_elements)
         self.node_in = nn.Linear(hidden + config.time_dim, hidden)
         self.layers = nn.ModuleList(
             CSPLayer(hidden, config.lattice_dim, config.num_freqs) for _ in range(config.num_layers)
@@ -243,7 +259,7 @@ class CSPNet(nn.Module):
 
     def forward(
         self,
-        atomic_numbers: torch.Tensor,
+        atoms: torch.Tensor,
         frac_coords: torch.Tensor,
         lattice: torch.Tensor,
         t: torch.Tensor,
@@ -254,7 +270,8 @@ class CSPNet(nn.Module):
         """Predict the noise of a noisy flat batch.
 
         Args:
-            atomic_numbers: ``(N,)`` int in 1..num_elements.
+            atoms: ``(N,)`` atomic numbers, int in 1..num_elements (CSP task), or ``(N, num_elements)`` noisy
+                one-hot types A_t (generation task).
             frac_coords: ``(N, 3)`` noisy fractional coordinates (any real values; only used mod 1).
             lattice: ``(B, 6)`` C_t (EquiCSP) or ``(B, 3, 3)`` L_t (DiffCSP).
             t: ``(B,)`` integer time steps.
@@ -269,7 +286,8 @@ class CSPNet(nn.Module):
         else:
             lattice_feature = (lattice @ lattice.transpose(-1, -2)).reshape(-1, 9)
         temb = time_embedding(t, config.time_dim).to(frac_coords.dtype)
-        h = self.node_in(torch.cat([self.element_embedding(atomic_numbers - 1), temb[batch]], dim=-1))
+        atom_features = self.element_embedding(atoms - 1) if config.task == "csp" else self.type_embedding(atoms)
+        h = self.node_in(torch.cat([atom_features, temb[batch]], dim=-1))
         sin, cos = fourier_features(frac_coords, graph, config.num_freqs)
         for layer in self.layers:
             h = layer(h, lattice_feature, sin, cos, graph, batch)
@@ -277,7 +295,8 @@ class CSPNet(nn.Module):
         crystal_h = segment_mean(h, batch, num_atoms)
         atom_h = h + crystal_h[batch] if config.crystal_mean_heads else h
         coord = self.coord_head(atom_h)
+        types = self.type_head(atom_h) if config.task == "generation" else None
         if config.mode == "equicsp":
-            return DenoiserOutput(self.lattice_head(crystal_h), coord, self.score_head(atom_h))
+            return DenoiserOutput(self.lattice_head(crystal_h), coord, self.score_head(atom_h), types)
         phi = self.lattice_head(crystal_h).reshape(-1, 3, 3)
-        return DenoiserOutput(phi @ lattice, coord, None)
+        return DenoiserOutput(phi @ lattice, coord, None, types)

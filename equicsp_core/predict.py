@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from equicsp_core.checkpoint import require_task
 from equicsp_core.diffusion import CrystalDiffusion
 from equicsp_core.domain import check_cells, sampling_cells
 from equicsp_core.sampler import sample, time_grid
@@ -74,6 +75,7 @@ def predict_batches(
     by formula, sample by sample; the same seed and batch size give the same candidates (one random stream
     runs through the batches in order).
     """
+    require_task(model, "csp")
     if not formulas:
         raise ValueError("no formula given")
     cells = {formula: [parse_formula(formula)] for formula in formulas}
@@ -87,8 +89,10 @@ def predict_with_settings(
 
     Each reduced formula is sampled at every cell size Z the model supports, the candidates spread over Z
     (:func:`~equicsp_core.domain.sampling_cells`, :func:`sampling_jobs`); the formulas are checked against the
-    model's limits and its training domain before anything is sampled.
+    model's limits and its training domain before anything is sampled; a generation model is refused
+    (:func:`~equicsp_core.checkpoint.require_task`).
     """
+    require_task(model, "csp")
     cells = sampling_cells(settings, model.mode, card.get("dataset"))
     return _predict_cells(model, cells, settings.num_samples, settings.steps, settings.step_lr,
                           settings.seed, settings.batch_size, progress, settings.lattice_bound)

@@ -1,10 +1,14 @@
-"""Predictor–corrector sampling for CSP (docs/method.md §7), on the full or a sub-sampled time grid (§7.3).
+"""Predictor–corrector sampling (docs/method.md §7), on the full or a sub-sampled time grid (§7.3): CSP
+(:func:`sample` given the atom types) and ab initio generation (:func:`sample` without them: types
+diffused too, §7.6).
 
 Per step ``t_k → t_{k−1}`` (``t_0 = 0``): a Langevin corrector on the coordinates, then a reverse VE step
 for the coordinates and a DDPM ancestral step for the lattice. On a sub-sampled grid every "t − 1" becomes
 the previous grid point: the VE step uses ``σ_{t_k}² − σ_{t_{k−1}}²`` and the DDPM step the effective
 ``α = ᾱ_{t_k}/ᾱ_{t_{k−1}}``; the network still sees the integer ``t_k``. With ``steps = T`` this is
-exactly the papers' 1000-step sampler (2000 network evaluations).
+exactly the papers' 1000-step sampler (2000 network evaluations). In generation the one-hot types take the
+lattice's DDPM step in the predictor (the corrector leaves them, as it leaves the lattice) and become
+atomic numbers as ``argmax + 1`` at the end.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from equicsp_core import rng
+from equicsp_core.checkpoint import require_task
 from equicsp_core.crystal import Crystal, CrystalBatch
 from equicsp_core.diffusion import CrystalDiffusion
 from equicsp_core.lattice import LOG_LENGTH_BOUND, equicsp_to_lattice, parameters_from_lattice
@@ -26,6 +31,8 @@ from equicsp_core.torus import com_free_direction, wrap_unit
 #: Bound on the predicted clean lattice x̂₀ per mode: EquiCSP's C (log-lengths and −cot angles; ±7 is
 #: 1 mÅ–1 km and 8°–172°), DiffCSP's matrix entries in Å.
 LATTICE_X0_BOUND = {"equicsp": 7.0, "diffcsp": 1000.0}
+#: Bound on the predicted clean one-hot types Â₀ (ours, as the lattice's): a one-hot entry is 0 or 1.
+TYPES_X0_BOUND = 1.0
 
 
 def time_grid(num_steps: int, total_steps: int, power: float = 1.0) -> list[int]:
@@ -79,7 +86,7 @@ class SampleResult:
 @torch.inference_mode()
 def sample(
     model: CrystalDiffusion,
-    atomic_numbers: torch.Tensor,
+    atomic_numbers: torch.Tensor | None,
     num_atoms: torch.Tensor,
     steps: int | None = None,
     step_lr: float = DEFAULT_STEP_LR,
@@ -89,11 +96,13 @@ def sample(
     precision: str = "fp32",
     grid_power: float = 1.0,
 ) -> SampleResult:
-    """Sample one structure per composition.
+    """Sample one structure per composition (CSP), or generate whole crystals (ab initio).
 
     Args:
         model: a trained :class:`CrystalDiffusion` (its parameters' device and dtype are used).
-        atomic_numbers: ``(N,)`` the atoms of all crystals, crystal after crystal.
+        atomic_numbers: ``(N,)`` the atoms of all crystals, crystal after crystal, for a CSP model; ``None`` for a
+            generation model, which draws them (docs/method.md §7.6): the types start as ``N(0, I)`` vectors
+            ``(N, num_elements)`` and end as ``argmax + 1``.
         num_atoms: ``(B,)`` atoms per crystal.
         steps: number of predictor–corrector steps (default: T, the papers' sampler).
         step_lr: Langevin step scale γ.
@@ -101,7 +110,7 @@ def sample(
             any device, so a GPU run differs from a CPU run of the same seed only by arithmetic
             (:mod:`equicsp_core.rng`).
         lattice_bound: clamp the lattice's predicted clean value x̂₀ to ±bound in the DDPM step (ours, see
-            :func:`_lattice_step`); ``None`` takes :data:`LATTICE_X0_BOUND` of the model's mode,
+            :func:`_ddpm_step`); ``None`` takes :data:`LATTICE_X0_BOUND` of the model's mode,
             ``math.inf`` gives the papers' unclamped update.
         precision: ``"fp32"``, or ``"bf16"`` to run the network under bf16 autocast (the sampler's own
             arithmetic stays in the model's dtype); worth it on CPUs with native bf16 and on GPUs.
@@ -109,15 +118,19 @@ def sample(
 
     Returns:
         A :class:`SampleResult`; fractional coordinates in [0, 1).
+
+    Raises:
+        CheckpointError: atom types given to a generation model, or none to a CSP model.
     """
+    require_task(model, "csp" if atomic_numbers is not None else "generation")
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     if step_lr < 0:
         raise ValueError(f"step_lr must be >= 0, got {step_lr}")
-    atomic_numbers, num_atoms = atomic_numbers.to(device), num_atoms.to(device)
+    num_atoms = num_atoms.to(device)
     if num_atoms.numel() == 0 or int(num_atoms.min()) < 1:
         raise ValueError("every crystal needs at least one atom")
-    if int(num_atoms.sum()) != atomic_numbers.shape[0]:
+    if atomic_numbers is not None and int(num_atoms.sum()) != atomic_numbers.shape[0]:
         raise ValueError(f"num_atoms sums to {int(num_atoms.sum())} but {atomic_numbers.shape[0]} atoms were given")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
@@ -130,17 +143,19 @@ def sample(
     graph = model.graph_for(num_atoms)
     randn = lambda shape: rng.randn(shape, generator, device, dtype)  # noqa: E731
 
-    frac = rng.rand((atomic_numbers.shape[0], 3), generator, device, dtype)
+    frac = rng.rand((int(num_atoms.sum()), 3), generator, device, dtype)
     lattice_shape = (num_atoms.shape[0], 6) if model.mode == "equicsp" else (num_atoms.shape[0], 3, 3)
     lattice = randn(lattice_shape)
+    types = randn((frac.shape[0], model.denoiser_config.num_elements)) if atomic_numbers is None else None
     sigmas, alpha_bars = schedules.sigmas, schedules.alphas_cumprod
     sigma_begin = float(sigmas[1])
 
     def direction(
         coords: torch.Tensor, lattice: torch.Tensor, time: torch.Tensor, sigma: float
     ) -> tuple[torch.Tensor, DenoiserOutput]:
+        atoms = atomic_numbers.to(device) if types is None else types
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = model.denoise(atomic_numbers, coords, lattice, time, num_atoms, batch, graph)
+            out = model.denoise(atoms, coords, lattice, time, num_atoms, batch, graph)
         out = DenoiserOutput(*(None if x is None else x.to(dtype) for x in out))
         return _coord_direction(model, out, time, sigma, num_atoms, batch), out
 
@@ -159,8 +174,12 @@ def sample(
         frac = frac_half - variance_step * d + (sigma_prev**2 * variance_step / sigma**2) ** 0.5 * noise(frac.shape)
         frac = torch.remainder(frac, 1.0)
 
-        lattice = _lattice_step(lattice, out.lattice, float(alpha_bars[t]), float(alpha_bars[t_prev]), lattice_bound)
-        lattice = lattice + _posterior_std(float(alpha_bars[t]), float(alpha_bars[t_prev])) * noise(lattice_shape)
+        alpha_bar, alpha_bar_prev = float(alpha_bars[t]), float(alpha_bars[t_prev])
+        lattice = _ddpm_step(lattice, out.lattice, alpha_bar, alpha_bar_prev, lattice_bound)
+        lattice = lattice + _posterior_std(alpha_bar, alpha_bar_prev) * noise(lattice_shape)
+        if types is not None:
+            types = _ddpm_step(types, out.types, alpha_bar, alpha_bar_prev, TYPES_X0_BOUND)
+            types = types + _posterior_std(alpha_bar, alpha_bar_prev) * noise(types.shape)
 
     if model.mode == "equicsp":
         lengths, angles = equicsp_to_lattice(lattice)
@@ -170,6 +189,7 @@ def sample(
         finite = torch.isfinite(lattice).flatten(1).all(-1)
     finite = finite & torch.isfinite(lengths).all(-1) & torch.isfinite(angles).all(-1)
     frac = wrap_unit(frac)
+    atomic_numbers = atomic_numbers.to(device) if types is None else types.argmax(-1) + 1
     result = CrystalBatch(atomic_numbers, frac, lengths, angles, num_atoms, batch)
     return SampleResult(result, finite)
 
@@ -191,10 +211,11 @@ def _coord_direction(
     return com_free_direction(neg_score, eps_bar, batch, num_atoms)
 
 
-def _lattice_step(
+def _ddpm_step(
     lattice: torch.Tensor, noise_pred: torch.Tensor, alpha_bar: float, alpha_bar_prev: float, bound: float
 ) -> torch.Tensor:
-    """Posterior mean of the DDPM step ``t → t_prev`` (any gap), through the predicted clean lattice.
+    """Posterior mean of the DDPM step ``t → t_prev`` (any gap), through the predicted clean lattice (or the
+    predicted clean one-hot types, generation).
 
     ``x̂₀ = (x_t − sqrt(1 − ᾱ_t) ε̂)/sqrt(ᾱ_t)``, clamped to ±bound, then
     ``μ = sqrt(ᾱ_prev) β/(1 − ᾱ_t) · x̂₀ + sqrt(α)(1 − ᾱ_prev)/(1 − ᾱ_t) · x_t`` with ``α = ᾱ_t/ᾱ_prev``,

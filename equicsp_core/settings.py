@@ -4,6 +4,8 @@ One model per stage of the pipeline (:mod:`equicsp_core.pipeline`)::
 
     SampleSettings   formulas, num_samples, max_formula_units, steps, step_lr, lattice_bound, seed,
                      batch_size, device, threads, allow_outside_domain  (equicsp sample, the sample CalcJob)
+    GenerateSettings num_samples, num_atoms, steps, step_lr, lattice_bound, seed, batch_size, device, threads
+                                                                        (equicsp generate: ab initio)
     ScreenSettings   min_distance, max_volume_per_atom                  (before relaxation)
     RelaxSettings    potential, fmax, steps, relax_cell, device, threads, phonons
                                                                         (equicsp relax, the relax CalcJob)
@@ -59,6 +61,8 @@ from equicsp_core.screening import MAX_VOLUME_PER_ATOM, MIN_DISTANCE
 
 #: Langevin step scale γ of the corrector (the papers' value).
 DEFAULT_STEP_LR = 5e-6
+#: γ of ab initio generation per dataset (the official generation scripts, docs/method.md §7.6); others: the default.
+GENERATION_STEP_LR = {"perov_5": 1e-6, "carbon_24": 1e-5, "mp_20": 5e-6}
 #: Size of the element-embedding table (docs/method.md §5.1): atomic numbers 1..100 (H to Fm).
 MAX_ATOMIC_NUMBER = 100
 #: Largest seed: torch's generators take 64-bit seeds.
@@ -189,6 +193,8 @@ class Settings(BaseModel):
     def describe(cls, key: str) -> str:
         """The help text of one knob (its field description) with its default."""
         info = cls.model_fields[key]
+        if info.is_required():
+            return f"{info.description} (required)"
         return f"{info.description} (default {info.default})" if info.default is not None else info.description
 
     @classmethod
@@ -324,6 +330,31 @@ class SampleSettings(Settings):
         :func:`equicsp_core.domain.sampling_cells`.
         """
         return dict(self._cells)
+
+
+class GenerateSettings(Settings):
+    """How to generate crystals ab initio (atom types drawn too): ``equicsp generate``'s flags.
+
+    The sampler's knobs are :class:`SampleSettings`' own; ``step_lr`` defaults to the γ of the model's dataset.
+    """
+
+    num_samples: StrictInt = Field(ge=1, description="crystals to generate")
+    num_atoms: StrictInt | None = Field(
+        None, ge=1, description="atoms of every crystal (None: drawn from the model's training distribution)")
+    steps: StrictInt | None = SampleSettings.model_fields["steps"]
+    step_lr: Number | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description=f"Langevin step scale (None: {', '.join(f'{k} {v:g}' for k, v in GENERATION_STEP_LR.items())}, "
+                    f"else {DEFAULT_STEP_LR:g}, by the model's dataset)")
+    lattice_bound: Number | None = SampleSettings.model_fields["lattice_bound"]
+    seed: StrictInt = SampleSettings.model_fields["seed"]
+    batch_size: StrictInt = SampleSettings.model_fields["batch_size"]
+    device: Device = SampleSettings.model_fields["device"]
+    threads: StrictInt | None = SampleSettings.model_fields["threads"]
+
+    def step_lr_for(self, dataset: str | None) -> float:
+        """γ: the setting, else the generation value of ``dataset`` (:data:`GENERATION_STEP_LR`)."""
+        return self.step_lr if self.step_lr is not None else GENERATION_STEP_LR.get(dataset, DEFAULT_STEP_LR)
 
 
 class ScreenSettings(Settings):

@@ -5,7 +5,8 @@ A run lives in one folder::
     config.yaml     the run config (a resumed run must match it, except train.epochs)
     metrics.jsonl   one line per epoch: losses, learning rate, seconds; val loss when validated
     resume.pt       model + optimiser + scheduler + generator state + epoch, overwritten each epoch
-    best.pt         weights-only checkpoint with model card, best validation loss so far
+    best.pt         weights-only checkpoint with model card, best validation loss so far (a generation model's
+                    card also holds the training distribution of atom counts, ``num_atoms_counts``)
 
 Every random draw (data order, t, noise, permutations) comes from seeded CPU generators whose state is in
 ``resume.pt``, so a run stopped at an epoch boundary and resumed continues bit for bit on the same device, and
@@ -32,6 +33,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import equicsp_core
+from equicsp_core import generate
 from equicsp_core.checkpoint import read_checkpoint, save_checkpoint
 from equicsp_core.config import RunConfig
 from equicsp_core.crystal import Crystal, CrystalBatch
@@ -135,6 +137,8 @@ def train(
     train_set, val_set, provenance = training_splits(config.dataset, data_dir, progress)
     train_set = train_set[: settings.max_train_crystals]
     val_set = val_set[: settings.max_val_crystals]
+    if config.denoiser.task == "generation":  # what `equicsp generate` draws atom counts from
+        provenance[generate.CARD_KEY] = generate.atom_count_distribution(train_set)
     if resume:
         state = run.restore(resume_path)
     else:

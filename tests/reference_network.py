@@ -51,7 +51,11 @@ class ReferenceCSPNet(nn.Module):
         super().__init__()
         self.config = config
         hidden = config.hidden_dim
-        self.element_embedding = nn.Embedding(config.num_elements, hidden)
+        if config.task == "csp":
+            self.element_embedding = nn.Embedding(config.num_elements, hidden)
+        else:
+            self.type_embedding = nn.Linear(config.num_elements, hidden)
+            self.type_head = nn.Linear(hidden, config.num_elements)
         self.node_in = nn.Linear(hidden + config.time_dim, hidden)
         self.layers = nn.ModuleList(
             ReferenceLayer(hidden, config.lattice_dim, config.num_freqs) for _ in range(config.num_layers)
@@ -64,7 +68,7 @@ class ReferenceCSPNet(nn.Module):
         else:
             self.lattice_head = nn.Linear(hidden, 9, bias=False)
 
-    def forward(self, atomic_numbers, frac_coords, lattice, t, num_atoms, batch) -> DenoiserOutput:
+    def forward(self, atoms, frac_coords, lattice, t, num_atoms, batch) -> DenoiserOutput:
         config = self.config
         edges = dense_edges(num_atoms)
         if config.mode == "equicsp":
@@ -72,7 +76,8 @@ class ReferenceCSPNet(nn.Module):
         else:
             lattice_feature = (lattice @ lattice.transpose(-1, -2)).reshape(-1, 9)
         temb = time_embedding(t, config.time_dim).to(frac_coords.dtype)
-        h = self.node_in(torch.cat([self.element_embedding(atomic_numbers - 1), temb[batch]], dim=1))
+        atom_features = self.element_embedding(atoms - 1) if config.task == "csp" else self.type_embedding(atoms)
+        h = self.node_in(torch.cat([atom_features, temb[batch]], dim=1))
         diff = torch.remainder(frac_coords[edges[1]] - frac_coords[edges[0]], 1.0)
         args = (2 * math.pi * diff[:, :, None] * torch.arange(config.num_freqs, dtype=diff.dtype)).reshape(len(diff), -1)
         fourier = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
@@ -83,9 +88,10 @@ class ReferenceCSPNet(nn.Module):
         crystal_h = torch.zeros(len(num_atoms), h.shape[1], dtype=h.dtype).index_add_(0, batch, h) / count
         atom_h = h + crystal_h[batch] if config.crystal_mean_heads else h
         coord = self.coord_head(atom_h)
+        types = self.type_head(atom_h) if config.task == "generation" else None
         if config.mode == "equicsp":
-            return DenoiserOutput(self.lattice_head(crystal_h), coord, self.score_head(atom_h))
-        return DenoiserOutput(self.lattice_head(crystal_h).reshape(-1, 3, 3) @ lattice, coord, None)
+            return DenoiserOutput(self.lattice_head(crystal_h), coord, self.score_head(atom_h), types)
+        return DenoiserOutput(self.lattice_head(crystal_h).reshape(-1, 3, 3) @ lattice, coord, None, types)
 
 
 def fast_from_reference(reference: ReferenceCSPNet) -> CSPNet:

@@ -1,4 +1,4 @@
-"""Training losses of both modes (docs/method.md §6) and float32 symmetry tolerances."""
+"""Training losses of both modes and both tasks (docs/method.md §6, §7.6) and float32 symmetry tolerances."""
 
 from __future__ import annotations
 
@@ -23,18 +23,22 @@ def random_batch(sizes=(1, 2, 5, 13), seed: int = 0, dtype=torch.float32) -> Cry
 
 
 @pytest.mark.parametrize(
-    ("mode", "perm", "terms"),
+    ("mode", "perm", "task", "terms"),
     [
-        ("equicsp", "regularised", {"lattice", "coord", "score", "perm_lattice", "perm_coord"}),
-        ("equicsp", "symmetrised", {"lattice", "coord", "score"}),
-        ("equicsp", "none", {"lattice", "coord", "score"}),
-        ("diffcsp", "none", {"lattice", "coord"}),
+        ("equicsp", "regularised", "csp", {"lattice", "coord", "score", "perm_lattice", "perm_coord"}),
+        ("equicsp", "symmetrised", "csp", {"lattice", "coord", "score"}),
+        ("equicsp", "none", "csp", {"lattice", "coord", "score"}),
+        ("diffcsp", "none", "csp", {"lattice", "coord"}),
+        ("equicsp", "regularised", "generation",
+         {"lattice", "coord", "score", "perm_lattice", "perm_coord", "type", "perm_type"}),
+        ("equicsp", "symmetrised", "generation", {"lattice", "coord", "score", "type"}),
+        ("diffcsp", "none", "generation", {"lattice", "coord", "type"}),
     ],
 )
-def test_loss_terms_are_finite(mode, perm, terms):
-    """Every mode returns its loss terms, all finite, with a differentiable total."""
+def test_loss_terms_are_finite(mode, perm, task, terms):
+    """Every mode and task returns its loss terms, all finite, with a differentiable total."""
     torch.manual_seed(0)
-    model = CrystalDiffusion(DenoiserConfig(mode=mode, **TINY), DiffusionConfig(lattice_perm=perm))
+    model = CrystalDiffusion(DenoiserConfig(mode=mode, task=task, **TINY), DiffusionConfig(lattice_perm=perm))
     out = model.loss(random_batch(), torch.Generator().manual_seed(0))
     assert set(out) == terms | {"loss"}
     assert all(torch.isfinite(v) for v in out.values())
@@ -56,12 +60,13 @@ def test_diffcsp_refuses_lattice_permutation_treatment():
         CrystalDiffusion(DenoiserConfig(mode="diffcsp", **TINY), DiffusionConfig(lattice_perm="regularised"))
 
 
+@pytest.mark.parametrize("task", ["csp", "generation"])
 @pytest.mark.parametrize("mode", ["equicsp", "diffcsp"])
-def test_loss_falls_when_training_a_tiny_model(mode):
+def test_loss_falls_when_training_a_tiny_model(mode, task):
     """Fifty Adam steps on a fixed batch and fixed noise reduce the loss by a clear margin."""
     torch.manual_seed(0)
     perm = "regularised" if mode == "equicsp" else "none"
-    model = CrystalDiffusion(DenoiserConfig(mode=mode, **TINY), DiffusionConfig(lattice_perm=perm))
+    model = CrystalDiffusion(DenoiserConfig(mode=mode, task=task, **TINY), DiffusionConfig(lattice_perm=perm))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     batch = random_batch(sizes=(2, 5, 5, 8))
     losses = []
@@ -79,7 +84,7 @@ def test_float32_translation_and_integer_shift_tolerance():
     torch.manual_seed(0)
     model = CrystalDiffusion(DenoiserConfig())  # full size, float32
     batch = random_batch(sizes=(1, 5, 20))
-    args = dict(atomic_numbers=batch.atomic_numbers, lattice=torch.randn(3, 6), t=torch.tensor([1, 500, 1000]),
+    args = dict(atoms=batch.atomic_numbers, lattice=torch.randn(3, 6), t=torch.tensor([1, 500, 1000]),
                 num_atoms=batch.num_atoms, batch=batch.batch)
     with torch.no_grad():
         out = model.net(frac_coords=batch.frac_coords, **args)
@@ -116,3 +121,36 @@ def test_symmetrised_twin_shares_the_weights():
     assert model.config.lattice_perm == "regularised"
     with pytest.raises(ValueError, match="only the EquiCSP denoiser"):
         symmetrised(CrystalDiffusion(DenoiserConfig(mode="diffcsp", **TINY), DiffusionConfig(lattice_perm="none")))
+
+
+def test_generation_noises_one_hot_types_on_the_lattice_schedule():
+    """The type noise the generation loss asks for is ε_A of A_t = sqrt(ᾱ_t) A₀ + sqrt(1 − ᾱ_t) ε_A, A₀ the
+    one-hot types (N, 100), at each crystal's t, drawn after the CSP draws (so CSP streams are unchanged)."""
+    model = CrystalDiffusion(DenoiserConfig(task="generation", **TINY)).double()
+    crystals = random_batch(sizes=(2, 3), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(7)
+    t, _, _ = model._draw(crystals, (6,), generator)
+    noisy, noise = model._network_atoms(crystals, t, generator)
+    assert noisy.shape == noise.shape == (5, 100)
+    alpha_bar = model.schedules.alphas_cumprod[t][crystals.batch, None]
+    one_hot = (noisy - (1 - alpha_bar).sqrt() * noise) / alpha_bar.sqrt()
+    expected = torch.nn.functional.one_hot(crystals.atomic_numbers - 1, 100).double()
+    torch.testing.assert_close(one_hot, expected, atol=1e-6, rtol=0)
+    csp = CrystalDiffusion(DenoiserConfig(**TINY))
+    atoms, none = csp._network_atoms(crystals, t, generator)
+    assert torch.equal(atoms, crystals.atomic_numbers) and none is None
+
+
+def test_symmetrised_generation_twin_has_an_invariant_type_head():
+    """lattice_permutation_error reports the type head for a generation model: far from invariant for a random
+    regularised model, exact (rounding) for its symmetrised twin."""
+    from equicsp_core.diffusion import lattice_permutation_error, symmetrised
+
+    torch.manual_seed(0)
+    model = CrystalDiffusion(DenoiserConfig(task="generation", **TINY)).double()
+    crystals = random_batch(sizes=(1, 3, 4, 7), seed=3, dtype=torch.float64)
+    plain = lattice_permutation_error(model, crystals, torch.Generator().manual_seed(0))
+    exact = lattice_permutation_error(symmetrised(model), crystals, torch.Generator().manual_seed(0))
+    assert set(plain) == {"lattice", "coord", "types"}
+    assert plain["types"] > 1e-4
+    assert exact["types"] < 1e-10 and exact["lattice"] < 1e-10 and exact["coord"] < 1e-10

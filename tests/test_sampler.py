@@ -1,4 +1,4 @@
-"""Predictor–corrector sampler (docs/method.md §7, §11 items 13–14, §7.3)."""
+"""Predictor–corrector sampler (docs/method.md §7, §11 items 13–14, §7.3) and ab initio generation (§7.6)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from equicsp_core.lattice import (
     parameters_from_lattice,
 )
 from equicsp_core.network import DenoiserConfig, DenoiserOutput
+from equicsp_core.checkpoint import CheckpointError
 from equicsp_core.sampler import _coord_direction, sample, time_grid
 from equicsp_core.segment import segment_sum
 from equicsp_core.torus import TWO_PI, com_free, wrap_centered, wrapped_normal_neg_score
@@ -38,7 +39,8 @@ def distorted_crystal() -> Crystal:
 
 
 class Oracle(torch.nn.Module):
-    """The exact denoiser for one known crystal: predictions computed from the clean F₀ and lattice."""
+    """The exact denoiser for one known crystal: predictions computed from the clean F₀ and lattice (and, for a
+    generation model, from its one-hot types A₀)."""
 
     def __init__(self, model: CrystalDiffusion, crystal: Crystal, copies: int) -> None:
         super().__init__()
@@ -48,22 +50,28 @@ class Oracle(torch.nn.Module):
             self.lattice0 = lattice_to_equicsp(crystal.lengths, crystal.angles).repeat(copies, 1)
         else:
             self.lattice0 = crystal.lattice.repeat(copies, 1, 1)
+        self.types0 = torch.nn.functional.one_hot(crystal.atomic_numbers.repeat(copies) - 1, 100).double()
         self.dtype_anchor = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))  # sample() reads dtype/device
 
-    def forward(self, atomic_numbers, frac_coords, lattice, t, num_atoms, batch, graph=None) -> DenoiserOutput:
+    def forward(self, atoms, frac_coords, lattice, t, num_atoms, batch, graph=None) -> DenoiserOutput:
         schedules = self.model.schedules
         alpha_bar = schedules.alphas_cumprod[t].reshape(-1, *([1] * (lattice.dim() - 1)))
         lattice_noise = (lattice - alpha_bar.sqrt() * self.lattice0) / (1 - alpha_bar).sqrt()
+        types = None
+        if self.model.task == "generation":
+            atom_alpha_bar = schedules.alphas_cumprod[t][batch, None]
+            types = (atoms - atom_alpha_bar.sqrt() * self.types0) / (1 - atom_alpha_bar).sqrt()
         sigma = schedules.sigmas[t]
         eps = wrap_centered(frac_coords - self.frac0)
         if self.model.mode == "diffcsp":
             norm = self.model.score_norm[t].sqrt()[batch, None]
-            return DenoiserOutput(lattice_noise, wrapped_normal_neg_score(eps, sigma[batch, None].expand_as(eps)) / norm, None)
+            return DenoiserOutput(lattice_noise, wrapped_normal_neg_score(eps, sigma[batch, None].expand_as(eps)) / norm,
+                                  None, types)
         kappa, kappa_norm, sample_norm = self.model.tables.lookup(num_atoms, sigma)
         eps_bar = com_free(eps, batch, num_atoms)
         coord = wrap_centered(eps_bar) / sample_norm.sqrt()[batch, None]
         score = (TWO_PI * kappa)[batch, None] * torch.sin(TWO_PI * eps_bar) / kappa_norm.sqrt()[batch, None]
-        return DenoiserOutput(lattice_noise, coord, score)
+        return DenoiserOutput(lattice_noise, coord, score, types)
 
 
 @pytest.mark.parametrize("mode", ["equicsp", "diffcsp"])
@@ -211,9 +219,9 @@ def test_coordinate_direction_is_the_chain_rule_through_the_centre_of_mass():
                                rtol=0, atol=1e-10)
 
 
-def test_lattice_step_unclamped_is_the_papers_update():
+def test_ddpm_step_unclamped_is_the_papers_update():
     """Without a bound, the x̂₀ form equals (x_t − β/sqrt(1 − ᾱ_t) ε̂)/sqrt(α) for any gap t → t_prev."""
-    from equicsp_core.sampler import _lattice_step
+    from equicsp_core.sampler import _ddpm_step
 
     gen = torch.Generator().manual_seed(0)
     x, eps = torch.randn(4, 6, generator=gen, dtype=torch.float64), torch.randn(4, 6, generator=gen, dtype=torch.float64)
@@ -222,10 +230,10 @@ def test_lattice_step_unclamped_is_the_papers_update():
         alpha_bar, alpha_bar_prev = float(schedules.alphas_cumprod[t]), float(schedules.alphas_cumprod[t_prev])
         alpha = alpha_bar / alpha_bar_prev
         papers = (x - (1 - alpha) / (1 - alpha_bar) ** 0.5 * eps) / alpha**0.5
-        torch.testing.assert_close(_lattice_step(x, eps, alpha_bar, alpha_bar_prev, math.inf), papers, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(_ddpm_step(x, eps, alpha_bar, alpha_bar_prev, math.inf), papers, rtol=1e-9, atol=1e-9)
 
 
-def test_bounded_lattice_step_keeps_few_step_sampling_finite():
+def test_bounded_ddpm_step_keeps_few_step_sampling_finite():
     """With a poor noise prediction, a 10-step sampler diverges unbounded but stays finite with the bound."""
     torch.manual_seed(0)
     model = CrystalDiffusion(TINY).eval()
@@ -248,3 +256,45 @@ def test_bf16_sampling_path_returns_the_crystal_and_refuses_unknown_precision():
     assert all(got is not None and matcher.fit(got.to_structure(), crystal.to_structure()) for got in result.crystals())
     with pytest.raises(ValueError, match="precision"):
         sample(model, numbers, counts, steps=2, precision="fp16")
+
+
+@pytest.mark.parametrize("mode", ["equicsp", "diffcsp"])
+def test_perfect_network_generates_the_crystal_with_its_types(mode):
+    """Ab initio: with the exact denoiser of one crystal (types included), the 1000-step generator returns that
+    crystal, atom types as argmax + 1 of the diffused one-hot vectors, from nothing but its atom count."""
+    crystal, copies = distorted_crystal(), 2
+    model = CrystalDiffusion(DenoiserConfig(mode=mode, hidden_dim=8, num_layers=1, num_freqs=2, task="generation"),
+                             DiffusionConfig(lattice_perm="none"))
+    model.net = Oracle(model, crystal, copies)
+    result = sample(model, None, torch.full((copies,), crystal.num_atoms), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(result.batch.atomic_numbers, crystal.atomic_numbers.repeat(copies))
+    matcher = StructureMatcher()
+    for got in result.crystals():
+        assert got is not None and matcher.fit(got.to_structure(), crystal.to_structure())
+
+
+def test_generate_is_a_pure_function_of_the_seed_and_gives_types_in_range():
+    """A random generation model: the same seed gives the same crystals (types included), another seed other
+    ones; types are atomic numbers 1..100 and coordinates lie in [0, 1)."""
+    torch.manual_seed(0)
+    model = CrystalDiffusion(DenoiserConfig(hidden_dim=16, num_layers=1, num_freqs=4, task="generation")).eval()
+    counts = torch.tensor([5, 2, 3])
+
+    def run(seed):
+        return sample(model, None, counts, steps=20, generator=torch.Generator().manual_seed(seed)).batch
+
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a.atomic_numbers, b.atomic_numbers) and torch.equal(a.frac_coords, b.frac_coords)
+    assert not torch.equal(a.atomic_numbers, c.atomic_numbers)
+    assert a.atomic_numbers.shape == (10,) and a.atomic_numbers.min() >= 1 and a.atomic_numbers.max() <= 100
+    assert a.frac_coords.min() >= 0 and a.frac_coords.max() < 1
+
+
+def test_each_sampler_refuses_a_model_of_the_other_task():
+    """CSP sampling of a generation model, and generation with a CSP model: one line naming the right command."""
+    csp = CrystalDiffusion(TINY)
+    generation = CrystalDiffusion(DenoiserConfig(hidden_dim=16, num_layers=1, num_freqs=4, task="generation"))
+    with pytest.raises(CheckpointError, match="ab initio generation model.*`equicsp generate`"):
+        sample(generation, torch.tensor([8]), torch.tensor([1]), steps=2)
+    with pytest.raises(CheckpointError, match=r"structure prediction \(CSP\) model.*`equicsp sample`"):
+        sample(csp, None, torch.tensor([1]), steps=2)
