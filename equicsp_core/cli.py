@@ -63,6 +63,10 @@ It rewrites ``relax.json`` (label → status, energy per atom, structure, error)
 writes ``run.json`` at the end. A structure whose relaxation fails is reported with status ``failed`` and
 the run goes on.
 
+``equicsp evaluate-generation`` scores generated crystals (``--generated``: sample folders, whose failed samples
+count as invalid, or structure files) against a benchmark split with the papers' ab initio generation metrics
+(:mod:`equicsp_core.generation_metrics`) and prints, and with ``--out`` writes, its JSON report.
+
 Test switch: with ``EQUICSP_TEST_FAIL_ONCE=<marker file>`` in the environment, ``equicsp sample`` checks
 its input and then, if the marker file does not exist, creates it and fails exactly as if it had run out
 of memory before sampling (exit 3); if the marker exists it runs normally. Workflow tests use it to

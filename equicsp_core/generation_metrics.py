@@ -1,4 +1,4 @@
-"""The papers' ab initio generation metrics (docs/method.md §9.3) of generated crystals against a reference set.
+"""The papers' ab initio generation metrics (docs/method.md §8.3) of generated crystals against a reference set.
 
 Computed as CDVAE's ``scripts/compute_metrics.py`` computes them (DiffCSP and EquiCSP reuse that file). With G
 generated crystals and R reference crystals (the test split, its CIFs as they are):

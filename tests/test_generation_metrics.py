@@ -1,4 +1,4 @@
-"""The papers' ab initio generation metrics (docs/method.md §9.3) on hand-made crystals, checked by hand."""
+"""The papers' ab initio generation metrics (docs/method.md §8.3) on hand-made crystals, checked by hand."""
 
 from __future__ import annotations
 
