@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from ase.calculators.calculator import Calculator, all_changes
 from pymatgen.core import Composition, Lattice, Structure
 
 from equicsp_core.cli import main
@@ -224,3 +225,50 @@ def test_cli_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, capsys, 
                    "--energy", "none", "--out", str(out), *args])
     error = capsys.readouterr().err.strip()
     assert status == 2 and message in error and len(error.splitlines()) == 1 and not out.exists()
+
+
+class VolumeCalculator(Calculator):
+    """Energy per atom = volume per atom (eV/atom = Å³/atom), no forces: energies known by hand."""
+
+    implemented_properties = ["energy", "forces"]
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        self.results = {"energy": float(self.atoms.get_volume()), "forces": np.zeros((len(self.atoms), 3))}
+
+
+def volume_calculator(device: str = "cpu") -> VolumeCalculator:
+    """The potential factory of :class:`VolumeCalculator` (``module:factory`` for ``load_calculator``)."""
+    return VolumeCalculator()
+
+
+def test_energy_distance_by_hand_with_a_volume_potential():
+    """E/atom = V/n: doubling every volume shifts every energy by V_i/n_i, so d_E = mean(V_i / n_i)."""
+    reference = [rocksalt(), cesium_chloride(), perovskite()]
+    report = generation_metrics([scaled(s, 2.0) for s in reference], reference, "perov_5", num_eval=3,
+                                energy=f"{__name__}:volume_calculator")
+    assert report["d_energy"] == pytest.approx(np.mean([s.volume / len(s) for s in reference]), rel=1e-6)
+    assert report["energy_failures"] == {"generated": 0, "reference": 0}
+    assert report["energy"] == f"{__name__}:volume_calculator" and report["energy_note"] == ENERGY_NOTE
+
+
+def test_an_unloadable_potential_is_refused_before_any_featurising(monkeypatch):
+    from equicsp_core import generation_metrics as module
+    from equicsp_core.settings import PotentialError
+
+    monkeypatch.setattr(module, "features_of", lambda *_: pytest.fail("featurised before the potential loaded"))
+    with pytest.raises(PotentialError, match="cannot be loaded"):
+        generation_metrics([rocksalt()], [rocksalt()], "perov_5", num_eval=1, energy="no_such_module:factory")
+
+
+@pytest.mark.slow
+def test_cli_d_energy_with_chgnet(tmp_path):
+    """CHGNet single points of two rock-salt cells against the fixture's perov_5 test split: finite, positive d_E."""
+    generated = tmp_path / "generated.json"
+    generated.write_text(json.dumps({"a": rocksalt().as_dict(), "b": scaled(rocksalt(), 1.1).as_dict()}))
+    out = tmp_path / "metrics.json"
+    assert main(["--quiet", "evaluate-generation", "--generated", str(generated), "--dataset", "perov_5",
+                 "--num-eval", "2", "--processes", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["energy"] == "chgnet" and report["energy_failures"] == {"generated": 0, "reference": 0}
+    assert report["d_energy"] > 0 and report["energy_note"] == ENERGY_NOTE
