@@ -234,7 +234,8 @@ def generation_metrics(generated: Sequence[Generated], reference: Sequence[Struc
         reference: the R reference structures (the test split).
         dataset: names the coverage cut-offs (:data:`COVERAGE_CUTOFFS`).
         num_eval: valid crystals drawn for the distribution distances (fewer valid ⇒ all of them, and a warning).
-        energy: the potential of d_E (a name of ``equicsp_core.settings.POTENTIALS``), or ``None`` for no d_E.
+        energy: the potential of d_E (a name of ``equicsp_core.settings.POTENTIALS`` or ``module:factory``), or
+            ``None`` for no d_E.
         seed: of the draw.
     """
     cutoffs = coverage_cutoffs(dataset)
@@ -248,6 +249,8 @@ def generation_metrics(generated: Sequence[Generated], reference: Sequence[Struc
 
         calculator = load_calculator(energy, device)
     started = time.perf_counter()
+    logger.info("fingerprinting %d generated and %d reference crystals on %d process(es)", len(generated),
+                len(reference), processes)
     generated_features = features_of(generated, processes)
     reference_features = features_of(reference, processes)
     featurising_seconds = time.perf_counter() - started
@@ -270,6 +273,8 @@ def generation_metrics(generated: Sequence[Generated], reference: Sequence[Struc
     report["featurising_seconds"] = round(featurising_seconds, 1)
     if calculator is not None and drawn:
         started = time.perf_counter()
+        logger.info("single-point energies of %d drawn and %d reference crystals with %s", len(drawn), len(reference),
+                    energy)
         sample_energies = single_point_energies([generated[i] for i in drawn], calculator)
         reference_energies = single_point_energies(reference, calculator)
         finite = [[e for e in values if e is not None and math.isfinite(e)]
