@@ -177,7 +177,10 @@ def test_the_shipped_statistics_standardise_materials_project_compositions(fixtu
     assert (np.abs(z.mean(axis=0)) <= 0.5).all() and (z.std(axis=0) <= 1.5).all()
 
 
-def test_unknown_dataset_is_refused_before_any_work():
+def test_unknown_dataset_is_refused_before_any_work(monkeypatch):
+    from equicsp_core import generation_metrics as module
+
+    monkeypatch.setattr(module, "features_of", lambda *_: pytest.fail("featurised a dataset without cut-offs"))
     with pytest.raises(ValueError, match="no coverage cut-offs for 'mpts_52'"):
         generation_metrics([rocksalt()], [rocksalt()], "mpts_52", num_eval=1, energy=None)
 
