@@ -6,7 +6,7 @@
     equicsp sample --checkpoint runs/perov_5/best.pt --input sample.yaml --out out/
     equicsp generate --checkpoint runs/perov_5-gen/best.pt --num-samples 100 [--num-atoms 5] --out gen/
     equicsp evaluate --checkpoint runs/perov_5/best.pt --dataset perov_5 --limit 200 --steps 100 --out eval.json
-    equicsp evaluate-generation --generated generated/ --dataset perov_5 [--energy chgnet|none] --out gen.json
+    equicsp evaluate-generation --generated gen/ --dataset perov_5 [--energy chgnet|none] --out gen.json
     equicsp relax --structures candidates.json [--input relax.yaml] --out relaxed/
     equicsp info runs/perov_5/best.pt
     equicsp tables --out tables.pt
@@ -392,8 +392,9 @@ def cmd_evaluate_generation(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} cannot be written (a folder, or its folder does not exist)")
     generated: list = []
     for path in args.generated:  # errors name the path
-        generated.extend(read_structures(path).values())
-        generated.extend(Composition(formula) for formula in unwritten_samples(path))
+        unwritten = [Composition(formula) for formula in unwritten_samples(path)]
+        generated.extend(read_structures(path, allow_empty=bool(unwritten)).values())  # a folder of failures scores 0
+        generated.extend(unwritten)
     if len(generated) < args.num_eval:
         raise ValueError(f"{len(generated)} generated crystals, fewer than --num-eval {args.num_eval}")
     split, reference = reference_structures(args.dataset, args.split, args.data_dir)
@@ -529,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate-generation", help="validity, coverage and distribution distances of generated "
                        "crystals against a benchmark split (the papers' ab initio generation metrics)")
     p.add_argument("--generated", required=True, nargs="+", metavar="PATH",
-                   help="the generated crystals: output folders of `equicsp sample`, .json, .cif or .extxyz files")
+                   help="the generated crystals: output folders of `equicsp generate` (or `sample`), .json, .cif or "
+                   ".extxyz files")
     p.add_argument("--dataset", required=True, help="the reference dataset (perov_5, carbon_24, mp_20): its coverage "
                    "cut-offs")
     p.add_argument("--split", default=None, help="the reference split (default: the split the dataset's figures are "

@@ -173,8 +173,8 @@ def coverage(generated: Sequence[CrystalFeatures], reference: Sequence[CrystalFe
              structure_cutoff: float, composition_cutoff: float) -> dict[str, float]:
     """COV-R and COV-P (%) and the mean nearest distances (see the module docstring for the formulas).
 
-    Generated crystals without fingerprints are left out of the distances but counted in COV-P's G; reference
-    crystals without them are left out (R counts those with). Also returned, as CDVAE: ``amsd_*`` / ``amcd_*``,
+    Generated crystals without fingerprints are left out of the distances but counted in COV-P's G (none with
+    one: both coverages 0, no mean distances); reference crystals without them are left out (R counts those with). Also returned, as CDVAE: ``amsd_*`` / ``amcd_*``,
     the mean over the reference (recall) or the generated (precision) crystals of the nearest structure /
     composition distance.
     """
@@ -182,8 +182,11 @@ def coverage(generated: Sequence[CrystalFeatures], reference: Sequence[CrystalFe
 
     kept = [f for f in generated if f.structure_fingerprint is not None]
     references = [f for f in reference if f.structure_fingerprint is not None]
-    if not kept or not references:
-        raise ValueError("coverage needs at least one generated and one reference crystal with a fingerprint")
+    if not references:
+        raise ValueError("coverage needs at least one reference crystal with a fingerprint")
+    if not kept:  # nothing generated has a structure: nothing covered
+        return {"cov_recall": 0.0, "cov_precision": 0.0, "amsd_recall": None, "amsd_precision": None,
+                "amcd_recall": None, "amcd_precision": None, "reference_with_fingerprints": len(references)}
     structure_distances = cdist(np.stack([f.structure_fingerprint for f in kept]),
                                 np.stack([f.structure_fingerprint for f in references]))  # (G', R)
     composition_distances = cdist(standardised_compositions(np.stack([f.composition_fingerprint for f in kept])),

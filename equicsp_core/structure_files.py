@@ -29,12 +29,13 @@ if TYPE_CHECKING:
 EXTXYZ_SUFFIXES = (".extxyz", ".xyz")
 
 
-def read_structures(path: str | Path) -> dict[str, Structure]:
+def read_structures(path: str | Path, allow_empty: bool = False) -> dict[str, Structure]:
     """The labelled structures of ``path`` (see the module docstring for the formats), in file order.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: an unknown format, an unreadable file, no structure, or a label given twice.
+        ValueError: an unknown format, an unreadable file, no structure (unless ``allow_empty``), or a label given
+            twice.
     """
     path = Path(path)
     if not path.exists():
@@ -60,7 +61,7 @@ def read_structures(path: str | Path) -> dict[str, Structure]:
         if label in structures:
             raise ValueError(f"{path}: the label {label!r} is given more than once")
         structures[label] = structure
-    if not structures:
+    if not structures and not allow_empty:
         raise ValueError(f"no structures in {path}")
     return structures
 

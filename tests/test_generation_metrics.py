@@ -264,7 +264,6 @@ def test_an_unloadable_potential_is_refused_before_any_featurising(monkeypatch):
         generation_metrics([rocksalt()], [rocksalt()], "perov_5", num_eval=1, energy="no_such_module:factory")
 
 
-@pytest.mark.slow
 def test_cli_d_energy_with_chgnet(tmp_path):
     """CHGNet single points of two rock-salt cells against the fixture's perov_5 test split: finite, positive d_E."""
     generated = tmp_path / "generated.json"
@@ -275,3 +274,27 @@ def test_cli_d_energy_with_chgnet(tmp_path):
     report = json.loads(out.read_text())
     assert report["energy"] == "chgnet" and report["energy_failures"] == {"generated": 0, "reference": 0}
     assert report["d_energy"] > 0 and report["energy_note"] == ENERGY_NOTE
+
+
+def test_a_set_without_any_structure_scores_zero_without_failing():
+    report = generation_metrics([None, Composition("NaCl")], [rocksalt()], "perov_5", num_eval=1, energy=None)
+    assert (report["validity"], report["cov_recall"], report["cov_precision"], report["num_eval"]) == (0.0, 0.0, 0.0, 0)
+    assert report["d_density"] is None and report["amsd_recall"] is None
+
+
+def test_cli_scores_what_equicsp_generate_wrote(tmp_path):
+    """A tiny generation model's folder (its lattices mostly diverge): every requested crystal counts, the unwritten
+    ones as structurally invalid."""
+    from tests.test_cli import run_cli
+
+    run = tmp_path / "run"
+    assert run_cli("train", "--preset", "tiny", "--task", "generation", "--out", run, "--set", "train.epochs=1") == 0
+    assert run_cli("generate", "--checkpoint", run / "best.pt", "--num-samples", "6", "--steps", "5",
+                   "--out", tmp_path / "gen") == 0
+    written = len(list((tmp_path / "gen").glob("*.cif")))
+    out = tmp_path / "metrics.json"
+    assert main(["--quiet", "evaluate-generation", "--generated", str(tmp_path / "gen"), "--dataset", "perov_5",
+                 "--num-eval", "1", "--energy", "none", "--processes", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["generated"] == 6 and report["structural_validity"] <= 100.0 * written / 6
+    assert report["num_eval"] <= written
