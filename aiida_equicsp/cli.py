@@ -45,7 +45,12 @@ from aiida_quantumespresso.workflows.protocols.utils import recursive_merge
 
 from equicsp_core.settings import ExploreSettings, GenerateSettings, SampleSettings, SettingsError
 
-from aiida_equicsp.calculations.sample import GENERATION_PARAMETER_KEYS, PARAMETER_KEYS, EquiCSPSampleCalculation
+from aiida_equicsp.calculations.sample import (
+    COMMAND_OF_TASK,
+    GENERATION_PARAMETER_KEYS,
+    PARAMETER_KEYS,
+    EquiCSPSampleCalculation,
+)
 from aiida_equicsp.data.model import EquiCSPModelData
 from aiida_equicsp.workchains.predict_relax import EquiCSPPredictRelaxWorkChain
 from aiida_equicsp.workchains.sample_base import EquiCSPSampleBaseWorkChain
@@ -116,12 +121,24 @@ sampler_options = settings_options(SampleSettings, PARAMETER_KEYS)
 generation_options = settings_options(GenerateSettings, GENERATION_PARAMETER_KEYS)
 
 
-def _load_model(name_or_path: str) -> EquiCSPModelData:
-    """The stored model node of a checkpoint file or of a shipped checkpoint's name, stored first if new."""
+#: What a model of each task is, in a refusal.
+TASK_NAMES = {"csp": "a structure prediction (CSP) model", "generation": "an ab initio generation model"}
+
+
+def _load_model(name_or_path: str, task: str | None = None) -> EquiCSPModelData:
+    """The stored model node of a checkpoint file or of a shipped checkpoint's name, stored first if new; with
+    ``task``, a checkpoint of the other task is refused before anything is stored."""
+    from equicsp_core.checkpoint import resolve_checkpoint
+
+    from aiida_equicsp.data.model import checkpoint_summary
+
     try:
-        if Path(name_or_path).exists():
-            return EquiCSPModelData.get_or_create(name_or_path)
-        return EquiCSPModelData.from_shipped(name_or_path)
+        path = Path(name_or_path) if Path(name_or_path).exists() else resolve_checkpoint(name_or_path)
+        found = checkpoint_summary(path)["task"] if task is not None else None
+        if found is not None and found != task:
+            raise click.BadParameter(f"the checkpoint is {TASK_NAMES[found]}; use it with `aiida-equicsp "
+                                     f"{COMMAND_OF_TASK[found]}`", param_hint="'--model'")
+        return EquiCSPModelData.get_or_create(path)
     except ValueError as error:  # includes equicsp_core.checkpoint.CheckpointError
         raise click.BadParameter(str(error), param_hint="'--model'") from error
 
@@ -157,7 +174,7 @@ def sample(code: orm.AbstractCode, model_name: str, formulas: list[str], num_sam
 
     The seed is that of the first calculation (reruns add 1, 2, ...).
     """
-    _run_sampling(code, _load_model(model_name), formulas, num_samples or SampleSettings.default("num_samples"),
+    _run_sampling(code, _load_model(model_name, "csp"), formulas, num_samples or SampleSettings.default("num_samples"),
                   protocol, overrides_file, daemon, sampler)
 
 
@@ -178,7 +195,8 @@ def generate(code: orm.AbstractCode, model_name: str, num_samples: int, protocol
 
     The seed is that of the first calculation (reruns add 1, 2, ...).
     """
-    _run_sampling(code, _load_model(model_name), None, num_samples, protocol, overrides_file, daemon, generation)
+    _run_sampling(code, _load_model(model_name, "generation"), None, num_samples, protocol, overrides_file, daemon,
+                  generation)
 
 
 def _run_sampling(code: orm.AbstractCode, model: EquiCSPModelData, formulas: list[str] | None, num_samples: int,

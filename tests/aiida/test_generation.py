@@ -14,7 +14,6 @@ from aiida.engine import run_get_node
 from click.testing import CliRunner
 from pymatgen.core import Composition
 
-from equicsp_core import sampler
 from equicsp_core.cli import main
 
 from aiida_equicsp import cli
@@ -26,6 +25,7 @@ from aiida_equicsp.workchains.sample_base import (
     merge_candidate_lists,
 )
 from tests.aiida.test_sample_base_workchain import STOPPED_EARLY_EQUICSP, calculations_of, reports_of
+from tests.test_cli_generate import fixed_cell_generator  # noqa: F401  (a fixture)
 
 CALCULATION_EXIT_CODES = EquiCSPSampleCalculation.exit_codes
 
@@ -117,19 +117,10 @@ def test_missing_num_samples_is_refused_before_anything_is_stored(equicsp_code, 
 
 
 @pytest.fixture
-def generated_run_files(tiny_generation_checkpoint, tmp_path, monkeypatch):
+def generated_run_files(tiny_generation_checkpoint, tmp_path, fixed_cell_generator):
     """``factory(num_samples, stop_after=None)``: the retrieved files of a real ``equicsp generate`` run of the tiny
     model (4 Å cubic cells, so every crystal is valid), in batches of 2; ``stop_after`` batches keeps only those,
     without run.json, as a job stopped at its walltime leaves them."""
-    real_sample = sampler.sample
-
-    def fixed_cell(*args, **kwargs):
-        result = real_sample(*args, **kwargs)
-        result.batch.lengths = torch.full_like(result.batch.lengths, 4.0)
-        result.batch.angles = torch.full_like(result.batch.angles, 90.0)
-        return sampler.SampleResult(result.batch, torch.ones_like(result.finite))
-
-    monkeypatch.setattr("equicsp_core.generate.sample", fixed_cell)
 
     def factory(num_samples: int, stop_after: int | None = None) -> dict[str, str]:
         out = tmp_path / "results"
@@ -288,14 +279,31 @@ def test_the_generate_command_runs_the_work_chain(fixed_cell_equicsp_code, tiny_
     assert f"2 candidates, 2 valid (EquiCSPSampleBaseWorkChain<{pk}>)" in result.output
 
 
-def test_the_generate_command_refuses_a_csp_model_before_anything_is_stored(equicsp_code, tiny_checkpoint, model):
-    """A CSP model (here already stored) given to ``generate``: exit 2, one line, no process node."""
-    before = orm.QueryBuilder().append(orm.ProcessNode).count()
-    result = invoke("generate", "--code", equicsp_code.full_label, "--model", str(tiny_checkpoint),
-                    "--num-samples", "2")
+def unstored_copy(checkpoint, folder):
+    """A checkpoint file with ``checkpoint``'s model and another card, so that no stored node has its content."""
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["card"]["epochs"] = 99
+    path = folder / "unstored.pt"
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize(("command", "checkpoint", "message"), [
+    ("generate", "tiny_checkpoint", "the checkpoint is a structure prediction (CSP) model; use it with "
+                                    "`aiida-equicsp sample`"),
+    ("sample", "tiny_generation_checkpoint", "the checkpoint is an ab initio generation model; use it with "
+                                             "`aiida-equicsp generate`"),
+])
+def test_a_model_of_the_other_task_is_refused_by_the_command_before_anything_is_stored(
+        equicsp_code, request, tmp_path, command, checkpoint, message):
+    """A new checkpoint of the other task: exit 2, one line naming the command to use, not even the model stored."""
+    path = unstored_copy(request.getfixturevalue(checkpoint), tmp_path)
+    formula = ["--formula", "SrTiO3"] if command == "sample" else []
+    before = nodes_stored()
+    result = invoke(command, "--code", equicsp_code.full_label, "--model", str(path), "--num-samples", "2", *formula)
     assert result.exit_code == 2, result.output
-    assert "is a structure prediction (CSP) model: give the compositions to sample" in result.output
-    assert orm.QueryBuilder().append(orm.ProcessNode).count() == before
+    assert message in " ".join(result.output.split())
+    assert nodes_stored() == before
 
 
 def test_the_generate_command_needs_num_samples(equicsp_code, tiny_generation_checkpoint):
