@@ -18,6 +18,7 @@ from equicsp_core.cli import main
 
 from aiida_equicsp import cli
 from aiida_equicsp.calculations.sample import EquiCSPSampleCalculation
+from aiida_equicsp.data.model import EquiCSPModelData
 from aiida_equicsp.queries import checkpoint_of, generated_structures, predicted_structures
 from aiida_equicsp.workchains.sample_base import (
     EquiCSPSampleBaseWorkChain,
@@ -59,6 +60,15 @@ def test_the_model_node_knows_its_task(model, generation_model):
     assert (model.task, generation_model.task) == ("csp", "generation")
     assert generation_model.base.attributes.get("task") == "generation"
     assert (model.trained_atom_counts, generation_model.trained_atom_counts) == ([], [5])
+
+
+def test_a_checkpoint_saved_before_tasks_existed_is_a_csp_model():
+    """The shipped perov_5 checkpoint has no ``task`` in its denoiser config: its node (unstored here) is CSP."""
+    from equicsp_core.checkpoint import read_checkpoint, resolve_checkpoint
+
+    path = resolve_checkpoint("perov_5")
+    assert "task" not in read_checkpoint(path)["denoiser"]
+    assert EquiCSPModelData(path).task == "csp"
 
 
 def test_a_generation_model_runs_equicsp_generate(equicsp_code, generation_model, generate_calc_job):
