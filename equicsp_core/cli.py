@@ -6,6 +6,7 @@
     equicsp sample --checkpoint runs/perov_5/best.pt --input sample.yaml --out out/
     equicsp generate --checkpoint runs/perov_5-gen/best.pt --num-samples 100 [--num-atoms 5] --out gen/
     equicsp evaluate --checkpoint runs/perov_5/best.pt --dataset perov_5 --limit 200 --steps 100 --out eval.json
+    equicsp evaluate-generation --generated gen/ --dataset perov_5 [--energy chgnet|none] --out gen.json
     equicsp relax --structures candidates.json [--input relax.yaml] --out relaxed/
     equicsp info runs/perov_5/best.pt
     equicsp tables --out tables.pt
@@ -63,6 +64,10 @@ It rewrites ``relax.json`` (label → status, energy per atom, structure, error)
 writes ``run.json`` at the end. A structure whose relaxation fails is reported with status ``failed`` and
 the run goes on.
 
+``equicsp evaluate-generation`` scores generated crystals (``--generated``: sample folders, whose failed samples
+count as invalid, or structure files) against a benchmark split with the papers' ab initio generation metrics
+(:mod:`equicsp_core.generation_metrics`) and prints, and with ``--out`` writes, its JSON report.
+
 Test switch: with ``EQUICSP_TEST_FAIL_ONCE=<marker file>`` in the environment, ``equicsp sample`` and
 ``equicsp generate`` check their input and then, if the marker file does not exist, create it and fail exactly
 as if they had run out of memory before sampling (exit 3); if the marker exists they run normally. Workflow
@@ -89,8 +94,10 @@ from equicsp_core.files import write_text_atomically
 from equicsp_core.hardware import DeviceUnavailableError, resolve_device, set_threads
 from equicsp_core.predict import Candidate
 from equicsp_core.runtime import keep_freed_memory
+from equicsp_core.generation_metrics import NUM_EVAL
 from equicsp_core.settings import (
     DEVICE_CHOICES,
+    POTENTIALS,
     FormulaError,
     GenerateSettings,
     PotentialError,
@@ -380,6 +387,43 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_generation(args: argparse.Namespace) -> int:
+    from pymatgen.core import Composition
+
+    from equicsp_core.generation_metrics import coverage_cutoffs, generation_metrics, reference_structures
+    from equicsp_core.structure_files import read_structures, unwritten_samples
+
+    coverage_cutoffs(args.dataset)
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise ValueError(f"--out {out} cannot be written (a folder, or its folder does not exist)")
+    generated: list = []
+    for path in args.generated:  # errors name the path
+        unwritten = [Composition(formula) for formula in unwritten_samples(path)]
+        generated.extend(read_structures(path, allow_empty=bool(unwritten)).values())  # a folder of failures scores 0
+        generated.extend(unwritten)
+    if len(generated) < args.num_eval:
+        raise ValueError(f"{len(generated)} generated crystals, fewer than --num-eval {args.num_eval}")
+    split, reference = reference_structures(args.dataset, args.split, args.data_dir)
+    report = generation_metrics(generated, reference, args.dataset, args.num_eval,
+                                None if args.energy == "none" else args.energy, args.seed,
+                                args.processes or os.cpu_count() or 1, str(resolve_device(args.device)))
+    report = {"generated_from": [str(path) for path in args.generated], "split": split, **report,
+              "versions": _versions("matminer", "pymatgen", "smact")}
+    text = json.dumps(report, indent=1)
+    print(text, flush=True)  # first: a failing write below must not lose the evaluation
+    if out is not None:
+        write_text_atomically(out, text)
+    return 0
+
+
+def _versions(*packages: str) -> dict[str, str]:
+    """This program's and the named packages' versions (as installed)."""
+    from importlib.metadata import version
+
+    return {"equicsp": __version__, **{package: version(package) for package in packages}}
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from equicsp_core.checkpoint import file_sha256, read_checkpoint, resolve_checkpoint
 
@@ -491,6 +535,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("evaluate-generation", help="validity, coverage and distribution distances of generated "
+                       "crystals against a benchmark split (the papers' ab initio generation metrics)")
+    p.add_argument("--generated", required=True, nargs="+", metavar="PATH",
+                   help="the generated crystals: output folders of `equicsp generate` (or `sample`), .json, .cif or "
+                   ".extxyz files")
+    p.add_argument("--dataset", required=True, help="the reference dataset (perov_5, carbon_24, mp_20): its coverage "
+                   "cut-offs")
+    p.add_argument("--split", default=None, help="the reference split (default: the split the dataset's figures are "
+                   "reported on: reserved, or test for perov_5); training rows are refused")
+    p.add_argument("--num-eval", type=int, default=NUM_EVAL, help="valid crystals drawn for d_rho, d_elem and d_E "
+                   f"(default {NUM_EVAL}, the papers')")
+    p.add_argument("--energy", default="chgnet", choices=(*POTENTIALS, "none"), help="the potential whose "
+                   "single-point energy per atom stands in for the papers' property model in d_E (none: no d_E)")
+    p.add_argument("--seed", type=int, default=0, help="of the draw of --num-eval valid crystals")
+    p.add_argument("--processes", type=int, default=None, help="worker processes for the fingerprints "
+                   "(default: all cores)")
+    p.add_argument("--device", default="cpu", help=f"device of the potential: {DEVICE_CHOICES} (default cpu)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.set_defaults(func=cmd_evaluate_generation)
 
     p = sub.add_parser("info", help="print a checkpoint's model card")
     p.add_argument("checkpoint")

@@ -10,7 +10,8 @@ The format follows from the path:
 - ``*.extxyz`` / ``*.xyz``: every frame of an extended XYZ file (ASE), labelled by its ``label`` info key
   when it has one, else like the CIF blocks.
 
-Labels must be distinct; any unreadable input raises a ValueError naming the path.
+Labels must be distinct; any unreadable input raises a ValueError naming the path. The samples of an
+``equicsp sample`` folder that produced no structure are listed by :func:`unwritten_samples`.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ if TYPE_CHECKING:
 EXTXYZ_SUFFIXES = (".extxyz", ".xyz")
 
 
-def read_structures(path: str | Path) -> dict[str, Structure]:
+def read_structures(path: str | Path, allow_empty: bool = False) -> dict[str, Structure]:
     """The labelled structures of ``path`` (see the module docstring for the formats), in file order.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: an unknown format, an unreadable file, no structure, or a label given twice.
+        ValueError: an unknown format, an unreadable file, no structure (unless ``allow_empty``), or a label given
+            twice.
     """
     path = Path(path)
     if not path.exists():
@@ -59,7 +61,7 @@ def read_structures(path: str | Path) -> dict[str, Structure]:
         if label in structures:
             raise ValueError(f"{path}: the label {label!r} is given more than once")
         structures[label] = structure
-    if not structures:
+    if not structures and not allow_empty:
         raise ValueError(f"no structures in {path}")
     return structures
 
@@ -104,3 +106,12 @@ def _read_sample_folder(path: Path) -> list[tuple[str, Structure]]:
     entries = json.loads(index.read_text())["samples"]
     return [(Path(entry["file"]).stem, Structure.from_file(path / entry["file"])) for entry in entries
             if entry["valid"]]
+
+
+def unwritten_samples(path: str | Path) -> list[str]:
+    """The cell formulas of an ``equicsp sample`` folder's samples that produced no structure (none for a file)."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    return [entry["cell_formula"] for entry in json.loads((path / "index.json").read_text())["samples"]
+            if not entry["valid"]]

