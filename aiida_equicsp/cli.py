@@ -3,6 +3,8 @@
     aiida-equicsp sample --code equicsp@cluster --model perov_5 --formula SrTiO3 [--formula CaTiO3]
         [--num-samples 4] [--protocol fast|balanced|stringent] [--steps S] [--seed X] [--batch-size B] [--device cuda] ...
         [--overrides overrides.yaml] [--daemon]
+    aiida-equicsp generate --code equicsp@cluster --model runs/perov_5-gen/best.pt --num-samples 100
+        [--num-atoms 5] [--protocol ...] [--steps S] [--seed X] ... [--overrides overrides.yaml] [--daemon]
     aiida-equicsp results PK
     aiida-equicsp install-pseudos [--label L] [--wheel PATH]
     aiida-equicsp structures FORMULA          # every structure sampled for a formula
@@ -12,7 +14,8 @@
 
 ``sample`` builds an :class:`~aiida_equicsp.workchains.sample_base.EquiCSPSampleBaseWorkChain` with its
 ``get_builder_from_protocol`` (defaults from ``protocols/sample.yaml``) and runs it here, waiting for the end, or
-submits it to the daemon with ``--daemon``; either way it prints the work chain's pk. ``results`` prints the
+submits it to the daemon with ``--daemon``; either way it prints the work chain's pk. ``generate`` does the same
+with a generation model, without formulas (ab initio: the model draws the atom types too). ``results`` prints the
 candidates of a sampling work chain or calculation as a table. ``install-pseudos`` installs, without internet, the
 pseudopotential family with recommended cutoffs that the Quantum ESPRESSO protocols need
 (:func:`aiida_equicsp.pseudos.install_pseudodojo_family`).
@@ -40,9 +43,14 @@ from aiida.common.log import configure_logging
 from aiida.engine import run_get_node, submit
 from aiida_quantumespresso.workflows.protocols.utils import recursive_merge
 
-from equicsp_core.settings import ExploreSettings, SampleSettings, SettingsError
+from equicsp_core.settings import ExploreSettings, GenerateSettings, SampleSettings, SettingsError
 
-from aiida_equicsp.calculations.sample import PARAMETER_KEYS, EquiCSPSampleCalculation
+from aiida_equicsp.calculations.sample import (
+    COMMAND_OF_TASK,
+    GENERATION_PARAMETER_KEYS,
+    PARAMETER_KEYS,
+    EquiCSPSampleCalculation,
+)
 from aiida_equicsp.data.model import EquiCSPModelData
 from aiida_equicsp.workchains.predict_relax import EquiCSPPredictRelaxWorkChain
 from aiida_equicsp.workchains.sample_base import EquiCSPSampleBaseWorkChain
@@ -88,28 +96,49 @@ def _check_formulas(_: click.Context, __: click.Parameter, formulas: tuple[str, 
     return list(formulas)
 
 
-def sampler_options(command: Callable) -> Callable:
-    """One option per sampling parameter of the calculation (:data:`PARAMETER_KEYS`), from :class:`SampleSettings`.
+def settings_options(settings: type[SampleSettings | GenerateSettings], keys: tuple[str, ...]) -> Callable:
+    """A decorator adding one option per parameter ``keys`` of the calculation, from the fields of ``settings``.
 
     Every option defaults to ``None`` (unset: the protocol's or the engine's default).
     """
-    for key in reversed(PARAMETER_KEYS):
-        kind = SampleSettings.scalar_type(key)
-        help_text = SampleSettings.model_fields[key].description
-        if kind is bool:
-            option = click.option(SampleSettings.flag(key), key, is_flag=True, default=None, help=help_text)
-        else:
-            option = click.option(SampleSettings.flag(key), key, type=kind, default=None, help=help_text)
-        command = option(command)
-    return command
+
+    def decorate(command: Callable) -> Callable:
+        for key in reversed(keys):
+            kind = settings.scalar_type(key)
+            help_text = settings.model_fields[key].description
+            if kind is bool:
+                option = click.option(settings.flag(key), key, is_flag=True, default=None, help=help_text)
+            else:
+                option = click.option(settings.flag(key), key, type=kind, default=None, help=help_text)
+            command = option(command)
+        return command
+
+    return decorate
 
 
-def _load_model(name_or_path: str) -> EquiCSPModelData:
-    """The stored model node of a checkpoint file or of a shipped checkpoint's name, stored first if new."""
+#: The sampling parameters of a CSP model (:data:`PARAMETER_KEYS`) and of a generation model.
+sampler_options = settings_options(SampleSettings, PARAMETER_KEYS)
+generation_options = settings_options(GenerateSettings, GENERATION_PARAMETER_KEYS)
+
+
+#: What a model of each task is, in a refusal.
+TASK_NAMES = {"csp": "a structure prediction (CSP) model", "generation": "an ab initio generation model"}
+
+
+def _load_model(name_or_path: str, task: str | None = None) -> EquiCSPModelData:
+    """The stored model node of a checkpoint file or of a shipped checkpoint's name, stored first if new; with
+    ``task``, a checkpoint of the other task is refused before anything is stored."""
+    from equicsp_core.checkpoint import resolve_checkpoint
+
+    from aiida_equicsp.data.model import checkpoint_summary
+
     try:
-        if Path(name_or_path).exists():
-            return EquiCSPModelData.get_or_create(name_or_path)
-        return EquiCSPModelData.from_shipped(name_or_path)
+        path = Path(name_or_path) if Path(name_or_path).exists() else resolve_checkpoint(name_or_path)
+        found = checkpoint_summary(path)["task"] if task is not None else None
+        if found is not None and found != task:
+            raise click.BadParameter(f"the checkpoint is {TASK_NAMES[found]}; use it with `aiida-equicsp "
+                                     f"{COMMAND_OF_TASK[found]}`", param_hint="'--model'")
+        return EquiCSPModelData.get_or_create(path)
     except ValueError as error:  # includes equicsp_core.checkpoint.CheckpointError
         raise click.BadParameter(str(error), param_hint="'--model'") from error
 
@@ -145,12 +174,40 @@ def sample(code: orm.AbstractCode, model_name: str, formulas: list[str], num_sam
 
     The seed is that of the first calculation (reruns add 1, 2, ...).
     """
-    model = _load_model(model_name)
+    _run_sampling(code, _load_model(model_name, "csp"), formulas, num_samples or SampleSettings.default("num_samples"),
+                  protocol, overrides_file, daemon, sampler)
+
+
+@main.command(short_help="Generate crystals ab initio with a generation model; print the work chain's pk.")
+@options.CODE(required=True, help="the code of the `equicsp` program: label, LABEL@COMPUTER, pk or UUID")
+@click.option("--model", "model_name", required=True,
+              help="a generation model: a checkpoint file or the name of a shipped checkpoint")
+@click.option("--num-samples", type=click.IntRange(min=1), required=True,
+              help=GenerateSettings.model_fields["num_samples"].description)
+@_protocol_option(EquiCSPSampleBaseWorkChain)
+@generation_options
+@click.option("--overrides", "overrides_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML file of inputs merged over the protocol's: {sample: {metadata: {options: ...}}, ...}")
+@click.option("--daemon", is_flag=True, help="submit to the AiiDA daemon instead of waiting for the end here")
+def generate(code: orm.AbstractCode, model_name: str, num_samples: int, protocol: str | None,
+             overrides_file: str | None, daemon: bool, **generation: Any) -> None:
+    """Generate crystals ab initio (atom types too) with the restart work chain; prints its pk.
+
+    The seed is that of the first calculation (reruns add 1, 2, ...).
+    """
+    _run_sampling(code, _load_model(model_name, "generation"), None, num_samples, protocol, overrides_file, daemon,
+                  generation)
+
+
+def _run_sampling(code: orm.AbstractCode, model: EquiCSPModelData, formulas: list[str] | None, num_samples: int,
+                  protocol: str | None, overrides_file: str | None, daemon: bool, sampler: dict[str, Any]) -> None:
+    """Build the restart work chain (``formulas`` ``None``: generation), check it as at launch, then run it here
+    or submit it; prints its pk."""
     parameters = {key: value for key, value in sampler.items() if value is not None}
     overrides = recursive_merge(_read_overrides(overrides_file), {"sample": {"parameters": parameters}})
     try:
         builder = EquiCSPSampleBaseWorkChain.get_builder_from_protocol(
-            code, model, formulas, num_samples or SampleSettings.default("num_samples"), protocol, overrides)
+            code, model, formulas, num_samples, protocol, overrides)
     except (ValueError, AttributeError) as error:  # refused by a port, or a key of --overrides with no port
         raise click.UsageError(str(error)) from error
     inputs = EquiCSPSampleBaseWorkChain.spec().inputs

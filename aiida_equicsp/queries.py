@@ -4,6 +4,7 @@ The provenance graph already holds every answer; these functions are the queries
 rewrite each time:
 
 - :func:`predicted_structures`: every structure sampled for a formula, over all sampling calculations;
+- :func:`generated_structures`: every structure a generation model generated ab initio;
 - :func:`lowest_energy_per_formula`: the winner of each composition of a campaign (DFT energy if it has one,
   else ML), with its structure node; :func:`winners_dataframe` and :func:`export_winners` tabulate and write them;
 - :func:`checkpoint_of`: the model (checkpoint) a structure comes from, through any relaxation;
@@ -72,6 +73,35 @@ def predicted_structures(formula: str) -> list[orm.StructureData]:
                  project="*")
     query.order_by({orm.StructureData: {"id": "asc"}})
     return [node for node in query.all(flat=True) if _structure_reduced_formula(node) == target]
+
+
+def generated_structures(model: EquiCSPModelData | None = None) -> list[orm.StructureData]:
+    """Every structure generated ab initio by ``model`` (``None``: by any generation model), oldest first: the
+    ``structures`` outputs of the ``equicsp.sample`` calculations whose ``model`` input it is.
+
+    The calculations' own outputs, not the work chains' (which return the same nodes again); found through the
+    provenance links model → calculation → structure.
+
+    Raises:
+        ValueError: for a model that is not a stored generation model (a CSP model's structures:
+            :func:`predicted_structures`).
+    """
+    filters: dict[str, Any] = {"attributes.task": "generation"}
+    if model is not None:
+        if not isinstance(model, EquiCSPModelData) or not model.is_stored:
+            raise ValueError(f"expected a stored EquiCSPModelData, got {model!r}")
+        if model.task != "generation":
+            raise ValueError(f"EquiCSPModelData<{model.pk}> is a structure prediction (CSP) model, not a generation "
+                             "model; its structures: predicted_structures(formula)")
+        filters = {"id": model.pk}
+    query = orm.QueryBuilder()
+    query.append(EquiCSPModelData, filters=filters, tag="model")
+    query.append(orm.CalcJobNode, filters={"process_type": SAMPLE_PROCESS_TYPE}, with_incoming="model",
+                 edge_filters={"label": "model"}, tag="calc")
+    query.append(orm.StructureData, with_incoming="calc", edge_filters={"label": {"like": "structures__%"}},
+                 project="*")
+    query.order_by({orm.StructureData: {"id": "asc"}})
+    return query.all(flat=True)
 
 
 @dataclass(frozen=True)

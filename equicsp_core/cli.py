@@ -50,7 +50,8 @@ composition contain "formula", those about an unusable checkpoint contain "check
 
 ``equicsp generate`` draws whole crystals, atom types included, from a generation model (trained with
 ``--task generation``; :mod:`equicsp_core.generate`): each crystal's atom count from the training distribution
-in the model card, or ``--num-atoms``. It writes the run folder of ``equicsp sample`` (``index.json`` entries
+in the model card, or ``--num-atoms``; its settings come from the flags or from ``--input FILE`` (the keys of
+:class:`equicsp_core.settings.GenerateSettings`), never both. It writes the run folder of ``equicsp sample`` (``index.json`` entries
 name the reduced formula each crystal came out with). A generation checkpoint given to ``equicsp sample``, or a
 CSP checkpoint given to ``equicsp generate``, is refused in one line before anything is computed.
 
@@ -67,10 +68,10 @@ the run goes on.
 count as invalid, or structure files) against a benchmark split with the papers' ab initio generation metrics
 (:mod:`equicsp_core.generation_metrics`) and prints, and with ``--out`` writes, its JSON report.
 
-Test switch: with ``EQUICSP_TEST_FAIL_ONCE=<marker file>`` in the environment, ``equicsp sample`` checks
-its input and then, if the marker file does not exist, creates it and fails exactly as if it had run out
-of memory before sampling (exit 3); if the marker exists it runs normally. Workflow tests use it to
-exercise a failure and its recovery.
+Test switch: with ``EQUICSP_TEST_FAIL_ONCE=<marker file>`` in the environment, ``equicsp sample`` and
+``equicsp generate`` check their input and then, if the marker file does not exist, create it and fail exactly
+as if they had run out of memory before sampling (exit 3); if the marker exists they run normally. Workflow
+tests use it to exercise a failure and its recovery.
 """
 
 from __future__ import annotations
@@ -170,16 +171,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample_settings(args: argparse.Namespace) -> SampleSettings:
-    """The run's settings from ``--input FILE`` or from the flags (which must not be mixed)."""
-    given = {key: getattr(args, key) for key in SAMPLE_FLAGS if getattr(args, key) is not None}
+def _run_settings(args: argparse.Namespace, kind: type[SampleSettings | GenerateSettings],
+                  flags: dict[str, str]) -> SampleSettings | GenerateSettings:
+    """The run's settings (``kind``) from ``--input FILE`` or from the ``flags`` (which must not be mixed)."""
+    given = {key: getattr(args, key) for key in flags if getattr(args, key) is not None}
     if args.input is None:
-        if "formulas" not in given:
-            raise ValueError("give the formulas to sample with --formula (repeatable) or an --input file")
-        return SampleSettings.from_mapping(given)
+        return kind.from_mapping(given)
     if given:
-        raise ValueError(f"--input cannot be combined with {', '.join(SAMPLE_FLAGS[key] for key in given)}")
-    return SampleSettings.from_mapping(_read_yaml(args.input), where=f"--input {args.input}: ")
+        raise ValueError(f"--input cannot be combined with {', '.join(flags[key] for key in given)}")
+    return kind.from_mapping(_read_yaml(args.input), where=f"--input {args.input}: ")
+
+
+def _sample_settings(args: argparse.Namespace) -> SampleSettings:
+    """``equicsp sample``'s settings (:func:`_run_settings`); without ``--input`` the formulas are required."""
+    if args.input is None and args.formulas is None:
+        raise ValueError("give the formulas to sample with --formula (repeatable) or an --input file")
+    return _run_settings(args, SampleSettings, SAMPLE_FLAGS)
 
 
 def _read_text(path: str, option: str) -> str:
@@ -306,10 +313,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from equicsp_core.generate import generate_with_settings
 
-    given = {key: getattr(args, key) for key in GENERATE_FLAGS if getattr(args, key) is not None}
-    settings = GenerateSettings.from_mapping(given)
+    settings = _run_settings(args, GenerateSettings, GENERATE_FLAGS)
     out, device, threads, model, card, checkpoint_sha256 = _prepare_sampling(args, settings)
     batches = generate_with_settings(model, card, settings, progress=_show_progress(args))
+    _fail_once_if_requested()
 
     step_lr = settings.step_lr_for(card.get("dataset"))
     header = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": checkpoint_sha256, "task": "generation",
@@ -487,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate crystals ab initio (atom types too) with a generation model")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or shipped name of a generation model")
+    p.add_argument("--input", default=None, metavar="FILE",
+                   help=f"YAML mapping of the settings ({', '.join(GenerateSettings.keys())})")
     add_settings_flags(p, GenerateSettings, list(GENERATE_FLAGS))
     p.add_argument("--out", required=True, help="new or empty output folder (CIF files, index.json, run.json)")
     p.set_defaults(func=cmd_generate)

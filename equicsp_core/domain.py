@@ -69,6 +69,22 @@ def max_atoms_for_mode(mode: str) -> int | None:
     return MAX_TABLE_ATOMS if mode == "equicsp" else None
 
 
+def check_generated_atoms(num_atoms: int, mode: str, trained_counts: Iterable[int]) -> None:
+    """Refuse an atom count that a generation model of this denoiser ``mode`` cannot honour: beyond the mode's hard
+    limit, or beyond the largest of the atom counts it was trained on (``trained_counts``; none: unchecked).
+
+    Raises:
+        ValueError: one line naming the count and the limit.
+    """
+    hard = max_atoms_for_mode(mode)
+    if hard is not None and num_atoms > hard:
+        raise ValueError(f"num_atoms: {num_atoms} atoms; the model supports at most {hard}")
+    largest = max(trained_counts, default=None)
+    if largest is not None and num_atoms > largest:
+        raise ValueError(f"num_atoms: {num_atoms} atoms, more than the {largest} of the largest crystal the model "
+                         "was trained on")
+
+
 def training_domain(dataset: str | None) -> TrainingDomain | None:
     """The domain of a benchmark dataset, ``None`` for a dataset this module does not know."""
     if dataset not in TRAINING_DOMAINS:

@@ -23,7 +23,7 @@ import torch
 from equicsp_core.checkpoint import CheckpointError, require_task
 from equicsp_core.crystal import Crystal
 from equicsp_core.diffusion import CrystalDiffusion
-from equicsp_core.domain import max_atoms_for_mode
+from equicsp_core.domain import check_generated_atoms
 from equicsp_core.predict import Candidate
 from equicsp_core.sampler import sample, time_grid
 from equicsp_core.settings import GenerateSettings, formula_of, formula_units
@@ -56,12 +56,7 @@ def atom_counts(card: Mapping[str, Any], settings: GenerateSettings, mode: str, 
         sizes = torch.tensor(sorted(distribution))
         weights = torch.tensor([distribution[n] for n in sorted(distribution)], dtype=torch.float64)
         return sizes[torch.multinomial(weights, settings.num_samples, replacement=True, generator=generator)]
-    hard = max_atoms_for_mode(mode)
-    if hard is not None and settings.num_atoms > hard:
-        raise ValueError(f"num_atoms: {settings.num_atoms} atoms; the model supports at most {hard}")
-    if distribution and settings.num_atoms > max(distribution):
-        raise ValueError(f"num_atoms: {settings.num_atoms} atoms, more than the {max(distribution)} of the largest "
-                         "crystal the model was trained on")
+    check_generated_atoms(settings.num_atoms, mode, distribution)
     return torch.full((settings.num_samples,), settings.num_atoms)
 
 

@@ -40,6 +40,17 @@ def tiny_checkpoint(tmp_path_factory, _isolated_equicsp_env) -> Path:
     return run / "best.pt"
 
 
+@pytest.fixture(scope="session")
+def tiny_generation_checkpoint(tmp_path_factory, _isolated_equicsp_env) -> Path:
+    """best.pt of a 1-epoch ``tiny`` run with ``--task generation`` (ab initio), trained once per session."""
+    from equicsp_core.cli import main
+
+    run = tmp_path_factory.mktemp("tiny-generation-model") / "run"
+    assert main(["--quiet", "train", "--preset", "tiny", "--task", "generation", "--out", str(run),
+                 "--set", "train.epochs=1"]) == 0
+    return run / "best.pt"
+
+
 @pytest.fixture
 def perovskite_reference_set(tmp_path, monkeypatch):
     """A pinned reference set of Sr-Ca-Ti-O in a fresh cache folder (equicsp_core.reference): cubic SrTiO3 and

@@ -118,6 +118,33 @@ def test_generate_is_reproducible_and_num_atoms_fixes_the_size(generation_checkp
     assert [Composition(entry["cell_formula"]).num_atoms for entry in small] == [3, 3, 3]
 
 
+def test_generate_input_file_gives_the_same_crystals_as_flags(generation_checkpoint, tmp_path):
+    """``--input`` (the AiiDA job's way) with the flags' settings and ``threads`` gives the same index.json."""
+    settings = {"num_samples": 3, "steps": 4, "seed": 5, "batch_size": 2, "threads": 1}
+    (tmp_path / "in.yaml").write_text(yaml.safe_dump(settings))
+    assert run_cli("generate", "--checkpoint", generation_checkpoint, "--input", tmp_path / "in.yaml",
+                   "--out", tmp_path / "a") == 0
+    assert run_cli("generate", "--checkpoint", generation_checkpoint, "--num-samples", 3, "--steps", 4, "--seed", 5,
+                   "--batch-size", 2, "--out", tmp_path / "b") == 0
+    assert (tmp_path / "a" / "index.json").read_text() == (tmp_path / "b" / "index.json").read_text()
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["threads"] == 1
+
+
+def test_generate_input_file_is_checked_and_not_mixed_with_flags(generation_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("equicsp_core.generate._generate_batches", never)
+    (tmp_path / "in.yaml").write_text(yaml.safe_dump({"num_samples": 2, "num_atom": 5}))
+    out = tmp_path / "out"
+    assert run_cli("generate", "--checkpoint", generation_checkpoint, "--input", tmp_path / "in.yaml", "--steps", 4,
+                   "--out", out) == 2
+    assert error_line(capsys) == "equicsp generate: error: --input cannot be combined with --steps"
+    assert run_cli("generate", "--checkpoint", generation_checkpoint, "--input", tmp_path / "in.yaml",
+                   "--out", out) == 2
+    assert error_line(capsys) == (f"equicsp generate: error: --input {tmp_path / 'in.yaml'}: unknown setting(s) "
+                                  "num_atom; known: num_samples, num_atoms, steps, step_lr, lattice_bound, seed, "
+                                  "batch_size, device, threads")
+    assert not out.exists()
+
+
 def test_sample_refuses_a_generation_checkpoint_before_sampling(generation_checkpoint, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("equicsp_core.predict._sample_batches", never)
     out, status = tmp_path / "out", tmp_path / "status.json"

@@ -1,5 +1,10 @@
 """``EquiCSPSampleBaseWorkChain``: run ``EquiCSPSampleCalculation`` until every requested candidate exists.
 
+The same for both tasks of the calculation (its model decides: structure prediction of ``compositions``, or ab
+initio generation without them). A generation request is one pool of ``num_samples`` crystals, whatever
+formulas they come out with: what is missing, what a rerun asks for and what the merge keeps are counted in
+that pool instead of per formula.
+
 Recoveries, one process handler per known failure (the pattern of aiida-quantumespresso's ``PwBaseWorkChain``):
 
 - out of memory (exit status 310): halve the number of crystals sampled together and run again;
@@ -61,7 +66,7 @@ from equicsp_core.settings import SampleSettings, formula_list
 
 from aiida_quantumespresso.workflows.protocols.utils import recursive_merge
 
-from aiida_equicsp.calculations.sample import EquiCSPSampleCalculation
+from aiida_equicsp.calculations.sample import EquiCSPSampleCalculation, crystals_requested
 from aiida_equicsp.data.model import EquiCSPModelData
 from aiida_equicsp.protocols import EquiCSPProtocolMixin
 from aiida_equicsp.workchains.replay import call_function_once
@@ -71,37 +76,46 @@ CALCULATION_EXIT_CODES = EquiCSPSampleCalculation.exit_codes
 
 
 def count_missing_samples(
-    formulas: Sequence[str], num_samples: int, produced: Iterable[Mapping[str, Any]]
-) -> dict[str, int]:
+    formulas: Sequence[str] | None, num_samples: int, produced: Iterable[Mapping[str, Any]]
+) -> dict[str | None, int]:
     """``{formula: candidates it still lacks}`` for the formulas with fewer than ``num_samples``, in their order.
 
     ``produced`` are ``candidates`` entries (``{"formula": ..., ...}``) of earlier calculations, valid or not.
+    ``formulas`` ``None`` is a generation request: ``{None: crystals still lacking}`` (or ``{}``), whatever
+    formulas they came out with.
     """
+    if formulas is None:
+        missing = num_samples - sum(1 for _ in produced)
+        return {None: missing} if missing > 0 else {}
     counts = Counter(candidate["formula"] for candidate in produced)
     return {formula: num_samples - counts[formula] for formula in formulas if counts[formula] < num_samples}
 
 
 def merge_candidate_lists(
-    formulas: Sequence[str], num_samples: int, runs: Sequence[tuple[int, str, Sequence[Mapping[str, Any]]]]
+    formulas: Sequence[str] | None, num_samples: int, runs: Sequence[tuple[int, str, Sequence[Mapping[str, Any]]]]
 ) -> list[dict[str, Any]]:
-    """The first ``num_samples`` candidates of each formula over ``runs``, renumbered per formula.
+    """The first ``num_samples`` candidates of each formula over ``runs``, renumbered per formula; for a
+    generation request (``formulas`` ``None``) the first ``num_samples`` crystals, renumbered 0, 1, ... in all.
 
     Args:
-        formulas: the requested formulas; the merged list follows their order.
-        num_samples: candidates per formula; a formula's later candidates (a rerun's surplus) are dropped.
+        formulas: the requested formulas, the merged list following their order; ``None`` for generation.
+        num_samples: candidates per formula (in all for generation); later candidates (a rerun's surplus) are
+            dropped.
         runs: per calculation, in the order they ran, ``(pk, uuid, its candidates entries)``.
 
     Returns:
         Entries ``{formula, sample, formula_units, cell_formula, valid, link_label, calculation_pk,
-        calculation_uuid, calculation_sample, calculation_link_label}``: ``sample`` counts 0, 1, ... per formula,
-        ``formula_units`` and ``cell_formula`` are the Z and cell the calculation sampled it at, ``link_label`` is the structure's
-        new label (``None`` for an invalid candidate), the ``calculation_*`` keys say where it came from.
+        calculation_uuid, calculation_sample, calculation_link_label}``: ``sample`` counts 0, 1, ... per formula
+        (in all for generation), ``formula_units`` and ``cell_formula`` are the Z and cell the calculation sampled
+        it at, ``link_label`` is the structure's new label (``None`` for an invalid candidate), the
+        ``calculation_*`` keys say where it came from.
     """
-    prefixes = label_prefixes(list(formulas))
-    kept: dict[str, list[dict[str, Any]]] = {formula: [] for formula in formulas}
+    generated = [candidate["formula"] for _, _, candidates in runs for candidate in candidates]
+    prefixes = label_prefixes(list(dict.fromkeys(generated if formulas is None else formulas)))
+    kept: dict[str | None, list[dict[str, Any]]] = {None: []} if formulas is None else {f: [] for f in formulas}
     for pk, uuid, candidates in runs:
         for candidate in candidates:
-            entries = kept[candidate["formula"]]
+            entries = kept[None if formulas is None else candidate["formula"]]
             if len(entries) == num_samples:
                 continue
             index = len(entries)
@@ -118,20 +132,20 @@ def merge_candidate_lists(
                 "calculation_sample": candidate["sample"],
                 "calculation_link_label": candidate["link_label"],
             })
-    return [entry for formula in formulas for entry in kept[formula]]
+    return [entry for entries in kept.values() for entry in entries]
 
 
 @calcfunction
 def merge_sample_results(
-    compositions: orm.List, num_samples: orm.Int, calculations: orm.Int, run_info: orm.Dict | None = None,
-    **candidates: orm.Dict,
+    num_samples: orm.Int, calculations: orm.Int, compositions: orm.List | None = None,
+    run_info: orm.Dict | None = None, **candidates: orm.Dict,
 ) -> dict[str, orm.Dict]:
     """The work chain's ``candidates`` and ``run_info`` from the outputs of its calculations.
 
     Args:
-        compositions: the requested formulas.
-        num_samples: the requested candidates per formula.
+        num_samples: the requested candidates per formula (crystals in all for generation).
         calculations: how many calculations the work chain ran.
+        compositions: the requested formulas; none for a generation request.
         run_info: ``run_info`` of the last calculation that completed, if any.
         candidates: the calculations' ``candidates`` outputs, labelled ``iteration_<n>`` by the order they ran
             in; each node's creator is the calculation named in the merged entries.
@@ -142,9 +156,9 @@ def merge_sample_results(
     """
     ordered = sorted(candidates.items(), key=lambda item: int(item[0].rsplit("_", 1)[1]))
     runs = [(node.creator.pk, node.creator.uuid, node["candidates"]) for _, node in ordered]
-    formulas = compositions.get_list()
+    formulas = compositions.get_list() if compositions is not None else None
     merged = merge_candidate_lists(formulas, num_samples.value, runs)
-    requested = len(formulas) * num_samples.value
+    requested = crystals_requested(num_samples.value, formulas)
     info = {
         **(run_info.get_dict() if run_info is not None else {}),
         "complete": len(merged) == requested,
@@ -160,18 +174,21 @@ def set_sample_inputs(
     namespace: ProcessBuilderNamespace,
     code: orm.AbstractCode,
     model: EquiCSPModelData,
-    compositions: Sequence[str] | orm.List,
+    compositions: Sequence[str] | orm.List | None,
     num_samples: int | orm.Int,
     inputs: Mapping[str, Any],
 ) -> None:
     """Fill a builder namespace of :class:`EquiCSPSampleCalculation` inputs: the request, then ``inputs``.
 
-    ``inputs`` are plain values as a protocol file holds them; ``parameters`` becomes a ``Dict``.
+    ``compositions`` is ``None`` for a generation model. ``inputs`` are plain values as a protocol file holds
+    them; ``parameters`` becomes a ``Dict``.
     """
     inputs = dict(inputs)
     namespace.code = code
     namespace.model = model
-    namespace.compositions = compositions if isinstance(compositions, orm.List) else orm.List(list(formula_list(compositions)))
+    if compositions is not None:
+        namespace.compositions = (compositions if isinstance(compositions, orm.List)
+                                  else orm.List(list(formula_list(compositions))))
     namespace.num_samples = num_samples if isinstance(num_samples, orm.Int) else orm.Int(num_samples)
     if "parameters" in inputs:
         namespace.parameters = orm.Dict(inputs.pop("parameters"))
@@ -219,7 +236,7 @@ class EquiCSPSampleBaseWorkChain(EquiCSPProtocolMixin, BaseRestartWorkChain):
         cls,
         code: orm.AbstractCode,
         model: EquiCSPModelData,
-        compositions: Sequence[str] | orm.List,
+        compositions: Sequence[str] | orm.List | None,
         num_samples: int | orm.Int,
         protocol: str | None = None,
         overrides: Mapping[str, Any] | None = None,
@@ -230,8 +247,8 @@ class EquiCSPSampleBaseWorkChain(EquiCSPProtocolMixin, BaseRestartWorkChain):
         Args:
             code: an installed ``equicsp`` program.
             model: the trained model.
-            compositions: formulas to sample (a list, never one string).
-            num_samples: candidates per formula.
+            compositions: formulas to sample (a list, never one string); ``None`` for a generation model.
+            num_samples: candidates per formula (crystals to generate for a generation model).
             protocol: ``fast``, ``balanced`` (the default) or ``stringent`` (:meth:`get_available_protocols`);
                 ``precise``, the old name of ``stringent``, is accepted with a ``FutureWarning``.
             overrides: merged over the protocol's inputs: ``sample`` holds the calculation's inputs, any other
@@ -270,10 +287,11 @@ class EquiCSPSampleBaseWorkChain(EquiCSPProtocolMixin, BaseRestartWorkChain):
             return
         num_samples = max(missing.values())
         seed = self.ctx.parameters.get("seed", SampleSettings.default("seed")) + calculations_run
-        self.ctx.inputs.compositions = orm.List(list(missing))
+        if "compositions" in self.ctx.inputs:
+            self.ctx.inputs.compositions = orm.List(list(missing))
         self.ctx.inputs.num_samples = orm.Int(num_samples)
         self.ctx.inputs.parameters = orm.Dict({**self.ctx.parameters, "seed": seed})
-        shortfalls = ", ".join(f"{formula} × {count}" for formula, count in missing.items())
+        shortfalls = ", ".join(f"{formula or 'generated crystals'} × {count}" for formula, count in missing.items())
         self.report(f"running the missing candidates only ({shortfalls}): num_samples {num_samples}, seed {seed}")
 
     def inspect_process(self) -> ExitCode | None:
@@ -307,7 +325,7 @@ class EquiCSPSampleBaseWorkChain(EquiCSPProtocolMixin, BaseRestartWorkChain):
         to lower and the failure is left unhandled.
         """
         batch_size = self.ctx.parameters.get("batch_size", SampleSettings.default("batch_size"))
-        crystals = len(calculation.inputs.compositions.get_list()) * calculation.inputs.num_samples.value
+        crystals = crystals_requested(calculation.inputs.num_samples.value, self._requested_formulas(calculation))
         failed_batch = min(batch_size, crystals)
         if failed_batch == 1:
             self.report(f"{calculation.process_label}<{calculation.pk}> out of memory with one crystal per batch: "
@@ -340,11 +358,17 @@ class EquiCSPSampleBaseWorkChain(EquiCSPProtocolMixin, BaseRestartWorkChain):
         return [candidate for node in self.ctx.children if "candidates" in node.outputs
                 for candidate in node.outputs.candidates["candidates"]]
 
-    def _missing_samples(self) -> dict[str, int]:
-        """``{formula: candidates still missing}`` over all calculations so far (:func:`count_missing_samples`)."""
+    @staticmethod
+    def _requested_formulas(calculation: orm.CalcJobNode) -> list[str] | None:
+        """The formulas a calculation asked for; ``None`` for generation."""
+        return calculation.inputs.compositions.get_list() if "compositions" in calculation.inputs else None
+
+    def _missing_samples(self) -> dict[str | None, int]:
+        """``{formula: candidates still missing}`` over all calculations so far (:func:`count_missing_samples`;
+        ``{None: crystals}`` for generation)."""
         requested = self.inputs.sample
-        return count_missing_samples(requested.compositions.get_list(), requested.num_samples.value,
-                                     self._finished_candidates())
+        formulas = requested.compositions.get_list() if "compositions" in requested else None
+        return count_missing_samples(formulas, requested.num_samples.value, self._finished_candidates())
 
     def _attach_merged_outputs(self) -> None:
         """Output the merged ``candidates`` and ``run_info`` and, relabelled, every valid candidate's structure."""
@@ -353,10 +377,10 @@ class EquiCSPSampleBaseWorkChain(EquiCSPProtocolMixin, BaseRestartWorkChain):
                       for number, node in enumerate(calculations, start=1) if "candidates" in node.outputs}
         complete = [node for node in calculations if "run_info" in node.outputs]
         run_info = {"run_info": complete[-1].outputs.run_info} if complete else {}
+        compositions = {"compositions": self.inputs.sample.compositions} if "compositions" in self.inputs.sample else {}
         merged = call_function_once(
-            self, merge_sample_results, "merge_results", compositions=self.inputs.sample.compositions,
-            num_samples=self.inputs.sample.num_samples, calculations=orm.Int(len(calculations)), **run_info,
-            **candidates)
+            self, merge_sample_results, "merge_results", num_samples=self.inputs.sample.num_samples,
+            calculations=orm.Int(len(calculations)), **compositions, **run_info, **candidates)
         self.out_many(merged)
 
         by_uuid = {node.uuid: node for node in calculations}

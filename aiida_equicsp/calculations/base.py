@@ -64,11 +64,14 @@ class EquiCSPCalcJob(CalcJob):
         with folder.open(filename, "w") as handle:
             yaml.safe_dump(values, handle, sort_keys=False)
 
-    def calcinfo(self, arguments: Sequence[str], local_copy_list: Sequence[tuple[str, str, str]] = ()) -> CalcInfo:
-        """The run of ``equicsp ... COMMAND <arguments> --out results`` and what is retrieved after it."""
+    def calcinfo(self, arguments: Sequence[str], local_copy_list: Sequence[tuple[str, str, str]] = (),
+                 command: str | None = None) -> CalcInfo:
+        """The run of ``equicsp ... COMMAND <arguments> --out results`` and what is retrieved after it;
+        ``command`` replaces :attr:`COMMAND` (the sample job runs ``generate`` for a generation model)."""
         codeinfo = CodeInfo()
         codeinfo.code_uuid = self.inputs.code.uuid
-        codeinfo.cmdline_params = ["--quiet", "--status-file", self.STATUS_FILENAME, self.COMMAND, *arguments,
+        codeinfo.cmdline_params = ["--quiet", "--status-file", self.STATUS_FILENAME, command or self.COMMAND,
+                                   *arguments,
                                    "--out", self.RESULTS_FOLDER]
         codeinfo.stdout_name = self.STDOUT_FILENAME
         codeinfo.stderr_name = self.STDERR_FILENAME

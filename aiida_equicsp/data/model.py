@@ -14,10 +14,13 @@ from aiida import orm
 
 from equicsp_core.files import file_sha256
 
-#: Model card entries kept as attributes.
-CARD_ATTRIBUTES = ("dataset", "epochs")
+#: Model card entries kept as attributes (``num_atoms_counts``: a generation model's training distribution of atom
+#: counts, ``equicsp_core.generate.CARD_KEY``; ``None`` for a CSP model).
+CARD_ATTRIBUTES = ("dataset", "epochs", "num_atoms_counts")
 #: Denoiser config entries kept as attributes.
 DENOISER_ATTRIBUTES = ("mode", "hidden_dim", "num_layers", "num_freqs")
+#: The task of a checkpoint whose denoiser config predates tasks (and of a node stored before ``task`` was kept).
+DEFAULT_TASK = "csp"
 
 
 def checkpoint_summary(path: Path) -> dict[str, Any]:
@@ -32,6 +35,7 @@ def checkpoint_summary(path: Path) -> dict[str, Any]:
     try:
         card, denoiser, diffusion = payload.get("card") or {}, payload["denoiser"], payload["diffusion"]
         summary = {name: denoiser[name] for name in DENOISER_ATTRIBUTES}
+        summary["task"] = denoiser.get("task", DEFAULT_TASK)
         summary["num_steps"] = diffusion["num_steps"]
     except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path} is an incomplete EquiCSP checkpoint (no {error} in its configs)") from error
@@ -44,8 +48,8 @@ def checkpoint_summary(path: Path) -> dict[str, Any]:
 class EquiCSPModelData(orm.SinglefileData):
     """A trained EquiCSP model: one checkpoint file, checked on construction.
 
-    Attributes, from the file: ``dataset`` and ``epochs`` (the model card), ``mode``, ``hidden_dim``,
-    ``num_layers``, ``num_freqs`` (the denoiser), ``num_steps`` (T of the diffusion), ``sha256`` (the
+    Attributes, from the file: ``dataset``, ``epochs`` and ``num_atoms_counts`` (the model card), ``task`` (``"csp"`` or
+    ``"generation"``), ``mode``, ``hidden_dim``, ``num_layers``, ``num_freqs`` (the denoiser), ``num_steps`` (T of the diffusion), ``sha256`` (the
     file's hash, by which :meth:`get_or_create` finds a stored copy) and ``model_sha256`` (the hash of the
     configs and weights the file carries, checked on construction).
     """
@@ -73,6 +77,18 @@ class EquiCSPModelData(orm.SinglefileData):
     def mode(self) -> str:
         """Denoiser mode, ``"equicsp"`` or ``"diffcsp"``."""
         return self.base.attributes.get("mode")
+
+    @property
+    def task(self) -> str:
+        """``"csp"`` (structures of given compositions: ``equicsp sample``) or ``"generation"`` (ab initio, atom
+        types drawn too: ``equicsp generate``), from the checkpoint's denoiser config."""
+        return self.base.attributes.get("task", DEFAULT_TASK)
+
+    @property
+    def trained_atom_counts(self) -> list[int]:
+        """The atom counts of the crystals a generation model was trained on (its card's ``num_atoms_counts``);
+        empty for a CSP model or a card that does not say."""
+        return sorted(int(count) for count in self.base.attributes.get("num_atoms_counts") or {})
 
     @property
     def dataset(self) -> str | None:

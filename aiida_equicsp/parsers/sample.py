@@ -1,6 +1,7 @@
-"""``EquiCSPSampleParser``: the files of ``equicsp sample`` into nodes, or the exit code of what went wrong.
+"""``EquiCSPSampleParser``: the files of ``equicsp sample`` or ``equicsp generate`` into nodes, or the exit code of
+what went wrong.
 
-What the retrieved files mean (see the ``equicsp`` command's docstring):
+Both programs write the same run folder (see the ``equicsp`` command's docstring); what the retrieved files mean:
 
 - ``results/index.json`` lists every finished candidate; it is rewritten after each batch, so it is there
   as soon as one batch finished. Each valid candidate's CIF file becomes a ``StructureData`` in the
@@ -28,7 +29,7 @@ from aiida.parsers import Parser
 from equicsp_core.pipeline import candidate_label, label_prefixes
 from equicsp_core.runfolder import Failure, read_complete_run, read_status
 
-from aiida_equicsp.calculations.sample import EquiCSPSampleCalculation
+from aiida_equicsp.calculations.sample import EquiCSPSampleCalculation, crystals_requested
 
 #: The exit code of each failure of ``equicsp sample`` that has one of its own (others: ``ERROR_MISSING_OUTPUT``).
 EXIT_CODE_OF_FAILURE = {
@@ -93,7 +94,9 @@ class EquiCSPSampleParser(Parser):
         if run_text is None:
             if failure is Failure.OUT_OF_MEMORY:
                 return self.exit_codes.ERROR_OUT_OF_MEMORY
-            requested = len(self.node.inputs.compositions.get_list()) * self.node.inputs.num_samples.value
+            inputs = self.node.inputs
+            compositions = inputs.compositions.get_list() if "compositions" in inputs else None
+            requested = crystals_requested(inputs.num_samples.value, compositions)
             return self.exit_codes.ERROR_PARTIAL_RESULTS.format(written=len(candidates), requested=requested)
         try:
             run_info = read_complete_run(run_text)

@@ -34,14 +34,14 @@ from aiida_equicsp.data.model import EquiCSPModelData
 #: The ``equicsp`` program of the virtual environment running the tests.
 EQUICSP_EXECUTABLE = Path(sys.executable).parent / "equicsp"
 
-#: An ``equicsp`` whose sampled lattices are all a 4 Å cube, so every candidate of the undertrained test
-#: model is a valid crystal (the same device as ``fixed_cell_sampler`` in ``tests/test_cli.py``).
+#: An ``equicsp`` whose sampled (or generated) lattices are all a 4 Å cube, so every candidate of the undertrained
+#: test models is a valid crystal (the same device as ``fixed_cell_sampler`` in ``tests/test_cli.py``).
 FIXED_CELL_EQUICSP = '''#!{python}
 import sys
 
 import torch
 
-from equicsp_core import predict, sampler
+from equicsp_core import generate, predict, sampler
 from equicsp_core.cli import main
 
 
@@ -52,7 +52,7 @@ def fixed_cell_sample(*args, **kwargs):
     return sampler.SampleResult(result.batch, torch.ones_like(result.finite))
 
 
-predict.sample = fixed_cell_sample
+predict.sample = generate.sample = fixed_cell_sample
 sys.exit(main())
 '''
 
@@ -121,6 +121,12 @@ def model(tiny_checkpoint, aiida_profile) -> EquiCSPModelData:
     return EquiCSPModelData.get_or_create(tiny_checkpoint)
 
 
+@pytest.fixture(scope="session")
+def generation_model(tiny_generation_checkpoint, aiida_profile) -> EquiCSPModelData:
+    """The stored node of the session's tiny generation (ab initio) checkpoint."""
+    return EquiCSPModelData.get_or_create(tiny_generation_checkpoint)
+
+
 @pytest.fixture
 def generate_calc_job(tmp_path):
     """Run ``prepare_for_submission`` of the sample calculation on ``inputs``; returns ``(folder, calcinfo)``."""
@@ -141,13 +147,14 @@ def parse_retrieved(aiida_localhost):
 
     ``factory(files, compositions=("SrTiO3", "CaTiO3"), num_samples=2)`` takes ``{relative path: text}``
     and returns ``(outputs, calcfunction node)``; the node's ``exit_status`` and ``exit_message`` are the
-    parser's verdict.
+    parser's verdict. ``compositions=None``: a generation calculation (no compositions input).
     """
 
     def factory(files: dict[str, str], compositions=("SrTiO3", "CaTiO3"), num_samples=2):
         node = orm.CalcJobNode(computer=aiida_localhost, process_type="aiida.calculations:equicsp.sample")
         node.set_option("resources", {"num_machines": 1, "num_mpiprocs_per_machine": 1})
-        node.base.links.add_incoming(orm.List(list(compositions)).store(), LinkType.INPUT_CALC, "compositions")
+        if compositions is not None:
+            node.base.links.add_incoming(orm.List(list(compositions)).store(), LinkType.INPUT_CALC, "compositions")
         node.base.links.add_incoming(orm.Int(num_samples).store(), LinkType.INPUT_CALC, "num_samples")
         node.store()
         retrieved = orm.FolderData()
