@@ -64,8 +64,9 @@ def evaluate(
     grid_power: float = 1.0,
 ) -> dict[str, Any]:
     """Match rate (%) and RMSE of ``model`` on a split (default: the one figures are reported on);
-    returns a JSON-ready dict with settings and versions. ``symmetrise`` samples with the denoiser averaged
-    over the six lattice-vector orderings (:func:`equicsp_core.diffusion.symmetrised`)."""
+    returns a JSON-ready dict with settings, versions and each crystal's RMS (``per_crystal_rms``; None: no
+    match). ``symmetrise`` samples with the denoiser averaged over the six lattice-vector orderings
+    (:func:`equicsp_core.diffusion.symmetrised`)."""
     import pymatgen.core
     import smact
     from pymatgen.core import Structure
@@ -111,4 +112,5 @@ def evaluate(
         "versions": {"equicsp": equicsp_core.__version__, "torch": str(torch.__version__),
                      "pymatgen": pymatgen.core.__version__, "smact": smact.__version__},
         "rows": [list(row) for row in rows] if indices is not None else None,
+        "per_crystal_rms": scores.per_crystal_rms,
     }

@@ -425,6 +425,9 @@ def test_evaluate_writes_a_report(checkpoint, tmp_path, capsys):
     assert report["crystals"] == 4 and report["total"] == 4 and report["num_samples"] == 1
     assert 0 <= report["match_rate"] <= 100 and report["steps"] == 3
     assert {"torch", "pymatgen", "smact"} <= set(report["versions"])
+    matched = [rms for rms in report["per_crystal_rms"] if rms is not None]
+    assert len(report["per_crystal_rms"]) == 4 and len(matched) == report["matched"]
+    assert report["rmse"] == (pytest.approx(sum(matched) / len(matched)) if matched else None)
 
 
 def test_evaluate_refuses_training_rows(checkpoint, capsys):
