@@ -33,7 +33,8 @@ from aiida_equicsp.data.model import EquiCSPModelData
 from aiida_equicsp.pseudos import install_pseudodojo_family
 from aiida_equicsp.workchains.predict_relax import EquiCSPPredictRelaxWorkChain
 
-sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "examples")]
+HERE = Path(sys.argv[0]).resolve().parent  # verdi run sets __file__ to the bare file name
+sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 from discovery import reduced_formula_of  # noqa: E402
 from predict_and_relax import installed_code  # noqa: E402
 
