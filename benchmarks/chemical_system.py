@@ -95,7 +95,6 @@ def explore(system: str, model, card: dict, calculator, reference, options: argp
                        "enumerated": entry.composition_key in explored, "matched_by": labels,
                        "best_ml_e_above_hull": min(e_hulls) if e_hulls else None,
                        "found_stable": any(value <= settings.ehull_max for value in e_hulls)})
-    matched = {label for line in scored for label in line["matched_by"]}
     predicted = [{"label": label, "formula": relaxed[label].composition.reduced_formula,
                   "formula_units": sampled[label].formula_units, "ml_e_above_hull": hulls[label].e_above_hull,
                   "matches": [line["id"] for line in scored if label in line["matched_by"]] or "new"}
