@@ -5,7 +5,8 @@ this folder on ``PYTHONPATH`` (``scripts/gpu_session.sh --guard``) guards every 
 import of a top-level module that belongs to an installed distribution which is neither in
 ``device_packages.txt`` (the device machine's image) nor among the wheels of ``$EQUICSP_GUARD_CARRY/wheels``
 (or named in ``$EQUICSP_GUARD_ALLOW``, comma-separated) raises ``ModuleNotFoundError`` naming it, as it would there. The standard library and this repository's
-packages pass.
+packages pass, and so do the requirements of a listed distribution as installed here: the device's copy of it
+is another version that brings what it needs (pandas 2 here needs pytz, the device's pandas does not list it).
 """
 
 from __future__ import annotations
@@ -29,7 +30,16 @@ def _allowed() -> set[str]:
     carry = os.environ.get("EQUICSP_GUARD_CARRY")
     if carry:
         allowed |= {_normal(wheel.name.split("-")[0]) for wheel in Path(carry, "wheels").glob("*.whl")}
-    return allowed
+    return allowed | {requirement for name in allowed for requirement in _requirements(name)}
+
+
+def _requirements(distribution: str) -> set[str]:
+    """The names of what ``distribution``, as installed here, requires without extras (none if not installed)."""
+    try:
+        requires = importlib.metadata.requires(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        return set()
+    return {_normal(re.match(r"[A-Za-z0-9_.-]+", line).group()) for line in requires if "extra ==" not in line}
 
 
 class DeviceGuard(importlib.abc.MetaPathFinder):
