@@ -128,6 +128,8 @@ def sample(
     if step_lr < 0:
         raise ValueError(f"step_lr must be >= 0, got {step_lr}")
     num_atoms = num_atoms.to(device)
+    if atomic_numbers is not None:
+        atomic_numbers = atomic_numbers.to(device)  # once, not in each of the 2 × steps network calls
     if num_atoms.numel() == 0 or int(num_atoms.min()) < 1:
         raise ValueError("every crystal needs at least one atom")
     if atomic_numbers is not None and int(num_atoms.sum()) != atomic_numbers.shape[0]:
@@ -153,7 +155,7 @@ def sample(
     def direction(
         coords: torch.Tensor, lattice: torch.Tensor, time: torch.Tensor, sigma: float
     ) -> tuple[torch.Tensor, DenoiserOutput]:
-        atoms = atomic_numbers.to(device) if types is None else types
+        atoms = atomic_numbers if types is None else types
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model.denoise(atoms, coords, lattice, time, num_atoms, batch, graph)
         out = DenoiserOutput(*(None if x is None else x.to(dtype) for x in out))
@@ -189,7 +191,7 @@ def sample(
         finite = torch.isfinite(lattice).flatten(1).all(-1)
     finite = finite & torch.isfinite(lengths).all(-1) & torch.isfinite(angles).all(-1)
     frac = wrap_unit(frac)
-    atomic_numbers = atomic_numbers.to(device) if types is None else types.argmax(-1) + 1
+    atomic_numbers = atomic_numbers if types is None else types.argmax(-1) + 1
     result = CrystalBatch(atomic_numbers, frac, lengths, angles, num_atoms, batch)
     return SampleResult(result, finite)
 
