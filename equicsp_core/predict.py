@@ -3,8 +3,9 @@
 :func:`predict_batches` samples batch by batch so a caller can save each batch as it finishes, and
 :func:`predict_structures` returns all candidates at once; :func:`predict_with_settings` samples with the
 knobs of :class:`equicsp_core.settings.SampleSettings` (their one definition and check), a reduced formula at
-every cell size Z the model supports (:func:`equicsp_core.domain.sampling_cells`), the candidates spread over
-Z round-robin (:func:`sampling_jobs`).
+every cell size Z the model supports (:func:`equicsp_core.domain.sampling_cells`), the candidates shared among
+the Zs in proportion to how often each occurs in the model's training data (:func:`sampling_jobs`,
+:mod:`equicsp_core.formula_unit_prior`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from equicsp_core.checkpoint import require_task
 from equicsp_core.diffusion import CrystalDiffusion
 from equicsp_core.domain import check_cells, sampling_cells
+from equicsp_core.formula_unit_prior import formula_unit_order
 from equicsp_core.sampler import sample, time_grid
 from equicsp_core.settings import DEFAULT_STEP_LR, SampleSettings, formula_of, formula_units, parse_formula
 
@@ -45,15 +47,23 @@ class Candidate:
     structure: Structure | None
 
 
-def sampling_jobs(cells: Mapping[str, Sequence[Sequence[int]]], num_samples: int) -> list[tuple[str, int, list[int]]]:
+def sampling_jobs(cells: Mapping[str, Sequence[Sequence[int]]], num_samples: int,
+                  dataset: str | None = None) -> list[tuple[str, int, list[int]]]:
     """``(formula, sample index, atomic numbers)`` of every crystal to sample, formula by formula.
 
-    ``cells`` holds each formula's cells in order of Z; sample ``i`` of a formula gets its cell ``i mod
-    len(cells)`` (round-robin), so k = 20 over Z = 1..4 gives 5 candidates per Z, and k = 3 over Z = 1..4
-    samples Z = 1, 2, 3.
+    ``cells`` holds each formula's cells in order of Z (one cell: an explicit cell, sampled ``num_samples``
+    times). Over several cells, :func:`~equicsp_core.formula_unit_prior.formula_unit_order` shares the samples
+    in proportion to the training prior of ``dataset`` (mp_20, 8 samples of a 4-atom formula over Z = 1..4:
+    5, 2, 0, 1), sample by sample in the order that keeps every prefix near that share; a dataset without a table
+    (``None``, a user's own model) gets the even spread, sample ``i`` at cell ``i mod len(cells)``
+    (round-robin).
     """
-    return [(formula, index, list(options[index % len(options)])) for formula, options in cells.items()
-            for index in range(num_samples)]
+    jobs = []
+    for formula, options in cells.items():
+        units = [formula_units(cell) for cell in options]
+        order = formula_unit_order(dataset, len(options[0]) // units[0], units, num_samples)
+        jobs.extend((formula, index, list(options[j])) for index, j in enumerate(order))
+    return jobs
 
 
 def predict_batches(
@@ -79,7 +89,7 @@ def predict_batches(
     if not formulas:
         raise ValueError("no formula given")
     cells = {formula: [parse_formula(formula)] for formula in formulas}
-    return _predict_cells(model, cells, num_samples, steps, step_lr, seed, batch_size, progress, lattice_bound)
+    return _predict_cells(model, cells, num_samples, steps, step_lr, seed, batch_size, progress, lattice_bound, None)
 
 
 def predict_with_settings(
@@ -87,15 +97,17 @@ def predict_with_settings(
 ) -> Iterator[list[Candidate]]:
     """:func:`predict_batches` with the knobs of ``settings``, for a model and its card (from :func:`load_model`).
 
-    Each reduced formula is sampled at every cell size Z the model supports, the candidates spread over Z
-    (:func:`~equicsp_core.domain.sampling_cells`, :func:`sampling_jobs`); the formulas are checked against the
+    Each reduced formula is sampled at every cell size Z the model supports, the candidates shared among the Zs by
+    the training prior of the card's ``dataset`` (:func:`~equicsp_core.domain.sampling_cells`,
+    :func:`sampling_jobs`); the formulas are checked against the
     model's limits and its training domain before anything is sampled; a generation model is refused
     (:func:`~equicsp_core.checkpoint.require_task`).
     """
     require_task(model, "csp")
-    cells = sampling_cells(settings, model.mode, card.get("dataset"))
+    dataset = card.get("dataset")
+    cells = sampling_cells(settings, model.mode, dataset)
     return _predict_cells(model, cells, settings.num_samples, settings.steps, settings.step_lr,
-                          settings.seed, settings.batch_size, progress, settings.lattice_bound)
+                          settings.seed, settings.batch_size, progress, settings.lattice_bound, dataset)
 
 
 def _predict_cells(
@@ -108,8 +120,10 @@ def _predict_cells(
     batch_size: int,
     progress: bool,
     lattice_bound: float | None,
+    dataset: str | None,
 ) -> Iterator[list[Candidate]]:
-    """:func:`predict_batches` on parsed formulas (``cells``: formula → its cells as atomic numbers, by Z)."""
+    """:func:`predict_batches` on parsed formulas (``cells``: formula → its cells as atomic numbers, by Z), shared
+    among the Zs by the prior of ``dataset`` (:func:`sampling_jobs`)."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if batch_size < 1:
@@ -119,7 +133,7 @@ def _predict_cells(
     # the model's hard limit, on each formula's largest cell
     check_cells({formula: max(options, key=len) for formula, options in cells.items()}, model.mode, None,
                 allow_outside_domain=True)
-    jobs = sampling_jobs(cells, num_samples)
+    jobs = sampling_jobs(cells, num_samples, dataset)
     sampler = {"steps": steps, "step_lr": step_lr, "progress": progress, "lattice_bound": lattice_bound}
     return _sample_batches(model, jobs, seed, batch_size, sampler)
 

@@ -1,11 +1,13 @@
 """Formula units: a reduced formula is sampled at every cell size Z the model supports, an explicit cell as
-written (``equicsp_core.domain.sampling_cells``), the candidates spread over Z (``equicsp_core.predict.sampling_jobs``)."""
+written (``equicsp_core.domain.sampling_cells``), the candidates shared among the Zs by the training prior
+(``equicsp_core.predict.sampling_jobs``)."""
 
 from collections import Counter
 
 import pytest
 
 from equicsp_core.domain import MAX_TABLE_ATOMS, max_cell_atoms, sampling_cells
+from equicsp_core.formula_unit_prior import shipped_table
 from equicsp_core.predict import sampling_jobs
 from equicsp_core.settings import FormulaError, SampleSettings, SettingsError, formula_of, formula_units
 
@@ -51,14 +53,26 @@ def test_a_small_domain_keeps_only_the_cells_that_fit():
     assert cells(["SrTiO3"], dataset="perov_5") == {"SrTiO3": [(SR, TI, O, O, O)]}
 
 
-def test_candidates_are_spread_round_robin_over_z():
-    """k = 20 over Z = 1..4: 5 per Z; k = 3 over Z = 1..4: Z = 1, 2, 3; sample indices count per formula."""
+def test_candidates_are_shared_among_z_by_the_training_prior():
+    """mp_20, k = 20, SrTiO3 (5 atoms per formula unit) over Z = 1..4: in proportion to the shipped counts + 1/2,
+    each Z's share at most one from its quota; the explicit cell Zn2O2 gets all 20; indices count per formula."""
     found = cells(["SrTiO3", "Zn2O2"], max_formula_units=4)
-    jobs = sampling_jobs(found, 20)
+    jobs = sampling_jobs(found, 20, "mp_20")
     by_formula = Counter((formula, formula_units(cell)) for formula, _, cell in jobs)
-    assert by_formula == {("SrTiO3", 1): 5, ("SrTiO3", 2): 5, ("SrTiO3", 3): 5, ("SrTiO3", 4): 5, ("Zn2O2", 2): 20}
+    weights = [shipped_table()["mp_20"][5].get(z, 0) + 0.5 for z in range(1, 5)]
+    shares = [by_formula[("SrTiO3", z)] for z in range(1, 5)]
+    assert sum(shares) == 20 and by_formula[("Zn2O2", 2)] == 20 and {f for f, _ in by_formula} == {"SrTiO3", "Zn2O2"}
+    assert all(abs(share - 20 * weight / sum(weights)) < 1 for share, weight in zip(shares, weights))
+    assert shares[0] > 5  # not the even spread: Z = 1 is the commonest 5-atom cell of mp_20
     assert [index for formula, index, _ in jobs if formula == "SrTiO3"] == list(range(20))
-    assert [formula_units(cell) for _, _, cell in sampling_jobs(found, 3)[:3]] == [1, 2, 3]
+
+
+def test_a_model_without_a_prior_spreads_round_robin():
+    """No table for the dataset: k = 20 over Z = 1..4 gives 5 per Z, sample i at Z = i mod 4 + 1; k = 3: Z = 1, 2, 3."""
+    found = cells(["SrTiO3"], max_formula_units=4)
+    for dataset in (None, "my_own_data"):
+        assert [formula_units(cell) for _, _, cell in sampling_jobs(found, 20, dataset)] == [1, 2, 3, 4] * 5
+        assert [formula_units(cell) for _, _, cell in sampling_jobs(found, 3, dataset)] == [1, 2, 3]
 
 
 def test_a_composition_with_no_supported_z_is_refused_in_one_line():
