@@ -126,7 +126,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="mp_20")
     parser.add_argument("--max-atoms", type=int, default=None, help="atoms per formula unit (default: the model's)")
     parser.add_argument("--ehull-max", type=float, default=ExploreSettings.default("ehull_max"), help="eV/atom")
-    parser.add_argument("--num-samples", type=int, default=8, help="candidates per composition, spread over Z")
+    parser.add_argument("--num-samples", type=int, default=8,
+                        help="candidates per composition, shared among Z by the training prior")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fmax", type=float, default=0.05)

@@ -1,8 +1,9 @@
 """Discovery benchmark: from a composition alone to the known structure, through the engine's pipeline.
 
 For each of the first ``--rows`` reserved mp_20 test rows (never trained on, never used for selection), only the
-reduced composition is given (``Sr4Ti4O12`` → ``SrTiO3``): the model samples ``--num-samples`` candidates spread
-over every cell size Z it supports (:func:`equicsp_core.domain.sampling_cells`), the pipeline screens them
+reduced composition is given (``Sr4Ti4O12`` → ``SrTiO3``): the model samples ``--num-samples`` candidates shared
+among every cell size Z it supports (:func:`equicsp_core.domain.sampling_cells`) by the training prior of
+:mod:`equicsp_core.formula_unit_prior` (lines written before it: round-robin), the pipeline screens them
 (implausible cells only), relaxes every plausible one with the ML potential, merges the relaxed duplicates and
 ranks them by ML energy per atom (:func:`equicsp_core.pipeline.rank`). Scored against the known structure with
 the papers' StructureMatcher tolerances (:func:`equicsp_core.metrics.rms_distance`):
@@ -11,9 +12,11 @@ the papers' StructureMatcher tolerances (:func:`equicsp_core.metrics.rms_distanc
 - ``relaxed``: among the ML-relaxed candidates (the discovery benchmark's "any match");
 - ``top1``: it is the ML ranking's winner (lowest energy per atom).
 
-One JSON line per composition in ``--out`` (resumable: rows already there are skipped), with its wall time;
-``--summary`` prints the fractions. DFT on the winners (the issue's level (c)) is not run here: a pw.x
-relaxation costs minutes to hours per structure on this CPU.
+One JSON line per composition in ``--out`` (resumable: rows already there are skipped), with its wall time and,
+per candidate, its Z, ML energy, space group after relaxation, match and rank (``candidate_details``: why the
+ranking misses a found structure; lines written before it lack them); ``--summary`` prints the fractions and, over
+the lines with details, the ML rank of the best-ranked match where the winner is not one. DFT on the winners (the
+issue's level (c)) is not run here: a pw.x relaxation costs minutes to hours per structure on this CPU.
 
     python benchmarks/discovery.py --checkpoint mp_20 --rows 100 --num-samples 10 --steps 100 \\
         --out benchmarks/results/discovery_mp20.jsonl
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 from equicsp_core.settings import RelaxSettings, SampleSettings, ScreenSettings, SettingsError
@@ -40,11 +44,13 @@ def reduced_formula_of(cif: str) -> tuple[str, object]:
 
 
 def run_row(index: int, cif: str, model, card, calculator, args: argparse.Namespace) -> dict:
-    """Sample, screen, relax, rank and score one composition."""
+    """Sample, screen, relax, rank and score one composition; ``candidate_details`` per candidate (see
+    :func:`candidate_details`)."""
     from equicsp_core.metrics import rms_distance
     from equicsp_core.pipeline import candidate_label, rank, screen
     from equicsp_core.predict import predict_with_settings
     from equicsp_core.relax import relax_structures
+    from equicsp_core.screening import space_group
 
     started = time.perf_counter()
     formula, known = reduced_formula_of(cif)
@@ -55,11 +61,8 @@ def run_row(index: int, cif: str, model, card, calculator, args: argparse.Namesp
         return {"row": index, "formula": formula, "known_atoms": len(known), "refused": str(error),
                 "sampled": False, "relaxed_match": False, "top1": False, "known_z": len(known) // formula_unit_atoms(
                     formula), "sampling_seconds": 0.0, "seconds": round(time.perf_counter() - started, 1)}
-    sampled = {}
-    for batch in batches:
-        for candidate in batch:
-            if candidate.structure is not None:
-                sampled[candidate_label(formula, candidate.sample_index)] = candidate
+    every = {candidate_label(formula, c.sample_index): c for batch in batches for c in batch}
+    sampled = {label: candidate for label, candidate in every.items() if candidate.structure is not None}
     sampling_seconds = time.perf_counter() - started
     decisions = screen({label: c.structure for label, c in sampled.items()}, ScreenSettings())
     plausible = {label: sampled[label].structure for label, decision in decisions.items() if decision["kept"]}
@@ -73,16 +76,53 @@ def run_row(index: int, cif: str, model, card, calculator, args: argparse.Namesp
 
     matched_sampled, matched_relaxed = matches({k: c.structure for k, c in sampled.items()}), matches(relaxed)
     winner = ranking.winners[0] if ranking.winners else None
+    details = candidate_details(every, decisions, results, ranking.ranking, set(matched_sampled), set(matched_relaxed),
+                                lambda structure: str(space_group(structure)))
     return {
         "row": index, "formula": formula, "known_atoms": len(known), "known_z": len(known) // formula_unit_atoms(formula),
+        "known_space_group": str(space_group(known)),
         "candidates": len(sampled), "plausible": len(plausible), "relaxed": len(relaxed),
         "z_sampled": sorted({c.formula_units for c in sampled.values()}),
         "sampled": bool(matched_sampled), "relaxed_match": bool(matched_relaxed),
         "top1": winner is not None and winner in matched_relaxed, "winner": winner,
         "winner_z": sampled[winner].formula_units if winner else None,
         "matched_z": sorted({sampled[label].formula_units for label in matched_relaxed}),
+        "candidate_details": details,
         "sampling_seconds": round(sampling_seconds, 1), "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def candidate_details(candidates: dict, decisions: dict, results: dict, ranking: dict, matched_sampled: set,
+                      matched_relaxed: set, space_group_of) -> list[dict]:
+    """One record per sampled candidate (``candidates``: label → :class:`~equicsp_core.predict.Candidate`, valid
+    or not), in sample order, so that why the ML ranking misses a found structure can be read off later:
+
+    - ``label``, ``sample``, ``z`` (its cell's formula units);
+    - ``stage``: ``invalid`` (no crystal), ``implausible`` (screened out), else the ranking's status
+      (``ml_relaxed``, ``duplicate``, ``ml_failed``);
+    - ``ml_energy_per_atom`` (eV/atom) and ``space_group`` (after ML relaxation, ``screening.space_group``),
+      ``None`` without a relaxed structure;
+    - ``rank``: the ML rank of its merged group (a duplicate: its representative's; 1 = the winner), and
+      ``duplicate_of`` (the representative, for a duplicate);
+    - ``sampled_match``, ``match``: the known structure, before and after relaxation.
+    """
+    group_of = {member: label for label, entry in ranking.items() for member in entry["members"] or ()}
+    records = []
+    for label, candidate in sorted(candidates.items(), key=lambda item: item[1].sample_index):
+        result = results.get(label)
+        stage = ("invalid" if candidate.structure is None else "implausible" if not decisions[label]["kept"]
+                 else ranking[label]["status"])
+        representative = group_of.get(label)
+        relaxed = result is not None and result.structure is not None
+        records.append({
+            "label": label, "sample": candidate.sample_index, "z": candidate.formula_units, "stage": stage,
+            "ml_energy_per_atom": result.energy_per_atom if relaxed else None,
+            "space_group": space_group_of(result.structure) if relaxed else None,
+            "rank": ranking[representative]["ml_rank"] if representative else None,
+            "duplicate_of": representative if representative not in (None, label) else None,
+            "sampled_match": label in matched_sampled, "match": label in matched_relaxed,
+        })
+    return records
 
 
 def formula_unit_atoms(formula: str) -> int:
@@ -110,14 +150,26 @@ def summary(path: Path) -> dict:
         "refused": sum("refused" in line for line in lines),
         "mean_seconds": round(sum(line["seconds"] for line in lines) / count, 1),
         "mean_sampling_seconds": round(sum(line["sampling_seconds"] for line in lines) / count, 1),
+        **missed_ranks(lines),
     }
+
+
+def missed_ranks(lines: list[dict]) -> dict:
+    """Over the lines with ``candidate_details``: how many, and for those whose known structure was found but not
+    ranked first, ``{best ML rank of a match: compositions}``."""
+    detailed = [line for line in lines if "candidate_details" in line]
+    missed = Counter(min(c["rank"] for c in line["candidate_details"] if c["match"] and c["rank"] is not None)
+                     for line in detailed if line["relaxed_match"] and not line["top1"])
+    return {"with_candidate_details": len(detailed),
+            "found_not_top1_by_best_match_rank": {str(rank): missed[rank] for rank in sorted(missed)}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default="mp_20")
     parser.add_argument("--rows", type=int, default=100, help="first N reserved mp_20 test rows")
-    parser.add_argument("--num-samples", type=int, default=10, help="candidates per composition, spread over Z")
+    parser.add_argument("--num-samples", type=int, default=10,
+                        help="candidates per composition, shared among Z by the training prior")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fmax", type=float, default=0.05)

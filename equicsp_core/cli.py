@@ -31,8 +31,10 @@ checkpoint, the potential, the device: :class:`equicsp_core.runfolder.Failure`) 
 programs that run ``equicsp`` (the AiiDA parsers), so that they never read the message's words.
 
 ``equicsp sample`` samples a reduced formula (``ZnO``, ``SrTiO3``) at every cell size Z = 1..Zmax the model's
-training domain holds (``--max-formula-units`` caps Zmax; 1: the written cell only), the candidates spread over
-Z; a formula written with Z > 1 (``Zn2O2``) is that cell only (:mod:`equicsp_core.domain`). Each entry of
+training domain holds (``--max-formula-units`` caps Zmax; 1: the written cell only), the candidates shared among
+the Zs in proportion to how often each occurs in the model's training data (:mod:`equicsp_core.formula_unit_prior`;
+the even spread for a model of another dataset); a formula written with Z > 1 (``Zn2O2``) is that cell only
+(:mod:`equicsp_core.domain`). Each entry of
 ``index.json`` names its Z (``formula_units``) and its cell (``cell_formula``).
 
 ``equicsp sample`` takes its settings either from flags or from ``--input FILE``, a YAML mapping with the

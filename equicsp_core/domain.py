@@ -21,6 +21,8 @@ Formula units
     written with gcd > 1 (``Zn2O2``) is an explicit cell: Z is its gcd, and it means exactly that cell.
     ``allow_outside_domain`` keeps its meaning, per cell: a formula whose smallest cell is beyond the
     domain is sampled at Z = 1 (as written) instead of refused; the Z search itself never leaves the domain.
+    How the ``num_samples`` candidates are shared among these Zs is :mod:`equicsp_core.formula_unit_prior`'s
+    (in proportion to the Zs of the training data; :func:`equicsp_core.predict.sampling_jobs`).
 
 Torch-free: the AiiDA daemon checks a sampling request with it.
 """

@@ -288,7 +288,8 @@ class SampleSettings(Settings):
     formulas: tuple[str, ...] = Field(
         description="compositions: a reduced formula (SrTiO3, ZnO) is sampled at every cell size Z the model "
                     "supports; one written with Z > 1 (Zn2O2) is that cell only")
-    num_samples: StrictInt = Field(20, ge=1, description="candidates per formula (the papers' k), spread over Z")
+    num_samples: StrictInt = Field(20, ge=1, description="candidates per formula (the papers' k), shared among its "
+                                  "cell sizes Z by the training prior")
     max_formula_units: StrictInt | None = Field(
         None, ge=1, description="largest Z (formula units per cell) of a reduced formula (None: as many as the "
                                 "model's training domain holds; 1: only the written cell)")

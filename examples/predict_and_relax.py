@@ -49,8 +49,8 @@ def parse_args() -> argparse.Namespace:
                              "SrTiO3: wurtzite ZnO has Z = 2, so a Z search is what finds it)")
     parser.add_argument("--model", default="mp_20", help="shipped checkpoint name or file (default mp_20, the "
                         "general model)")
-    parser.add_argument("--num-samples", type=int, default=8, help="candidates per composition, spread over Z "
-                        "(default 8)")
+    parser.add_argument("--num-samples", type=int, default=8, help="candidates per composition, shared among Z by "
+                        "the training prior (default 8)")
     parser.add_argument("--max-formula-units", type=int, default=4, help="largest Z sampled (default 4)")
     parser.add_argument("--top-k", type=int, default=1, help="DFT-relax the best k after CHGNet (default 1)")
     parser.add_argument("--dft", action=argparse.BooleanOptionalAction, default=True, help="run the DFT stage")

@@ -323,7 +323,8 @@ def test_sample_writes_parsable_cifs_for_valid_samples(checkpoint, tmp_path, fix
 
 
 def test_sample_spreads_a_reduced_formula_over_z_and_keeps_an_explicit_cell(checkpoint, tmp_path, fixed_cell_sampler):
-    """Si (reduced) with --max-formula-units 3: samples 0..4 at Z = 1, 2, 3, 1, 2, each CIF holding its cell;
+    """Si (reduced) with --max-formula-units 3: samples 0..4 at Z = 1, 2, 3, 1, 2 (the even spread: the test model is
+    of perov_5, whose prior holds no 1-atom formula unit), each CIF holding its cell;
     O2 (written with Z = 2) is that cell only. Z and the cell are in index.json."""
     from pymatgen.core import Composition, Structure
 

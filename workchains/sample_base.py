@@ -26,8 +26,9 @@ Rerunning only what is missing
     ``num_samples - 1`` extra crystals in the same job, where one calculation per distinct shortfall would
     queue one more job per shortfall. The merge keeps the first ``num_samples`` candidates of each formula,
     in the order of the calculations, and drops the surplus. Candidates are counted per requested formula,
-    whatever their cell size Z: a rerun spreads its candidates over Z afresh (from Z = 1), so after a restart a
-    formula's candidates may be spread over Z less evenly than in one run (by at most one per Z and rerun).
+    whatever their cell size Z: a rerun shares its candidates among the Zs afresh
+    (:mod:`equicsp_core.formula_unit_prior`), so after a restart a formula's candidates per Z may differ a little
+    from one uninterrupted run's (each run's share of a Z is within one of its quota).
 
 Seeds
     Calculation ``i`` (1, 2, ...) runs with ``seed + i - 1`` (``seed`` from ``parameters``, else the engine's

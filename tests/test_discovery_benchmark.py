@@ -1,0 +1,100 @@
+"""``benchmarks/discovery.py``: the per-candidate records of its lines, a tiny run (perov_5, a Lennard-Jones
+potential) and ``--summary`` over lines written before and after the records."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARK = ROOT / "benchmarks" / "discovery.py"
+OLD_LINES = ROOT / "benchmarks" / "results" / "discovery_mp20_stage2_e35.jsonl"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("discovery_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cubic_srtio3(a=3.9):
+    from pymatgen.core import Lattice, Structure
+
+    return Structure(Lattice.cubic(a), ["Sr", "Ti", "O", "O", "O"],
+                     [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+
+
+def test_candidate_details_name_z_energy_space_group_match_and_the_group_s_rank():
+    """Four candidates: two relax into one structure (the lower-energy one ranked 1, the other its duplicate, rank 1
+    too), one screened out, one invalid; the duplicate's match and energy are its own."""
+    from equicsp_core.pipeline import rank
+    from equicsp_core.predict import Candidate
+    from equicsp_core.relax import RelaxResult
+    from equicsp_core.screening import space_group
+
+    structures = {"S_000": cubic_srtio3(), "S_001": cubic_srtio3(), "S_002": cubic_srtio3(1.0)}
+    candidates = {label: Candidate("SrTiO3", int(label[-1]), 1, "SrTiO3", structure)
+                  for label, structure in structures.items()}
+    candidates["S_003"] = Candidate("SrTiO3", 3, 2, "Sr2Ti2O6", None)
+    decisions = {"S_000": {"kept": True}, "S_001": {"kept": True}, "S_002": {"kept": False}}
+    results = {"S_000": RelaxResult("converged", cubic_srtio3(), -2.0), "S_001": RelaxResult("converged",
+                                                                                               cubic_srtio3(), -1.0)}
+    ranking = rank({label: r.as_dict() for label, r in results.items()},
+                   {label: r.structure for label, r in results.items()}, top_k=1).ranking
+    records = load_benchmark().candidate_details(candidates, decisions, results, ranking, {"S_001"}, {"S_001"},
+                                                 lambda structure: str(space_group(structure)))
+    assert [(r["label"], r["z"], r["stage"], r["rank"], r["duplicate_of"], r["match"]) for r in records] == [
+        ("S_000", 1, "ml_relaxed", 1, None, False), ("S_001", 1, "duplicate", 1, "S_000", True),
+        ("S_002", 1, "implausible", None, None, False), ("S_003", 2, "invalid", None, None, False)]
+    assert [r["ml_energy_per_atom"] for r in records] == [-2.0, -1.0, None, None]
+    assert records[0]["space_group"] == str(space_group(cubic_srtio3())) and "221" in records[0]["space_group"]
+    assert [r["sampled_match"] for r in records] == [False, True, False, False]
+
+
+def test_a_tiny_run_writes_one_record_per_candidate(fixture_data_dir):
+    """A perov_5 row, 3 candidates at 5 steps, Lennard-Jones for 10 steps: one record per candidate, consistent
+    with the line's flags, and the line is JSON."""
+    from equicsp_core.checkpoint import load_model
+    from equicsp_core.splits import Row, load_cifs
+    from tests.test_relax import lennard_jones
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, card = load_model("perov_5")
+        cif = load_cifs("perov_5", [Row("test", 0)], fixture_data_dir)[0]
+        options = argparse.Namespace(num_samples=3, steps=5, seed=0, fmax=0.05, relax_steps=10)
+        line = load_benchmark().run_row(0, cif, model, card, lennard_jones(), options)
+    finally:
+        torch.set_num_threads(threads)
+    details = line["candidate_details"]
+    assert [c["sample"] for c in details] == [0, 1, 2] and {c["z"] for c in details} == {1}
+    assert line["relaxed_match"] == any(c["match"] for c in details)
+    assert line["sampled"] == any(c["sampled_match"] for c in details)
+    ranked = [c for c in details if c["rank"] == 1 and c["duplicate_of"] is None]
+    assert [c["label"] for c in ranked] == ([line["winner"]] if line["winner"] else [])
+    assert all((c["ml_energy_per_atom"] is None) == (c["space_group"] is None) for c in details)
+    assert json.loads(json.dumps(line)) == line
+
+
+def test_the_summary_reads_lines_with_and_without_candidate_details(tmp_path):
+    """A line written before the records (from the committed results) and two with them: the fractions over all
+    three, the missed-rank histogram over the two."""
+    old = json.loads(OLD_LINES.read_text().splitlines()[0])
+    assert "candidate_details" not in old
+
+    def detailed(row, found_rank, top1):
+        records = [{"label": f"X_00{rank}", "rank": rank, "match": rank == found_rank} for rank in (1, 2, 3)]
+        return {**old, "row": row, "relaxed_match": True, "top1": top1, "candidate_details": records}
+
+    path = tmp_path / "lines.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in (old, detailed(7, 3, False), detailed(8, 1, True))))
+    summary = load_benchmark().summary(path)
+    assert summary["compositions"] == 3 and summary["with_candidate_details"] == 2
+    assert summary["relaxed_match"] == round(100 * (old["relaxed_match"] + 2) / 3, 1)
+    assert summary["found_not_top1_by_best_match_rank"] == {"3": 1}
