@@ -186,6 +186,32 @@ def read_checkpoint(name_or_path: str | os.PathLike) -> dict[str, Any]:
     return payload
 
 
+#: The settings and figures of a card's evaluation that ``equicsp info`` lists (the rest stays in the card).
+FIGURE_KEYS = ("split", "crystals", "num_samples", "steps", "step_lr", "lattice_bound", "precision", "match_rate",
+               "rmse")
+
+
+def shipped_summaries() -> list[dict[str, Any]]:
+    """One record per shipped checkpoint: its name, dataset, size, data protocol, training and figures.
+
+    ``figures`` holds each evaluation of the card (the papers' match rate in % and RMSE, on the split and
+    rows named there) restricted to :data:`FIGURE_KEYS`; ``rows`` is ``None`` on a card written before the
+    protocol recorded its row counts.
+    """
+    summaries = []
+    for name in shipped_checkpoints():
+        payload = read_checkpoint(name)
+        card = payload["card"]
+        summaries.append({
+            "name": name, "dataset": card["dataset"],
+            "parameters": sum(v.numel() for v in payload["state_dict"].values()),
+            "protocol": card["protocol"], "rows": card.get("rows"), "epochs": card["epochs"],
+            "selection_loss": card["val_loss"], "train_seconds": card["train_seconds"], "date": card["date"],
+            "figures": [{key: evaluation.get(key) for key in FIGURE_KEYS} for evaluation in card.get("evaluations", [])],
+        })
+    return summaries
+
+
 def _fit_problem(model: CrystalDiffusion, state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """One line on how ``state_dict`` does not fit ``model``'s network, ``None`` when it fits."""
     expected = model.net.state_dict()

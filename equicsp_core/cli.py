@@ -427,8 +427,11 @@ def _versions(*packages: str) -> dict[str, str]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from equicsp_core.checkpoint import file_sha256, read_checkpoint, resolve_checkpoint
+    from equicsp_core.checkpoint import file_sha256, read_checkpoint, resolve_checkpoint, shipped_summaries
 
+    if args.checkpoint is None:
+        print(json.dumps(shipped_summaries(), indent=2))
+        return 0
     payload = read_checkpoint(args.checkpoint)
     parameters = sum(v.numel() for v in payload["state_dict"].values())
     print(json.dumps({"denoiser": payload["denoiser"], "diffusion": payload["diffusion"], "parameters": parameters,
@@ -559,8 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.set_defaults(func=cmd_evaluate_generation)
 
-    p = sub.add_parser("info", help="print a checkpoint's model card")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("info", help="print a checkpoint's model card; without one, list the shipped models")
+    p.add_argument("checkpoint", nargs="?", help="a shipped model's name or a checkpoint's path; without it: every "
+                   "shipped model with its dataset, data protocol, training and figures")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("tables", help="recompute the von Mises normalisation tables")

@@ -68,6 +68,12 @@ def training_splits(
             provenance)
 
 
+def epoch_order(num_crystals: int, seed: int, epoch: int) -> list[int]:
+    """The order in which epoch ``epoch`` (0-based) visits the training crystals: a permutation of
+    ``range(num_crystals)`` seeded by ``seed · 100003 + epoch`` (so a resumed run repeats it)."""
+    return torch.randperm(num_crystals, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
 def _batches(crystals: list[Crystal], batch_size: int, order: list[int]) -> Iterator[CrystalBatch]:
     for start in range(0, len(order), batch_size):
         yield CrystalBatch.collate([crystals[i] for i in order[start:start + batch_size]])
@@ -149,10 +155,10 @@ def train(
     model.train()
     for epoch in range(state["epoch"], settings.epochs):
         epoch_start = time.perf_counter()
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(settings.seed * 100_003 + epoch))
+        order = epoch_order(len(train_set), settings.seed, epoch)
         sums: dict[str, float] = {}
         steps = skipped = 0
-        bar = tqdm(list(_batches(train_set, settings.batch_size, order.tolist())), desc=f"epoch {epoch + 1}/{settings.epochs}",
+        bar = tqdm(list(_batches(train_set, settings.batch_size, order)), desc=f"epoch {epoch + 1}/{settings.epochs}",
                    disable=not progress, leave=False, unit="batch")
         for batch in bar:
             terms = run.step(batch, settings.precision, settings.grad_clip_value)

@@ -8,6 +8,8 @@ import torch
 from equicsp_core import sampler
 from equicsp_core.checkpoint import read_checkpoint
 from equicsp_core.cli import main
+from equicsp_core.config import load_run_config, preset_names
+from equicsp_core.data import DATASETS
 from equicsp_core.diffusion import CrystalDiffusion
 
 TIMING_FIELDS = {"seconds", "crystals_per_s"}
@@ -237,6 +239,25 @@ def test_init_from_a_differently_sized_model_is_refused(tmp_path, capsys):
     assert "its denoiser" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_preset_loads_and_names_its_dataset(preset):
+    """Each shipped preset is a valid run config, and one named after a dataset (``mpts_52-cpu``) trains on it."""
+    config = load_run_config(preset)
+    named = preset.split("-")[0]
+    assert config.dataset == named or named not in DATASETS
+
+
+def test_cpu_presets_share_the_shipped_cpu_network():
+    """The CPU-sized presets of the protocol's datasets use the shipped mp_20 network, bf16 and the weight average."""
+    reference = load_run_config("mp_20-cpu")
+    for preset in ("carbon_24-cpu", "mpts_52-cpu"):
+        config = load_run_config(preset)
+        sizes = [(c.denoiser.hidden_dim, c.denoiser.num_layers, c.denoiser.num_freqs) for c in (config, reference)]
+        assert sizes[0] == sizes[1]
+        assert (config.train.precision, config.train.ema_decay) == (reference.train.precision, reference.train.ema_decay)
+    assert load_run_config("mpts_52-cpu").denoiser.crystal_mean_heads  # the papers' cspnet_v3 heads for mpts_52
+
+
 @pytest.mark.parametrize(
     "args, named",
     [
@@ -275,6 +296,21 @@ def test_info_prints_card_as_json(checkpoint, capsys):
     assert info["card"]["epochs"] in (1, 2)
     assert info["parameters"] > 0
     assert info["denoiser"]["hidden_dim"] == 32
+
+
+def test_info_without_checkpoint_lists_every_shipped_model(capsys):
+    """`info` alone lists every shipped checkpoint with its dataset, data protocol and reported figures."""
+    from equicsp_core.checkpoint import read_checkpoint, shipped_checkpoints
+
+    capsys.readouterr()
+    assert run_cli("info") == 0
+    listed = {entry["name"]: entry for entry in json.loads(capsys.readouterr().out)}
+    assert set(listed) == set(shipped_checkpoints()) and listed
+    for name, entry in listed.items():
+        card = read_checkpoint(name)["card"]
+        assert (entry["dataset"], entry["protocol"], entry["epochs"]) == (card["dataset"], card["protocol"], card["epochs"])
+        assert [figure["match_rate"] for figure in entry["figures"]] == [e["match_rate"] for e in card["evaluations"]]
+        assert entry["figures"] and all(figure["split"] and figure["crystals"] for figure in entry["figures"])
 
 
 def test_info_of_non_checkpoint_exits_2(tmp_path):

@@ -110,3 +110,28 @@ def test_is_valid_combines_both_tests():
     """is_valid needs structural and compositional validity."""
     assert is_valid(rocksalt())
     assert not is_valid(Structure(Lattice.cubic(5.0), ["Na", "Cl", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5], [0, 0.5, 0.5]]))
+
+
+def diamond() -> Structure:
+    """Cubic diamond, the conventional cell: 8 carbon atoms."""
+    return Structure.from_spacegroup("Fd-3m", Lattice.cubic(3.567), ["C"], [[0, 0, 0]])
+
+
+def lonsdaleite() -> Structure:
+    """Hexagonal diamond doubled along a: 8 carbon atoms, the same density and bonds as diamond, other stacking."""
+    cell = Structure.from_spacegroup("P6_3/mmc", Lattice.hexagonal(2.52, 4.12), ["C"], [[1 / 3, 2 / 3, 0.0625]])
+    cell.make_supercell([2, 1, 1])
+    return cell
+
+
+def test_one_element_cells_carbon_24():
+    """carbon_24 (one element, docs/method.md §8): any carbon cell is compositionally valid (SMACT is skipped: C has
+    no neutral state), the papers' matcher tells two 8-atom polymorphs apart and matches a perturbed copy."""
+    assert len(diamond()) == len(lonsdaleite()) == 8
+    assert is_valid(diamond()) and is_valid(lonsdaleite())
+    assert compositional_validity([6] * 24)
+    assert rms_distance(lonsdaleite(), diamond()) is None
+    assert rms_distance(perturbed(diamond(), 0.03), diamond()) < 0.05
+    result = match_rate([diamond(), diamond(), lonsdaleite()], [[perturbed(diamond(), 0.03)], [lonsdaleite()],
+                                                                [lonsdaleite()]])
+    assert (result.matched, result.valid_predictions) == (2, 3)
