@@ -52,6 +52,26 @@ class SampleDocument(BaseModel):
     settings: dict[str, Any] = Field(description="SampleSettings.to_dict() of the run")
 
 
+class GenerateDocument(BaseModel):
+    """What an ab initio generation job produced (atom types drawn too), and from which model and settings.
+
+    Its ``candidates`` and ``invalid`` are those of a :class:`SampleDocument`, so the screen → relax → rank stages
+    take either; a crystal's ``formula`` is the reduced formula it came out with, its ``sample`` its index among
+    all the crystals generated (``SrTiO3_004``).
+    """
+
+    candidates: list[CandidateDocument] = Field(description="the valid crystals")
+    invalid: list[dict[str, Any]] = Field(
+        description="each crystal that was not valid: {formula, sample, formula_units, cell_formula}")
+    num_requested: int
+    checkpoint: str = Field(description="checkpoint name or path, as given")
+    checkpoint_sha256: str
+    card: dict[str, Any] = Field(description="the model card: dataset, training and 'num_atoms_counts', the "
+                                             "distribution the atom counts are drawn from without num_atoms")
+    step_lr: float = Field(description="the Langevin step scale used: the setting, else the dataset's generation γ")
+    settings: dict[str, Any] = Field(description="GenerateSettings.to_dict() of the run")
+
+
 class ScreenDocument(BaseModel):
     """Candidates worth relaxing, and the decision on every candidate (:func:`equicsp_core.pipeline.screen`)."""
 

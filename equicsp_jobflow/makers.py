@@ -1,8 +1,10 @@
 """jobflow Makers for structure prediction: sample → screen → ML relax → rank → stability → (phonons) → symmetrise →
-DFT; and for exploring a chemical system (:class:`ChemicalSystemMaker`: one such flow per composition).
+DFT; for exploring a chemical system (:class:`ChemicalSystemMaker`: one such flow per composition); and for ab
+initio generation (:class:`GenerateMaker`; :class:`GenerateRelaxMaker`: generate, then the same stages).
 
 The same pipeline as the AiiDA work chain ``equicsp.predict_relax``, from the same functions: sampling through
-:func:`equicsp_core.predict.predict_with_settings`, screening, ranking and the table through
+:func:`equicsp_core.predict.predict_with_settings` (generation through
+:func:`equicsp_core.generate.generate_with_settings`), screening, ranking and the table through
 :mod:`equicsp_core.pipeline`, relaxation through :func:`equicsp_core.relax.relax_structures`. The Makers'
 fields are the knobs of :mod:`equicsp_core.settings`, derived from its models (:func:`knob_fields`), so every
 knob of a route is a field here, with the same default and the same checks (at construction).
@@ -20,10 +22,11 @@ or force-field Makers); it relaxes the winners after symmetrisation.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import field, make_dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jobflow import Flow, Maker, OnMissing, Response, job
+from jobflow import Flow, Job, Maker, OnMissing, Response, job
 from pymatgen.core import Structure
 
 from equicsp_core.pipeline import (
@@ -41,6 +44,7 @@ from equicsp_core.pipeline import (
 from equicsp_core.settings import (
     DFTSettings,
     ExploreSettings,
+    GenerateSettings,
     RankSettings,
     RelaxSettings,
     SampleSettings,
@@ -51,12 +55,16 @@ from equicsp_core.settings import (
 )
 from equicsp_jobflow.documents import (
     CandidateDocument,
+    GenerateDocument,
     RankingDocument,
     RelaxDocument,
     SampleDocument,
     ScreenDocument,
     StableCandidatesDocument,
 )
+
+if TYPE_CHECKING:
+    from equicsp_core.predict import Candidate
 
 
 def knob_fields(model: type[Settings], exclude: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
@@ -68,6 +76,21 @@ def knob_fields(model: type[Settings], exclude: tuple[str, ...] = ()) -> list[tu
 def _settings(maker: Any, model: type[Settings], **values: Any) -> Settings:
     """The ``model`` settings of a Maker's fields (and ``values``); raises ``ValueError`` naming a bad knob."""
     return model(**{key: getattr(maker, key) for key in model.keys() if key not in values}, **values)
+
+
+def _documents(samples: Iterable[Candidate], prefixes: dict[str, str]) -> tuple[list[CandidateDocument],
+                                                                               list[dict[str, Any]]]:
+    """The valid ``samples`` as documents labelled ``<prefix of its formula>_<index>``, and the invalid ones as
+    ``{formula, sample, formula_units, cell_formula}``."""
+    candidates, invalid = [], []
+    for sample in samples:
+        if sample.structure is None:
+            invalid.append({"formula": sample.formula, "sample": sample.sample_index,
+                            "formula_units": sample.formula_units, "cell_formula": sample.cell_formula})
+        else:
+            label = candidate_label(prefixes[sample.formula], sample.sample_index)
+            candidates.append(CandidateDocument.of(label, sample.formula, sample.sample_index, sample.structure))
+    return candidates, invalid
 
 
 def _as_dict(result: Any) -> dict[str, Any]:
@@ -102,17 +125,8 @@ class _SampleJob(Maker):
         if settings.threads is not None:  # else the worker's own setting stands
             set_threads(settings.threads)
         model, card = load_model(path, resolve_device(settings.device))
-        prefixes = label_prefixes(settings.formulas)
-        candidates, invalid = [], []
-        for batch in predict_with_settings(model, card, settings):
-            for sample in batch:
-                if sample.structure is None:
-                    invalid.append({"formula": sample.formula, "sample": sample.sample_index,
-                                    "formula_units": sample.formula_units, "cell_formula": sample.cell_formula})
-                else:
-                    label = candidate_label(prefixes[sample.formula], sample.sample_index)
-                    candidates.append(CandidateDocument.of(label, sample.formula, sample.sample_index,
-                                                           sample.structure))
+        samples = [sample for batch in predict_with_settings(model, card, settings) for sample in batch]
+        candidates, invalid = _documents(samples, label_prefixes(settings.formulas))
         return SampleDocument(formulas=list(settings.formulas), candidates=candidates, invalid=invalid,
                               num_requested=len(settings.formulas) * settings.num_samples,
                               checkpoint=str(self.checkpoint), checkpoint_sha256=file_sha256(path),
@@ -126,6 +140,65 @@ EquiCSPSampleMaker = make_dataclass(
     [("name", str, field(default="equicsp sample")), ("checkpoint", str, field(default="mp_20")),
      *knob_fields(SampleSettings, exclude=("formulas",))],
     bases=(_SampleJob,), namespace={"__module__": __name__, "__doc__": _SampleJob.__doc__})
+
+
+# --- generate ---------------------------------------------------------------------------------------------------
+
+
+class _GenerateJob(Maker):
+    """The job of :class:`GenerateMaker` (its fields: ``name``, ``checkpoint`` and the generation knobs)."""
+
+    def __post_init__(self) -> None:
+        self.settings(1)  # refuse bad settings now (1: any valid number of crystals)
+
+    def settings(self, num_samples: int) -> GenerateSettings:
+        """The :class:`GenerateSettings` of generating ``num_samples`` crystals (raises ``ValueError`` on bad input)."""
+        return _settings(self, GenerateSettings, num_samples=num_samples)
+
+    def make(self, num_samples: int) -> Job:
+        """The job generating ``num_samples`` crystals. The request is checked here, against the model, before any
+        job exists: the checkpoint is read where the flow is built (as well as where the job runs) and given to
+        :func:`equicsp_core.generate.generate_with_settings`, which checks everything when it is called (a CSP
+        checkpoint, ``num_atoms`` beyond the model, ``steps`` beyond its T) and samples nothing until its batches
+        are read. Raises ``ValueError`` (a :class:`~equicsp_core.checkpoint.CheckpointError` is one)."""
+        from equicsp_core.checkpoint import load_model
+        from equicsp_core.generate import generate_with_settings
+
+        settings = self.settings(num_samples)
+        generate_with_settings(*load_model(self.checkpoint), settings)  # the checks only: no batch is read
+        return self.generate(num_samples)
+
+    @job(output_schema=GenerateDocument, data=Structure)
+    def generate(self, num_samples: int) -> GenerateDocument:
+        """Generate ``num_samples`` crystals (:func:`equicsp_core.generate.generate_with_settings`), each labelled by
+        the reduced formula it came out with and its index among all (``SrTiO3_004``)."""
+        from equicsp_core.checkpoint import load_model, resolve_checkpoint
+        from equicsp_core.files import file_sha256
+        from equicsp_core.generate import generate_with_settings
+        from equicsp_core.hardware import resolve_device, set_threads
+
+        settings = self.settings(num_samples)
+        path = resolve_checkpoint(self.checkpoint)
+        if settings.threads is not None:  # else the worker's own setting stands
+            set_threads(settings.threads)
+        model, card = load_model(path, resolve_device(settings.device))
+        samples = [sample for batch in generate_with_settings(model, card, settings) for sample in batch]
+        candidates, invalid = _documents(samples, label_prefixes(list(dict.fromkeys(s.formula for s in samples))))
+        return GenerateDocument(candidates=candidates, invalid=invalid, num_requested=settings.num_samples,
+                                checkpoint=str(self.checkpoint), checkpoint_sha256=file_sha256(path),
+                                card=card or {}, step_lr=settings.step_lr_for((card or {}).get("dataset")),
+                                settings=settings.to_dict())
+
+
+#: Generate crystals ab initio (atom types too) with an EquiCSP generation checkpoint (``equicsp train --task
+#: generation``). ``checkpoint`` (required: no shipped model generates) is a checkpoint's name or a file path; the
+#: other fields are
+#: :class:`GenerateSettings`' knobs but ``num_samples``, which ``make`` takes.
+GenerateMaker = make_dataclass(
+    "GenerateMaker",
+    [("name", str, field(default="equicsp generate")), ("checkpoint", str, field(kw_only=True)),
+     *knob_fields(GenerateSettings, exclude=("num_samples",))],
+    bases=(_GenerateJob,), namespace={"__module__": __name__, "__doc__": _GenerateJob.__doc__})
 
 
 # --- screen -----------------------------------------------------------------------------------------------------
@@ -184,6 +257,17 @@ EquiCSPRelaxMaker = make_dataclass(
 # --- the flow ---------------------------------------------------------------------------------------------------
 
 
+def _after_sampling_fields() -> list[tuple[str, Any, Any]]:
+    """The fields of the flow Makers after sampling (fresh ones per Maker): the screen, relax and DFT Makers, the
+    ranking and stability knobs and ``symprec``."""
+    return [("screen_maker", Maker, field(default_factory=ScreenCandidatesMaker)),
+            ("relax_maker", Maker, field(default_factory=EquiCSPRelaxMaker)),
+            *knob_fields(RankSettings),
+            *knob_fields(StabilitySettings),
+            ("symprec", float, field(default=DFTSettings.default("symprec"))),
+            ("dft_maker", Maker | None, field(default=None))]
+
+
 class _PredictRelaxFlow(Maker):
     """The flow of :class:`PredictRelaxMaker`; its fields: the Makers of each stage, :class:`RankSettings`' knobs
     (``top_k``, ``phonons``), :class:`StabilitySettings`' knobs (``stability``, ``reference_cutoff``,
@@ -201,7 +285,8 @@ class _PredictRelaxFlow(Maker):
         return self.make_from_samples(sample.output, [sample])
 
     def make_from_samples(self, samples: Any, jobs: list | None = None) -> Flow:
-        """The flow after sampling, from a :class:`SampleDocument` (or a reference to one)."""
+        """The flow after sampling, from a :class:`SampleDocument` or a :class:`GenerateDocument` (or a reference to
+        one)."""
         screen_job = self.screen_maker.make(samples.candidates)
         relax = relax_survivors(screen_job.output.survivors, self.relax_maker)
         table = rank_and_finish(samples, screen_job.output, relax.output, self)
@@ -214,14 +299,29 @@ class _PredictRelaxFlow(Maker):
 PredictRelaxMaker = make_dataclass(
     "PredictRelaxMaker",
     [("name", str, field(default="equicsp predict-relax")),
-     ("sample_maker", Maker, field(default_factory=EquiCSPSampleMaker)),
-     ("screen_maker", Maker, field(default_factory=ScreenCandidatesMaker)),
-     ("relax_maker", Maker, field(default_factory=EquiCSPRelaxMaker)),
-     *knob_fields(RankSettings),
-     *knob_fields(StabilitySettings),
-     ("symprec", float, field(default=DFTSettings.default("symprec"))),
-     ("dft_maker", Maker | None, field(default=None))],
+     ("sample_maker", Maker, field(default_factory=EquiCSPSampleMaker)), *_after_sampling_fields()],
     bases=(_PredictRelaxFlow,), namespace={"__module__": __name__, "__doc__": _PredictRelaxFlow.__doc__})
+
+
+class _GenerateRelaxFlow(_PredictRelaxFlow):
+    """The flow of :class:`GenerateRelaxMaker`; its fields: ``generate_maker`` (a :class:`GenerateMaker`, required)
+    and those of :class:`PredictRelaxMaker` after sampling, with the same defaults."""
+
+    def make(self, num_samples: int) -> Flow:
+        """The flow for ``num_samples`` generated crystals; a bad request is refused here
+        (:meth:`GenerateMaker.make`)."""
+        generate = self.generate_maker.make(num_samples)
+        return self.make_from_samples(generate.output, [generate])
+
+
+#: Flow from ab initio generation to a ranking table: generate → screen → ML relax → rank (within each reduced
+#: composition generated) → stability and novelty → phonons → symmetrise → DFT on the best ``top_k`` of each
+#: composition (only with ``dft_maker``) → table: :class:`PredictRelaxMaker`'s stages after sampling.
+GenerateRelaxMaker = make_dataclass(
+    "GenerateRelaxMaker",
+    [("name", str, field(default="equicsp generate-relax")), ("generate_maker", Maker, field(kw_only=True)),
+     *_after_sampling_fields()],
+    bases=(_GenerateRelaxFlow,), namespace={"__module__": __name__, "__doc__": _GenerateRelaxFlow.__doc__})
 
 
 def _task_result(document: Any) -> tuple[Structure | None, float | None, bool | None]:
@@ -268,7 +368,7 @@ def collect_relaxations(survivors: list[CandidateDocument], documents: list[Any]
 
 
 @job
-def rank_and_finish(samples: SampleDocument, screening: ScreenDocument, relaxation: RelaxDocument,
+def rank_and_finish(samples: SampleDocument | GenerateDocument, screening: ScreenDocument, relaxation: RelaxDocument,
                     maker: Any) -> Response:
     """Rank (:func:`equicsp_core.pipeline.rank`); replace this job by the phonon check and DFT of the winners and
     the table job, or output the table now when there is nothing more to run."""
@@ -349,7 +449,7 @@ def dft_maker_level(dft_maker: Maker) -> str:
 
 
 @job(output_schema=RankingDocument, data=Structure)
-def tabulate(samples: SampleDocument, screening: ScreenDocument, relaxation: RelaxDocument, ranking: dict[str, Any],
+def tabulate(samples: SampleDocument | GenerateDocument, screening: ScreenDocument, relaxation: RelaxDocument, ranking: dict[str, Any],
              phonons: dict[str, Any] | None, dft: dict[str, Any], stability: dict[str, Any] | None = None,
              relax_settings: dict[str, Any] | None = None, dft_inputs: dict[str, Structure] | None = None,
              symprec: float = 0.0, dft_level: str | None = None) -> RankingDocument:
@@ -395,15 +495,16 @@ class _ChemicalSystemFlow(Maker):
 
     def make(self, chemical_system: str) -> Flow:
         """One predict-relax flow per composition of ``chemical_system`` that the model can sample
-        (:func:`equicsp_core.chemical_system.compositions_to_explore`), then the stable ones; a bad system, or one
-        with no composition within the limits, is refused here (``ValueError``), before any job exists."""
+        (:func:`equicsp_core.chemical_system.compositions_to_explore`), then the stable ones; a bad system, one
+        with no composition within the limits, or a generation checkpoint, is refused here (``ValueError``),
+        before any job exists."""
         from equicsp_core.chemical_system import compositions_to_explore
-        from equicsp_core.checkpoint import read_checkpoint
+        from equicsp_core.checkpoint import load_model, require_task
 
         settings = _settings(self, ExploreSettings, chemical_system=chemical_system)
-        payload = read_checkpoint(self.predict_relax_maker.sample_maker.checkpoint)
-        compositions = compositions_to_explore(settings, payload["denoiser"]["mode"],
-                                               (payload.get("card") or {}).get("dataset"))
+        model, card = load_model(self.predict_relax_maker.sample_maker.checkpoint)
+        require_task(model, "csp")
+        compositions = compositions_to_explore(settings, model.mode, (card or {}).get("dataset"))
         flows = [self.predict_relax_maker.make([formula]) for formula in compositions]
         for flow, formula in zip(flows, compositions, strict=True):
             flow.name = f"{flow.name} {formula}"
