@@ -34,7 +34,10 @@ from equicsp_jobflow import (  # noqa: E402
     PredictRelaxMaker,
     RankingDocument,
 )
-from tests.test_cli_generate import fixed_cell_generator  # noqa: E402, F401  (a fixture)
+from tests import test_cli_generate  # noqa: E402
+
+#: Every generated crystal valid (the fixture of tests/test_cli_generate.py).
+fixed_cell_generator = test_cli_generate.fixed_cell_generator
 
 #: The Lennard-Jones stub of tests/test_relax.py: any element, milliseconds per relaxation.
 STUB_POTENTIAL = "tests.test_relax:lennard_jones"
@@ -99,8 +102,9 @@ def test_generate_maker_outputs_every_crystal_with_its_formula_and_the_model_tha
     assert document.settings["steps"] == 10
 
 
+@pytest.mark.usefixtures("fixed_cell_generator")
 def test_generate_maker_with_num_atoms_fixes_every_crystal_and_keeps_valid_ones_as_documents(
-        tiny_generation_checkpoint, tmp_path, fixed_cell_generator):  # noqa: F811
+        tiny_generation_checkpoint, tmp_path):
     generate = _generate(tiny_generation_checkpoint, num_atoms=3, seed=1).make(4)
     store = _run(Flow([generate]), tmp_path)
     document = _output(store, generate.uuid)
@@ -122,8 +126,8 @@ def test_same_seed_same_crystals(tiny_generation_checkpoint, tmp_path):
     assert first == again and first != other
 
 
-def test_generate_relax_flow_screens_relaxes_and_ranks_the_generated_crystals(
-        tiny_generation_checkpoint, tmp_path, fixed_cell_generator):  # noqa: F811
+@pytest.mark.usefixtures("fixed_cell_generator")
+def test_generate_relax_flow_screens_relaxes_and_ranks_the_generated_crystals(tiny_generation_checkpoint, tmp_path):
     relax = EquiCSPRelaxMaker(potential=STUB_POTENTIAL, fmax=0.05, steps=20, device="cpu", threads=1)
     maker = GenerateRelaxMaker(generate_maker=_generate(tiny_generation_checkpoint, seed=2), relax_maker=relax,
                                stability=False, top_k=1)
