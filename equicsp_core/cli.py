@@ -95,7 +95,7 @@ from equicsp_core.config import preset_names
 from equicsp_core.files import write_text_atomically
 from equicsp_core.hardware import DeviceUnavailableError, resolve_device, set_threads
 from equicsp_core.predict import Candidate
-from equicsp_core.runtime import keep_freed_memory
+from equicsp_core.runtime import bound_onednn_caches, keep_freed_memory
 from equicsp_core.generation_metrics import NUM_EVAL
 from equicsp_core.settings import (
     DEVICE_CHOICES,
@@ -626,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args)
     keep_freed_memory()
+    bound_onednn_caches()
     failure, message = Failure.FAILED, "unexpected error (see the traceback on stderr)"
     try:
         _threads(args.threads)
