@@ -64,6 +64,9 @@ from equicsp_jobflow.documents import (
 )
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from equicsp_core.diffusion import CrystalDiffusion
     from equicsp_core.predict import Candidate
 
 
@@ -98,6 +101,19 @@ def _as_dict(result: Any) -> dict[str, Any]:
     return {key: value for key, value in result.as_dict().items() if key != "structure"}
 
 
+def _load_on_worker(checkpoint: str, settings: SampleSettings | GenerateSettings) -> tuple[Path, CrystalDiffusion, dict | None]:
+    """``(path, model, card)`` of ``checkpoint`` (a shipped name or a path) where a job runs, on the settings'
+    device, with the settings' thread count when they fix one (else the worker's own setting stands)."""
+    from equicsp_core.checkpoint import load_model, resolve_checkpoint
+    from equicsp_core.hardware import resolve_device, set_threads
+
+    path = resolve_checkpoint(checkpoint)
+    if settings.threads is not None:
+        set_threads(settings.threads)
+    model, card = load_model(path, resolve_device(settings.device))
+    return path, model, card
+
+
 # --- sample -----------------------------------------------------------------------------------------------------
 
 
@@ -115,16 +131,11 @@ class _SampleJob(Maker):
     def make(self, formulas: list[str]) -> SampleDocument:
         """Sample the candidates of ``formulas`` (a reduced formula at every cell size Z the model supports,
         ``Sr2Ti2O6`` as that cell only: :func:`equicsp_core.domain.sampling_cells`)."""
-        from equicsp_core.checkpoint import load_model, resolve_checkpoint
         from equicsp_core.files import file_sha256
-        from equicsp_core.hardware import resolve_device, set_threads
         from equicsp_core.predict import predict_with_settings
 
         settings = self.settings(formulas)
-        path = resolve_checkpoint(self.checkpoint)
-        if settings.threads is not None:  # else the worker's own setting stands
-            set_threads(settings.threads)
-        model, card = load_model(path, resolve_device(settings.device))
+        path, model, card = _load_on_worker(self.checkpoint, settings)
         samples = [sample for batch in predict_with_settings(model, card, settings) for sample in batch]
         candidates, invalid = _documents(samples, label_prefixes(settings.formulas))
         return SampleDocument(formulas=list(settings.formulas), candidates=candidates, invalid=invalid,
@@ -172,16 +183,11 @@ class _GenerateJob(Maker):
     def generate(self, num_samples: int) -> GenerateDocument:
         """Generate ``num_samples`` crystals (:func:`equicsp_core.generate.generate_with_settings`), each labelled by
         the reduced formula it came out with and its index among all (``SrTiO3_004``)."""
-        from equicsp_core.checkpoint import load_model, resolve_checkpoint
         from equicsp_core.files import file_sha256
         from equicsp_core.generate import generate_with_settings
-        from equicsp_core.hardware import resolve_device, set_threads
 
         settings = self.settings(num_samples)
-        path = resolve_checkpoint(self.checkpoint)
-        if settings.threads is not None:  # else the worker's own setting stands
-            set_threads(settings.threads)
-        model, card = load_model(path, resolve_device(settings.device))
+        path, model, card = _load_on_worker(self.checkpoint, settings)
         samples = [sample for batch in generate_with_settings(model, card, settings) for sample in batch]
         candidates, invalid = _documents(samples, label_prefixes(list(dict.fromkeys(s.formula for s in samples))))
         return GenerateDocument(candidates=candidates, invalid=invalid, num_requested=settings.num_samples,
