@@ -39,26 +39,9 @@ class CandidateDocument(StructureMetadata):
                                   cell_formula=formula_of(structure.atomic_numbers), structure=structure)
 
 
-class SampleDocument(BaseModel):
-    """What a sampling job produced, and from which model and settings."""
-
-    formulas: list[str]
-    candidates: list[CandidateDocument] = Field(description="the valid samples")
-    invalid: list[dict[str, Any]] = Field(
-        description="each sample that was not a crystal: {formula, sample, formula_units, cell_formula}")
-    num_requested: int
-    checkpoint: str = Field(description="checkpoint name or path, as given")
-    checkpoint_sha256: str
-    settings: dict[str, Any] = Field(description="SampleSettings.to_dict() of the run")
-
-
-class GenerateDocument(BaseModel):
-    """What an ab initio generation job produced (atom types drawn too), and from which model and settings.
-
-    Its ``candidates`` and ``invalid`` are those of a :class:`SampleDocument`, so the screen → relax → rank stages
-    take either; a crystal's ``formula`` is the reduced formula it came out with, its ``sample`` its index among
-    all the crystals generated (``SrTiO3_004``).
-    """
+class _CrystalsDocument(BaseModel):
+    """What a sampling or generation job produced: the crystals, and the model that made them. The screen → relax →
+    rank stages take either kind."""
 
     candidates: list[CandidateDocument] = Field(description="the valid crystals")
     invalid: list[dict[str, Any]] = Field(
@@ -66,6 +49,22 @@ class GenerateDocument(BaseModel):
     num_requested: int
     checkpoint: str = Field(description="checkpoint name or path, as given")
     checkpoint_sha256: str
+
+
+class SampleDocument(_CrystalsDocument):
+    """What a sampling job produced, and from which model and settings."""
+
+    formulas: list[str]
+    settings: dict[str, Any] = Field(description="SampleSettings.to_dict() of the run")
+
+
+class GenerateDocument(_CrystalsDocument):
+    """What an ab initio generation job produced (atom types drawn too), and from which model and settings.
+
+    A crystal's ``formula`` is the reduced formula it came out with, its ``sample`` its index among all the crystals
+    generated (``SrTiO3_004``).
+    """
+
     card: dict[str, Any] = Field(description="the model card: dataset, training and 'num_atoms_counts', the "
                                              "distribution the atom counts are drawn from without num_atoms")
     step_lr: float = Field(description="the Langevin step scale used: the setting, else the dataset's generation γ")

@@ -51,6 +51,17 @@ def tiny_generation_checkpoint(tmp_path_factory, _isolated_equicsp_env) -> Path:
     return run / "best.pt"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """The module's tests on one torch thread (the machine's other core is busy with CHGNet or a background job)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def perovskite_reference_set(tmp_path, monkeypatch):
     """A pinned reference set of Sr-Ca-Ti-O in a fresh cache folder (equicsp_core.reference): cubic SrTiO3 and

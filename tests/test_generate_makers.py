@@ -16,7 +16,6 @@ import pytest
 
 pytest.importorskip("jobflow")
 
-import torch  # noqa: E402
 from jobflow import Flow, JobStore, run_locally  # noqa: E402
 from maggma.stores import MemoryStore  # noqa: E402
 from monty.json import MontyDecoder  # noqa: E402
@@ -43,13 +42,7 @@ fixed_cell_generator = test_cli_generate.fixed_cell_generator
 STUB_POTENTIAL = "tests.test_relax:lennard_jones"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The sampler on one thread (the machine's other core is busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(flow, root) -> JobStore:

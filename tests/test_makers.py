@@ -17,7 +17,6 @@ import pytest
 pytest.importorskip("jobflow")
 pytest.importorskip("atomate2")
 
-import torch  # noqa: E402
 from atomate2.forcefields.jobs import ForceFieldRelaxMaker, ForceFieldStaticMaker  # noqa: E402
 from jobflow import Flow, JobStore, run_locally  # noqa: E402
 from maggma.stores import MemoryStore  # noqa: E402
@@ -47,13 +46,7 @@ FORMULAS = [FORMULA]
 SEED = 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """CHGNet and the sampler on one thread (the machine's other core is busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass
