@@ -455,7 +455,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_path()
     _check_writable(out.parent)
     path = build_reference(args.data_dir, out)
-    print(f"reference set written to {path}: {len(load_reference(path))} entries, sha256 pinned and checked")
+    print(f"reference set written to {path}: {len(load_reference(path))} entries, built from the pinned data")
     return 0
 
 

@@ -26,9 +26,14 @@ ASE's reference crystal (:func:`ase.build.bulk`, the room-temperature structure 
 ``ase.data.reference_states``), where ASE builds one (not for Cl, He, I, Mn, Pm, S, Se, Te, whose metastable
 data entries must then do, nor for Pa, which is then a gap).
 
-The build is deterministic (same data, same pymatgen and ASE: same bytes). The SHA-256 of the decompressed
-JSON lines is pinned in :data:`REFERENCE_SHA256`; a build that gives another digest is refused (nothing is
-written), and every load checks the digest, so a candidate is never compared with an unknown set.
+The file opens with a header line naming what it was built from: ``{"data_sha256": {"mp_20/val.csv": ...},
+"format": 2, "versions": {"ase": ..., "pymatgen": ...}}``. The **data** is pinned, not the built bytes: the SHA-256
+of each decompressed split file is in :data:`DATA_SHA256` (the values ``../shared/data/README.md`` lists), a
+build from other data is refused before anything is parsed, and every load checks the header, so a candidate
+is never compared with a set of unknown origin. The build is deterministic (same data, same pymatgen and ASE:
+same bytes), but CIF parsing and ASE's crystals may move in the last decimals between library versions, so the
+set's own SHA-256 (:attr:`ReferenceSet.sha256`, which keys the cached reference energies and is recorded in
+the outputs) names the set built on this machine rather than being pinned.
 """
 
 from __future__ import annotations
@@ -54,10 +59,22 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: SHA-256 of the decompressed JSON lines that ``equicsp reference build`` makes from the shared data folder.
-REFERENCE_SHA256 = "93b593d84254c6f9b390767d4c6667b0f699e58b4c7d812c9405cb84d14a58f2"
-#: The ``pin`` that means :data:`REFERENCE_SHA256` (read when called, so a test may replace it).
+#: SHA-256 of each decompressed split file of the shared data folder that the reference set is built from.
+DATA_SHA256 = {
+    "mp_20/val.csv": "daeb7f21ab0ea292a81aad3b8d41fe62f68f9645c034b26a384340853f78359a",
+    "mp_20/test.csv": "c8c606aa7d4c885c3acb28d6e320872fa32f572a23121c43361ebf3b213cae12",
+    "mpts_52/val.csv": "b5d9f7a8ff72f3a1f24d6bb97e11ad201be40d10be7b27924234da06af04baba",
+    "mpts_52/test.csv": "4d6e76c4726fb12fb2a7e5bb23594f9b82dbd9bf67b7bfd4866e9c74a8f49038",
+    "perov_5/train.csv": "0d7f7e1973add8d7d57277f2933f9297a4ba1cb09098291a01c25f0f8454cf62",
+    "perov_5/val.csv": "326f401219901270374b71e2faff63df3a29a99fd26f469993b9f476b693daf2",
+    "perov_5/test.csv": "a85878c685037f0a578257f6d4fcdde00e968dbab73c5f1e90ecef65218513f6",
+    "carbon_24/val.csv": "36c00689cd63073c954a58bc6ed6e2adb7aeed5a630c994970959a1babffd50e",
+    "carbon_24/test.csv": "386b17c08816f434818d51e46687bf72ff3f92348f3ba24823e4758f1fe8a969",
+}
+#: The ``pin`` that means :data:`DATA_SHA256` (read when called, so a test may replace it).
 PINNED = "pinned"
+#: Version of the file layout (the header line); a file of another is refused with the rebuild hint.
+FORMAT = 2
 #: File name of the reference set in the cache folder.
 REFERENCE_FILE = "reference_set.jsonl.gz"
 #: Datasets read, in this order (the first of two entries with the same id is kept).
@@ -154,6 +171,49 @@ def default_path() -> Path:
     return cache_dir() / REFERENCE_FILE
 
 
+def data_folder(data_dir: str | os.PathLike | None = None) -> Path:
+    """The data folder to build from (:func:`equicsp_core.data.resolve_data_dir`), or :class:`ReferenceSetError`."""
+    from equicsp_core.data import resolve_data_dir
+
+    try:
+        return resolve_data_dir(data_dir)
+    except FileNotFoundError as error:
+        raise ReferenceSetError(f"no data folder to build the reference set from: {error}") from None
+
+
+def split_files(folder: Path) -> list[Path]:
+    """The split files of ``folder`` the set is built from, in :data:`SOURCES` then :data:`SPLIT_FILES` order.
+
+    Raises :class:`ReferenceSetError` when there is none.
+    """
+    paths = [folder / source / f"{split}.csv.gz" for source in SOURCES for split in SPLIT_FILES]
+    paths = [path for path in paths if path.is_file()]
+    if not paths:
+        raise ReferenceSetError(f"the data folder {folder} holds no split file (<dataset>/<split>.csv.gz)")
+    return paths
+
+
+def data_sha256(data_dir: str | os.PathLike | None = None) -> dict[str, str]:
+    """SHA-256 of each decompressed split file of the data folder, keyed ``"<dataset>/<split>.csv"``."""
+    digests = {}
+    for path in split_files(data_folder(data_dir)):
+        with gzip.open(path, "rb") as handle:
+            digests[f"{path.parent.name}/{path.stem}"] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return digests
+
+
+def data_difference(digests: dict[str, str], pin: dict[str, str]) -> str | None:
+    """The first difference of the split files' ``digests`` from ``pin``, in words, or ``None``."""
+    for name in sorted(pin.keys() | digests.keys()):
+        if name not in digests:
+            return f"{name} is missing"
+        if name not in pin:
+            return f"{name} is not among the pinned files"
+        if digests[name] != pin[name]:
+            return f"{name} has SHA-256 {digests[name]}, not the pinned {pin[name]}"
+    return None
+
+
 def read_entries(data_dir: str | os.PathLike | None = None) -> list[ReferenceEntry]:
     """Every entry of the data folder's split files plus the missing elements, deduplicated, sorted by id.
 
@@ -164,35 +224,21 @@ def read_entries(data_dir: str | os.PathLike | None = None) -> list[ReferenceEnt
     import pandas as pd
     from pymatgen.core import Structure
 
-    from equicsp_core.data import resolve_data_dir
-
-    try:
-        folder = resolve_data_dir(data_dir)
-    except FileNotFoundError as error:
-        raise ReferenceSetError(f"no data folder to build the reference set from: {error}") from None
     entries: dict[str, ReferenceEntry] = {}
-    read = 0
-    for source in SOURCES:
-        for split in SPLIT_FILES:
-            path = folder / source / f"{split}.csv.gz"
-            if not path.is_file():
-                continue
-            read += 1
-            column = E_ABOVE_HULL_COLUMNS.get(source)
-            table = pd.read_csv(path, usecols=["material_id", "cif", *([column] if column else [])])
-            logger.info("reference set: reading %s/%s (%d structures)", source, split, len(table))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                for row in table.itertuples(index=False):
-                    material_id = str(row.material_id)
-                    entry_id = f"{source}-{material_id}" if source == "perov_5" else material_id
-                    if entry_id in entries:
-                        continue
-                    structure = Structure.from_str(row.cif, fmt="cif")
-                    entries[entry_id] = entry_of(entry_id, source, structure,
-                                                 getattr(row, column) if column else None)
-    if not read:
-        raise ReferenceSetError(f"the data folder {folder} holds no split file (<dataset>/<split>.csv.gz)")
+    for path in split_files(data_folder(data_dir)):
+        source = path.parent.name
+        column = E_ABOVE_HULL_COLUMNS.get(source)
+        table = pd.read_csv(path, usecols=["material_id", "cif", *([column] if column else [])])
+        logger.info("reference set: reading %s/%s (%d structures)", source, path.name, len(table))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for row in table.itertuples(index=False):
+                material_id = str(row.material_id)
+                entry_id = f"{source}-{material_id}" if source == "perov_5" else material_id
+                if entry_id in entries:
+                    continue
+                structure = Structure.from_str(row.cif, fmt="cif")
+                entries[entry_id] = entry_of(entry_id, source, structure, getattr(row, column) if column else None)
     entries.update({entry.id: entry for entry in element_entries(entries.values())})
     return [entries[key] for key in sorted(entries)]
 
@@ -220,25 +266,35 @@ def element_entries(entries: Iterable[ReferenceEntry]) -> list[ReferenceEntry]:
     return added
 
 
-def serialise(entries: Sequence[ReferenceEntry]) -> bytes:
-    """The JSON lines of ``entries`` (keys sorted, no spaces): the bytes whose SHA-256 is pinned."""
-    return "".join(json.dumps(entry.as_dict(), sort_keys=True, separators=(",", ":")) + "\n"
-                   for entry in entries).encode()
+def header(digests: dict[str, str]) -> dict[str, Any]:
+    """The first line of a set built from data with ``digests``: its origin, the layout and the libraries used."""
+    from importlib.metadata import version
+
+    return {"data_sha256": digests, "format": FORMAT,
+            "versions": {package: version(package) for package in ("ase", "pymatgen")}}
+
+
+def serialise(head: dict[str, Any], entries: Sequence[ReferenceEntry]) -> bytes:
+    """The JSON lines of ``head`` then ``entries`` (keys sorted, no spaces): the bytes the set's SHA-256 is of."""
+    return "".join(json.dumps(values, sort_keys=True, separators=(",", ":")) + "\n"
+                   for values in [head, *(entry.as_dict() for entry in entries)]).encode()
 
 
 def build_reference(data_dir: str | os.PathLike | None = None, path: str | os.PathLike | None = None,
-                    pin: str | None = PINNED) -> Path:
+                    pin: dict[str, str] | str | None = PINNED) -> Path:
     """Build the reference set from the data folder into ``path`` (default :func:`default_path`).
 
-    ``pin``: the expected SHA-256 of the JSON lines (default :data:`REFERENCE_SHA256`); a build that gives another
-    is refused (:class:`ReferenceSetError`) and writes nothing; ``None``: no check (a set of other data).
+    ``pin``: the expected SHA-256 of each decompressed split file (default :data:`DATA_SHA256`); other data is
+    refused (:class:`ReferenceSetError`) before anything is parsed and nothing is written; ``None``: no check (a
+    set of other data).
     """
-    pin = REFERENCE_SHA256 if pin == PINNED else pin
-    text = serialise(read_entries(data_dir))
-    digest = hashlib.sha256(text).hexdigest()
-    if pin is not None and digest != pin:
-        raise ReferenceSetError(f"the reference set built from the data has SHA-256 {digest}, not the pinned "
-                                f"{pin}: the data folder (or pymatgen/ASE) differs from the one it was pinned with")
+    pin = DATA_SHA256 if pin == PINNED else pin
+    digests = data_sha256(data_dir)
+    difference = None if pin is None else data_difference(digests, pin)
+    if difference:
+        raise ReferenceSetError(f"the data folder {data_folder(data_dir)} is not the one the reference set is pinned "
+                                f"to: {difference}")
+    text = serialise(header(digests), read_entries(data_dir))
     path = Path(path) if path is not None else default_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
@@ -246,7 +302,7 @@ def build_reference(data_dir: str | os.PathLike | None = None, path: str | os.Pa
         handle.write(text)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getvalue())
-    logger.info("reference set: %s written (sha256 %s)", path, digest)
+    logger.info("reference set: %s written (sha256 %s)", path, hashlib.sha256(text).hexdigest())
     return path
 
 
@@ -306,15 +362,15 @@ class ReferenceSet:
         return sorted(selected, key=lambda entry: entry.id)
 
 
-def load_reference(path: str | os.PathLike | None = None, pin: str | None = PINNED,
+def load_reference(path: str | os.PathLike | None = None, pin: dict[str, str] | str | None = PINNED,
                    data_dir: str | os.PathLike | None = None) -> ReferenceSet:
-    """The reference set at ``path`` (default :func:`default_path`), checked against ``pin``.
+    """The reference set at ``path`` (default :func:`default_path`), checked to be built from the ``pin``'s data.
 
     When the default file is missing and a data folder is found it is built first (minutes: every CIF is
     parsed). Raises :class:`ReferenceSetError` (one line saying how to build it) when it is missing and cannot
-    be built, or when its SHA-256 is not ``pin``.
+    be built, or when its header names other data than ``pin`` (default :data:`DATA_SHA256`; ``None``: any).
     """
-    pin = REFERENCE_SHA256 if pin == PINNED else pin
+    pin = DATA_SHA256 if pin == PINNED else pin
     target = Path(path) if path is not None else default_path()
     if not target.is_file():
         if path is not None:
@@ -325,19 +381,26 @@ def load_reference(path: str | os.PathLike | None = None, pin: str | None = PINN
         except ReferenceSetError as error:
             raise ReferenceSetError(f"no reference set at {target} ({error}): {BUILD_HINT}") from None
     stat = target.stat()
-    return _load(str(target), pin, stat.st_mtime_ns, stat.st_size)
+    return _load(str(target), None if pin is None else json.dumps(pin, sort_keys=True), stat.st_mtime_ns,
+                 stat.st_size)
 
 
 @functools.lru_cache(maxsize=4)
 def _load(path: str, pin: str | None, _mtime_ns: int, _size: int) -> ReferenceSet:
+    """The set at ``path`` (``pin``: the pinned digests as sorted JSON, hashable for the cache)."""
     try:
         with gzip.open(path, "rb") as handle:
             text = handle.read()
     except (OSError, EOFError) as error:
         raise ReferenceSetError(f"the reference set {path} cannot be read ({error}): {BUILD_HINT}") from None
-    digest = hashlib.sha256(text).hexdigest()
-    if pin is not None and digest != pin:
-        raise ReferenceSetError(f"the reference set {path} has SHA-256 {digest}, not the pinned {pin}: "
+    lines = text.splitlines()
+    head = json.loads(lines[0]) if lines else {}
+    if head.get("format") != FORMAT:
+        raise ReferenceSetError(f"the reference set {path} has another layout than this version's (format "
+                                f"{FORMAT}): delete it and {BUILD_HINT}")
+    difference = None if pin is None else data_difference(head["data_sha256"], json.loads(pin))
+    if difference:
+        raise ReferenceSetError(f"the reference set {path} is built from other data than the pinned ({difference}): "
                                 f"delete it and {BUILD_HINT}")
-    entries = [ReferenceEntry.from_dict(values) for values in json.loads(b"[" + b",".join(text.splitlines()) + b"]")]
-    return ReferenceSet(entries, digest)
+    entries = [ReferenceEntry.from_dict(values) for values in json.loads(b"[" + b",".join(lines[1:]) + b"]")]
+    return ReferenceSet(entries, hashlib.sha256(text).hexdigest())

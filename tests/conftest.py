@@ -65,11 +65,8 @@ def one_thread():
 @pytest.fixture
 def perovskite_reference_set(tmp_path, monkeypatch):
     """A pinned reference set of Sr-Ca-Ti-O in a fresh cache folder (equicsp_core.reference): cubic SrTiO3 and
-    CaTiO3, an O2 crystal, and ASE's Sr, Ca and Ti; ``$EQUICSP_CACHE_DIR`` points at it and the pin is its digest.
-    Returns the loaded set."""
-    import gzip
-    import hashlib
-
+    CaTiO3, an O2 crystal, and ASE's Sr, Ca and Ti; ``$EQUICSP_CACHE_DIR`` points at it and the pin is its data's
+    digests. Returns the loaded set."""
     import pandas as pd
     from pymatgen.core import Lattice, Structure
 
@@ -84,7 +81,7 @@ def perovskite_reference_set(tmp_path, monkeypatch):
     (tmp_path / "reference-data" / "mp_20").mkdir(parents=True)
     pd.DataFrame(rows).to_csv(tmp_path / "reference-data" / "mp_20" / "test.csv.gz", index=False)
     cache = tmp_path / "reference-cache"
-    path = reference.build_reference(tmp_path / "reference-data", cache / reference.REFERENCE_FILE, pin=None)
-    monkeypatch.setattr(reference, "REFERENCE_SHA256", hashlib.sha256(gzip.open(path).read()).hexdigest())
+    reference.build_reference(tmp_path / "reference-data", cache / reference.REFERENCE_FILE, pin=None)
+    monkeypatch.setattr(reference, "DATA_SHA256", reference.data_sha256(tmp_path / "reference-data"))
     monkeypatch.setenv("EQUICSP_CACHE_DIR", str(cache))
     return reference.load_reference()

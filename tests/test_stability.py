@@ -13,10 +13,11 @@ from pymatgen.core import Lattice, Structure
 from equicsp_core import pipeline
 from equicsp_core.cli import main
 from equicsp_core.reference import (
-    REFERENCE_SHA256,
+    DATA_SHA256,
     ReferenceSet,
     ReferenceSetError,
     build_reference,
+    data_sha256,
     entry_of,
     load_reference,
 )
@@ -71,9 +72,8 @@ def test_reference_build_is_deterministic_deduplicated_and_adds_elements(data_di
     first = build_reference(data_dir, tmp_path / "a.jsonl.gz", pin=None)
     second = build_reference(data_dir, tmp_path / "b.jsonl.gz", pin=None)
     assert first.read_bytes() == second.read_bytes()
-    digest = content_sha256(first)
-    reference = load_reference(first, pin=digest)
-    assert reference.sha256 == digest
+    reference = load_reference(first, pin=data_sha256(data_dir))
+    assert reference.sha256 == content_sha256(first)
     ids = [entry.id for entry in reference.entries]
     assert ids == sorted(ids)
     # mp-22862 once, from mp_20 (the first source), with mp_20's e_above_hull; perov_5's integer id prefixed
@@ -85,18 +85,32 @@ def test_reference_build_is_deterministic_deduplicated_and_adds_elements(data_di
     assert reference.like("Sr")[0].source == "ase" and reference.like("Sr2Ti2O6")[0].e_above_hull is None
 
 
-def test_reference_build_is_refused_when_the_pin_does_not_match(data_dir, tmp_path):
+def test_reference_build_is_refused_when_the_data_is_not_the_pinned(data_dir, tmp_path):
     out = tmp_path / "ref.jsonl.gz"
-    with pytest.raises(ReferenceSetError, match="^the reference set built from the data has SHA-256 [0-9a-f]{64}, "
-                                                "not the pinned 0{64}"):
-        build_reference(data_dir, out, pin="0" * 64)
+    pin = data_sha256(data_dir)
+    with pytest.raises(ReferenceSetError, match="^the data folder .* is not the one the reference set is pinned to: "
+                                                "mp_20/test.csv has SHA-256 [0-9a-f]{64}, not the pinned 0{64}$"):
+        build_reference(data_dir, out, pin={**pin, "mp_20/test.csv": "0" * 64})
+    with pytest.raises(ReferenceSetError, match="pinned to: carbon_24/val.csv is missing$"):
+        build_reference(data_dir, out, pin={**pin, "carbon_24/val.csv": "0" * 64})
+    with pytest.raises(ReferenceSetError, match="pinned to: perov_5/test.csv is not among the pinned files$"):
+        build_reference(data_dir, out, pin={key: value for key, value in pin.items() if key != "perov_5/test.csv"})
     assert not out.exists()
 
 
-def test_reference_load_checks_the_pin_and_says_how_to_build(data_dir, tmp_path):
+def test_reference_load_checks_the_data_pin_and_the_layout_and_says_how_to_build(data_dir, tmp_path):
     path = build_reference(data_dir, tmp_path / "ref.jsonl.gz", pin=None)
-    with pytest.raises(ReferenceSetError, match="not the pinned 1{64}: delete it and run `equicsp reference build`"):
-        load_reference(path, pin="1" * 64)
+    other = {**data_sha256(data_dir), "mp_20/test.csv": "1" * 64}
+    with pytest.raises(ReferenceSetError, match=r"^the reference set .* is built from other data than the pinned "
+                                                r"\(mp_20/test.csv has SHA-256 [0-9a-f]{64}, not the pinned 1{64}\): "
+                                                r"delete it and run `equicsp reference build`"):
+        load_reference(path, pin=other)
+    lines = gzip.open(path).read().splitlines(keepends=True)
+    older = tmp_path / "older.jsonl.gz"  # the layout before the header line: entries only
+    older.write_bytes(gzip.compress(b"".join(lines[1:])))
+    with pytest.raises(ReferenceSetError, match=r"^the reference set .*older.jsonl.gz has another layout than this "
+                                                r"version's \(format 2\): delete it and run `equicsp reference build`"):
+        load_reference(older, pin=None)
     with pytest.raises(ReferenceSetError, match=r"^no reference set at .*missing.jsonl.gz: run `equicsp reference "
                                                 r"build`"):
         load_reference(tmp_path / "missing.jsonl.gz")
@@ -105,11 +119,11 @@ def test_reference_load_checks_the_pin_and_says_how_to_build(data_dir, tmp_path)
 def test_reference_is_built_on_first_use_and_refused_when_the_data_is_not_the_pinned(data_dir, monkeypatch, tmp_path):
     """No file in the cache folder: load_reference builds it from the data folder, checked against the pin."""
     monkeypatch.setenv("EQUICSP_CACHE_DIR", str(tmp_path / "cache"))
-    with pytest.raises(ReferenceSetError, match="^no reference set at .* not the pinned .*: run `equicsp reference"):
+    with pytest.raises(ReferenceSetError, match="^no reference set at .*not the one the reference set is pinned to: "
+                                                ".*: run `equicsp reference"):
         load_reference(data_dir=data_dir)
     assert not (tmp_path / "cache" / "reference_set.jsonl.gz").exists()
-    digest = content_sha256(build_reference(data_dir, tmp_path / "probe.jsonl.gz", pin=None))
-    assert len(load_reference(data_dir=data_dir, pin=digest)) == 6  # 4 rows (one twice), Sr, Ti
+    assert len(load_reference(data_dir=data_dir, pin=data_sha256(data_dir))) == 6  # 4 rows (one twice), Sr, Ti
     assert (tmp_path / "cache" / "reference_set.jsonl.gz").is_file()
 
 
@@ -117,8 +131,15 @@ def test_cli_reference_build_refuses_other_data_in_one_line(data_dir, tmp_path, 
     out = tmp_path / "ref.jsonl.gz"
     assert main(["--quiet", "reference", "build", "--data-dir", str(data_dir), "--out", str(out)]) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith("equicsp reference: error: the reference set built from the data has SHA-256")
-    assert error.count("\n") == 0 and REFERENCE_SHA256 in error and not out.exists()
+    assert error.startswith(f"equicsp reference: error: the data folder {data_dir} is not the one the reference set "
+                            f"is pinned to: carbon_24/test.csv is missing")
+    assert error.count("\n") == 0 and not out.exists()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mp_20" / "test.csv.gz").is_file(), reason="needs ../shared/data")
+def test_the_pinned_data_is_the_shared_data_folder():
+    """The pin is the data README's: every decompressed split file of ../shared/data has its pinned SHA-256."""
+    assert data_sha256(SHARED_DATA) == DATA_SHA256
 
 
 def test_hull_references_keep_the_lowest_below_the_cutoff(data_dir, tmp_path):

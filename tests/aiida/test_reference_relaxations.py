@@ -32,7 +32,7 @@ from aiida_equicsp.workchains.reference_energies import (
     reference_id,
     reference_link_label,
 )
-from equicsp_core import pipeline
+from equicsp_core import pipeline, reference
 from equicsp_core.settings import RelaxSettings, StabilitySettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -162,7 +162,7 @@ aiida.load_profile(SqliteTempBackend.create_profile("no-torch"), allow_switch=Tr
 from aiida import orm
 from pymatgen.core import Lattice, Structure
 from equicsp_core import reference
-reference.REFERENCE_SHA256 = sys.argv[1]
+reference.DATA_SHA256 = json.loads(sys.argv[1])
 from aiida_equicsp.workchains.predict_relax import assess_stability, rank_candidates, tabulate_ranking
 from aiida_equicsp.workchains.reference_energies import collect_reference_energies, known_records
 
@@ -188,7 +188,7 @@ def test_the_stability_steps_import_neither_torch_nor_a_potential(perovskite_ref
     """In a fresh interpreter that refuses torch and the potentials: the work chain's module, the query for earlier
     reference relaxations and both stability calcfunctions run (the default CHGNet level), and nothing tried an
     import of torch; with no reference relaxed yet the row says which elements lack a reference."""
-    done = subprocess.run([sys.executable, "-c", NO_TORCH, perovskite_reference_set.sha256,
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, json.dumps(reference.DATA_SHA256),
                            json.dumps(SRTIO_REFERENCES)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
