@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "chemical_system.py"
 
@@ -22,22 +21,17 @@ def load_benchmark():
 
 
 @pytest.mark.slow
-def test_the_system_s_own_entries_are_hidden_from_the_hull_and_scored(perovskite_reference_set, tmp_path):
+def test_the_system_s_own_entries_are_hidden_from_the_hull_and_scored(perovskite_reference_set, tmp_path, one_thread):
     pytest.importorskip("chgnet")
     from equicsp_core.checkpoint import load_model
     from equicsp_core.relax import load_calculator
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model, card = load_model("perov_5")
-        options = argparse.Namespace(max_atoms=None, ehull_max=10.0, num_samples=3, steps=20, seed=1, fmax=0.05,
-                                     relax_steps=20)
-        cache = tmp_path / "energies.json"
-        result = load_benchmark().explore("Sr-Ti-O", model, card, load_calculator("chgnet", "cpu"),
-                                          perovskite_reference_set, options, cache)
-    finally:
-        torch.set_num_threads(threads)
+    model, card = load_model("perov_5")
+    options = argparse.Namespace(max_atoms=None, ehull_max=10.0, num_samples=3, steps=20, seed=1, fmax=0.05,
+                                 relax_steps=20)
+    cache = tmp_path / "energies.json"
+    result = load_benchmark().explore("Sr-Ti-O", model, card, load_calculator("chgnet", "cpu"),
+                                      perovskite_reference_set, options, cache)
     json.dumps(result)  # the file it writes
     assert result["compositions"] == ["SrTiO3"]  # perov_5: 5 atoms at most
     (hidden,) = result["hidden"]  # SrTiO3 (mp-5229); CaTiO3 is not of the system

@@ -8,7 +8,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK = ROOT / "benchmarks" / "discovery.py"
@@ -56,22 +55,17 @@ def test_candidate_details_name_z_energy_space_group_match_and_the_group_s_rank(
     assert [r["sampled_match"] for r in records] == [False, True, False, False]
 
 
-def test_a_tiny_run_writes_one_record_per_candidate(fixture_data_dir):
+def test_a_tiny_run_writes_one_record_per_candidate(fixture_data_dir, one_thread):
     """A perov_5 row, 3 candidates at 5 steps, Lennard-Jones for 10 steps: one record per candidate, consistent
     with the line's flags, and the line is JSON."""
     from equicsp_core.checkpoint import load_model
     from equicsp_core.splits import Row, load_cifs
     from tests.test_relax import lennard_jones
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model, card = load_model("perov_5")
-        cif = load_cifs("perov_5", [Row("test", 0)], fixture_data_dir)[0]
-        options = argparse.Namespace(num_samples=3, steps=5, seed=0, fmax=0.05, relax_steps=10)
-        line = load_benchmark().run_row(0, cif, model, card, lennard_jones(), options)
-    finally:
-        torch.set_num_threads(threads)
+    model, card = load_model("perov_5")
+    cif = load_cifs("perov_5", [Row("test", 0)], fixture_data_dir)[0]
+    options = argparse.Namespace(num_samples=3, steps=5, seed=0, fmax=0.05, relax_steps=10)
+    line = load_benchmark().run_row(0, cif, model, card, lennard_jones(), options)
     details = line["candidate_details"]
     assert [c["sample"] for c in details] == [0, 1, 2] and {c["z"] for c in details} == {1}
     assert line["relaxed_match"] == any(c["match"] for c in details)
