@@ -101,7 +101,8 @@ def candidate_details(candidates: dict, decisions: dict, results: dict, ranking:
     - ``stage``: ``invalid`` (no crystal), ``implausible`` (screened out), else the ranking's status
       (``ml_relaxed``, ``duplicate``, ``ml_failed``);
     - ``ml_energy_per_atom`` (eV/atom) and ``space_group`` (after ML relaxation, ``screening.space_group``),
-      ``None`` without a relaxed structure;
+      ``None`` without a relaxed structure; ``relaxation`` (the relaxation's status: ``converged``, ...) and
+      ``relax_steps``, ``None`` where none ran;
     - ``rank``: the ML rank of its merged group (a duplicate: its representative's; 1 = the winner), and
       ``duplicate_of`` (the representative, for a duplicate);
     - ``sampled_match``, ``match``: the known structure, before and after relaxation.
@@ -118,6 +119,8 @@ def candidate_details(candidates: dict, decisions: dict, results: dict, ranking:
             "label": label, "sample": candidate.sample_index, "z": candidate.formula_units, "stage": stage,
             "ml_energy_per_atom": result.energy_per_atom if relaxed else None,
             "space_group": space_group_of(result.structure) if relaxed else None,
+            "relaxation": result.status if result is not None else None,
+            "relax_steps": result.steps if result is not None else None,
             "rank": ranking[representative]["ml_rank"] if representative else None,
             "duplicate_of": representative if representative not in (None, label) else None,
             "sampled_match": label in matched_sampled, "match": label in matched_relaxed,

@@ -41,8 +41,8 @@ def test_candidate_details_name_z_energy_space_group_match_and_the_group_s_rank(
                   for label, structure in structures.items()}
     candidates["S_003"] = Candidate("SrTiO3", 3, 2, "Sr2Ti2O6", None)
     decisions = {"S_000": {"kept": True}, "S_001": {"kept": True}, "S_002": {"kept": False}}
-    results = {"S_000": RelaxResult("converged", cubic_srtio3(), -2.0), "S_001": RelaxResult("converged",
-                                                                                               cubic_srtio3(), -1.0)}
+    results = {"S_000": RelaxResult("converged", cubic_srtio3(), -2.0, steps=12),
+               "S_001": RelaxResult("not_converged", cubic_srtio3(), -1.0, steps=200)}
     ranking = rank({label: r.as_dict() for label, r in results.items()},
                    {label: r.structure for label, r in results.items()}, top_k=1).ranking
     records = load_benchmark().candidate_details(candidates, decisions, results, ranking, {"S_001"}, {"S_001"},
@@ -51,6 +51,8 @@ def test_candidate_details_name_z_energy_space_group_match_and_the_group_s_rank(
         ("S_000", 1, "ml_relaxed", 1, None, False), ("S_001", 1, "duplicate", 1, "S_000", True),
         ("S_002", 1, "implausible", None, None, False), ("S_003", 2, "invalid", None, None, False)]
     assert [r["ml_energy_per_atom"] for r in records] == [-2.0, -1.0, None, None]
+    assert [(r["relaxation"], r["relax_steps"]) for r in records] == [("converged", 12), ("not_converged", 200),
+                                                                      (None, None), (None, None)]
     assert records[0]["space_group"] == str(space_group(cubic_srtio3())) and "221" in records[0]["space_group"]
     assert [r["sampled_match"] for r in records] == [False, True, False, False]
 
