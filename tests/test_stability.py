@@ -105,7 +105,7 @@ def test_reference_load_checks_the_data_pin_and_the_layout_and_says_how_to_build
                                                 r"\(mp_20/test.csv has SHA-256 [0-9a-f]{64}, not the pinned 1{64}\): "
                                                 r"delete it and run `equicsp reference build`"):
         load_reference(path, pin=other)
-    lines = gzip.open(path).read().splitlines(keepends=True)
+    lines = gzip.decompress(path.read_bytes()).splitlines(keepends=True)
     older = tmp_path / "older.jsonl.gz"  # the layout before the header line: entries only
     older.write_bytes(gzip.compress(b"".join(lines[1:])))
     with pytest.raises(ReferenceSetError, match=r"^the reference set .*older.jsonl.gz has another layout than this "

@@ -66,14 +66,22 @@ def reference_id(link_label: str) -> str:
         raise ValueError(f"{link_label!r} is not a reference link label") from None
 
 
-def reference_relaxations(reference_sha256: str, level: str) -> list[orm.CalcJobNode]:
-    """The finished :class:`EquiCSPRelaxCalculation`s of reference entries of this set and level that have
-    ``results`` (finished ok, or stopped with part of them), newest first."""
+def reference_relaxations(reference_sha256: str, level: str, ids: Iterable[str]) -> list[orm.CalcJobNode]:
+    """The finished :class:`EquiCSPRelaxCalculation`s of reference entries of this set and level whose ``results``
+    (finished ok, or stopped with part of them) hold a record of any of ``ids``, newest first.
+
+    The database does the selection (``has_key`` on the results' labels), so a campaign's hundreds of reference
+    relaxations are not loaded to find the few of one chemical system.
+    """
+    labels = sorted({reference_link_label(entry_id) for entry_id in ids})
+    if not labels:
+        return []
     query = orm.QueryBuilder()
     query.append(EquiCSPRelaxCalculation, tag="calc", project="*",
                  filters={f"extras.{REFERENCE_SET_EXTRA}": reference_sha256, f"extras.{ML_LEVEL_EXTRA}": level,
                           "attributes.process_state": "finished"})
-    query.append(orm.Dict, with_incoming="calc", edge_filters={"label": "results"})
+    query.append(orm.Dict, with_incoming="calc", edge_filters={"label": "results"},
+                 filters={"or": [{"attributes": {"has_key": label}} for label in labels]})
     query.order_by({"calc": {"ctime": "desc"}})
     query.distinct()
     return [node for (node,) in query.all()]
@@ -107,14 +115,8 @@ def known_records(reference_sha256: str, level: str,
     """The records of ``ids`` already relaxed at ``level`` (:func:`best_records` of the :func:`reference_relaxations`
     that hold any of them), and those calculations, newest first."""
     ids = set(ids)
-    labels = {reference_link_label(entry_id) for entry_id in ids}
-    nodes, results = [], []
-    for node in reference_relaxations(reference_sha256, level):
-        records = node.outputs.results.get_dict()
-        if labels & set(records):
-            nodes.append(node)
-            results.append(records)
-    return best_records(results, ids), nodes
+    nodes = reference_relaxations(reference_sha256, level, ids)
+    return best_records([node.outputs.results.get_dict() for node in nodes], ids), nodes
 
 
 def missing_references(reference_sha256: str, level: str, ids: Iterable[str]) -> list[str]:

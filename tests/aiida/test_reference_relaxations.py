@@ -31,6 +31,7 @@ from aiida_equicsp.workchains.reference_energies import (
     missing_references,
     reference_id,
     reference_link_label,
+    reference_relaxations,
 )
 from equicsp_core import pipeline, reference
 from equicsp_core.settings import RelaxSettings, StabilitySettings
@@ -98,6 +99,17 @@ def test_the_query_finds_earlier_relaxations_of_this_set_and_level_only():
     assert collected["mp-3"]["status"] == "missing" and collected["mp-3"]["energy_per_atom"] is None
     incoming = {link.node.pk for link in collected.creator.base.links.get_incoming().all()}
     assert {relaxed.outputs.results.pk, failed.outputs.results.pk} <= incoming  # the provenance of the hull
+
+
+def test_the_query_selects_in_the_database_the_relaxations_holding_the_asked_ids():
+    """Only the calculations whose results hold one of the ids come back (the others are never loaded); no id,
+    no calculation."""
+    sha = uuid.uuid4().hex * 2
+    oxygen = reference_relaxation(sha, LEVEL, {"ase-O": record(-4.9)})
+    strontium = reference_relaxation(sha, LEVEL, {"ase-Sr": record(-1.6), "mp-5229": record(-8.0)})
+    assert reference_relaxations(sha, LEVEL, ["mp-5229"]) == [strontium]
+    assert reference_relaxations(sha, LEVEL, ["ase-O", "mp-5229", "mp-9"]) == [strontium, oxygen]
+    assert reference_relaxations(sha, LEVEL, ["mp-9"]) == [] and reference_relaxations(sha, LEVEL, []) == []
 
 
 def perovskite(a_site: str, a: float) -> Structure:
