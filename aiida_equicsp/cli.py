@@ -4,7 +4,7 @@
         [--num-samples 4] [--protocol fast|balanced|stringent] [--steps S] [--seed X] [--batch-size B] [--device cuda] ...
         [--overrides overrides.yaml] [--daemon]
     aiida-equicsp generate --code equicsp@cluster --model runs/perov_5-gen/best.pt --num-samples 100
-        [--num-atoms 5] [--protocol ...] [--steps S] [--seed X] ... [--overrides overrides.yaml] [--daemon]
+        [--num-atoms 5 [--num-atoms 10]] [--protocol ...] [--steps S] [--seed X] ... [--overrides overrides.yaml] [--daemon]
     aiida-equicsp results PK
     aiida-equicsp install-pseudos [--label L] [--wheel PATH]
     aiida-equicsp structures FORMULA          # every structure sampled for a formula
@@ -108,6 +108,9 @@ def settings_options(settings: type[SampleSettings | GenerateSettings], keys: tu
             help_text = settings.model_fields[key].description
             if kind is bool:
                 option = click.option(settings.flag(key), key, is_flag=True, default=None, help=help_text)
+            elif settings.repeatable(key):
+                option = click.option(settings.flag(key), key, type=kind, multiple=True, default=None,
+                                      help=f"{help_text} (repeatable)")
             else:
                 option = click.option(settings.flag(key), key, type=kind, default=None, help=help_text)
             command = option(command)
@@ -203,7 +206,7 @@ def _run_sampling(code: orm.AbstractCode, model: EquiCSPModelData, formulas: lis
                   protocol: str | None, overrides_file: str | None, daemon: bool, sampler: dict[str, Any]) -> None:
     """Build the restart work chain (``formulas`` ``None``: generation), check it as at launch, then run it here
     or submit it; prints its pk."""
-    parameters = {key: value for key, value in sampler.items() if value is not None}
+    parameters = {key: value for key, value in sampler.items() if value not in (None, ())}  # (): a repeatable unset
     overrides = recursive_merge(_read_overrides(overrides_file), {"sample": {"parameters": parameters}})
     try:
         builder = EquiCSPSampleBaseWorkChain.get_builder_from_protocol(

@@ -4,7 +4,7 @@
     equicsp train --dataset perov_5 --task generation --out runs/perov_5-gen     # ab initio: types diffused too
     equicsp sample --checkpoint runs/perov_5/best.pt --formula SrTiO3 --num-samples 4 --out out/
     equicsp sample --checkpoint runs/perov_5/best.pt --input sample.yaml --out out/
-    equicsp generate --checkpoint runs/perov_5-gen/best.pt --num-samples 100 [--num-atoms 5] --out gen/
+    equicsp generate --checkpoint runs/perov_5-gen/best.pt --num-samples 100 [--num-atoms 5 [--num-atoms 10]] --out gen/
     equicsp evaluate --checkpoint runs/perov_5/best.pt --dataset perov_5 --limit 200 --steps 100 --out eval.json
     equicsp evaluate-generation --generated gen/ --dataset perov_5 [--energy chgnet|none] --out gen.json
     equicsp relax --structures candidates.json [--input relax.yaml] --out relaxed/
@@ -127,8 +127,9 @@ def add_settings_flags(parser: argparse.ArgumentParser, model: type[Settings], k
     supply it instead."""
     for key in keys:
         info, kind = model.model_fields[key], model.scalar_type(key)
-        if key == "formulas":
-            parser.add_argument(model.flag(key), dest=key, action="append", help=f"{info.description} (repeatable)")
+        if model.repeatable(key):
+            parser.add_argument(model.flag(key), dest=key, action="append", type=kind,
+                                help=f"{info.description} (repeatable)")
         elif kind is bool:
             parser.add_argument(model.flag(key), dest=key, action="store_const", const=True, default=None,
                                 help=info.description)

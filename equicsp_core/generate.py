@@ -2,7 +2,8 @@
 
 A generation model (``DenoiserConfig.task == "generation"``) is given no composition: each crystal's atom
 count is drawn from the distribution of the training crystals, which training records in the model card as
-``num_atoms_counts`` (:func:`atom_count_distribution`), unless ``num_atoms`` fixes it; the sampler
+``num_atoms_counts`` (:func:`atom_count_distribution`), unless ``num_atoms`` gives it (one count, or several that
+the crystals take in turn); the sampler
 (:func:`equicsp_core.sampler.sample` without atom types) draws the types with the structure. The candidates come batch by batch,
 as :class:`equicsp_core.predict.Candidate` objects, so ``equicsp generate`` writes the run folder of
 ``equicsp sample`` (:mod:`equicsp_core.runfolder`); a candidate's ``formula`` is the reduced formula it came
@@ -41,11 +42,12 @@ def atom_count_distribution(crystals: Sequence[Crystal]) -> dict[str, int]:
 
 
 def atom_counts(card: Mapping[str, Any], settings: GenerateSettings, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """The atom count of each of the ``settings.num_samples`` crystals ``(B,)``: ``settings.num_atoms`` for all,
-    or drawn with replacement from the card's training distribution (with ``generator``).
+    """The atom count of each of the ``settings.num_samples`` crystals ``(B,)``: the counts of ``settings.num_atoms``
+    in turn (crystal ``i`` has ``num_atoms[i % len(num_atoms)]``), or drawn with replacement from the card's training
+    distribution (with ``generator``).
 
     Raises:
-        ValueError: ``num_atoms`` beyond the mode's hard limit or the largest training crystal.
+        ValueError: a count of ``num_atoms`` beyond the mode's hard limit or the largest training crystal.
         CheckpointError: no ``num_atoms`` and a card without the distribution.
     """
     distribution = {int(n): count for n, count in card.get(CARD_KEY, {}).items()}
@@ -56,8 +58,10 @@ def atom_counts(card: Mapping[str, Any], settings: GenerateSettings, mode: str, 
         sizes = torch.tensor(sorted(distribution))
         weights = torch.tensor([distribution[n] for n in sorted(distribution)], dtype=torch.float64)
         return sizes[torch.multinomial(weights, settings.num_samples, replacement=True, generator=generator)]
-    check_generated_atoms(settings.num_atoms, mode, distribution)
-    return torch.full((settings.num_samples,), settings.num_atoms)
+    for count in settings.num_atoms:
+        check_generated_atoms(count, mode, distribution)
+    counts = torch.tensor(settings.num_atoms)
+    return counts[torch.arange(settings.num_samples) % len(counts)]
 
 
 def generate_with_settings(

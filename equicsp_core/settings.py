@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -155,6 +155,11 @@ def _scalar_type(annotation: Any) -> type | None:
     return None
 
 
+def _is_tuple(annotation: Any) -> bool:
+    """Whether an annotation is a tuple, or an optional one (``tuple[int, ...] | None``)."""
+    return get_origin(annotation) is tuple or any(get_origin(argument) is tuple for argument in get_args(annotation))
+
+
 class Settings(BaseModel):
     """Base of the settings models: unknown keys refused, values frozen, errors as :class:`SettingsError`."""
 
@@ -201,6 +206,11 @@ class Settings(BaseModel):
     def flag(cls, key: str) -> str:
         """The command-line flag of a knob: ``num_samples`` → ``--num-samples``, ``formulas`` → ``--formula``."""
         return "--formula" if key == "formulas" else "--" + key.replace("_", "-")
+
+    @classmethod
+    def repeatable(cls, key: str) -> bool:
+        """Whether a knob holds several values (a tuple): a flag given once per value on a command line."""
+        return _is_tuple(cls.model_fields[key].annotation)
 
     @classmethod
     def scalar_type(cls, key: str) -> type:
@@ -340,8 +350,9 @@ class GenerateSettings(Settings):
     """
 
     num_samples: StrictInt = Field(ge=1, description="crystals to generate")
-    num_atoms: StrictInt | None = Field(
-        None, ge=1, description="atoms of every crystal (None: drawn from the model's training distribution)")
+    num_atoms: tuple[Annotated[StrictInt, Field(ge=1)], ...] | None = Field(
+        None, description="atoms of each crystal: one count for all, or several that the crystals take "
+                                        "in turn (None: drawn from the model's training distribution)")
     steps: StrictInt | None = SampleSettings.model_fields["steps"]
     step_lr: Number | None = Field(
         None, gt=0, allow_inf_nan=False,
@@ -352,6 +363,19 @@ class GenerateSettings(Settings):
     batch_size: StrictInt = SampleSettings.model_fields["batch_size"]
     device: Device = SampleSettings.model_fields["device"]
     threads: StrictInt | None = SampleSettings.model_fields["threads"]
+
+    @field_validator("num_atoms", mode="before")
+    @classmethod
+    def _one_count(cls, value: Any) -> Any:
+        """One count (``num_atoms: 5``, ``num_atoms=5``) means the same as a list of one."""
+        return (value,) if isinstance(value, int) else value
+
+    @field_validator("num_atoms")
+    @classmethod
+    def _some_count(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is not None and not value:
+            raise ValueError("no atom count given (None: drawn from the model's training distribution)")
+        return value
 
     def step_lr_for(self, dataset: str | None) -> float:
         """γ: the setting, else the generation value of ``dataset`` (:data:`GENERATION_STEP_LR`)."""

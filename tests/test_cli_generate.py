@@ -106,8 +106,9 @@ def test_generate_writes_the_requested_crystals_as_cifs(generation_checkpoint, t
     assert run["complete"] and run["written"] == run["valid"] == 5
 
 
-def test_generate_is_reproducible_and_num_atoms_fixes_the_size(generation_checkpoint, tmp_path):
-    """The same seed gives the same index; --num-atoms 3 gives every crystal three atoms."""
+def test_generate_is_reproducible_and_num_atoms_gives_the_sizes(generation_checkpoint, tmp_path):
+    """The same seed gives the same index; --num-atoms 3 gives every crystal three atoms; --num-atoms 2
+    --num-atoms 4 gives the crystals 2 and 4 atoms in turn."""
     def index(out, *extra):
         assert run_cli("generate", "--checkpoint", generation_checkpoint, "--num-samples", 3, "--steps", 4,
                        "--seed", 7, *extra, "--out", out) == 0
@@ -116,6 +117,8 @@ def test_generate_is_reproducible_and_num_atoms_fixes_the_size(generation_checkp
     assert index(tmp_path / "a") == index(tmp_path / "b")
     small = index(tmp_path / "c", "--num-atoms", 3)
     assert [Composition(entry["cell_formula"]).num_atoms for entry in small] == [3, 3, 3]
+    mixed = index(tmp_path / "d", "--num-atoms", 2, "--num-atoms", 4)
+    assert [Composition(entry["cell_formula"]).num_atoms for entry in mixed] == [2, 4, 2]
 
 
 def test_generate_input_file_gives_the_same_crystals_as_flags(generation_checkpoint, tmp_path):
@@ -177,6 +180,8 @@ def test_generate_refuses_a_csp_checkpoint_before_generating(tiny_checkpoint, tm
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--num-atoms", 6], "num_atoms: 6 atoms, more than the 5 of the largest crystal the model was trained on"),
+    (["--num-atoms", 3, "--num-atoms", 6], "num_atoms: 6 atoms, more than the 5 of the largest crystal the model "
+                                           "was trained on"),
     (["--num-atoms", 0], "num_atoms: Input should be greater than or equal to 1, got 0"),
     (["--steps", 1001], "steps must be in 1..1000, got 1001"),
     ([], "num_samples: Field required"),

@@ -103,7 +103,7 @@ def test_generate_maker_with_num_atoms_fixes_every_crystal_and_keeps_valid_ones_
     document = _output(store, generate.uuid)
 
     assert document.invalid == [] and [c.sample for c in document.candidates] == [0, 1, 2, 3]
-    assert document.settings["num_atoms"] == 3
+    assert document.settings["num_atoms"] == [3]  # one count is a list of one
     for candidate in document.candidates:
         structure = candidate.structure
         assert len(structure) == 3 and structure.composition == Composition(candidate.cell_formula)

@@ -138,8 +138,8 @@ def validate_inputs(inputs: dict[str, Any], _: Any) -> str | None:
     try:
         if model.task == "generation":
             settings = GenerateSettings.from_mapping(sample_request(inputs))
-            if settings.num_atoms is not None:
-                check_generated_atoms(settings.num_atoms, model.mode, model.trained_atom_counts)
+            for count in settings.num_atoms or ():
+                check_generated_atoms(count, model.mode, model.trained_atom_counts)
         else:
             settings = SampleSettings.from_mapping(sample_request(inputs))
             sampling_cells(settings, model.mode, model.dataset)

@@ -98,6 +98,8 @@ def test_a_generation_model_runs_equicsp_generate(equicsp_code, generation_model
     ("generation", None, {"num_atoms": 6}, r"num_atoms: 6 atoms, more than the 5 of the largest crystal the model "
                                            r"was trained on"),
     ("generation", None, {"num_atoms": 53}, r"num_atoms: 53 atoms; the model supports at most 52"),
+    ("generation", None, {"num_atoms": [3, 6]}, r"num_atoms: 6 atoms, more than the 5 of the largest crystal the "
+                                                r"model was trained on"),
     ("generation", None, {"steps": 1001}, r"steps must be <= the model's T = 1000"),
 ])
 def test_a_request_of_the_other_task_is_refused_before_anything_is_stored(
@@ -276,13 +278,15 @@ def invoke(*args: str):
 
 @pytest.mark.slow
 def test_the_generate_command_runs_the_work_chain(fixed_cell_equicsp_code, tiny_generation_checkpoint):
-    """``aiida-equicsp generate`` finishes and prints the pk; ``results PK`` lists the generated crystals."""
+    """``aiida-equicsp generate`` finishes and prints the pk; ``results PK`` lists the generated crystals. The
+    repeatable ``--num-atoms`` goes into the parameters as a list."""
     result = invoke("generate", "--code", fixed_cell_equicsp_code.full_label, "--model",
-                    str(tiny_generation_checkpoint), "--num-samples", "2", "--steps", "5", "--num-atoms", "5")
+                    str(tiny_generation_checkpoint), "--num-samples", "2", "--steps", "5", "--num-atoms", "5",
+                    "--num-atoms", "4")
     assert result.exit_code == 0, result.output
     pk = int(re.search(r"EquiCSPSampleBaseWorkChain<(\d+)> finished: 2 valid of 2 candidates", result.output)[1])
     workchain = orm.load_node(pk)
-    assert workchain.inputs.sample.parameters.get_dict() == {"steps": 5, "num_atoms": 5}
+    assert workchain.inputs.sample.parameters.get_dict() == {"steps": 5, "num_atoms": [5, 4]}
     assert "compositions" not in workchain.inputs.sample
     result = invoke("results", str(pk))
     assert result.exit_code == 0, result.output
