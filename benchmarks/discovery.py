@@ -1,6 +1,7 @@
 """Discovery benchmark: from a composition alone to the known structure, through the engine's pipeline.
 
-For each of the first ``--rows`` reserved mp_20 test rows (never trained on, never used for selection), only the
+For each of the first ``--rows`` reserved mp_20 test rows (never trained on, never used for selection; ``--split
+selection``: the val rows held out from training, where a ranking rule may be chosen), only the
 reduced composition is given (``Sr4Ti4O12`` → ``SrTiO3``): the model samples ``--num-samples`` candidates shared
 among every cell size Z it supports (:func:`equicsp_core.domain.sampling_cells`) by the training prior of
 :mod:`equicsp_core.formula_unit_prior` (lines written before it: round-robin), the pipeline screens them
@@ -170,7 +171,10 @@ def missed_ranks(lines: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default="mp_20")
-    parser.add_argument("--rows", type=int, default=100, help="first N reserved mp_20 test rows")
+    parser.add_argument("--rows", type=int, default=100, help="first N rows of --split")
+    parser.add_argument("--split", choices=("reserved", "selection"), default="reserved",
+                        help="reserved: the figures' rows; selection: the rows to choose a ranking rule or any other "
+                             "setting on (the val rows held out from training), never the reserved ones")
     parser.add_argument("--num-samples", type=int, default=10,
                         help="candidates per composition, shared among Z by the training prior")
     parser.add_argument("--steps", type=int, default=100)
@@ -193,15 +197,20 @@ def main() -> None:
     from equicsp_core.splits import load_cifs, split_rows
 
     torch.set_num_threads(args.threads)
-    done = {json.loads(line)["row"] for line in out.read_text().splitlines()} if out.exists() else set()
-    rows = split_rows("mp_20", "reserved")[:args.rows]
+    lines = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    splits = {line.get("split", "reserved") for line in lines}  # lines written before --split: reserved
+    if splits - {args.split}:
+        parser.error(f"{out} holds rows of the {', '.join(sorted(splits))} split, not {args.split}: use another --out")
+    done = {line["row"] for line in lines}
+    rows = split_rows("mp_20", args.split)[:args.rows]
     cifs = load_cifs("mp_20", rows)
     model, card = load_model(args.checkpoint)
     calculator = load_calculator("chgnet", "cpu")
     for row, cif in zip(rows, cifs):
         if row.index in done:
             continue
-        line = {"checkpoint": args.checkpoint, "num_samples": args.num_samples, "steps": args.steps,
+        line = {"checkpoint": args.checkpoint, "split": args.split, "num_samples": args.num_samples,
+                "steps": args.steps,
                 **run_row(row.index, cif, model, card, calculator, args)}
         with out.open("a") as handle:
             handle.write(json.dumps(line) + "\n")

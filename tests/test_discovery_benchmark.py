@@ -8,6 +8,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK = ROOT / "benchmarks" / "discovery.py"
@@ -94,3 +96,15 @@ def test_the_summary_reads_lines_with_and_without_candidate_details(tmp_path):
     assert summary["compositions"] == 3 and summary["with_candidate_details"] == 2
     assert summary["relaxed_match"] == round(100 * (old["relaxed_match"] + 2) / 3, 1)
     assert summary["found_not_top1_by_best_match_rank"] == {"3": 1}
+
+
+def test_an_output_file_holds_one_split(tmp_path, monkeypatch, capsys):
+    """Rows of the selection split are never written into a file of reserved rows (nor the reverse): the row
+    indices of the two splits are of different files."""
+    out = tmp_path / "d.jsonl"
+    out.write_text(json.dumps({"row": 4, "formula": "Cu1Ni1"}) + "\n")  # a line from before --split: reserved
+    monkeypatch.setattr("sys.argv", ["discovery.py", "--split", "selection", "--out", str(out)])
+    with pytest.raises(SystemExit) as stopped:
+        load_benchmark().main()
+    assert stopped.value.code == 2
+    assert f"{out} holds rows of the reserved split, not selection: use another --out" in capsys.readouterr().err
