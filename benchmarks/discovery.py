@@ -16,7 +16,8 @@ the papers' StructureMatcher tolerances (:func:`equicsp_core.metrics.rms_distanc
 One JSON line per composition in ``--out`` (resumable: rows already there are skipped), with its wall time and,
 per candidate, its Z, ML energy, space group after relaxation, match and rank (``candidate_details``: why the
 ranking misses a found structure; lines written before it lack them); ``--summary`` prints the fractions and, over
-the lines with details, the ML rank of the best-ranked match where the winner is not one. DFT on the winners (the
+the lines with details where the winner is not a match, the ML rank of the best-ranked match, its ML energy above
+the winner's and how many of those winners have no symmetry. DFT on the winners (the
 issue's level (c)) is not run here: a pw.x relaxation costs minutes to hours per structure on this CPU.
 
     python benchmarks/discovery.py --checkpoint mp_20 --rows 100 --num-samples 10 --steps 100 \\
@@ -160,12 +161,23 @@ def summary(path: Path) -> dict:
 
 def missed_ranks(lines: list[dict]) -> dict:
     """Over the lines with ``candidate_details``: how many, and for those whose known structure was found but not
-    ranked first, ``{best ML rank of a match: compositions}``."""
+    ranked first: ``{best ML rank of a match: compositions}``, how far (meV/atom, sorted) the best-ranked match lies
+    above the winner in ML energy, and in how many of them the winner has no symmetry (P1) after relaxation."""
     detailed = [line for line in lines if "candidate_details" in line]
-    missed = Counter(min(c["rank"] for c in line["candidate_details"] if c["match"] and c["rank"] is not None)
-                     for line in detailed if line["relaxed_match"] and not line["top1"])
+    missed = [line for line in detailed if line["relaxed_match"] and not line["top1"]]
+    ranks, gaps, unsymmetric = Counter(), [], 0
+    for line in missed:
+        representatives = [c for c in line["candidate_details"] if c["rank"] is not None and c["duplicate_of"] is None]
+        by_rank = {c["rank"]: c for c in representatives}
+        best = min(c["rank"] for c in line["candidate_details"] if c["match"] and c["rank"] is not None)
+        ranks[best] += 1
+        winner = by_rank[1]
+        gaps.append(round(1000 * (by_rank[best]["ml_energy_per_atom"] - winner["ml_energy_per_atom"]), 1))
+        unsymmetric += winner["space_group"].startswith("P1 ")
     return {"with_candidate_details": len(detailed),
-            "found_not_top1_by_best_match_rank": {str(rank): missed[rank] for rank in sorted(missed)}}
+            "found_not_top1_by_best_match_rank": {str(rank): ranks[rank] for rank in sorted(ranks)},
+            "found_not_top1_energy_above_winner_meV": sorted(gaps),
+            "found_not_top1_winner_p1": unsymmetric}
 
 
 def main() -> None:

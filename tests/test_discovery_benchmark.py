@@ -82,12 +82,15 @@ def test_a_tiny_run_writes_one_record_per_candidate(fixture_data_dir, one_thread
 
 def test_the_summary_reads_lines_with_and_without_candidate_details(tmp_path):
     """A line written before the records (from the committed results) and two with them: the fractions over all
-    three, the missed-rank histogram over the two."""
+    three; over the two, the missed-rank histogram, the ML energy of the found structure above the winner's and
+    whether the missing row's winner has no symmetry."""
     old = json.loads(OLD_LINES.read_text().splitlines()[0])
     assert "candidate_details" not in old
 
     def detailed(row, found_rank, top1):
-        records = [{"label": f"X_00{rank}", "rank": rank, "match": rank == found_rank} for rank in (1, 2, 3)]
+        records = [{"label": f"X_00{rank}", "rank": rank, "match": rank == found_rank, "duplicate_of": None,
+                    "ml_energy_per_atom": -5.0 + 0.01 * rank, "space_group": "P1 (1)" if rank == 1 else "Pm-3m (221)"}
+                   for rank in (1, 2, 3)]
         return {**old, "row": row, "relaxed_match": True, "top1": top1, "candidate_details": records}
 
     path = tmp_path / "lines.jsonl"
@@ -96,6 +99,7 @@ def test_the_summary_reads_lines_with_and_without_candidate_details(tmp_path):
     assert summary["compositions"] == 3 and summary["with_candidate_details"] == 2
     assert summary["relaxed_match"] == round(100 * (old["relaxed_match"] + 2) / 3, 1)
     assert summary["found_not_top1_by_best_match_rank"] == {"3": 1}
+    assert summary["found_not_top1_energy_above_winner_meV"] == [20.0] and summary["found_not_top1_winner_p1"] == 1
 
 
 def test_an_output_file_holds_one_split(tmp_path, monkeypatch, capsys):
