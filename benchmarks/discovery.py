@@ -160,8 +160,8 @@ def summary(path: Path) -> dict:
 
 
 def missed_ranks(lines: list[dict]) -> dict:
-    """Over the lines with ``candidate_details``: how many, and for those whose known structure was found but not
-    ranked first: ``{best ML rank of a match: compositions}``, how far (meV/atom, sorted) the best-ranked match lies
+    """Over the lines with ``candidate_details``: how many; ``top3``, the % whose known structure is among the ML
+    ranking's first three (what DFT on the top 3 could pick from); and for those found but not ranked first: ``{best ML rank of a match: compositions}``, how far (meV/atom, sorted) the best-ranked match lies
     above the winner in ML energy, and in how many of them the winner has no symmetry (P1) after relaxation."""
     detailed = [line for line in lines if "candidate_details" in line]
     missed = [line for line in detailed if line["relaxed_match"] and not line["top1"]]
@@ -174,7 +174,10 @@ def missed_ranks(lines: list[dict]) -> dict:
         winner = by_rank[1]
         gaps.append(round(1000 * (by_rank[best]["ml_energy_per_atom"] - winner["ml_energy_per_atom"]), 1))
         unsymmetric += winner["space_group"].startswith("P1 ")
+    in_top3 = sum(any(c["match"] and c["rank"] is not None and c["rank"] <= 3 for c in line["candidate_details"])
+                  for line in detailed)
     return {"with_candidate_details": len(detailed),
+            "top3": round(100 * in_top3 / len(detailed), 1) if detailed else None,
             "found_not_top1_by_best_match_rank": {str(rank): ranks[rank] for rank in sorted(ranks)},
             "found_not_top1_energy_above_winner_meV": sorted(gaps),
             "found_not_top1_winner_p1": unsymmetric}
