@@ -366,23 +366,35 @@ def load_reference(path: str | os.PathLike | None = None, pin: dict[str, str] | 
                    data_dir: str | os.PathLike | None = None) -> ReferenceSet:
     """The reference set at ``path`` (default :func:`default_path`), checked to be built from the ``pin``'s data.
 
-    When the default file is missing and a data folder is found it is built first (minutes: every CIF is
-    parsed). Raises :class:`ReferenceSetError` (one line saying how to build it) when it is missing and cannot
-    be built, or when its header names other data than ``pin`` (default :data:`DATA_SHA256`; ``None``: any).
+    When the default file is missing, or of an older layout, and a data folder is found it is built first
+    (minutes: every CIF is parsed). Raises :class:`ReferenceSetError` (one line saying how to build it) when it is
+    missing and cannot be built, or when its header names other data than ``pin`` (default :data:`DATA_SHA256`;
+    ``None``: any).
     """
     pin = DATA_SHA256 if pin == PINNED else pin
     target = Path(path) if path is not None else default_path()
-    if not target.is_file():
-        if path is not None:
-            raise ReferenceSetError(f"no reference set at {target}: {BUILD_HINT}")
+    if not target.is_file() and path is not None:
+        raise ReferenceSetError(f"no reference set at {target}: {BUILD_HINT}")
+    if path is None and (not target.is_file() or layout(target) != FORMAT):
         try:
-            logger.info("reference set: %s is missing; building it from the data folder", target)
+            logger.info("reference set: %s is %s; building it from the data folder", target,
+                        "of an older layout" if target.is_file() else "missing")
             build_reference(data_dir, target, pin)
         except ReferenceSetError as error:
             raise ReferenceSetError(f"no reference set at {target} ({error}): {BUILD_HINT}") from None
     stat = target.stat()
     return _load(str(target), None if pin is None else json.dumps(pin, sort_keys=True), stat.st_mtime_ns,
                  stat.st_size)
+
+
+def layout(path: Path) -> int | None:
+    """The ``format`` of a set's header line; ``None`` for a file without one (the layout before the header)."""
+    try:
+        with gzip.open(path, "rb") as handle:
+            head = json.loads(handle.readline() or b"null")
+    except (OSError, EOFError, ValueError):
+        return None
+    return head.get("format") if isinstance(head, dict) and "data_sha256" in head else None
 
 
 @functools.lru_cache(maxsize=4)

@@ -127,6 +127,19 @@ def test_reference_is_built_on_first_use_and_refused_when_the_data_is_not_the_pi
     assert (tmp_path / "cache" / "reference_set.jsonl.gz").is_file()
 
 
+def test_a_default_set_of_the_older_layout_is_rebuilt_on_use(data_dir, monkeypatch, tmp_path):
+    """The cache folder's set written before the header line (entries only) is rebuilt from the data on first use;
+    the same file given by path is refused with the rebuild hint (test above)."""
+    monkeypatch.setenv("EQUICSP_CACHE_DIR", str(tmp_path / "cache"))
+    default = tmp_path / "cache" / "reference_set.jsonl.gz"
+    built = build_reference(data_dir, default, pin=None)
+    entries = gzip.decompress(built.read_bytes()).splitlines(keepends=True)[1:]
+    default.write_bytes(gzip.compress(b"".join(entries)))
+    reference = load_reference(data_dir=data_dir, pin=data_sha256(data_dir))
+    assert len(reference) == 6 and reference.sha256 == content_sha256(default)
+    assert json.loads(gzip.decompress(default.read_bytes()).splitlines()[0])["format"] == 2
+
+
 def test_cli_reference_build_refuses_other_data_in_one_line(data_dir, tmp_path, capsys):
     out = tmp_path / "ref.jsonl.gz"
     assert main(["--quiet", "reference", "build", "--data-dir", str(data_dir), "--out", str(out)]) == 2
