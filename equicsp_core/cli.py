@@ -576,8 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reference", help="the reference set of stability and novelty (equicsp_core.reference)")
     actions = p.add_subparsers(dest="action", required=True)
-    build = actions.add_parser("build", help="build it from the data folder into the cache folder; its sha256 is "
-                                             "checked against the pinned one")
+    build = actions.add_parser("build", help="build it from the data folder into the cache folder; the data "
+                                             "files' sha256 are checked against the pinned ones first")
     build.add_argument("--data-dir", default=None, help="folder of <dataset>/<split>.csv.gz (or $EQUICSP_DATA_DIR)")
     build.add_argument("--out", default=None, help="where to write it (default: the cache folder, "
                                                    "$EQUICSP_CACHE_DIR or ~/.cache/equicsp)")

@@ -246,7 +246,7 @@ def stability(
     :func:`stability_references` here, by ``relax`` (default :func:`equicsp_core.relax.relax_structures` with
     ``relax_settings``) and caching them in ``cache_path`` (default: the cache folder's
     :data:`~equicsp_core.stability.ENERGY_CACHE_FILE`). ``reference``: the set to use instead of
-    :func:`equicsp_core.reference.load_reference`'s (the pinned one of the cache folder).
+    :func:`equicsp_core.reference.load_reference`'s (the cache folder's, built from the pinned data).
     """
     from equicsp_core.reference import ReferenceSetError, load_reference
     from equicsp_core.stability import EnergyCache, default_cache_path, e_above_hull, hull, known_energies, novelty

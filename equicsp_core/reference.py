@@ -90,7 +90,8 @@ BUILD_HINT = "run `equicsp reference build` (it reads the data folder: --data-di
 
 
 class ReferenceSetError(ValueError):
-    """The reference set is missing, cannot be built, or is not the pinned one: one line saying what to do."""
+    """The reference set is missing, cannot be built, or is not built from the pinned data: one line saying what to
+    do."""
 
 
 def composition_key(symbols: Iterable[str]) -> tuple[tuple[str, int], ...]:
