@@ -5,7 +5,12 @@ element present, within ``--max-atoms`` and the model's largest cell) are each s
 (spread over every Z the model supports), screened, ML-relaxed, merged and ranked by the engine's pipeline, and
 their ML energy above the hull is computed against the reference set with the **system's own entries hidden** (every
 entry holding all of its elements: the phases to find); its subsystems (binaries, elements) stay in the hull,
-relaxed with the same potential and cached as in a campaign. Scored against the hidden entries:
+relaxed with the same potential and cached as in a campaign. With the system's phases hidden, every ternary
+candidate whose formation energy is negative lies below a hull of binaries and elements, so the candidates join
+the hull (:func:`equicsp_core.stability.hull` with ``compete``): a candidate's ``ml_e_above_hull`` is its energy
+above the hull of the references *and every other candidate* (what an exploration of a new system can say), and
+``ml_e_above_reference_hull`` its energy against the references alone (negative: below them). Scored against the
+hidden entries:
 
 - ``enumerated``: the entry's composition is among those explored (else this route cannot find it: a rare
   oxidation state, too many atoms per formula unit);
@@ -75,10 +80,14 @@ def explore(system: str, model, card: dict, calculator, reference, options: argp
     ranking = rank({label: result.as_dict() for label, result in results.items()}, relaxed, top_k=1).ranking
     merged = sorted(label for label, entry in ranking.items() if entry["status"] == "ml_relaxed")
     stability = StabilitySettings()
-    hulls = e_above_hull({label: (relaxed[label], results[label].energy_per_atom) for label in merged}, reference,
-                         relax, EnergyCache(cache_path, ml_level(relax_settings), reference.sha256),
-                         stability.reference_cutoff, stability.references_per_composition,
-                         exclude=[entry.id for entry in hidden])
+
+    def system_hull(compete: bool) -> dict:
+        return e_above_hull({label: (relaxed[label], results[label].energy_per_atom) for label in merged}, reference,
+                            relax, EnergyCache(cache_path, ml_level(relax_settings), reference.sha256),
+                            stability.reference_cutoff, stability.references_per_composition,
+                            exclude=[entry.id for entry in hidden], compete=compete)
+
+    below_known, hulls = system_hull(compete=False), system_hull(compete=True)
 
     def matching(entry) -> list[str]:
         return [label for label in merged if key_of(relaxed[label]) == entry.composition_key
@@ -97,6 +106,7 @@ def explore(system: str, model, card: dict, calculator, reference, options: argp
                        "found_stable": any(value <= settings.ehull_max for value in e_hulls)})
     predicted = [{"label": label, "formula": relaxed[label].composition.reduced_formula,
                   "formula_units": sampled[label].formula_units, "ml_e_above_hull": hulls[label].e_above_hull,
+                  "ml_e_above_reference_hull": below_known[label].e_above_hull,
                   "matches": [line["id"] for line in scored if label in line["matched_by"]] or "new"}
                  for label in merged
                  if hulls[label].e_above_hull is not None and hulls[label].e_above_hull <= settings.ehull_max]

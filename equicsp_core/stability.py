@@ -154,16 +154,23 @@ def hull_references(structures: Mapping[str, Structure], reference: ReferenceSet
 
 def e_above_hull(candidates: Mapping[str, tuple[Structure, float]], reference: ReferenceSet, relax: RelaxFunction,
                  cache: EnergyCache, cutoff: float, per_composition: int,
-                 exclude: Iterable[str] = ()) -> dict[str, HullResult]:
+                 exclude: Iterable[str] = (), compete: bool = False) -> dict[str, HullResult]:
     """:func:`hull` with the reference entries relaxed by ``relax`` where ``cache`` (at the candidates' level)
     does not hold them yet (:func:`reference_energies`)."""
     return hull(candidates, reference, lambda entries: reference_energies(entries, relax, cache), cutoff,
-                per_composition, exclude)
+                per_composition, exclude, compete)
 
 
 def hull(candidates: Mapping[str, tuple[Structure, float]], reference: ReferenceSet, energies: EnergiesFunction,
-         cutoff: float, per_composition: int, exclude: Iterable[str] = ()) -> dict[str, HullResult]:
+         cutoff: float, per_composition: int, exclude: Iterable[str] = (), compete: bool = False
+         ) -> dict[str, HullResult]:
     """The energy above the ML hull of each candidate: ``{label: HullResult}``.
+
+    By default each candidate is placed on the hull of the references alone (negative: below it, lower than every
+    known phase). With ``compete`` the candidates of a chemical system join its hull, as the phases an exploration
+    of the system would report: each one's value is then its energy above the hull of the references *and* the
+    other candidates (0 on it, never negative), so two compositions that are each below the known hull do not
+    both read as stable when one decomposes into the other.
 
     Args:
         candidates: ``label -> (relaxed structure, energy per atom in eV/atom)``, all at one level.
@@ -173,6 +180,7 @@ def hull(candidates: Mapping[str, tuple[Structure, float]], reference: Reference
         cutoff, per_composition: the choice of hull references
             (:meth:`~equicsp_core.reference.ReferenceSet.hull_references`).
         exclude: ids of reference entries left out of every hull (a benchmark's own known structure).
+        compete: the candidates of each system join its hull.
     """
     from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 
@@ -188,12 +196,11 @@ def hull(candidates: Mapping[str, tuple[Structure, float]], reference: Reference
                       "(none in the reference set, or its relaxation failed)")
             results.update({label: HullResult(None, reason) for label in labels})
             continue
-        diagram = PhaseDiagram([PDEntry(_composition(entry),
-                                        known[entry.id] * len(entry.species), name=entry.id)
-                                for entry in usable])
-        for label in labels:
-            structure, energy = candidates[label]
-            entry = PDEntry(structure.composition, energy * len(structure))
+        entries = {label: PDEntry(candidates[label][0].composition, candidates[label][1] * len(candidates[label][0]),
+                                  name=label) for label in labels}
+        diagram = PhaseDiagram([PDEntry(_composition(entry), known[entry.id] * len(entry.species), name=entry.id)
+                                for entry in usable] + (list(entries.values()) if compete else []))
+        for label, entry in entries.items():
             _, above = diagram.get_decomp_and_e_above_hull(entry, allow_negative=True)
             results[label] = HullResult(float(above))
     return results

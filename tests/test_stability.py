@@ -214,6 +214,20 @@ def test_e_above_hull_by_hand(tmp_path):
     assert sorted(relax.relaxed) == ["au", "cu", "cuau"]
 
 
+def test_competing_candidates_join_their_system_s_hull(tmp_path):
+    """A CuAu candidate at -2.1 eV/atom, below the reference CuAu (-2.0), moves the hull at x(Au) = 1/4 down to
+    -1.55 (half way from Cu to it): Cu3Au at -1.5, on the references' hull, is then 0.05 above; each candidate's value
+    against the references alone is unchanged without ``compete``."""
+    cache = EnergyCache(tmp_path / "energies.json", "ML (stub)", "f" * 64)
+    candidates = {"cu3au": (cu3au(), -1.5), "cuau": (rocksalt("Cu", "Au", 4.3), -2.1)}
+    alone = e_above_hull(candidates, hand_made_reference(), StubRelax(), cache, cutoff=0.0, per_composition=1)
+    assert alone["cu3au"].e_above_hull == pytest.approx(0.0) and alone["cuau"].e_above_hull == pytest.approx(-0.1)
+    together = e_above_hull(candidates, hand_made_reference(), StubRelax(), cache, cutoff=0.0, per_composition=1,
+                            compete=True)
+    assert together["cu3au"].e_above_hull == pytest.approx(-1.5 - (-1.55))
+    assert together["cuau"].e_above_hull == pytest.approx(0.0)
+
+
 def test_e_above_hull_without_an_elemental_reference_gives_a_reason(tmp_path):
     relax = StubRelax()
     cache = EnergyCache(tmp_path / "energies.json", "ML (stub)", "f" * 64)
