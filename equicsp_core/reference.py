@@ -31,8 +31,8 @@ The file opens with a header line naming what it was built from: ``{"data_sha256
 of each decompressed split file is in :data:`DATA_SHA256` (the values ``../shared/data/README.md`` lists), a
 build from other data is refused before anything is parsed, and every load checks the header, so a candidate
 is never compared with a set of unknown origin. The build is deterministic (same data, same pymatgen and ASE:
-same bytes), but CIF parsing and ASE's crystals may move in the last decimals between library versions, so the
-set's own SHA-256 (:attr:`ReferenceSet.sha256`, which keys the cached reference energies and is recorded in
+same bytes), but the bytes depend on the installed libraries (CIF parsing, ASE's crystals), so the set's own
+SHA-256 (:attr:`ReferenceSet.sha256`, which keys the cached reference energies and is recorded in
 the outputs) names the set built on this machine rather than being pinned.
 """
 
