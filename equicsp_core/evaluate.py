@@ -67,8 +67,8 @@ def evaluate(
     returns a JSON-ready dict with settings, versions and each crystal's RMS (``per_crystal_rms``; None: no
     match). ``symmetrise`` samples with the denoiser averaged over the six lattice-vector orderings
     (:func:`equicsp_core.diffusion.symmetrised`)."""
-    import pymatgen.core
-    import smact
+    from importlib.metadata import version
+
     from pymatgen.core import Structure
     from tqdm import tqdm
 
@@ -109,8 +109,9 @@ def evaluate(
         "match_rate": 100.0 * scores.match_rate, "rmse": scores.rmse, **{k: v for k, v in scores.to_dict().items()
                                                                          if k not in ("match_rate", "rmse")},
         "sampling_seconds": round(sampling_seconds, 1), "matching_seconds": round(time.perf_counter() - started, 1),
+        # as installed: pymatgen's own __version__ string lags its releases (2026.10.16 inside 2026.10.24)
         "versions": {"equicsp": equicsp_core.__version__, "torch": str(torch.__version__),
-                     "pymatgen": pymatgen.core.__version__, "smact": smact.__version__},
+                     **{package: version(package) for package in ("pymatgen", "smact")}},
         "rows": [list(row) for row in rows] if indices is not None else None,
         "per_crystal_rms": scores.per_crystal_rms,
     }

@@ -1,5 +1,6 @@
 """The ``equicsp`` command, run in-process on the tiny data fixtures (EQUICSP_DATA_DIR set in conftest)."""
 
+import importlib.metadata
 import json
 
 import pytest
@@ -462,6 +463,7 @@ def test_evaluate_writes_a_report(checkpoint, tmp_path, capsys):
     assert report["crystals"] == 4 and report["total"] == 4 and report["num_samples"] == 1
     assert 0 <= report["match_rate"] <= 100 and report["steps"] == 3
     assert {"torch", "pymatgen", "smact"} <= set(report["versions"])
+    assert report["versions"]["pymatgen"] == importlib.metadata.version("pymatgen")  # the installed release
     matched = [rms for rms in report["per_crystal_rms"] if rms is not None]
     assert len(report["per_crystal_rms"]) == 4 and len(matched) == report["matched"]
     assert report["rmse"] == (pytest.approx(sum(matched) / len(matched)) if matched else None)
