@@ -548,7 +548,8 @@ def campaign_winners(label: str, folder: str | None, fmt: str) -> None:
 @click.option("--chemical-system", default=None, metavar="Li-Fe-P-O",
               help="only compositions of this system and its subsystems (default: all of the campaign's)")
 def campaign_stable(label: str, ehull_max: float, chemical_system: str | None) -> None:
-    """The stable and near-stable candidates of campaign LABEL (ML energy above the hull), with their novelty."""
+    """The stable and near-stable candidates of campaign LABEL (ML energy above the hull where they compete with
+    the reference set and with each other), with their novelty."""
     from aiida_equicsp.queries import stable_candidates
 
     group = _load_campaign_or_fail(label)
@@ -556,13 +557,14 @@ def campaign_stable(label: str, ehull_max: float, chemical_system: str | None) -
         found = stable_candidates(chemical_system, group, ehull_max)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="'--chemical-system'") from error
-    _echo_table(("composition", "Z", "E_hull (eV/atom)", "energy (eV/atom)", "space group", "novelty", "label",
+    _echo_table(("composition", "Z", "E_hull", "E_hull_known", "energy", "space group", "novelty", "label",
                  "structure pk", "work chain"),
-                [(c.row["reduced_formula"], str(c.row["formula_units"]), f"{c.row['ml_e_above_hull']:.4f}",
-                  f"{c.row['ml_energy_per_atom']:.4f}", str(c.row["space_group_ml"]), str(c.row["novelty"]),
-                  c.row["label"], str(c.structure.pk), str(c.workchain.pk)) for c in found])
-    click.echo(f"{len(found)} candidates with ML E_hull <= {ehull_max:g} eV/atom (campaign {label}); energies at the "
-               "ML level, E_hull against the pinned reference set relaxed alike")
+                [(c.row["reduced_formula"], str(c.row["formula_units"]), f"{c.row['ml_e_above_system_hull']:.4f}",
+                  f"{c.row['ml_e_above_hull']:.4f}", f"{c.row['ml_energy_per_atom']:.4f}", str(c.row["space_group_ml"]),
+                  str(c.row["novelty"]), c.row["label"], str(c.structure.pk), str(c.workchain.pk)) for c in found])
+    click.echo(f"{len(found)} candidates with ML E_hull <= {ehull_max:g} eV/atom (campaign {label}); energies in "
+               "eV/atom at the ML level. E_hull: above the hull of the pinned reference set (relaxed alike) and the "
+               "candidates; E_hull_known: above the reference set's alone (negative: below every known phase)")
 
 
 @main.command("structures")

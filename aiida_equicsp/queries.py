@@ -252,9 +252,10 @@ def export_winners(group: CampaignGroup, folder: str | Path, fmt: str = "cif") -
 
 @dataclass(frozen=True)
 class StableCandidate:
-    """A stable or near-stable candidate: its row of the work chain's ``ranking`` table (``ml_e_above_hull`` in
-    eV/atom at the ML level, ``novelty``, ``formula_units``, space groups, energies), its ML-relaxed structure and
-    the work chain."""
+    """A stable or near-stable candidate: its row of the work chain's ``ranking`` table with
+    ``ml_e_above_system_hull`` added (eV/atom at the ML level, on the hull where the candidates compete;
+    ``ml_e_above_hull`` against the references alone, ``novelty``, ``formula_units``, space groups, energies), its
+    ML-relaxed structure and the work chain."""
 
     row: dict[str, Any]
     structure: orm.StructureData
@@ -263,8 +264,9 @@ class StableCandidate:
 
 def stable_candidates(chemical_system: str | None = None, group: CampaignGroup | None = None,
                       ehull_max: float | None = None) -> list[StableCandidate]:
-    """The merged candidates of ``equicsp.predict_relax`` work chains whose ML energy above the hull is at most
-    ``ehull_max`` eV/atom (``None``: :class:`~equicsp_core.settings.ExploreSettings`' default), lowest first.
+    """The merged candidates of ``equicsp.predict_relax`` work chains whose ML energy above the hull, where they
+    compete with the references and with each other, is at most ``ehull_max`` eV/atom (``None``:
+    :class:`~equicsp_core.settings.ExploreSettings`' default), lowest first.
 
     Args:
         chemical_system: only compositions of this system and its subsystems (``Li-Fe-P-O``: LiFePO4, Li3PO4,
@@ -273,30 +275,55 @@ def stable_candidates(chemical_system: str | None = None, group: CampaignGroup |
             newest); ``None``: every predict-relax work chain of the profile.
         ehull_max: the threshold, eV/atom.
 
-    The work chains and their ``ranking`` tables are found by the QueryBuilder (the work chain's process type,
-    the ``ranking`` output link); the rows are chosen by :func:`equicsp_core.chemical_system.near_stable`,
-    since a table's rows are a list inside one node's attributes, which a query cannot filter portably.
+    The work chains, their ``ranking`` tables and the inputs of their ``assess_stability`` calcfunctions (the ML
+    level, the hull settings and the reference energies each hull used) are found by the QueryBuilder; the work
+    chains of one level and hull settings share one hull per chemical system, built from the union of their
+    reference energies (:func:`equicsp_core.chemical_system.near_stable`; nothing is relaxed). The rows are
+    chosen in Python, since a table's rows are a list inside one node's attributes, which a query cannot filter
+    portably.
 
     Raises:
         ValueError: for a malformed chemical system or a negative threshold, naming it.
     """
-    from equicsp_core.chemical_system import near_stable
-    from equicsp_core.settings import ExploreSettings
+    from equicsp_core.chemical_system import near_stable, parse_chemical_system
+    from equicsp_core.pipeline import ml_level
+    from equicsp_core.reference import load_reference
+    from equicsp_core.settings import ExploreSettings, RelaxSettings, StabilitySettings
+    from equicsp_core.stability import known_energies
 
     if ehull_max is None:
         ehull_max = ExploreSettings.default("ehull_max")
     elif ehull_max < 0:
         raise ValueError(f"ehull_max must be at least 0 eV/atom, got {ehull_max}")
-    query = orm.QueryBuilder()
+    if chemical_system is not None:
+        parse_chemical_system(chemical_system)
     filters: dict[str, Any] = {"process_type": PROCESS_TYPE}
     if group is not None:
         filters["id"] = {"in": [node.pk for node in current_work_chains(group).values()] or [-1]}
+    query = orm.QueryBuilder()
     query.append(orm.WorkChainNode, filters=filters, tag="workchain", project="*")
     query.append(orm.Dict, with_incoming="workchain", edge_filters={"label": "ranking"}, project="attributes.rows")
-    query.order_by({orm.WorkChainNode: {"id": "asc"}})
+    query.append(orm.CalcFunctionNode, with_incoming="workchain", tag="assess",
+                 filters={"attributes.process_label": "assess_stability"})
+    for label in ("relax_parameters", "parameters", "reference_energies"):
+        query.append(orm.Dict, with_outgoing="assess", edge_filters={"label": label}, project="attributes")
+    hulls: dict[tuple, tuple[StabilitySettings, dict[str, Any], list[dict[str, Any]]]] = {}
+    nodes: dict[int, orm.WorkChainNode] = {}
+    for node, rows, relax, parameters, energies in query.all():
+        settings = StabilitySettings.from_mapping(parameters)
+        key = (ml_level(RelaxSettings.from_mapping(relax)), settings.reference_cutoff,
+               settings.references_per_composition)
+        _, records, tagged = hulls.setdefault(key, (settings, {}, []))
+        records.update(energies)
+        tagged.extend(dict(row, workchain=node.pk) for row in rows or [])
+        nodes[node.pk] = node
     found = []
-    for node, rows in query.all():
-        for row in near_stable(rows or [], ehull_max, chemical_system):
-            found.append(StableCandidate(dict(row), node.outputs.ml_relaxed[row["label"]], node))
-    return sorted(found, key=lambda candidate: (candidate.row["ml_e_above_hull"], candidate.row["reduced_formula"],
-                                                candidate.workchain.pk, candidate.row["label"]))
+    if any(row.get("ml_e_above_hull") is not None for _, _, tagged in hulls.values() for row in tagged):
+        reference = load_reference()
+        for settings, records, tagged in hulls.values():
+            for row in near_stable(tagged, ehull_max, chemical_system, reference, known_energies(records), settings):
+                node = nodes[row.pop("workchain")]
+                found.append(StableCandidate(row, node.outputs.ml_relaxed[row["label"]], node))
+    return sorted(found, key=lambda candidate: (candidate.row["ml_e_above_system_hull"],
+                                                candidate.row["reduced_formula"], candidate.workchain.pk,
+                                                candidate.row["label"]))

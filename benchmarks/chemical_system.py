@@ -82,7 +82,7 @@ def explore(system: str, model, card: dict, calculator, reference, options: argp
     stability = StabilitySettings()
 
     def system_hull(compete: bool) -> dict:
-        return e_above_hull({label: (relaxed[label], results[label].energy_per_atom) for label in merged}, reference,
+        return e_above_hull({label: (relaxed[label].composition, results[label].energy_per_atom) for label in merged}, reference,
                             relax, EnergyCache(cache_path, ml_level(relax_settings), reference.sha256),
                             stability.reference_cutoff, stability.references_per_composition,
                             exclude=[entry.id for entry in hidden], compete=compete)

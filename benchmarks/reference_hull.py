@@ -96,7 +96,7 @@ def main() -> None:
             (known,) = [entry for entry in reference.entries if entry.id == record["material_id"]]
             started = time.perf_counter()
             relaxed = relax_structure(known.structure, calculator, relax_settings)
-            candidate = {"known": (relaxed.structure, relaxed.energy_per_atom)}
+            candidate = {"known": (relaxed.structure.composition, relaxed.energy_per_atom)}
             hull = e_above_hull(candidate, reference, relax, cache, settings.reference_cutoff,
                                 settings.references_per_composition)["known"]
             without = e_above_hull(candidate, reference, relax, cache, settings.reference_cutoff,

@@ -3,7 +3,8 @@
 A chemical system is a set of elements joined by ``-`` (``Li-Fe-P-O``). Exploring it predicts each of its
 compositions as any reduced formula is predicted (every cell size Z the model supports,
 :func:`equicsp_core.domain.sampling_cells`; ML relax, merge, ML energy above the hull, novelty), then reports
-the candidates on or near the ML hull (:func:`near_stable`).
+the candidates on or near the ML hull of the system, the candidates of all its compositions competing with the
+references and with each other (:func:`near_stable`).
 
 Compositions
     :func:`charge_balanced_compositions`: the compositions with **every** element of the system present whose
@@ -43,7 +44,9 @@ from typing import TYPE_CHECKING, Any
 from equicsp_core.settings import MAX_ATOMIC_NUMBER, SettingsError, formula_of
 
 if TYPE_CHECKING:
-    from equicsp_core.settings import ExploreSettings
+    from equicsp_core.reference import ReferenceSet
+    from equicsp_core.settings import ExploreSettings, StabilitySettings
+    from equicsp_core.stability import EnergiesFunction
 
 #: ``ICSD24OxStatesFilter.filter`` arguments of the oxidation states used: SMACT's default consensus (3
 #: reports) and its "medium" commonality (at least 10 % of the element's reports).
@@ -164,19 +167,42 @@ def compositions_to_explore(settings: ExploreSettings, mode: str, dataset: str |
     return charge_balanced_compositions(settings.chemical_system, limit)
 
 
-def near_stable(rows: Sequence[Mapping[str, Any]], ehull_max: float,
-                system: str | None = None) -> list[Mapping[str, Any]]:
-    """The rows of ranking tables (:func:`equicsp_core.pipeline.table_rows`) that are stable or near-stable: the
-    merged candidates (``ml_rank`` set) whose ML energy above the hull is at most ``ehull_max`` eV/atom, within
-    ``system`` (its compositions and those of its subsystems; ``None``: any), lowest E_hull first.
+def near_stable(rows: Sequence[Mapping[str, Any]], ehull_max: float, system: str | None,
+                reference: ReferenceSet, energies: EnergiesFunction, settings: StabilitySettings) -> list[dict[str, Any]]:
+    """The stable and near-stable candidates of ranking tables (:func:`equicsp_core.pipeline.table_rows`, all at
+    one ML level): copies of their rows with ``ml_e_above_system_hull`` added, at most ``ehull_max`` eV/atom,
+    lowest first.
 
-    A candidate without an E_hull (no hull for its system: its row's ``reason`` says why) is not listed.
+    A row's ``ml_e_above_hull`` places its candidate on the hull of the references alone, so two compositions
+    can each lie below it although one decomposes into the other. Here the merged candidates (``ml_rank`` set)
+    within ``system`` (its compositions and those of its subsystems; ``None``: any) join the hulls
+    (:func:`equicsp_core.stability.hull` with ``compete``): ``ml_e_above_system_hull`` is a candidate's energy
+    above the hull of the references *and* the other candidates (0 on it). It is never below
+    ``ml_e_above_hull``, so only the rows with ``ml_e_above_hull <= ehull_max`` are placed, and a candidate
+    without an ML E_hull (its row's ``reason`` says why) is not listed.
+
+    Args:
+        rows: the rows of the ranking tables.
+        ehull_max: the threshold, eV/atom.
+        system: a chemical system (``Li-Fe-P-O``) or ``None``.
+        reference, energies, settings: the reference set, the energies of its entries at the rows' level
+            (:data:`~equicsp_core.stability.EnergiesFunction`) and the choice of hull references, as the tables'
+            own hulls were built (:func:`equicsp_core.pipeline.stability`).
     """
     from pymatgen.core import Composition
 
+    from equicsp_core.stability import hull
+
     elements = None if system is None else set(parse_chemical_system(system))
-    chosen = [row for row in rows
+    placed = [dict(row) for row in rows
               if row.get("ml_rank") is not None and row.get("ml_e_above_hull") is not None
               and row["ml_e_above_hull"] <= ehull_max
               and (elements is None or {str(e) for e in Composition(row["reduced_formula"]).elements} <= elements)]
-    return sorted(chosen, key=lambda row: (row["ml_e_above_hull"], row["reduced_formula"], row["label"]))
+    hulls = hull({str(index): (Composition(row["formula"]), row["ml_energy_per_atom"])
+                  for index, row in enumerate(placed)}, reference, energies, settings.reference_cutoff,
+                 settings.references_per_composition, compete=True)
+    for index, row in enumerate(placed):
+        row["ml_e_above_system_hull"] = hulls[str(index)].e_above_hull
+    chosen = [row for row in placed
+              if row["ml_e_above_system_hull"] is not None and row["ml_e_above_system_hull"] <= ehull_max]
+    return sorted(chosen, key=lambda row: (row["ml_e_above_system_hull"], row["reduced_formula"], row["label"]))

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from pymatgen.core import Structure
 
     from equicsp_core.reference import ReferenceEntry, ReferenceSet
-    from equicsp_core.stability import RelaxFunction
+    from equicsp_core.stability import EnergiesFunction, RelaxFunction
 
 #: Statuses of a candidate in the ranking table, in the order of the pipeline.
 STATUSES = {
@@ -217,8 +217,27 @@ def stability_references(
         reference = reference if reference is not None else load_reference()
     except ReferenceSetError:
         return []
-    return hull_references({label: structure for label, (structure, _) in candidates.items()}, reference,
+    return hull_references({label: structure.composition for label, (structure, _) in candidates.items()}, reference,
                            settings.reference_cutoff, settings.references_per_composition)
+
+
+def relaxed_energies(relax_settings: RelaxSettings, reference: ReferenceSet, relax: RelaxFunction | None = None,
+                     cache_path: str | None = None) -> EnergiesFunction:
+    """The :data:`~equicsp_core.stability.EnergiesFunction` of the engine: reference entries relaxed here at
+    :func:`ml_level` of ``relax_settings`` by ``relax`` (default :func:`equicsp_core.relax.relax_structures`) where
+    the cache in ``cache_path`` (default: the cache folder's :data:`~equicsp_core.stability.ENERGY_CACHE_FILE`)
+    does not hold them yet (:func:`equicsp_core.stability.reference_energies`)."""
+    from equicsp_core.stability import EnergyCache, default_cache_path, reference_energies
+
+    if relax is None:
+        from equicsp_core.relax import relax_structures
+
+        def relax_references(structures: Mapping[str, Structure]) -> Any:
+            return relax_structures(structures, relax_settings)
+
+        relax = relax_references
+    cache = EnergyCache(cache_path or default_cache_path(), ml_level(relax_settings), reference.sha256)
+    return lambda entries: reference_energies(entries, relax, cache)
 
 
 def stability(
@@ -243,13 +262,12 @@ def stability(
     The reference entries' energies come either from ``reference_energies`` (``{id: {"energy_per_atom",
     "status", "error"}}``, relaxed elsewhere at the same level: the AiiDA route's CalcJob; an entry without an
     energy is left out of the hull, as a failed relaxation) or, when it is ``None``, from relaxing the entries of
-    :func:`stability_references` here, by ``relax`` (default :func:`equicsp_core.relax.relax_structures` with
-    ``relax_settings``) and caching them in ``cache_path`` (default: the cache folder's
-    :data:`~equicsp_core.stability.ENERGY_CACHE_FILE`). ``reference``: the set to use instead of
+    :func:`stability_references` here, by ``relax`` and caching them in ``cache_path``
+    (:func:`relaxed_energies`). ``reference``: the set to use instead of
     :func:`equicsp_core.reference.load_reference`'s (the cache folder's, built from the pinned data).
     """
     from equicsp_core.reference import ReferenceSetError, load_reference
-    from equicsp_core.stability import EnergyCache, default_cache_path, e_above_hull, hull, known_energies, novelty
+    from equicsp_core.stability import hull, known_energies, novelty
 
     if not settings.stability:
         return {}
@@ -262,18 +280,10 @@ def stability(
         return {label: {"ml_e_above_hull": None, "novelty": None, "reason": f"no ML E_hull or novelty: {error}"}
                 for label in candidates}
     cutoff, per_composition = settings.reference_cutoff, settings.references_per_composition
-    if reference_energies is not None:
-        hulls = hull(candidates, reference, known_energies(reference_energies), cutoff, per_composition)
-    else:
-        if relax is None:
-            from equicsp_core.relax import relax_structures
-
-            def relax_references(structures: Mapping[str, Structure]) -> Any:
-                return relax_structures(structures, relax_settings)
-
-            relax = relax_references
-        cache = EnergyCache(cache_path or default_cache_path(), ml_level(relax_settings), reference.sha256)
-        hulls = e_above_hull(candidates, reference, relax, cache, cutoff, per_composition)
+    compositions = {label: (structure.composition, energy) for label, (structure, energy) in candidates.items()}
+    energies = (known_energies(reference_energies) if reference_energies is not None
+                else relaxed_energies(relax_settings, reference, relax, cache_path))
+    hulls = hull(compositions, reference, energies, cutoff, per_composition)
     return {label: {"ml_e_above_hull": hulls[label].e_above_hull, "reason": hulls[label].reason,
                     "novelty": novelty(structure, reference)
                     if ranking.get(label, {}).get("status") == "ml_relaxed" else None}

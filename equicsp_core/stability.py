@@ -36,7 +36,7 @@ from equicsp_core.files import cache_dir, write_text_atomically
 from equicsp_core.reference import ReferenceEntry, ReferenceSet
 
 if TYPE_CHECKING:
-    from pymatgen.core import Structure
+    from pymatgen.core import Composition, Structure
 
 logger = logging.getLogger(__name__)
 
@@ -129,30 +129,35 @@ def _energy(record: Mapping[str, Any] | None) -> float | None:
     return None if value is None else float(value)
 
 
-def hull_systems(structures: Mapping[str, Structure], reference: ReferenceSet, cutoff: float, per_composition: int,
-                 exclude: Iterable[str] = ()) -> list[tuple[frozenset[str], list[str], list[ReferenceEntry]]]:
-    """The hulls to build for labelled candidates: ``[(elements, labels, reference entries)]``, one per chemical
-    system (sorted), with the entries that go into its hull
+def hull_systems(compositions: Mapping[str, Composition], reference: ReferenceSet, cutoff: float,
+                 per_composition: int, exclude: Iterable[str] = ()
+                 ) -> list[tuple[frozenset[str], list[str], list[ReferenceEntry]]]:
+    """The hulls to build for labelled candidate compositions: ``[(elements, labels, reference entries)]``, one per
+    chemical system (sorted), with the entries that go into its hull
     (:meth:`~equicsp_core.reference.ReferenceSet.hull_references`, less the ``exclude`` ids)."""
     excluded = set(exclude)
     by_system: dict[frozenset[str], list[str]] = {}
-    for label, structure in structures.items():
-        by_system.setdefault(frozenset(element.symbol for element in structure.composition), []).append(label)
+    for label, composition in compositions.items():
+        by_system.setdefault(_elements(composition), []).append(label)
     return [(system, labels, [entry for entry in reference.hull_references(system, cutoff, per_composition)
                               if entry.id not in excluded])
             for system, labels in sorted(by_system.items(), key=lambda item: sorted(item[0]))]
 
 
-def hull_references(structures: Mapping[str, Structure], reference: ReferenceSet, cutoff: float,
+def hull_references(compositions: Mapping[str, Composition], reference: ReferenceSet, cutoff: float,
                     per_composition: int, exclude: Iterable[str] = ()) -> list[ReferenceEntry]:
-    """Every reference entry the hulls of ``structures`` need (:func:`hull_systems`), once each, sorted by id:
+    """Every reference entry the hulls of ``compositions`` need (:func:`hull_systems`), once each, sorted by id:
     what must be relaxed before :func:`hull` can run on energies relaxed elsewhere (:func:`known_energies`)."""
-    needed = {entry.id: entry for _, _, entries in hull_systems(structures, reference, cutoff, per_composition,
+    needed = {entry.id: entry for _, _, entries in hull_systems(compositions, reference, cutoff, per_composition,
                                                                   exclude) for entry in entries}
     return [needed[key] for key in sorted(needed)]
 
 
-def e_above_hull(candidates: Mapping[str, tuple[Structure, float]], reference: ReferenceSet, relax: RelaxFunction,
+def _elements(composition: Composition) -> frozenset[str]:
+    return frozenset(element.symbol for element in composition)
+
+
+def e_above_hull(candidates: Mapping[str, tuple[Composition, float]], reference: ReferenceSet, relax: RelaxFunction,
                  cache: EnergyCache, cutoff: float, per_composition: int,
                  exclude: Iterable[str] = (), compete: bool = False) -> dict[str, HullResult]:
     """:func:`hull` with the reference entries relaxed by ``relax`` where ``cache`` (at the candidates' level)
@@ -161,32 +166,35 @@ def e_above_hull(candidates: Mapping[str, tuple[Structure, float]], reference: R
                 per_composition, exclude, compete)
 
 
-def hull(candidates: Mapping[str, tuple[Structure, float]], reference: ReferenceSet, energies: EnergiesFunction,
+def hull(candidates: Mapping[str, tuple[Composition, float]], reference: ReferenceSet, energies: EnergiesFunction,
          cutoff: float, per_composition: int, exclude: Iterable[str] = (), compete: bool = False
          ) -> dict[str, HullResult]:
     """The energy above the ML hull of each candidate: ``{label: HullResult}``.
 
     By default each candidate is placed on the hull of the references alone (negative: below it, lower than every
-    known phase). With ``compete`` the candidates of a chemical system join its hull, as the phases an exploration
-    of the system would report: each one's value is then its energy above the hull of the references *and* the
-    other candidates (0 on it, never negative), so two compositions that are each below the known hull do not
-    both read as stable when one decomposes into the other.
+    known phase). With ``compete`` the candidates join the hulls too, as the phases an exploration of a chemical
+    system would report: the hull of a system holds its references and every candidate of the system or of a
+    subsystem (SrO and TiO2 in Sr-Ti-O's), so each candidate's value is its energy above the hull of the references
+    *and* the other candidates (0 on it, never negative), and two compositions that are each below the known hull
+    do not both read as stable when one decomposes into the other.
 
     Args:
-        candidates: ``label -> (relaxed structure, energy per atom in eV/atom)``, all at one level.
+        candidates: ``label -> (composition of the relaxed cell, energy per atom in eV/atom)``, all at one level.
         reference: the reference set.
         energies: the reference entries' energies per atom at the candidates' level, called once per chemical
             system (relaxed on demand: :func:`e_above_hull`; relaxed elsewhere: :func:`known_energies`).
         cutoff, per_composition: the choice of hull references
             (:meth:`~equicsp_core.reference.ReferenceSet.hull_references`).
         exclude: ids of reference entries left out of every hull (a benchmark's own known structure).
-        compete: the candidates of each system join its hull.
+        compete: the candidates join the hulls of their systems and of the systems above them.
     """
     from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 
     results: dict[str, HullResult] = {}
-    structures = {label: structure for label, (structure, _) in candidates.items()}
-    for system, labels, chosen in hull_systems(structures, reference, cutoff, per_composition, exclude):
+    compositions = {label: composition for label, (composition, _) in candidates.items()}
+    entries = {label: PDEntry(composition, energy * composition.num_atoms, name=label)
+               for label, (composition, energy) in candidates.items()}
+    for system, labels, chosen in hull_systems(compositions, reference, cutoff, per_composition, exclude):
         known = energies(chosen)
         usable = [entry for entry in chosen if known.get(entry.id) is not None]
         covered = {next(iter(entry.elements)) for entry in usable if len(entry.elements) == 1}
@@ -196,12 +204,12 @@ def hull(candidates: Mapping[str, tuple[Structure, float]], reference: Reference
                       "(none in the reference set, or its relaxation failed)")
             results.update({label: HullResult(None, reason) for label in labels})
             continue
-        entries = {label: PDEntry(candidates[label][0].composition, candidates[label][1] * len(candidates[label][0]),
-                                  name=label) for label in labels}
+        competing = [entries[label] for label, composition in compositions.items()
+                     if _elements(composition) <= system] if compete else []
         diagram = PhaseDiagram([PDEntry(_composition(entry), known[entry.id] * len(entry.species), name=entry.id)
-                                for entry in usable] + (list(entries.values()) if compete else []))
-        for label, entry in entries.items():
-            _, above = diagram.get_decomp_and_e_above_hull(entry, allow_negative=True)
+                                for entry in usable] + competing)
+        for label in labels:
+            _, above = diagram.get_decomp_and_e_above_hull(entries[label], allow_negative=True)
             results[label] = HullResult(float(above))
     return results
 

@@ -101,12 +101,13 @@ class RankingDocument(BaseModel):
 
 class StableCandidatesDocument(BaseModel):
     """The stable and near-stable candidates of a chemical system: the merged candidates of its compositions'
-    ranking tables whose ML energy above the hull is at most ``ehull_max``
-    (:func:`equicsp_core.chemical_system.near_stable`)."""
+    ranking tables whose ML energy above the system's hull, where they compete with the references and with each
+    other, is at most ``ehull_max`` (:func:`equicsp_core.chemical_system.near_stable`)."""
 
     chemical_system: str
     compositions: list[str] = Field(description="the compositions predicted, one predict-relax flow each")
-    ehull_max: float = Field(description="the threshold of the ML energy above the hull, eV/atom")
-    candidates: list[dict[str, Any]] = Field(description="their ranking rows, lowest ML E_hull first")
+    ehull_max: float = Field(description="the threshold of the ML energy above the system's hull, eV/atom")
+    candidates: list[dict[str, Any]] = Field(description="their ranking rows with ml_e_above_system_hull added, "
+                                                         "lowest first")
     structures: list[CandidateDocument] = Field(description="their ML-relaxed structures, in the same order")
     missing: list[str] = Field(description="compositions whose flow gave no ranking table (it failed)")

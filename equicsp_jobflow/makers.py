@@ -515,7 +515,8 @@ class _ChemicalSystemFlow(Maker):
         for flow, formula in zip(flows, compositions, strict=True):
             flow.name = f"{flow.name} {formula}"
         report = collect_stable([flow.output for flow in flows], compositions, settings.chemical_system,
-                                settings.ehull_max)
+                                settings.ehull_max, _relax_settings(self.predict_relax_maker.relax_maker),
+                                _settings(self.predict_relax_maker, StabilitySettings).to_dict())
         report.config.on_missing_references = OnMissing.NONE  # a failed composition arrives as None: "missing"
         return Flow([*flows, report], output=report.output, name=f"{self.name} {settings.chemical_system}")
 
@@ -532,14 +533,25 @@ ChemicalSystemMaker = make_dataclass(
 
 @job(output_schema=StableCandidatesDocument, data=Structure)
 def collect_stable(tables: list[RankingDocument | None], compositions: list[str], chemical_system: str,
-                   ehull_max: float) -> StableCandidatesDocument:
-    """The stable and near-stable candidates of the compositions' ranking tables
-    (:func:`equicsp_core.chemical_system.near_stable`), with their ML-relaxed structures; ``None``: a failed flow."""
+                   ehull_max: float, relax_settings: dict[str, Any] | None,
+                   stability_settings: dict[str, Any]) -> StableCandidatesDocument:
+    """The stable and near-stable candidates of the compositions' ranking tables on the system's hull, where they
+    compete with each other (:func:`equicsp_core.chemical_system.near_stable`), with their ML-relaxed structures;
+    ``None``: a failed flow. The reference energies are those the tables' hulls used, at the ML level of
+    ``relax_settings`` (the cache folder's, or relaxed again on a machine without them); after a relax Maker other
+    than an :class:`EquiCSPRelaxMaker` the rows have no ML E_hull and none is reported."""
     from equicsp_core.chemical_system import near_stable
+    from equicsp_core.pipeline import relaxed_energies
+    from equicsp_core.reference import load_reference
 
     rows = [row for table in tables if table is not None for row in table.rows]
     relaxed = {document.label: document for table in tables if table is not None for document in table.ml_relaxed}
-    chosen = near_stable(rows, ehull_max, chemical_system)
+    chosen = []
+    if relax_settings is not None and any(row.get("ml_e_above_hull") is not None for row in rows):
+        reference = load_reference()
+        chosen = near_stable(rows, ehull_max, chemical_system, reference,
+                             relaxed_energies(RelaxSettings(**relax_settings), reference),
+                             StabilitySettings(**stability_settings))
     return StableCandidatesDocument(
         chemical_system=chemical_system, compositions=compositions, ehull_max=ehull_max, candidates=chosen,
         structures=[relaxed[row["label"]] for row in chosen],

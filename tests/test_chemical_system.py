@@ -16,7 +16,8 @@ from equicsp_core.chemical_system import (
     parse_chemical_system,
 )
 from equicsp_core.pipeline import ROW_COLUMNS
-from equicsp_core.settings import ExploreSettings, SettingsError
+from equicsp_core.settings import ExploreSettings, SettingsError, StabilitySettings
+from tests.test_stability import ENERGIES, hand_made_reference
 
 
 def test_sr_ti_o_gives_the_hand_counted_compositions():
@@ -98,18 +99,31 @@ def test_explore_settings():
             ExploreSettings(chemical_system="Li-O", **values)
 
 
-def _row(label: str, reduced_formula: str, ml_rank: int | None, e_hull: float | None) -> dict:
-    return {**dict.fromkeys(ROW_COLUMNS), "label": label, "reduced_formula": reduced_formula, "ml_rank": ml_rank,
+def _row(label: str, formula: str, ml_rank: int | None, energy: float | None, e_hull: float | None) -> dict:
+    return {**dict.fromkeys(ROW_COLUMNS), "label": label, "formula": formula,
+            "reduced_formula": Composition(formula).reduced_formula, "ml_rank": ml_rank, "ml_energy_per_atom": energy,
             "ml_e_above_hull": e_hull}
 
 
-def test_near_stable_rows():
-    """Merged candidates at or below the threshold, lowest E_hull first, within the system and its subsystems."""
-    rows = [_row("LiFePO4_002", "LiFePO4", 2, 0.1), _row("LiFePO4_000", "LiFePO4", 1, -0.02),
-            _row("LiFePO4_001", "LiFePO4", None, -0.02),  # a duplicate
-            _row("Fe2O3_000", "Fe2O3", 1, 0.0), _row("ZnO_000", "ZnO", 1, 0.0),
-            _row("Li3PO4_000", "Li3PO4", 1, None), _row("LiFePO4_003", "LiFePO4", 3, 0.2)]
-    assert [row["label"] for row in near_stable(rows, 0.1)] == ["LiFePO4_000", "Fe2O3_000", "ZnO_000",
-                                                                "LiFePO4_002"]
-    assert [row["label"] for row in near_stable(rows, 0.05, "Li-Fe-P-O")] == ["LiFePO4_000", "Fe2O3_000"]
-    assert near_stable(rows, 0.1, "Zn-Fe") == []
+def _hand_made_energies(entries):
+    return {entry.id: ENERGIES[entry.id] for entry in entries}
+
+
+def test_near_stable_rows_compete_on_the_system_hull():
+    """References Cu -1, Au -2, CuAu -2 eV/atom (tests/test_stability.py). A CuAu candidate at -2.1 moves the hull
+    at x(Au) = 1/4 from -1.5 down to -1.55, so Cu3Au at -1.52, below the references' hull (-0.02), is 0.03 above
+    the system's; the CuAu polymorph at -1.95 (0.05 above the references' CuAu) is 0.15 above the new CuAu."""
+    rows = [_row("CuAu_001", "Cu2Au2", 2, -1.95, 0.05), _row("CuAu_000", "CuAu", 1, -2.1, -0.1),
+            _row("CuAu_002", "CuAu", None, -2.1, -0.1),  # a duplicate
+            _row("Cu3Au_000", "Cu3Au", 1, -1.52, -0.02), _row("Cu3Au_001", "Cu3Au", 2, -1.3, 0.2),
+            _row("Au_000", "Au", 1, None, None)]  # no E_hull
+    chosen = near_stable(rows, 0.1, "Cu-Au", hand_made_reference(), _hand_made_energies, StabilitySettings(
+        reference_cutoff=0.0, references_per_composition=1))
+    assert [row["label"] for row in chosen] == ["CuAu_000", "Cu3Au_000"]
+    assert [row["ml_e_above_system_hull"] for row in chosen] == [pytest.approx(0.0), pytest.approx(0.03)]
+    assert [row["ml_e_above_hull"] for row in chosen] == [-0.1, -0.02]  # the tables' own values are kept
+    wide = near_stable(rows, 0.2, None, hand_made_reference(), _hand_made_energies, StabilitySettings(
+        reference_cutoff=0.0, references_per_composition=1))
+    assert [(row["label"], round(row["ml_e_above_system_hull"], 6)) for row in wide] == [
+        ("CuAu_000", 0.0), ("Cu3Au_000", 0.03), ("CuAu_001", 0.15)]
+    assert near_stable(rows, 0.1, "Zn-Cu", hand_made_reference(), _hand_made_energies, StabilitySettings()) == []

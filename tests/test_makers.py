@@ -25,7 +25,6 @@ from pymatgen.core import Composition, Structure  # noqa: E402
 
 from equicsp_core.checkpoint import resolve_checkpoint  # noqa: E402
 from equicsp_core.dft import symmetrisation_note  # noqa: E402
-from equicsp_core.chemical_system import near_stable  # noqa: E402
 from equicsp_jobflow import (  # noqa: E402
     CandidateDocument,
     ChemicalSystemMaker,
@@ -38,6 +37,7 @@ from equicsp_jobflow import (  # noqa: E402
     ScreenDocument,
     StableCandidatesDocument,
 )
+from equicsp_core.settings import RelaxSettings, StabilitySettings  # noqa: E402
 from equicsp_jobflow.makers import collect_stable  # noqa: E402
 
 FORMULA = "SrTiO3"
@@ -266,7 +266,8 @@ def test_chemical_system_flow_has_one_predict_relax_flow_per_composition():
     assert [prediction.jobs[0].function_args[0] for prediction in predictions] == [["SrTiO3"], ["Sr2TiO4"]]
     assert [prediction.name for prediction in predictions] == ["equicsp predict-relax SrTiO3",
                                                                "equicsp predict-relax Sr2TiO4"]
-    assert collect.function_args[1:] == (["SrTiO3", "Sr2TiO4"], "Sr-Ti-O", 0.05)
+    assert collect.function_args[1:] == (["SrTiO3", "Sr2TiO4"], "Sr-Ti-O", 0.05, RelaxSettings().to_dict(),
+                                         StabilitySettings().to_dict())  # the level and hull of the tables
     assert flow.output.uuid == collect.uuid
 
 
@@ -286,25 +287,48 @@ def test_bad_explore_settings_are_refused_at_construction(settings):
         ChemicalSystemMaker(**settings)
 
 
-def _table(formula: str, e_hulls: list[float | None]) -> RankingDocument:
-    """A ranking table of ``formula`` with one merged candidate per E_hull, and their structures."""
+def _table(formula: str, energies: list[float | None], e_hulls: list[float | None]) -> RankingDocument:
+    """A ranking table of ``formula`` with one merged candidate per energy (eV/atom) and E_hull, and their
+    structures."""
     species = [str(element) for element, amount in Composition(formula).items() for _ in range(int(amount))]
     structure = Structure(np.eye(3) * 3.0 * len(species), species,
                           [[index / len(species), 0.5, 0.5] for index in range(len(species))])
-    rows = [{"label": f"{formula}_{index:03d}", "reduced_formula": formula, "ml_rank": index + 1,
-             "ml_e_above_hull": e_hull} for index, e_hull in enumerate(e_hulls)]
+    rows = [{"label": f"{formula}_{index:03d}", "formula": formula, "reduced_formula": formula, "ml_rank": index + 1,
+             "ml_energy_per_atom": energy, "ml_e_above_hull": e_hull}
+            for index, (energy, e_hull) in enumerate(zip(energies, e_hulls, strict=True))]
     return RankingDocument(rows=rows, statuses={}, units={}, winners=[],
                            ml_relaxed=[CandidateDocument.of(row["label"], formula, index, structure)
                                        for index, row in enumerate(rows)])
 
 
-def test_collect_stable_keeps_the_rows_at_or_below_the_threshold_with_their_structures():
-    tables = [_table("SrTiO3", [0.0, 0.2]), None, _table("Sr2TiO4", [0.08])]
-    document = collect_stable.original(tables, ["SrTiO3", "Sr3Ti2O7", "Sr2TiO4"], "Sr-Ti-O", 0.1)
+def test_collect_stable_places_the_candidates_on_the_system_s_hull(perovskite_reference_set):
+    """Cached reference energies (eV/atom) Sr -1.6, Ti -7.8, O2 -4.9, SrTiO3 -8.0: the references' hull at Sr2TiO4
+    (SrTiO3 + Sr + O) is -46.5/7. A SrTiO3 candidate at -8.05 lowers it to -46.75/7, so Sr2TiO4 at -6.6 moves from
+    0.043 to 0.079 above it, beyond the 0.05 threshold; nothing is relaxed."""
+    from equicsp_core.pipeline import ml_level
+    from equicsp_core.stability import EnergyCache, default_cache_path
+
+    reference = perovskite_reference_set
+    relax = RelaxSettings().to_dict()  # the references' energies below are cached at this level
+    cache = EnergyCache(default_cache_path(), ml_level(RelaxSettings()), reference.sha256)
+    by_formula = {"Sr": -1.6, "Ti": -7.8, "O2": -4.9, "SrTiO3": -8.0}
+    for entry in reference.entries:
+        formula = entry.structure.composition.reduced_formula
+        if formula in by_formula:
+            cache.add(entry.id, {"energy_per_atom": by_formula[formula], "status": "converged", "error": None})
+    sr2tio4 = -46.5 / 7
+    tables = [_table("SrTiO3", [-8.05, -7.8], [-0.05, 0.2]), None, _table("Sr2TiO4", [-6.6], [-6.6 - sr2tio4])]
+    document = collect_stable.original(tables, ["SrTiO3", "Sr3Ti2O7", "Sr2TiO4"], "Sr-Ti-O", 0.05,
+                                       relax, StabilitySettings().to_dict())
     assert isinstance(document, StableCandidatesDocument)
-    assert [row["label"] for row in document.candidates] == ["SrTiO3_000", "Sr2TiO4_000"]
-    assert [candidate.label for candidate in document.structures] == ["SrTiO3_000", "Sr2TiO4_000"]
-    assert document.missing == ["Sr3Ti2O7"] and document.ehull_max == 0.1
+    assert [row["label"] for row in document.candidates] == ["SrTiO3_000"]
+    assert document.candidates[0]["ml_e_above_system_hull"] == pytest.approx(0.0)
+    assert [candidate.label for candidate in document.structures] == ["SrTiO3_000"]
+    assert document.missing == ["Sr3Ti2O7"] and document.ehull_max == 0.05
+    wider = collect_stable.original(tables, ["SrTiO3", "Sr3Ti2O7", "Sr2TiO4"], "Sr-Ti-O", 0.1,
+                                    relax, StabilitySettings().to_dict())
+    assert [(row["label"], row["ml_e_above_system_hull"]) for row in wider.candidates] == [
+        ("SrTiO3_000", pytest.approx(0.0)), ("Sr2TiO4_000", pytest.approx(-6.6 + 46.75 / 7))]
 
 
 @pytest.mark.slow
@@ -320,8 +344,9 @@ def test_chemical_system_flow_runs_and_reports_its_stable_candidates(tmp_path, p
     report = _output(store, flow.output.uuid)
     table = _output(store, flow.jobs[0].output.uuid)
     assert report.compositions == ["SrTiO3"] and report.missing == []
-    expected = near_stable(table.rows, 10.0, "Sr-Ti-O")
-    assert expected and [row["label"] for row in report.candidates] == [row["label"] for row in expected]
-    assert all(row["ml_e_above_hull"] is not None and row["novelty"] for row in report.candidates)
+    expected = [row for row in table.rows if row["ml_rank"] is not None and row["ml_e_above_hull"] is not None]
+    assert expected and sorted(row["label"] for row in report.candidates) == sorted(row["label"] for row in expected)
+    assert all(row["novelty"] and row["ml_e_above_system_hull"] >= max(row["ml_e_above_hull"], 0.0) - 1e-9
+               for row in report.candidates)
     assert [document.structure.composition.reduced_formula for document in report.structures] == ["SrTiO3"] * len(
         expected)

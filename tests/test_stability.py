@@ -23,7 +23,7 @@ from equicsp_core.reference import (
 )
 from equicsp_core.relax import RelaxResult
 from equicsp_core.settings import RelaxSettings, SettingsError, StabilitySettings
-from equicsp_core.stability import EnergyCache, e_above_hull, novelty, reference_energies
+from equicsp_core.stability import EnergyCache, e_above_hull, hull, known_energies, novelty, reference_energies
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -203,8 +203,8 @@ def test_e_above_hull_by_hand(tmp_path):
     """Cu -1, Au -2, CuAu -2 eV/atom: the hull at x(Au) = 1/4 lies at -1.5 eV/atom (half way from Cu to CuAu)."""
     relax = StubRelax()
     cache = EnergyCache(tmp_path / "energies.json", "ML (stub)", "f" * 64)
-    candidates = {"cu3au": (cu3au(), -1.6), "cuau": (rocksalt("Cu", "Au", 4.3), -1.9),
-                  "au": (fcc("Au", 4.2), -1.95)}
+    candidates = {"cu3au": (cu3au().composition, -1.6), "cuau": (rocksalt("Cu", "Au", 4.3).composition, -1.9),
+                  "au": (fcc("Au", 4.2).composition, -1.95)}
     hull = e_above_hull(candidates, hand_made_reference(), relax, cache, cutoff=0.0, per_composition=1)
     assert hull["cu3au"].e_above_hull == pytest.approx(-1.6 - (-1.5))  # below the hull: negative
     assert hull["cuau"].e_above_hull == pytest.approx(-1.9 - (-2.0))
@@ -219,7 +219,7 @@ def test_competing_candidates_join_their_system_s_hull(tmp_path):
     -1.55 (half way from Cu to it): Cu3Au at -1.5, on the references' hull, is then 0.05 above; each candidate's value
     against the references alone is unchanged without ``compete``."""
     cache = EnergyCache(tmp_path / "energies.json", "ML (stub)", "f" * 64)
-    candidates = {"cu3au": (cu3au(), -1.5), "cuau": (rocksalt("Cu", "Au", 4.3), -2.1)}
+    candidates = {"cu3au": (cu3au().composition, -1.5), "cuau": (rocksalt("Cu", "Au", 4.3).composition, -2.1)}
     alone = e_above_hull(candidates, hand_made_reference(), StubRelax(), cache, cutoff=0.0, per_composition=1)
     assert alone["cu3au"].e_above_hull == pytest.approx(0.0) and alone["cuau"].e_above_hull == pytest.approx(-0.1)
     together = e_above_hull(candidates, hand_made_reference(), StubRelax(), cache, cutoff=0.0, per_composition=1,
@@ -228,10 +228,28 @@ def test_competing_candidates_join_their_system_s_hull(tmp_path):
     assert together["cuau"].e_above_hull == pytest.approx(0.0)
 
 
+def test_competing_candidates_of_a_subsystem_join_the_hull_above_it():
+    """Elements only (Cu -1, Au -2, Zn -1 eV/atom): Zn2CuAu at -1.4 lies 0.15 below their hull (-1.25). A CuAu
+    candidate at -2.1 joins the Cu-Au-Zn hull too: half Zn and half CuAu is -1.55, so Zn2CuAu is 0.15 above it."""
+    entries = [entry_of("cu", "test", fcc("Cu", 3.6), 0.0), entry_of("au", "test", fcc("Au", 4.1), 0.0),
+               entry_of("zn", "test", fcc("Zn", 3.9), 0.0)]
+    energies = known_energies({"cu": {"energy_per_atom": -1.0}, "au": {"energy_per_atom": -2.0},
+                               "zn": {"energy_per_atom": -1.0}})
+    ternary = Structure(Lattice.cubic(4.0), ["Zn", "Zn", "Cu", "Au"],
+                        [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    candidates = {"zn2cuau": (ternary.composition, -1.4), "cuau": (rocksalt("Cu", "Au").composition, -2.1)}
+    reference = ReferenceSet(entries, "d" * 64)
+    alone = hull(candidates, reference, energies, cutoff=0.0, per_composition=1)
+    assert alone["zn2cuau"].e_above_hull == pytest.approx(-0.15)
+    together = hull(candidates, reference, energies, cutoff=0.0, per_composition=1, compete=True)
+    assert together["zn2cuau"].e_above_hull == pytest.approx(0.15)
+    assert together["cuau"].e_above_hull == pytest.approx(0.0)
+
+
 def test_e_above_hull_without_an_elemental_reference_gives_a_reason(tmp_path):
     relax = StubRelax()
     cache = EnergyCache(tmp_path / "energies.json", "ML (stub)", "f" * 64)
-    candidates = {"zncu": (cesium_chloride("Zn", "Cu"), -1.0), "cuau": (rocksalt("Cu", "Au"), -1.9)}
+    candidates = {"zncu": (cesium_chloride("Zn", "Cu").composition, -1.0), "cuau": (rocksalt("Cu", "Au").composition, -1.9)}
     hull = e_above_hull(candidates, hand_made_reference(), relax, cache, cutoff=0.0, per_composition=1)
     assert hull["zncu"].e_above_hull is None
     assert hull["zncu"].reason.startswith("no ML E_hull: no elemental reference for Zn ")
@@ -241,7 +259,7 @@ def test_e_above_hull_without_an_elemental_reference_gives_a_reason(tmp_path):
 def test_a_failed_reference_relaxation_is_a_gap(tmp_path):
     entries = [entry_of("broken", "test", fcc("Cu", 3.6), 0.0), entry_of("au", "test", fcc("Au", 4.1), 0.0)]
     cache = EnergyCache(tmp_path / "energies.json", "ML (stub)", "e" * 64)
-    hull = e_above_hull({"cuau": (rocksalt("Cu", "Au"), -1.9)}, ReferenceSet(entries, "e" * 64), StubRelax(), cache,
+    hull = e_above_hull({"cuau": (rocksalt("Cu", "Au").composition, -1.9)}, ReferenceSet(entries, "e" * 64), StubRelax(), cache,
                         cutoff=0.0, per_composition=1)
     assert hull["cuau"].e_above_hull is None and "no elemental reference for Cu" in hull["cuau"].reason
 
@@ -354,7 +372,7 @@ def test_chgnet_hull_of_silicon_from_the_real_data(tmp_path):
 
     candidate = relax_structure(diamond.structure.perturb(0.05, 0.0), load_calculator("chgnet", "cpu"), settings)
     cache = EnergyCache(tmp_path / "e.json", pipeline.ml_level(settings), reference.sha256)
-    hull = e_above_hull({"si": (candidate.structure, candidate.energy_per_atom)}, reference,
+    hull = e_above_hull({"si": (candidate.structure.composition, candidate.energy_per_atom)}, reference,
                         lambda structures: relax_structures(structures, settings), cache, cutoff=0.0,
                         per_composition=1)
     assert abs(hull["si"].e_above_hull) < 0.01, hull  # measured: ~0 eV/atom

@@ -86,18 +86,26 @@ def _structure(formula: str) -> orm.StructureData:
     return orm.StructureData(pymatgen=Structure(Lattice.cubic(3.0 * len(species)), species, coords))
 
 
-def _row(label: str, reduced_formula: str, ml_rank: int | None, e_hull: float | None, **values) -> dict:
+def _row(label: str, reduced_formula: str, ml_rank: int | None, energy: float | None, e_hull: float | None,
+         **values) -> dict:
     row = dict.fromkeys(ROW_COLUMNS)
     row.update(label=label, formula=reduced_formula, reduced_formula=reduced_formula, formula_units=1,
-               ml_rank=ml_rank, ml_e_above_hull=e_hull, ml_energy_per_atom=-6.0, space_group_ml="P1",
+               ml_rank=ml_rank, ml_e_above_hull=e_hull, ml_energy_per_atom=energy, space_group_ml="P1",
                novelty="new" if ml_rank is not None else None,
                status="ml_relaxed" if ml_rank is not None else "duplicate")
     return {**row, **values}
 
 
-def finished_work_chain(composition: str, rows: list[dict], exit_status: int = 0) -> orm.WorkChainNode:
-    """A stored, finished predict-relax work chain node with a ``ranking`` output and one ``ml_relaxed`` structure
-    per row."""
+#: The reference energies (eV/atom) of the stand-ins' hulls, by the reduced formula of the perovskite reference
+#: set's entries (tests/conftest.py).
+REFERENCE_ENERGIES = {"Sr": -1.6, "Ca": -2.0, "Ti": -7.8, "O2": -4.9, "SrTiO3": -8.0, "CaTiO3": -8.2}
+
+
+def finished_work_chain(composition: str, rows: list[dict], reference=None, exit_status: int = 0
+                        ) -> orm.WorkChainNode:
+    """A stored, finished predict-relax work chain node with a ``ranking`` output, one ``ml_relaxed`` structure
+    per row and, given the ``reference`` set, the ``assess_stability`` call whose inputs hold the energies of
+    :data:`REFERENCE_ENERGIES` and default settings."""
     node = orm.WorkChainNode(label=composition)
     node.set_process_type(PROCESS_TYPE)
     node.set_process_state(ProcessState.FINISHED)
@@ -109,64 +117,82 @@ def finished_work_chain(composition: str, rows: list[dict], exit_status: int = 0
         structure.base.links.add_incoming(node, LinkType.RETURN, f"ml_relaxed__{row['label']}")
     ranking = orm.Dict({"rows": rows}).store()
     ranking.base.links.add_incoming(node, LinkType.RETURN, "ranking")
+    if reference is not None:
+        energies = {entry.id: {"energy_per_atom": REFERENCE_ENERGIES[entry.structure.composition.reduced_formula],
+                               "status": "converged", "error": None} for entry in reference.entries}
+        assess = orm.CalcFunctionNode()
+        assess.set_process_label("assess_stability")
+        assess.base.links.add_incoming(node, LinkType.CALL_CALC, "assess_stability")
+        for link, value in (("relax_parameters", {}), ("parameters", {}), ("reference_energies", energies)):
+            assess.base.links.add_incoming(orm.Dict(value).store(), LinkType.INPUT_CALC, link)
+        assess.store()
     return node
 
 
 @pytest.fixture
-def explored(label):
-    """A campaign of LiFePO4 (a failed attempt, then a finished one), Fe2O3 and SrTiO3 (no hull), and a ZnO work
-    chain outside it."""
+def explored(label, perovskite_reference_set):
+    """A campaign of SrTiO3 (a failed attempt, then a finished one), Sr2TiO4 and Ca2TiO4 (no hull), and a CaTiO3
+    work chain outside it; the references' energies are :data:`REFERENCE_ENERGIES`."""
+    reference = perovskite_reference_set
     group = CampaignGroup(label=label).store()
-    group.base.extras.set(COMPOSITIONS_EXTRA, ["LiFePO4", "Fe2O3", "SrTiO3"])
-    failed = finished_work_chain("LiFePO4", [_row("LiFePO4_009", "LiFePO4", 1, 0.0)], exit_status=403)
-    lfp = finished_work_chain("LiFePO4", [_row("LiFePO4_000", "LiFePO4", 1, 0.0, novelty="matches mp-19017 (Pnma)"),
-                                          _row("LiFePO4_001", "LiFePO4", None, 0.0),
-                                          _row("LiFePO4_002", "LiFePO4", 2, 0.25)])
-    fe2o3 = finished_work_chain("Fe2O3", [_row("Fe2O3_000", "Fe2O3", 1, 0.05)])
-    sto = finished_work_chain("SrTiO3", [_row("SrTiO3_000", "SrTiO3", 1, None, reason="no ML E_hull: no elemental "
-                                                                                       "reference for Sr")])
-    group.add_nodes([failed, lfp, fe2o3, sto])
-    zno = finished_work_chain("ZnO", [_row("ZnO_000", "ZnO", 1, 0.01)])
-    return group, {"failed": failed, "lfp": lfp, "fe2o3": fe2o3, "sto": sto, "zno": zno}
+    group.base.extras.set(COMPOSITIONS_EXTRA, ["SrTiO3", "Sr2TiO4", "Ca2TiO4"])
+    failed = finished_work_chain("SrTiO3", [_row("SrTiO3_009", "SrTiO3", 1, -8.5, -0.5)], reference, exit_status=403)
+    sto = finished_work_chain("SrTiO3", [_row("SrTiO3_000", "SrTiO3", 1, -8.05, -0.05,
+                                              novelty="matches mp-5229 (Pm-3m)"),
+                                         _row("SrTiO3_001", "SrTiO3", None, -8.05, -0.05),
+                                         _row("SrTiO3_002", "SrTiO3", 2, -7.8, 0.2)], reference)
+    # the references' hull at Sr2TiO4 (SrTiO3 + Sr + O) is -46.5/7 eV/atom
+    sr2tio4 = finished_work_chain("Sr2TiO4", [_row("Sr2TiO4_000", "Sr2TiO4", 1, -6.6, -6.6 + 46.5 / 7)], reference)
+    ca2tio4 = finished_work_chain("Ca2TiO4", [_row("Ca2TiO4_000", "Ca2TiO4", 1, -6.0, None,
+                                                   reason="no ML E_hull: no reference set")])
+    group.add_nodes([failed, sto, sr2tio4, ca2tio4])
+    cto = finished_work_chain("CaTiO3", [_row("CaTiO3_000", "CaTiO3", 1, -8.3, -0.1)], reference)
+    return group, {"failed": failed, "sto": sto, "sr2tio4": sr2tio4, "ca2tio4": ca2tio4, "cto": cto}
 
 
 def test_stable_candidates_of_a_campaign(explored):
-    """Default 0.1 eV/atom: LiFePO4's best and Fe2O3, lowest E_hull first; not the duplicate, not the rank-2 one at
-    0.25, not SrTiO3 (no hull), not the failed attempt's row, not ZnO (outside the campaign)."""
+    """Default 0.1 eV/atom: SrTiO3's best (-8.05, below the reference SrTiO3) on the hull, and Sr2TiO4, 0.043 above
+    the references' hull but 0.079 above the one SrTiO3_000 lowers (SrTiO3 + Sr + O: -46.75/7); not the duplicate,
+    not the rank-2 one at 0.25, not Ca2TiO4 (no hull), not the failed attempt's row, not CaTiO3 (outside)."""
     group, nodes = explored
     found = stable_candidates(group=group)
-    assert [(c.row["label"], c.workchain.pk) for c in found] == [("LiFePO4_000", nodes["lfp"].pk),
-                                                                 ("Fe2O3_000", nodes["fe2o3"].pk)]
-    assert found[0].row["novelty"] == "matches mp-19017 (Pnma)"
-    assert found[0].structure.uuid == nodes["lfp"].outputs.ml_relaxed["LiFePO4_000"].uuid
-    wider = stable_candidates("Li-Fe-P-O", group, ehull_max=0.3)
-    assert [c.row["label"] for c in wider] == ["LiFePO4_000", "Fe2O3_000", "LiFePO4_002"]
-    assert [c.row["label"] for c in stable_candidates("Li-P-O", group)] == []  # Fe is in both compositions
+    assert [(c.row["label"], c.workchain.pk) for c in found] == [("SrTiO3_000", nodes["sto"].pk),
+                                                                 ("Sr2TiO4_000", nodes["sr2tio4"].pk)]
+    assert [c.row["ml_e_above_system_hull"] for c in found] == [pytest.approx(0.0), pytest.approx(-6.6 + 46.75 / 7)]
+    assert found[0].row["novelty"] == "matches mp-5229 (Pm-3m)" and found[0].row["ml_e_above_hull"] == -0.05
+    assert found[0].structure.uuid == nodes["sto"].outputs.ml_relaxed["SrTiO3_000"].uuid
+    assert [c.row["label"] for c in stable_candidates("Sr-Ti-O", group, ehull_max=0.05)] == ["SrTiO3_000"]
+    wider = stable_candidates("Sr-Ti-O", group, ehull_max=0.3)
+    assert [c.row["label"] for c in wider] == ["SrTiO3_000", "Sr2TiO4_000", "SrTiO3_002"]
+    assert [c.row["label"] for c in stable_candidates("Sr-O", group)] == []  # Ti is in both compositions
 
 
 def test_stable_candidates_of_a_system_over_the_profile(explored):
     """Without a campaign: every predict-relax work chain, within the system and its subsystems only."""
     _, nodes = explored
-    found = stable_candidates("Zn-O")
-    assert nodes["zno"].pk in {c.workchain.pk for c in found}
-    assert all(set(c.structure.get_symbols_set()) <= {"Zn", "O"} for c in found)
+    found = stable_candidates("Ca-Ti-O")
+    (mine,) = [c for c in found if c.workchain.pk == nodes["cto"].pk]
+    assert mine.row["label"] == "CaTiO3_000" and mine.row["ml_e_above_system_hull"] == pytest.approx(0.0)
+    assert all(set(c.structure.get_symbols_set()) <= {"Ca", "Ti", "O"} for c in found)
     with pytest.raises(ValueError, match="unknown element Xx"):
         stable_candidates("Li-Xx")
     with pytest.raises(ValueError, match="ehull_max must be at least 0"):
-        stable_candidates("Zn-O", ehull_max=-0.1)
+        stable_candidates("Ca-Ti-O", ehull_max=-0.1)
 
 
 def test_cli_stable(explored):
-    """``campaign stable LABEL``: one line per candidate, its Z, E_hull, novelty and nodes; a bad system: 2."""
+    """``campaign stable LABEL``: one line per candidate, its Z, both E_hull, novelty and nodes; a bad system: 2."""
     group, nodes = explored
     result = invoke("campaign", "stable", group.label)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].split()[:3] == ["composition", "Z", "E_hull"]
+    assert lines[0].split()[:4] == ["composition", "Z", "E_hull", "E_hull_known"]
     first = lines[1].split()
-    assert first[:3] == ["LiFePO4", "1", "0.0000"] and "mp-19017" in lines[1] and str(nodes["lfp"].pk) == first[-1]
-    assert lines[2].split()[:3] == ["Fe2O3", "1", "0.0500"]
+    assert first[:4] == ["SrTiO3", "1", "0.0000", "-0.0500"] and "mp-5229" in lines[1]
+    assert str(nodes["sto"].pk) == first[-1]
+    assert lines[2].split()[:4] == ["Sr2TiO4", "1", "0.0786", "0.0429"]
     assert lines[3].startswith(f"2 candidates with ML E_hull <= 0.1 eV/atom (campaign {group.label})")
-    result = invoke("campaign", "stable", group.label, "--ehull-max", "0.3", "--chemical-system", "Fe-O")
-    assert result.exit_code == 0 and [line.split()[0] for line in result.output.splitlines()[1:-1]] == ["Fe2O3"]
+    result = invoke("campaign", "stable", group.label, "--ehull-max", "0.3", "--chemical-system", "Sr-Ti-O")
+    assert result.exit_code == 0 and [line.split()[0] for line in result.output.splitlines()[1:4]] == [
+        "SrTiO3", "Sr2TiO4", "SrTiO3"]
     assert invoke("campaign", "stable", group.label, "--chemical-system", "Fe-Xx").exit_code == 2

@@ -21,6 +21,7 @@ from aiida.engine.processes import ProcessState
 from pymatgen.core import Lattice, Structure
 
 from aiida_equicsp.calculations.relax import EquiCSPRelaxCalculation
+from aiida_equicsp.queries import stable_candidates
 from aiida_equicsp.workchains.predict_relax import EquiCSPPredictRelaxWorkChain, assess_stability, rank_candidates
 from aiida_equicsp.workchains.reference_energies import (
     ML_LEVEL_EXTRA,
@@ -251,6 +252,11 @@ def test_a_second_work_chain_relaxes_no_reference_again(fixed_cell_equicsp_code,
     (again,) = second_outputs["ranking"]["rows"]
     assert isinstance(again["ml_e_above_hull"], float)
     assert missing_references(perovskite_reference_set.sha256, level, SRTIO_REFERENCES) == []
+    # the query finds both work chains' candidates through their assess_stability calls and places them on one hull
+    found = {c.workchain.pk: c.row for c in stable_candidates("Sr-Ti-O", ehull_max=1e3)
+             if c.workchain.pk in (first.pk, second.pk)}
+    assert sorted(found) == sorted([first.pk, second.pk])
+    assert all(row["ml_e_above_system_hull"] >= max(row["ml_e_above_hull"], 0.0) - 1e-9 for row in found.values())
 
 
 @pytest.mark.slow
