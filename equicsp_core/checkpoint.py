@@ -108,7 +108,7 @@ def build_payload(model: CrystalDiffusion, card: dict[str, Any]) -> dict[str, An
     }
 
 
-def _write_payload(payload: dict[str, Any], path: Path) -> None:
+def write_payload(payload: dict[str, Any], path: Path) -> None:
     """``torch.save`` through a temporary file, so a crash never leaves a half-written checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -117,7 +117,7 @@ def _write_payload(payload: dict[str, Any], path: Path) -> None:
 
 def save_checkpoint(model: CrystalDiffusion, path: str | os.PathLike, card: dict[str, Any]) -> None:
     """Write weights + configs + their hash + card atomically (a crash never leaves a half-written file)."""
-    _write_payload(build_payload(model, card), Path(path))
+    write_payload(build_payload(model, card), Path(path))
 
 
 def add_model_hash(path: str | os.PathLike) -> str:
@@ -130,7 +130,7 @@ def add_model_hash(path: str | os.PathLike) -> str:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if "model_sha256" not in payload:
         payload["model_sha256"] = model_sha256(payload["denoiser"], payload["diffusion"], payload["state_dict"])
-        _write_payload(payload, path)
+        write_payload(payload, path)
     return read_checkpoint(path)["model_sha256"]
 
 

@@ -302,11 +302,7 @@ def lattice_permutation_error(model: CrystalDiffusion, crystals: CrystalBatch,
     if model.mode != "equicsp":
         raise ValueError("the lattice-permutation error is defined for the EquiCSP denoiser")
     batch, num_atoms = crystals.batch, crystals.num_atoms
-    t, lattice_noise, z = model._draw(crystals, (6,), generator)
-    lattice_t = model._noisy_lattice(lattice_to_equicsp(crystals.lengths, crystals.angles), lattice_noise, t)
-    frac_t = torch.remainder(crystals.frac_coords + model.schedules.sigmas.to(z)[t][batch, None] * z, 1.0)
-    atoms, _ = model._network_atoms(crystals, t, generator)
-    graph = model.graph_for(num_atoms)
+    atoms, frac_t, lattice_t, t, graph = _noised(model, crystals, generator)
     reference = model.denoise(atoms, frac_t, lattice_t, t, num_atoms, batch, graph)
     lattice_errors, coord_errors, type_errors = [], [], []
     for index in range(1, len(PERMUTATIONS)):
@@ -322,6 +318,38 @@ def lattice_permutation_error(model: CrystalDiffusion, crystals: CrystalBatch,
             type_errors.append((out.types - reference.types).norm() / reference.types.norm())
     errors = {"lattice": lattice_errors, "coord": coord_errors, "types": type_errors}
     return {name: float(torch.stack(values).mean()) for name, values in errors.items() if values}
+
+
+def output_change(model: CrystalDiffusion, other: CrystalDiffusion, crystals: CrystalBatch,
+                  generator: torch.Generator | None = None) -> dict[str, float]:
+    """How far ``other``'s denoiser outputs lie from ``model``'s (the same network, e.g. with rounded weights) on
+    noised ``crystals``: at a random t per crystal, ‖ε̂'(C_t, F_t) − ε̂(C_t, F_t)‖ / ‖ε̂(C_t, F_t)‖ over the batch, of
+    the lattice output and of the coordinate outputs (coord and score heads together); also ``"types"`` for a
+    generation model."""
+    batch, num_atoms = crystals.batch, crystals.num_atoms
+    atoms, frac_t, lattice_t, t, graph = _noised(model, crystals, generator)
+    first = model.denoise(atoms, frac_t, lattice_t, t, num_atoms, batch, graph)
+    second = other.denoise(atoms, frac_t, lattice_t, t, num_atoms, batch, graph)
+
+    def change(new: torch.Tensor, old: torch.Tensor) -> float:
+        return float((new - old).norm() / old.norm())
+
+    changes = {"lattice": change(second.lattice, first.lattice),
+               "coord": change(torch.cat([second.coord, second.score]), torch.cat([first.coord, first.score]))}
+    if first.types is not None:
+        changes["types"] = change(second.types, first.types)
+    return changes
+
+
+def _noised(model: CrystalDiffusion, crystals: CrystalBatch, generator: torch.Generator | None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, FullyConnectedGraph]:
+    """The denoiser's inputs for ``crystals`` noised at a random t per crystal, as in training: ``(atoms, F_t
+    (N, 3), C_t (B, 6), t (B,), graph)``."""
+    t, lattice_noise, z = model._draw(crystals, (6,), generator)
+    lattice_t = model._noisy_lattice(lattice_to_equicsp(crystals.lengths, crystals.angles), lattice_noise, t)
+    frac_t = torch.remainder(crystals.frac_coords + model.schedules.sigmas.to(z)[t][crystals.batch, None] * z, 1.0)
+    atoms, _ = model._network_atoms(crystals, t, generator)
+    return atoms, frac_t, lattice_t, t, model.graph_for(crystals.num_atoms)
 
 
 def _tile(atoms: torch.Tensor, copies: int) -> torch.Tensor:

@@ -60,6 +60,12 @@ def card_markdown(name: str, payload: dict, subsets: str, sha256: str) -> str:
         lines.append(f"- lattice-permutation equivariance error (relative change of the outputs when the lattice "
                      f"vectors are relabelled, {error['crystals']} {error['split']} rows, random t): lattice "
                      f"{100 * error['lattice']:.1f} %, coordinates {100 * error['coord']:.1f} %; 0 with `--symmetrise`")
+    if card.get("stored_dtype") == "float16":
+        change = card["half_output_change"]
+        lines.append(f"- weights stored in float16 (`scripts/half_checkpoint.py`; loaded as float32): the denoiser's "
+                     f"outputs move by {100 * change['lattice']:.3f} % (lattice) and {100 * change['coord']:.3f} % "
+                     f"(coordinates) against the float32 weights ({change['crystals']} {change['split']} rows, random "
+                     "t); the scores below are the float16 file's")
     lines += [
         "",
         "## Scores (CSP, `equicsp evaluate`)",

@@ -171,3 +171,40 @@ def test_every_torch_load_is_weights_only():
     calls = {f"{path.relative_to(REPO)}:{line}": safe for path in files for line, safe in torch_load_calls(path)}
     assert len(calls) >= 5, calls  # the checker finds the calls it checks
     assert [where for where, safe in calls.items() if not safe] == []
+
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def test_half_checkpoint_rounds_the_parameters_only_and_measures_the_change(tiny_checkpoint, tmp_path):
+    """scripts/half_checkpoint.py: every parameter float16 (the file loads into the float32 network as the
+    rounded weights), the buffers untouched, the measured output change in the card and the card's line; a
+    second rounding is refused."""
+    import json
+    import runpy
+    import subprocess
+    import sys
+
+    out = tmp_path / "half.pt"
+    command = [sys.executable, str(SCRIPTS / "half_checkpoint.py"), str(tiny_checkpoint), str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    change = json.loads(done.stdout)["half_output_change"]
+    assert 0 < change["lattice"] < 2e-3 and 0 < change["coord"] < 2e-3  # float16: 4.9e-4 a weight at most
+    payload = read_checkpoint(out)
+    original, _ = load_model(tiny_checkpoint)
+    half, card = load_model(out)
+    parameters = dict(original.net.named_parameters())
+    for name, tensor in payload["state_dict"].items():
+        expected = torch.float16 if name in parameters else original.net.state_dict()[name].dtype
+        assert tensor.dtype == expected, name
+    for name, value in half.net.state_dict().items():
+        reference = original.net.state_dict()[name]
+        assert value.dtype == reference.dtype
+        assert torch.equal(value, reference.half().to(reference.dtype) if name in parameters else reference), name
+    assert card["stored_dtype"] == "float16" and card["half_output_change"] == change
+    assert change["split"] == "selection" and change["crystals"] > 0
+    markdown = runpy.run_path(str(SCRIPTS / "ship_checkpoint.py"))["card_markdown"]("tiny", payload, "", "0" * 64)
+    assert "- weights stored in float16 (`scripts/half_checkpoint.py`; loaded as float32)" in markdown
+    again = subprocess.run([sys.executable, str(SCRIPTS / "half_checkpoint.py"), str(out), str(tmp_path / "x.pt")],
+                           capture_output=True, text=True)
+    assert again.returncode == 2 and "already stores float16 weights" in again.stderr

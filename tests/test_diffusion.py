@@ -154,3 +154,22 @@ def test_symmetrised_generation_twin_has_an_invariant_type_head():
     assert set(plain) == {"lattice", "coord", "types"}
     assert plain["types"] > 1e-4
     assert exact["types"] < 1e-10 and exact["lattice"] < 1e-10 and exact["coord"] < 1e-10
+
+
+def test_output_change_is_zero_for_the_same_weights_and_small_for_float16_ones():
+    """output_change: 0 for a model against itself; a float16 rounding of every parameter moves the outputs of a
+    random model by about the rounding (2^-11 a weight), not more than 1e-2; a generation model reports its types."""
+    from equicsp_core.diffusion import output_change
+
+    torch.manual_seed(0)
+    for task in ("csp", "generation"):
+        model = CrystalDiffusion(DenoiserConfig(task=task, **TINY))
+        rounded = CrystalDiffusion(DenoiserConfig(task=task, **TINY))
+        rounded.net.load_state_dict({name: tensor.half() for name, tensor in model.net.state_dict().items()})
+        crystals = random_batch(sizes=(1, 3, 4, 7), seed=3)
+        with torch.no_grad():
+            same = output_change(model, model, crystals, torch.Generator().manual_seed(0))
+            half = output_change(model, rounded, crystals, torch.Generator().manual_seed(0))
+        assert set(same) == set(half) == ({"lattice", "coord"} | ({"types"} if task == "generation" else set()))
+        assert all(value == 0.0 for value in same.values())
+        assert all(0.0 < value < 1e-2 for value in half.values()), half
