@@ -192,7 +192,8 @@ FIGURE_KEYS = ("split", "crystals", "num_samples", "steps", "step_lr", "lattice_
 
 
 def shipped_summaries() -> list[dict[str, Any]]:
-    """One record per shipped checkpoint: its name, dataset, size, data protocol, training and figures.
+    """One record per shipped checkpoint: its name, dataset, size (and ``stored_dtype``: ``float16`` for weights
+    stored compactly by ``scripts/half_checkpoint.py``, loaded as float32), data protocol, training and figures.
 
     ``figures`` holds each evaluation of the card (the papers' match rate in % and RMSE, on the split and
     rows named there) restricted to :data:`FIGURE_KEYS`; ``rows`` is ``None`` on a card written before the
@@ -205,6 +206,7 @@ def shipped_summaries() -> list[dict[str, Any]]:
         summaries.append({
             "name": name, "dataset": card["dataset"],
             "parameters": sum(v.numel() for v in payload["state_dict"].values()),
+            "stored_dtype": card.get("stored_dtype", "float32"),
             "protocol": card["protocol"], "rows": card.get("rows"), "epochs": card["epochs"],
             "selection_loss": card["val_loss"], "train_seconds": card["train_seconds"], "date": card["date"],
             "figures": [{key: evaluation.get(key) for key in FIGURE_KEYS} for evaluation in card.get("evaluations", [])],

@@ -312,6 +312,9 @@ def test_info_without_checkpoint_lists_every_shipped_model(capsys):
         assert (entry["dataset"], entry["protocol"], entry["epochs"]) == (card["dataset"], card["protocol"], card["epochs"])
         assert [figure["match_rate"] for figure in entry["figures"]] == [e["match_rate"] for e in card["evaluations"]]
         assert entry["figures"] and all(figure["split"] and figure["crystals"] for figure in entry["figures"])
+        stored = {str(tensor.dtype).removeprefix("torch.") for tensor in read_checkpoint(name)["state_dict"].values()
+                  if tensor.is_floating_point()}
+        assert entry["stored_dtype"] in stored  # float16: the parameters; the buffers stay float32
 
 
 def test_info_of_non_checkpoint_exits_2(tmp_path):
