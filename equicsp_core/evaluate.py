@@ -115,3 +115,51 @@ def evaluate(
         "rows": [list(row) for row in rows] if indices is not None else None,
         "per_crystal_rms": scores.per_crystal_rms,
     }
+
+
+#: Report fields that must agree for reports to be merged (:func:`merge_reports`).
+SETTINGS_KEYS = ("dataset", "split", "num_samples", "steps", "step_lr", "seed", "lattice_bound", "precision",
+                 "symmetrised", "grid_power", "checkpoint", "versions")
+
+
+def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report of :func:`evaluate` from reports of disjoint row sets run with the same settings (one long
+    evaluation split over processes or machines with ``--indices``): counts and seconds summed, the match rate and
+    RMSE recomputed from the crystals' RMS distances (the RMSE is their mean over the matched crystals, as in
+    :func:`equicsp_core.metrics.match_rate`), rows and RMS distances in the order given.
+
+    Each part draws its own noise from the seed, so the merged figures are one draw of the sampler, not those a
+    single run over all the rows would give.
+
+    Raises:
+        ValueError: naming the field, when a report differs in a setting (:data:`SETTINGS_KEYS`), lacks its rows
+            (it ran without ``--indices``), or shares rows with another.
+    """
+    if len(reports) < 2:
+        raise ValueError("give at least two reports to merge")
+    first = reports[0]
+    for number, report in enumerate(reports[1:], start=2):
+        for key in SETTINGS_KEYS:
+            if report.get(key) != first.get(key):
+                raise ValueError(f"report {number} differs in {key}: {report.get(key)!r}, report 1 {first.get(key)!r}")
+    if any(report.get("rows") is None for report in reports):
+        raise ValueError("a report holds no rows (it ran without --indices): disjointness cannot be checked")
+    rows = [tuple(row) for report in reports for row in report["rows"]]
+    if len(set(rows)) != len(rows):
+        raise ValueError("the reports share rows: each crystal counts once")
+    rms = [value for report in reports for value in report["per_crystal_rms"]]
+    matched = [value for value in rms if value is not None]
+    total = sum(report["total"] for report in reports)
+    return {
+        **{key: first.get(key) for key in SETTINGS_KEYS},
+        "crystals": sum(report["crystals"] for report in reports),
+        "match_rate": 100.0 * len(matched) / total, "rmse": sum(matched) / len(matched) if matched else None,
+        "matched": len(matched), "total": total,
+        "valid_predictions": sum(report["valid_predictions"] for report in reports),
+        "sampling_seconds": round(sum(report["sampling_seconds"] for report in reports), 1),
+        "matching_seconds": round(sum(report["matching_seconds"] for report in reports), 1),
+        "parts": len(reports),
+        "rows": [list(row) for row in rows],
+        "per_crystal_rms": rms,
+    }
+

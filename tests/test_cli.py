@@ -472,6 +472,39 @@ def test_evaluate_writes_a_report(checkpoint, tmp_path, capsys):
     assert report["rmse"] == (pytest.approx(sum(matched) / len(matched)) if matched else None)
 
 
+def test_evaluate_reports_of_two_parts_merge_into_one(checkpoint, tmp_path):
+    """Rows 0-1 and 2-3 evaluated apart (--indices) merge into one report of 4 crystals: counts summed, rows and RMS
+    distances concatenated, match rate and RMSE recomputed; overlapping rows or other settings are refused."""
+    import runpy
+    from pathlib import Path
+
+    from equicsp_core.evaluate import merge_reports
+
+    parts = []
+    for name, rows in (("a", "0 1"), ("b", "2 3")):
+        (tmp_path / f"{name}.txt").write_text(rows)
+        assert run_cli("evaluate", "--checkpoint", checkpoint, "--dataset", "perov_5", "--indices",
+                       tmp_path / f"{name}.txt", "--steps", 3, "--processes", 1, "--out", tmp_path / f"{name}.json") == 0
+        parts.append(json.loads((tmp_path / f"{name}.json").read_text()))
+    merged = merge_reports(parts)
+    rms = parts[0]["per_crystal_rms"] + parts[1]["per_crystal_rms"]
+    matched = [value for value in rms if value is not None]
+    assert (merged["crystals"], merged["total"], merged["parts"]) == (4, 4, 2)
+    assert merged["per_crystal_rms"] == rms and merged["rows"] == parts[0]["rows"] + parts[1]["rows"]
+    assert merged["matched"] == len(matched) and merged["match_rate"] == pytest.approx(100 * len(matched) / 4)
+    assert merged["rmse"] == (pytest.approx(sum(matched) / len(matched)) if matched else None)
+    assert merged["valid_predictions"] == parts[0]["valid_predictions"] + parts[1]["valid_predictions"]
+    assert merged["steps"] == 3 and merged["checkpoint"] == parts[0]["checkpoint"]
+    with pytest.raises(ValueError, match="share rows"):
+        merge_reports([parts[0], parts[0]])
+    with pytest.raises(ValueError, match="report 2 differs in steps"):
+        merge_reports([parts[0], {**parts[1], "steps": 1000}])
+    with pytest.raises(ValueError, match="ran without --indices"):
+        merge_reports([parts[0], {**parts[1], "rows": None}])
+    card = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "ship_checkpoint.py"))["protocol_of"]
+    assert card(merged) == "project"  # a merged report is a card row like any other
+
+
 def test_evaluate_refuses_training_rows(checkpoint, capsys):
     """mp_20's test file holds training rows under the data protocol: refused, naming the split to use."""
     assert run_cli("evaluate", "--checkpoint", checkpoint, "--dataset", "mp_20", "--split", "test",
