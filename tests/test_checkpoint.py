@@ -208,3 +208,8 @@ def test_half_checkpoint_rounds_the_parameters_only_and_measures_the_change(tiny
     again = subprocess.run([sys.executable, str(SCRIPTS / "half_checkpoint.py"), str(out), str(tmp_path / "x.pt")],
                            capture_output=True, text=True)
     assert again.returncode == 2 and "already stores float16 weights" in again.stderr
+    # a run continues from the float16 weights (--init-from), in float32
+    assert main(["--quiet", "train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--set", "train.epochs=1",
+                 "--init-from", str(out)]) == 0
+    continued, _ = load_model(tmp_path / "run" / "best.pt")
+    assert all(tensor.dtype == torch.float32 for tensor in continued.net.parameters())
