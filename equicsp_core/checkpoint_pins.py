@@ -6,6 +6,6 @@ file matches its pin and that every pin has its file.
 """
 
 SHIPPED_SHA256 = {
-    "mp_20": "292a32e30d01183af4c508e1184363970ec41a9002b67c7d7ca81f95bff8ece3",
+    "mp_20": "bb25e7f76a826d9db9d1be1ed6f3b5621be51bbd84bf9b6b3c70545ec0fe60c0",
     "perov_5": "d486647ec30f377d39e4b99bd0e573987f767ce61f87487de482a14ece955e5d",
 }
