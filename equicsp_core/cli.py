@@ -363,7 +363,7 @@ def cmd_relax(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from equicsp_core.checkpoint import load_model, require_task
+    from equicsp_core.checkpoint import load_model, read_checkpoint, require_task
     from equicsp_core.evaluate import evaluate
 
     indices = None
@@ -382,7 +382,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       args.seed, args.batch_size, args.processes, args.data_dir, progress=_show_progress(args),
                       lattice_bound=args.lattice_bound, precision=args.precision, symmetrise=args.symmetrise,
                       grid_power=args.grid_power)
-    report["checkpoint"] = {"path": str(args.checkpoint), "dataset": card.get("dataset"), "epochs": card.get("epochs")}
+    report["checkpoint"] = {"path": str(args.checkpoint), "dataset": card.get("dataset"), "epochs": card.get("epochs"),
+                            "model_sha256": read_checkpoint(args.checkpoint)["model_sha256"]}
     text = json.dumps(report, indent=1)
     print(text, flush=True)  # first: a failing write below must not lose the evaluation
     if out is not None:

@@ -122,6 +122,15 @@ SETTINGS_KEYS = ("dataset", "split", "num_samples", "steps", "step_lr", "seed", 
                  "symmetrised", "grid_power", "checkpoint", "versions")
 
 
+def _setting(report: dict[str, Any], key: str) -> Any:
+    """A report's value of a setting for :func:`merge_reports`; the checkpoint counts by its weights
+    (``model_sha256``), so one file given by name in one part and by path in another is the same checkpoint."""
+    value = report.get(key)
+    if key == "checkpoint" and isinstance(value, dict) and "model_sha256" in value:
+        return value["model_sha256"]
+    return value
+
+
 def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """One report of :func:`evaluate` from reports of disjoint row sets run with the same settings (one long
     evaluation split over processes or machines with ``--indices``): counts and seconds summed, the match rate and
@@ -132,7 +141,8 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
     single run over all the rows would give.
 
     Raises:
-        ValueError: naming the field, when a report differs in a setting (:data:`SETTINGS_KEYS`), lacks its rows
+        ValueError: naming the field, when a report differs in a setting (:data:`SETTINGS_KEYS`; the checkpoint by
+            its ``model_sha256`` where the reports record it, else by path, dataset and epochs), lacks its rows
             (it ran without ``--indices``), or shares rows with another.
     """
     if len(reports) < 2:
@@ -140,7 +150,7 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
     first = reports[0]
     for number, report in enumerate(reports[1:], start=2):
         for key in SETTINGS_KEYS:
-            if report.get(key) != first.get(key):
+            if _setting(report, key) != _setting(first, key):
                 raise ValueError(f"report {number} differs in {key}: {report.get(key)!r}, report 1 {first.get(key)!r}")
     if any(report.get("rows") is None for report in reports):
         raise ValueError("a report holds no rows (it ran without --indices): disjointness cannot be checked")

@@ -501,6 +501,12 @@ def test_evaluate_reports_of_two_parts_merge_into_one(checkpoint, tmp_path):
         merge_reports([parts[0], {**parts[1], "steps": 1000}])
     with pytest.raises(ValueError, match="ran without --indices"):
         merge_reports([parts[0], {**parts[1], "rows": None}])
+    weights = parts[0]["checkpoint"]["model_sha256"]
+    assert weights == read_checkpoint(checkpoint)["model_sha256"]
+    copy = {**parts[1], "checkpoint": {**parts[1]["checkpoint"], "path": "/elsewhere/same_weights.pt"}}
+    assert merge_reports([parts[0], copy])["crystals"] == 4  # the same weights by another path
+    with pytest.raises(ValueError, match="report 2 differs in checkpoint"):
+        merge_reports([parts[0], {**parts[1], "checkpoint": {**parts[1]["checkpoint"], "model_sha256": "0" * 64}}])
     card = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "ship_checkpoint.py"))["protocol_of"]
     assert card(merged) == "project"  # a merged report is a card row like any other
 
