@@ -168,7 +168,7 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
         "valid_predictions": sum(report["valid_predictions"] for report in reports),
         "sampling_seconds": round(sum(report["sampling_seconds"] for report in reports), 1),
         "matching_seconds": round(sum(report["matching_seconds"] for report in reports), 1),
-        "parts": len(reports),
+        "parts": sum(report.get("parts", 1) for report in reports),
         "rows": [list(row) for row in rows],
         "per_crystal_rms": rms,
     }

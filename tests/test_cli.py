@@ -505,6 +505,11 @@ def test_evaluate_reports_of_two_parts_merge_into_one(checkpoint, tmp_path):
     assert weights == read_checkpoint(checkpoint)["model_sha256"]
     copy = {**parts[1], "checkpoint": {**parts[1]["checkpoint"], "path": "/elsewhere/same_weights.pt"}}
     assert merge_reports([parts[0], copy])["crystals"] == 4  # the same weights by another path
+    (tmp_path / "c.txt").write_text("4")
+    assert run_cli("evaluate", "--checkpoint", checkpoint, "--dataset", "perov_5", "--indices", tmp_path / "c.txt",
+                   "--steps", 3, "--processes", 1, "--out", tmp_path / "c.json") == 0
+    grown = merge_reports([merged, json.loads((tmp_path / "c.json").read_text())])  # a merged report grows by a part
+    assert (grown["crystals"], grown["parts"]) == (5, 3) and grown["rows"][:4] == merged["rows"]
     with pytest.raises(ValueError, match="report 2 differs in checkpoint"):
         merge_reports([parts[0], {**parts[1], "checkpoint": {**parts[1]["checkpoint"], "model_sha256": "0" * 64}}])
     card = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "ship_checkpoint.py"))["protocol_of"]
