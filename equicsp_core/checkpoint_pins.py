@@ -6,6 +6,7 @@ file matches its pin and that every pin has its file.
 """
 
 SHIPPED_SHA256 = {
-    "mp_20": "bb25e7f76a826d9db9d1be1ed6f3b5621be51bbd84bf9b6b3c70545ec0fe60c0",
+    "carbon_24": "3220d038e4ef38c1b138aac62fbf94359fcdcf3031be229d2669939d7454f19a",
+    "mp_20": "883871cb6ff5af63710387743f6fe02e2717e1ad7df793f249c93c7519649643",
     "perov_5": "d486647ec30f377d39e4b99bd0e573987f767ce61f87487de482a14ece955e5d",
 }
