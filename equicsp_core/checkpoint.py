@@ -37,7 +37,7 @@ import torch
 
 from equicsp_core.checkpoint_pins import SHIPPED_SHA256
 from equicsp_core.diffusion import CrystalDiffusion, DiffusionConfig
-from equicsp_core.files import atomic_path, file_sha256
+from equicsp_core.files import atomic_path, file_sha256, json_number
 from equicsp_core.network import DenoiserConfig
 
 FORMAT = "equicsp-checkpoint"
@@ -209,9 +209,18 @@ def shipped_summaries() -> list[dict[str, Any]]:
             "stored_dtype": card.get("stored_dtype", "float32"),
             "protocol": card["protocol"], "rows": card.get("rows"), "epochs": card["epochs"],
             "selection_loss": card["val_loss"], "train_seconds": card["train_seconds"], "date": card["date"],
-            "figures": [{key: evaluation.get(key) for key in FIGURE_KEYS} for evaluation in card.get("evaluations", [])],
+            "figures": [_figure(evaluation) for evaluation in card.get("evaluations", [])],
         })
     return summaries
+
+
+def _figure(evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    """An evaluation of a card restricted to :data:`FIGURE_KEYS`, its lattice bound as strict JSON holds it (cards
+    store the papers' unbounded update as the float ``inf``)."""
+    figure = {key: evaluation.get(key) for key in FIGURE_KEYS}
+    if figure["lattice_bound"] is not None:
+        figure["lattice_bound"] = json_number(float(figure["lattice_bound"]))
+    return figure
 
 
 def _fit_problem(model: CrystalDiffusion, state_dict: Mapping[str, torch.Tensor]) -> str | None:

@@ -92,7 +92,7 @@ import yaml
 
 from equicsp_core import __version__, runfolder
 from equicsp_core.config import preset_names
-from equicsp_core.files import write_text_atomically
+from equicsp_core.files import json_number, write_text_atomically
 from equicsp_core.hardware import DeviceUnavailableError, resolve_device, set_threads
 from equicsp_core.predict import Candidate
 from equicsp_core.runtime import bound_onednn_caches, keep_freed_memory
@@ -280,16 +280,23 @@ def _prepare_sampling(args: argparse.Namespace, settings: SampleSettings | Gener
     return out, device, threads, model, card, checkpoint_sha256
 
 
+def _lattice_bound(settings: SampleSettings | GenerateSettings, model: Any) -> float | str:
+    """The sampler's lattice bound (the model mode's when the settings leave it unset), as JSON holds it."""
+    from equicsp_core.sampler import LATTICE_X0_BOUND
+
+    return json_number(LATTICE_X0_BOUND[model.mode] if settings.lattice_bound is None else settings.lattice_bound)
+
+
 def _write_candidates(out: Path, batches: Any, header: dict[str, Any], run: dict[str, Any]) -> None:
-    """Save each batch of candidates as it comes (:func:`_save_batch`), then ``run.json`` (``run`` with the counts
-    and the time); ``header`` holds ``requested``."""
+    """Save each batch of candidates as it comes (:func:`_save_batch`), then ``run.json`` (``run`` with the counts,
+    the lattice bound and the time); ``header`` holds ``requested`` and ``lattice_bound``."""
     started = time.perf_counter()
     entries: list[dict[str, Any]] = []
     for batch in batches:
         _save_batch(out, batch, header, entries)
     valid = sum(entry["valid"] for entry in entries)
     runfolder.write_run(out, {"checkpoint_sha256": header["checkpoint_sha256"], "requested": header["requested"],
-                              "written": len(entries), "valid": valid, **run,
+                              "lattice_bound": header["lattice_bound"], "written": len(entries), "valid": valid, **run,
                               "seconds": round(time.perf_counter() - started, 3),
                               "versions": {"equicsp": __version__, "torch": torch.__version__}})
     print(f"{valid}/{len(entries)} valid structures written to {out}")
@@ -304,7 +311,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _fail_once_if_requested()
 
     header = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": checkpoint_sha256, "steps": settings.steps,
-              "seed": settings.seed, "step_lr": settings.step_lr, "formulas": list(settings.formulas),
+              "seed": settings.seed, "step_lr": settings.step_lr, "lattice_bound": _lattice_bound(settings, model),
+              "formulas": list(settings.formulas),
               "num_samples": settings.num_samples, "max_formula_units": settings.max_formula_units,
               "requested": len(settings.formulas) * settings.num_samples}
     _write_candidates(out, batches, header, {
@@ -323,7 +331,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     step_lr = settings.step_lr_for(card.get("dataset"))
     header = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": checkpoint_sha256, "task": "generation",
-              "steps": settings.steps, "seed": settings.seed, "step_lr": step_lr, "num_atoms": settings.num_atoms,
+              "steps": settings.steps, "seed": settings.seed, "step_lr": step_lr,
+              "lattice_bound": _lattice_bound(settings, model), "num_atoms": settings.num_atoms,
               "num_samples": settings.num_samples, "requested": settings.num_samples}
     _write_candidates(out, batches, header, {
         "steps": model.schedules.num_steps if settings.steps is None else settings.steps,

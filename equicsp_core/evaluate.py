@@ -17,6 +17,7 @@ import torch
 
 import equicsp_core
 from equicsp_core.diffusion import CrystalDiffusion, symmetrised
+from equicsp_core.files import json_number
 from equicsp_core.metrics import match_rate
 from equicsp_core.sampler import LATTICE_X0_BOUND, sample
 from equicsp_core.settings import DEFAULT_STEP_LR
@@ -104,7 +105,7 @@ def evaluate(
     return {
         "dataset": dataset, "split": split, "crystals": len(rows), "num_samples": num_samples,
         "steps": steps or model.schedules.num_steps, "step_lr": step_lr, "seed": seed,
-        "lattice_bound": lattice_bound if lattice_bound is not None else LATTICE_X0_BOUND[model.mode],
+        "lattice_bound": json_number(lattice_bound if lattice_bound is not None else LATTICE_X0_BOUND[model.mode]),
         "precision": precision, "symmetrised": symmetrise, "grid_power": grid_power,
         "match_rate": 100.0 * scores.match_rate, "rmse": scores.rmse, **{k: v for k, v in scores.to_dict().items()
                                                                          if k not in ("match_rate", "rmse")},
@@ -124,10 +125,14 @@ SETTINGS_KEYS = ("dataset", "split", "num_samples", "steps", "step_lr", "seed", 
 
 def _setting(report: dict[str, Any], key: str) -> Any:
     """A report's value of a setting for :func:`merge_reports`; the checkpoint counts by its weights
-    (``model_sha256``), so one file given by name in one part and by path in another is the same checkpoint."""
+    (``model_sha256``), so one file given by name in one part and by path in another is the same checkpoint, and the
+    lattice bound by its value (``"inf"``, :func:`~equicsp_core.files.json_number`, is the ``Infinity`` of reports
+    written before it)."""
     value = report.get(key)
     if key == "checkpoint" and isinstance(value, dict) and "model_sha256" in value:
         return value["model_sha256"]
+    if key == "lattice_bound" and value is not None:
+        return float(value)
     return value
 
 

@@ -1,4 +1,5 @@
-"""File helpers every part of the project shares: the cache folder, a file's SHA-256, and writing a file atomically.
+"""File helpers every part of the project shares: the cache folder, a file's SHA-256, writing a file atomically, and
+numbers as strict JSON holds them.
 
 A reader of a file written by :func:`atomic_path` sees the old content or the new one, never half of it
 (one ``rename`` on the same file system), so a run stopped at any moment leaves readable files.
@@ -7,6 +8,7 @@ A reader of a file written by :func:`atomic_path` sees the old content or the ne
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,3 +49,10 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through :func:`atomic_path`."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def json_number(value: float) -> float | str:
+    """``value`` as strict JSON and AiiDA's database hold it: a finite number as is, an infinity or NaN as the text
+    ``"inf"``, ``"-inf"`` or ``"nan"`` (Python writes them as ``Infinity``, which JSON lacks; ``float()`` reads the
+    text back). The papers' unbounded lattice update is a ``lattice_bound`` of ``inf``."""
+    return value if math.isfinite(value) else str(value)

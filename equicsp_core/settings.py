@@ -306,7 +306,8 @@ class SampleSettings(Settings):
     steps: StrictInt | None = Field(None, ge=1, description="predictor-corrector steps (None: the model's T)")
     step_lr: Number = Field(DEFAULT_STEP_LR, gt=0, allow_inf_nan=False, description="Langevin step scale")
     lattice_bound: Number | None = Field(
-        None, gt=0, description="clamp of the predicted clean lattice (None: the mode's; inf: the papers' update)")
+        None, gt=0, description="clamp of the predicted clean lattice (None: the mode's; inf, or the text "
+                                "'inf' where JSON or AiiDA holds it: the papers' update)")
     seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description="seed of all randomness")
     batch_size: StrictInt = Field(256, ge=1, description="crystals sampled together; results saved after each")
     device: Device = Field("auto", description=f"torch device: {DEVICE_CHOICES} (auto: CUDA if present, else CPU)")

@@ -88,7 +88,7 @@ def card_markdown(name: str, payload: dict, subsets: str, sha256: str) -> str:
 
 def protocol_of(report: dict) -> str:
     """``papers'`` for the papers' sampler exactly (1000 steps, unbounded lattice, even grid, not symmetrised)."""
-    papers = (report["steps"] == 1000 and report["lattice_bound"] == float("inf")
+    papers = (report["steps"] == 1000 and float(report["lattice_bound"]) == float("inf")
               and report.get("grid_power", 1.0) == 1.0 and not report.get("symmetrised", False))
     return "papers'" if papers else "project"
 

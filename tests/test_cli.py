@@ -12,6 +12,7 @@ from equicsp_core.cli import main
 from equicsp_core.config import load_run_config, preset_names
 from equicsp_core.data import DATASETS
 from equicsp_core.diffusion import CrystalDiffusion
+from equicsp_core.sampler import LATTICE_X0_BOUND
 
 TIMING_FIELDS = {"seconds", "crystals_per_s"}
 
@@ -317,6 +318,22 @@ def test_info_without_checkpoint_lists_every_shipped_model(capsys):
         assert entry["stored_dtype"] in stored  # float16: the parameters; the buffers stay float32
 
 
+def strict_json(text: str):
+    """``text`` parsed as strict JSON: Python's ``Infinity``/``NaN`` constants are refused."""
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_info_lists_the_papers_unbounded_lattice_update_as_strict_json(capsys):
+    """The shipped cards' papers'-protocol rows (lattice bound ``inf``) are listed as the text ``"inf"``."""
+    capsys.readouterr()
+    assert run_cli("info") == 0
+    bounds = {figure["lattice_bound"] for entry in strict_json(capsys.readouterr().out) for figure in entry["figures"]}
+    assert "inf" in bounds and all(bound == "inf" or float(bound) > 0 for bound in bounds)
+
+
 def test_info_of_non_checkpoint_exits_2(tmp_path):
     """`info` on a file that is not a checkpoint exits 2."""
     bogus = tmp_path / "bogus.pt"
@@ -339,6 +356,8 @@ def test_sample_writes_index_with_one_entry_per_sample(checkpoint, tmp_path):
     # the test model's domain (perov_5) holds 5 atoms: SrTiO3 fits only at Z = 1
     assert {(e["formula_units"], e["cell_formula"]) for e in entries} == {(1, "SrTiO3"), (1, "CaTiO3")}
     assert index["steps"] == 5 and index["seed"] == 1
+    run = strict_json((out / "run.json").read_text())
+    assert index["lattice_bound"] == run["lattice_bound"] == LATTICE_X0_BOUND["equicsp"]  # the mode's, unset
     for entry in entries:
         assert (entry["file"] is not None) == entry["valid"]
         if entry["file"] is not None:
@@ -514,6 +533,25 @@ def test_evaluate_reports_of_two_parts_merge_into_one(checkpoint, tmp_path):
         merge_reports([parts[0], {**parts[1], "checkpoint": {**parts[1]["checkpoint"], "model_sha256": "0" * 64}}])
     card = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "ship_checkpoint.py"))["protocol_of"]
     assert card(merged) == "project"  # a merged report is a card row like any other
+
+
+def test_an_unbounded_evaluation_reports_inf_as_text_and_merges_with_an_older_infinity(checkpoint, tmp_path):
+    """``--lattice-bound inf`` (the papers' update) is reported as ``"inf"`` (strict JSON), and such a report merges
+    with a part written before, whose bound Python wrote as ``Infinity``; another bound is still refused."""
+    from equicsp_core.evaluate import merge_reports
+
+    parts = []
+    for name, rows in (("a", "0"), ("b", "1")):
+        (tmp_path / f"{name}.txt").write_text(rows)
+        assert run_cli("evaluate", "--checkpoint", checkpoint, "--dataset", "perov_5", "--indices",
+                       tmp_path / f"{name}.txt", "--steps", 3, "--lattice-bound", "inf", "--processes", 1,
+                       "--out", tmp_path / f"{name}.json") == 0
+        parts.append(strict_json((tmp_path / f"{name}.json").read_text()))
+    assert parts[0]["lattice_bound"] == "inf"
+    older = json.loads(json.dumps({**parts[1], "lattice_bound": float("inf")}))  # written as Infinity, read back
+    assert merge_reports([parts[0], older])["crystals"] == 2
+    with pytest.raises(ValueError, match="report 2 differs in lattice_bound"):
+        merge_reports([parts[0], {**parts[1], "lattice_bound": 7.0}])
 
 
 def test_evaluate_refuses_training_rows(checkpoint, capsys):

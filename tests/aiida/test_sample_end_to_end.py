@@ -58,6 +58,14 @@ def test_sample_calculation_runs_equicsp(equicsp_code, model):
     check_complete_run(outputs, calc, model)
 
 
+def test_the_papers_unbounded_lattice_update_is_asked_as_the_text_inf(equicsp_code, model):
+    """AiiDA stores no infinite float: ``lattice_bound: "inf"`` (text) asks for the papers' update; the run completes
+    and its stored outputs hold no infinity."""
+    outputs, calc = run_get_node(sample_builder(equicsp_code, model, lattice_bound="inf"))
+    check_complete_run(outputs, calc, model)
+    assert outputs["run_info"]["lattice_bound"] == "inf"
+
+
 def test_every_valid_candidate_becomes_a_structure(fixed_cell_equicsp_code, model):
     """With every candidate valid (4 Å cubic cells): 4 structures of the right formulas, linked to the inputs."""
     outputs, calc = run_get_node(sample_builder(fixed_cell_equicsp_code, model))
