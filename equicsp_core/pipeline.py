@@ -131,9 +131,16 @@ class Ranking:
         return {"ranking": self.ranking, "dft": self.winners}
 
 
+#: Within this ML energy per atom (eV/atom) of a composition's lowest relaxed structure, structures are ranked by
+#: how many candidates relaxed into them, not by energy: the size of a universal potential's errors on polymorph
+#: energies (tens of meV/atom), below which its order says little, while a structure that the model samples and
+#: the relaxations reach from several starts is more often the known one. Chosen on the mp_20 selection rows of
+#: the discovery benchmark (BENCHMARKS.md, "Which candidate first: ranking rules").
+CONSENSUS_WINDOW = 0.025
+
+
 def rank(results: Mapping[str, Mapping[str, Any]], relaxed: Mapping[str, Structure], top_k: int) -> Ranking:
-    """Merge the ML-relaxed duplicates, rank the rest by energy per atom within each reduced composition, and
-    choose the winners.
+    """Merge the ML-relaxed duplicates, rank the rest within each reduced composition, and choose the winners.
 
     ``results`` are the relaxation's results by label (``status``, ``energy_per_atom``, ``error``: those of
     :class:`~equicsp_core.relax.RelaxResult`), ``relaxed`` the relaxed structures by label. Relaxations often
@@ -141,8 +148,12 @@ def rank(results: Mapping[str, Mapping[str, Any]], relaxed: Mapping[str, Structu
     structures of each reduced composition are grouped
     (:func:`~equicsp_core.screening.group_duplicates`), each group keeps its lowest-energy member as its
     representative, whose ``members`` lists the group's labels (itself first, then by energy), and the others
-    become ``duplicate`` naming it. The winners are the best ``top_k`` representatives of each composition,
-    in composition order.
+    become ``duplicate`` naming it.
+
+    The order (``ml_rank``): the groups whose representative lies within :data:`CONSENSUS_WINDOW` of the
+    composition's lowest energy per atom come first, most members first (ties: lower energy); the others follow
+    by energy per atom. The winners are the best ``top_k`` representatives of each composition, in composition
+    order.
     """
     ranking: dict[str, dict[str, Any]] = {}
     by_composition: dict[str, list[str]] = {}
@@ -153,9 +164,13 @@ def rank(results: Mapping[str, Mapping[str, Any]], relaxed: Mapping[str, Structu
             by_composition.setdefault(relaxed[label].composition.reduced_formula, []).append(label)
     winners: list[str] = []
     for labels in by_composition.values():
-        labels.sort(key=lambda label: (results[label]["energy_per_atom"], label))
+        energy = {label: results[label]["energy_per_atom"] for label in labels}
+        labels.sort(key=lambda label: (energy[label], label))
         groups = [[labels[index] for index in group]
                   for group in group_duplicates([relaxed[label] for label in labels])]
+        lowest = energy[labels[0]]
+        groups.sort(key=lambda group: (0, -len(group), energy[group[0]]) if energy[group[0]] <= lowest + CONSENSUS_WINDOW
+                    else (1, 0, energy[group[0]]))
         for position, (representative, *others) in enumerate(groups, start=1):
             ranking[representative] = {"ml_rank": position, "status": "ml_relaxed", "reason": None,
                                        "members": [representative, *others]}
@@ -336,8 +351,8 @@ def table_rows(
     ``"; "`` (``None`` without any): energies of different levels never share a column, ML and DFT energies
     are on different scales (:data:`ENERGY_SCALES`).
 
-    Rows are ordered by reduced composition, then by the energy of the highest level reached (DFT-relaxed rows
-    first), then by label.
+    Rows are ordered by reduced composition, then DFT-relaxed rows by DFT energy, then ML-ranked rows by ``ml_rank``
+    (:func:`rank`), then the others, each by label.
     """
     from pymatgen.core import Composition
 
@@ -374,8 +389,8 @@ def table_rows(
 
     def order(row: dict[str, Any]) -> tuple:
         level = 0 if row["dft_energy_per_atom"] is not None else 1 if row["ml_rank"] is not None else 2
-        energy = row["dft_energy_per_atom"] if level == 0 else row["ml_energy_per_atom"] if level == 1 else 0
-        return (row["reduced_formula"], level, energy, row["label"] or "", row["sample"])
+        position = row["dft_energy_per_atom"] if level == 0 else row["ml_rank"] if level == 1 else 0
+        return (row["reduced_formula"], level, position, row["label"] or "", row["sample"])
 
     return sorted(rows, key=order)
 

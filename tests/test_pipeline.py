@@ -84,3 +84,28 @@ def test_the_table_shows_z_and_members(sampled, relaxed):
     assert by_label[None]["formula"] == "Cu2" and by_label[None]["status"] == "invalid_sample"
     assert rows[0]["members"] == ranked.ranking[rows[0]["label"]]["members"] and len(rows[0]["members"]) == 3
     assert [row["members"] for row in rows[1:]] == [None] * 4
+
+
+def test_rank_puts_the_most_sampled_structure_first_within_the_consensus_window():
+    """fcc, bcc and sc Cu as three structures: bcc lowest and sampled once, fcc 20 meV/atom above it and reached
+    three times, sc 40 meV/atom above it (outside the 25 meV window) and reached four times: fcc is ranked first,
+    bcc second, sc last although it has the most members; the table follows ``ml_rank``."""
+    from equicsp_core.pipeline import CONSENSUS_WINDOW
+
+    assert CONSENSUS_WINDOW == 0.025
+    bcc = Structure(Lattice.cubic(2.87), ["Cu"] * 2, [[0, 0, 0], [0.5, 0.5, 0.5]])
+    simple = Structure(Lattice.cubic(2.4), ["Cu"], [[0, 0, 0]])
+    structures = {"Cu_000": bcc, **{f"Cu_00{i}": fcc("Cu", 3.6) for i in (1, 2, 3)},
+                  **{f"Cu_00{i}": simple for i in (4, 5, 6, 7)}}
+    energies = {"Cu_000": -4.000, "Cu_001": -3.980, "Cu_002": -3.979, "Cu_003": -3.978,
+                "Cu_004": -3.960, "Cu_005": -3.959, "Cu_006": -3.958, "Cu_007": -3.957}
+    results = {label: {"status": "converged", "energy_per_atom": energy, "error": None}
+               for label, energy in energies.items()}
+    ranked = rank(results, structures, top_k=2)
+    assert ranked.winners == ["Cu_001", "Cu_000"]
+    assert {label: entry["ml_rank"] for label, entry in ranked.ranking.items() if entry["ml_rank"]} == {
+        "Cu_001": 1, "Cu_000": 2, "Cu_004": 3}
+    assert ranked.ranking["Cu_001"]["members"] == ["Cu_001", "Cu_002", "Cu_003"]
+    decisions = screen(structures, ScreenSettings())
+    rows = table_rows(structures, [], decisions, ranked.ranking, results, structures)
+    assert [row["label"] for row in rows if row["ml_rank"]] == ["Cu_001", "Cu_000", "Cu_004"]

@@ -6,8 +6,9 @@ Steps::
       -> screen (calcfunction screen_candidates: implausible candidates dropped, with the reason)
       -> ML relax (EquiCSPRelaxCalculation: every plausible candidate in one job, CHGNet by default)
       -> rank (calcfunction rank_candidates: ML-relaxed duplicates merged within each reduced composition,
-         whatever their Z, the lowest-energy member kept with the list of members; ranked by energy per atom,
-         the best ``top_k`` of each composition chosen for DFT)
+         whatever their Z, the lowest-energy member kept with the list of members; ranked by consensus within
+         25 meV/atom of the lowest, then by energy per atom (``equicsp_core.pipeline.rank``), the best ``top_k``
+         of each composition chosen for DFT)
       -> reference relax (only when needed: EquiCSPRelaxCalculation of the reference entries that the ML hulls of
          the candidates' chemical systems need and that no earlier reference relaxation of this reference set
          and ML level holds, found by a query on the extras ``equicsp_reference_set`` and ``equicsp_ml_level``;

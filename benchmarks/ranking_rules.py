@@ -1,0 +1,82 @@
+"""Which candidate to put first: ranking rules replayed on the records of ``benchmarks/discovery.py``.
+
+The discovery benchmark records, for every candidate of a composition, its ML energy per atom and space group after
+relaxation, its merged group (``duplicate_of``) and whether it matches the known structure. A ranking rule picks one
+representative (a group's lowest-energy member) per composition from these records alone, so rules can be compared
+without sampling or relaxing again. Rules, each with an energy window W (meV/atom) above the lowest representative:
+
+- ``energy``: the lowest ML energy per atom (the pipeline's rule; no window);
+- ``symmetry``: within W, the highest space-group number (ties: lower energy). Known crystals are mostly
+  symmetric, while a sample that relaxes into a distorted local minimum keeps little symmetry;
+- ``population``: within W, the group with most members (ties: lower energy): a structure the model samples,
+  and the relaxations reach, from several starts;
+- ``not_p1``: within W, the lowest-energy representative with a space group other than P1, else the lowest.
+
+A rule must be chosen on the selection rows (``discovery.py --split selection``) and then applied once to the
+reserved rows: choosing it on the reserved rows would report a tuned figure.
+
+    python benchmarks/ranking_rules.py benchmarks/results/discovery_mp20_e175_selection.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+WINDOWS_MEV = (10, 25, 50, 100)
+
+
+def groups(line: dict) -> list[dict]:
+    """The representatives of a composition's merged groups, each with ``members`` (the group's size), from its
+    ``candidate_details``."""
+    details = line.get("candidate_details") or []
+    representatives = [dict(c) for c in details if c["rank"] is not None and c["duplicate_of"] is None]
+    for representative in representatives:
+        representative["members"] = 1 + sum(c["duplicate_of"] == representative["label"] for c in details)
+    return representatives
+
+
+def space_group_number(candidate: dict) -> int:
+    """The number of a recorded space group, ``"Pm-3m (221)"`` → 221."""
+    return int(candidate["space_group"].rsplit("(", 1)[1].rstrip(")"))
+
+
+def pick(representatives: list[dict], rule: str, window_mev: float) -> dict:
+    """The representative ``rule`` puts first (see the module docstring)."""
+    lowest = min(c["ml_energy_per_atom"] for c in representatives)
+    within = [c for c in representatives if c["ml_energy_per_atom"] <= lowest + window_mev / 1000]
+    by_energy = sorted(within, key=lambda c: c["ml_energy_per_atom"])
+    keys: dict[str, Callable[[dict], tuple]] = {
+        "energy": lambda c: (c["ml_energy_per_atom"],),
+        "symmetry": lambda c: (-space_group_number(c), c["ml_energy_per_atom"]),
+        "population": lambda c: (-c["members"], c["ml_energy_per_atom"]),
+        "not_p1": lambda c: (space_group_number(c) == 1, c["ml_energy_per_atom"]),
+    }
+    return min(by_energy, key=keys[rule])
+
+
+def score(lines: list[dict], rule: str, window_mev: float) -> dict:
+    """Top-1 under ``rule`` over all compositions (one with no relaxed candidate is a miss): the count, % of all,
+    % of those found."""
+    found = sum(line["relaxed_match"] for line in lines)
+    top1 = sum(pick(groups(line), rule, window_mev)["match"] for line in lines if groups(line))
+    return {"rule": rule, "window_meV": window_mev if rule != "energy" else None, "compositions": len(lines),
+            "found": found, "top1": top1, "top1_percent": round(100 * top1 / len(lines), 1) if lines else None,
+            "top1_over_found_percent": round(100 * top1 / found, 1) if found else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("records", nargs="+", type=Path, help="discovery.py output files (JSON lines)")
+    args = parser.parse_args()
+    lines = [json.loads(text) for path in args.records for text in path.read_text().splitlines() if text.strip()]
+    rows = [score(lines, "energy", 0)]
+    rows += [score(lines, rule, window) for rule in ("symmetry", "population", "not_p1") for window in WINDOWS_MEV]
+    for row in rows:
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""``benchmarks/ranking_rules.py``: each rule's pick on hand-made candidate records, and the ``energy`` rule
+reproducing the top-1 that ``benchmarks/discovery.py`` recorded."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDED = ROOT / "benchmarks" / "results" / "discovery_mp20_stage2_e100_prior.jsonl"
+
+
+def load_rules():
+    spec = importlib.util.spec_from_file_location("ranking_rules", ROOT / "benchmarks" / "ranking_rules.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def record(label, energy, group, rank, duplicate_of=None, match=False):
+    return {"label": label, "ml_energy_per_atom": energy, "space_group": group, "rank": rank,
+            "duplicate_of": duplicate_of, "match": match}
+
+
+# Lowest: a P1 cell; 20 meV/atom above it a cubic one sampled twice; 60 above it a tetragonal one sampled three times.
+LINE = {"relaxed_match": True, "candidate_details": [
+    record("A", -5.000, "P1 (1)", 1),
+    record("B", -4.980, "Pm-3m (221)", 2, match=True), record("B2", -4.979, "Pm-3m (221)", 2, duplicate_of="B"),
+    record("C", -4.940, "P4/mmm (123)", 3), record("C2", -4.93, "P4/mmm (123)", 3, duplicate_of="C"),
+    record("C3", -4.92, "P4/mmm (123)", 3, duplicate_of="C"),
+    record("X", None, None, None),  # screened out: no relaxed structure, no group
+]}
+
+
+@pytest.mark.parametrize(("rule", "window", "picked"), [
+    ("energy", 0, "A"),
+    ("symmetry", 10, "A"), ("symmetry", 25, "B"), ("symmetry", 100, "B"),
+    ("population", 25, "B"), ("population", 100, "C"),
+    ("not_p1", 10, "A"), ("not_p1", 25, "B"), ("not_p1", 100, "B"),
+])
+def test_each_rule_picks_within_its_energy_window(rule, window, picked):
+    rules = load_rules()
+    representatives = rules.groups(LINE)
+    assert {c["label"]: c["members"] for c in representatives} == {"A": 1, "B": 2, "C": 3}
+    assert rules.pick(representatives, rule, window)["label"] == picked
+
+
+def test_a_composition_without_relaxed_candidates_counts_as_a_miss():
+    rules = load_rules()
+    refused = {"relaxed_match": False, "refused": "no cell size fits"}
+    scored = rules.score([LINE, refused], "symmetry", 25)
+    assert (scored["compositions"], scored["found"], scored["top1"], scored["top1_percent"]) == (2, 1, 1, 50.0)
+
+
+def test_the_energy_rule_reproduces_the_recorded_top1():
+    rules = load_rules()
+    lines = [json.loads(text) for text in RECORDED.read_text().splitlines() if text.strip()]
+    assert rules.score(lines, "energy", 0)["top1"] == sum(line["top1"] for line in lines) == 5
