@@ -6,7 +6,7 @@ file matches its pin and that every pin has its file.
 """
 
 SHIPPED_SHA256 = {
-    "carbon_24": "3220d038e4ef38c1b138aac62fbf94359fcdcf3031be229d2669939d7454f19a",
+    "carbon_24": "d6fda9c939efdf0672a6d7b02225dfea857b463e8a57cc329cef72a42417b617",
     "mp_20": "883871cb6ff5af63710387743f6fe02e2717e1ad7df793f249c93c7519649643",
     "perov_5": "d486647ec30f377d39e4b99bd0e573987f767ce61f87487de482a14ece955e5d",
 }
