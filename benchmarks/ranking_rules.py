@@ -47,21 +47,21 @@ def pick(representatives: list[dict], rule: str, window_mev: float) -> dict:
     """The representative ``rule`` puts first (see the module docstring)."""
     lowest = min(c["ml_energy_per_atom"] for c in representatives)
     within = [c for c in representatives if c["ml_energy_per_atom"] <= lowest + window_mev / 1000]
-    by_energy = sorted(within, key=lambda c: c["ml_energy_per_atom"])
     keys: dict[str, Callable[[dict], tuple]] = {
         "energy": lambda c: (c["ml_energy_per_atom"],),
         "symmetry": lambda c: (-space_group_number(c), c["ml_energy_per_atom"]),
         "population": lambda c: (-c["members"], c["ml_energy_per_atom"]),
         "not_p1": lambda c: (space_group_number(c) == 1, c["ml_energy_per_atom"]),
     }
-    return min(by_energy, key=keys[rule])
+    return min(within, key=keys[rule])
 
 
 def score(lines: list[dict], rule: str, window_mev: float) -> dict:
     """Top-1 under ``rule`` over all compositions (one with no relaxed candidate is a miss): the count, % of all,
     % of those found."""
     found = sum(line["relaxed_match"] for line in lines)
-    top1 = sum(pick(groups(line), rule, window_mev)["match"] for line in lines if groups(line))
+    top1 = sum(pick(representatives, rule, window_mev)["match"]
+               for representatives in map(groups, lines) if representatives)
     return {"rule": rule, "window_meV": window_mev if rule != "energy" else None, "compositions": len(lines),
             "found": found, "top1": top1, "top1_percent": round(100 * top1 / len(lines), 1) if lines else None,
             "top1_over_found_percent": round(100 * top1 / found, 1) if found else None}

@@ -282,9 +282,9 @@ def _prepare_sampling(args: argparse.Namespace, settings: SampleSettings | Gener
 
 def _lattice_bound(settings: SampleSettings | GenerateSettings, model: Any) -> float | str:
     """The sampler's lattice bound (the model mode's when the settings leave it unset), as JSON holds it."""
-    from equicsp_core.sampler import LATTICE_X0_BOUND
+    from equicsp_core.sampler import resolved_lattice_bound
 
-    return json_number(LATTICE_X0_BOUND[model.mode] if settings.lattice_bound is None else settings.lattice_bound)
+    return json_number(resolved_lattice_bound(model.mode, settings.lattice_bound))
 
 
 def _write_candidates(out: Path, batches: Any, header: dict[str, Any], run: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ import equicsp_core
 from equicsp_core.diffusion import CrystalDiffusion, symmetrised
 from equicsp_core.files import json_number
 from equicsp_core.metrics import match_rate
-from equicsp_core.sampler import LATTICE_X0_BOUND, sample
+from equicsp_core.sampler import resolved_lattice_bound, sample
 from equicsp_core.settings import DEFAULT_STEP_LR
 from equicsp_core.splits import check_not_trained_on, load_cifs, load_rows, report_split, split_rows
 
@@ -105,7 +105,7 @@ def evaluate(
     return {
         "dataset": dataset, "split": split, "crystals": len(rows), "num_samples": num_samples,
         "steps": steps or model.schedules.num_steps, "step_lr": step_lr, "seed": seed,
-        "lattice_bound": json_number(lattice_bound if lattice_bound is not None else LATTICE_X0_BOUND[model.mode]),
+        "lattice_bound": json_number(resolved_lattice_bound(model.mode, lattice_bound)),
         "precision": precision, "symmetrised": symmetrise, "grid_power": grid_power,
         "match_rate": 100.0 * scores.match_rate, "rmse": scores.rmse, **{k: v for k, v in scores.to_dict().items()
                                                                          if k not in ("match_rate", "rmse")},

@@ -31,8 +31,15 @@ from equicsp_core.torus import com_free_direction, wrap_unit
 #: Bound on the predicted clean lattice x̂₀ per mode: EquiCSP's C (log-lengths and −cot angles; ±7 is
 #: 1 mÅ–1 km and 8°–172°), DiffCSP's matrix entries in Å.
 LATTICE_X0_BOUND = {"equicsp": 7.0, "diffcsp": 1000.0}
+
 #: Bound on the predicted clean one-hot types Â₀ (ours, as the lattice's): a one-hot entry is 0 or 1.
 TYPES_X0_BOUND = 1.0
+
+
+def resolved_lattice_bound(mode: str, lattice_bound: float | None) -> float:
+    """The clamp the sampler applies to the predicted clean lattice: ``lattice_bound``, or the mode's
+    (:data:`LATTICE_X0_BOUND`) when it is ``None``."""
+    return LATTICE_X0_BOUND[mode] if lattice_bound is None else lattice_bound
 
 
 def time_grid(num_steps: int, total_steps: int, power: float = 1.0) -> list[int]:
@@ -136,8 +143,7 @@ def sample(
         raise ValueError(f"num_atoms sums to {int(num_atoms.sum())} but {atomic_numbers.shape[0]} atoms were given")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-    if lattice_bound is None:
-        lattice_bound = LATTICE_X0_BOUND[model.mode]
+    lattice_bound = resolved_lattice_bound(model.mode, lattice_bound)
     schedules = model.schedules
     total = schedules.num_steps
     grid = time_grid(total if steps is None else steps, total, grid_power) + [0]
