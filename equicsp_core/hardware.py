@@ -16,10 +16,18 @@ not, and the ``equicsp`` command exits with its own status for it (4) so a workf
 them, and a device outside the list cannot be chosen (a scheduler's GPU binding, e.g. Slurm's ``--gres``,
 therefore holds). Names are checked on the machine that submits (AiiDA validates inputs there, without a GPU)
 by :func:`check_device_name`, and resolved on the machine that runs by :func:`resolve_device`.
+
+bf16 autocast (the ``precision`` of training and sampling) is fast only where the hardware supports it: GPUs
+from Ampere on, and x86 CPUs with AVX-512 (BW, VL, DQ: PyTorch's condition for oneDNN's bf16 kernels, native
+with AVX-512 BF16 or AMX). Elsewhere PyTorch's reference kernels run it, slower than fp32 (an AVX2-only AMD
+EPYC: a perov_5 training epoch over 180 s under bf16 against 47 s in fp32, BENCHMARKS.md);
+:func:`warn_if_bf16_slow` says so once per process, naming the setting to change.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 
 import torch
@@ -27,6 +35,7 @@ import torch
 # the names are checked where settings are (torch-free: on the AiiDA daemon too)
 from equicsp_core.settings import check_device_name
 
+logger = logging.getLogger(__name__)
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -94,3 +103,26 @@ def set_threads(threads: int | None) -> int:
     count = default_threads() if check_threads(threads) is None else threads
     torch.set_num_threads(count)
     return count
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast is fast on ``device``: a CUDA GPU that supports bf16, a CPU on which PyTorch uses
+    oneDNN's bf16 kernels (x86 with AVX-512 BW, VL and DQ); other devices are taken at their word."""
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return True
+
+
+@functools.cache
+def warn_if_bf16_slow(device: torch.device, knob: str) -> bool:
+    """Log a warning (once per process and knob) when bf16 autocast on ``device`` is not fast
+    (:func:`native_bf16`); returns whether it warned. ``knob`` is the setting that asked for bf16, named in the
+    message with its remedy."""
+    if native_bf16(device):
+        return False
+    logger.warning("%s is bf16, but bf16 autocast is not fast on %s (no oneDNN bf16 kernels): it runs "
+                   "slower than fp32 (4x for training on an AVX2 CPU, BENCHMARKS.md); set it to fp32",
+                   knob, device)
+    return True

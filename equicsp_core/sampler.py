@@ -23,6 +23,7 @@ from equicsp_core import rng
 from equicsp_core.checkpoint import require_task
 from equicsp_core.crystal import Crystal, CrystalBatch
 from equicsp_core.diffusion import CrystalDiffusion
+from equicsp_core.hardware import warn_if_bf16_slow
 from equicsp_core.lattice import LOG_LENGTH_BOUND, equicsp_to_lattice, parameters_from_lattice
 from equicsp_core.network import DenoiserOutput
 from equicsp_core.settings import DEFAULT_STEP_LR
@@ -143,6 +144,8 @@ def sample(
         raise ValueError(f"num_atoms sums to {int(num_atoms.sum())} but {atomic_numbers.shape[0]} atoms were given")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if precision == "bf16":
+        warn_if_bf16_slow(device, "precision")
     lattice_bound = resolved_lattice_bound(model.mode, lattice_bound)
     schedules = model.schedules
     total = schedules.num_steps

@@ -40,6 +40,7 @@ from equicsp_core.crystal import Crystal, CrystalBatch
 from equicsp_core.data import data_fingerprint
 from equicsp_core.diffusion import CrystalDiffusion
 from equicsp_core.files import atomic_path, file_sha256
+from equicsp_core.hardware import warn_if_bf16_slow
 from equicsp_core.network import DenoiserConfig
 from equicsp_core.splits import has_train_file, load_rows, reserved_rows_path, split_rows
 
@@ -134,6 +135,8 @@ def train(
         _check_resumable(config, config_path)
     torch_device = torch.device(device)
     settings = config.train
+    if settings.precision == "bf16":
+        warn_if_bf16_slow(torch_device, "train.precision")
 
     run = build_training(config, torch_device, init_from)
     model, optimizer, scheduler, ema = run.model, run.optimizer, run.scheduler, run.ema

@@ -9,16 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from equicsp_core import hardware
 from equicsp_core.cli import main
-from equicsp_core.runfolder import Failure
-from equicsp_core.settings import check_device_name
 from equicsp_core.hardware import (
     DeviceUnavailableError,
     available_cpus,
     check_threads,
+    native_bf16,
     resolve_device,
     set_threads,
 )
+from equicsp_core.runfolder import Failure
+from equicsp_core.settings import check_device_name
 
 EQUICSP = Path(sys.executable).parent / "equicsp"
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
@@ -205,3 +207,53 @@ def test_sampling_runs_on_cuda(tiny_checkpoint, tmp_path):
 def test_auto_picks_cuda_when_present():
     assert resolve_device("auto") == torch.device("cuda:0")
 
+
+
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file() or os.uname().machine != "x86_64",
+                    reason="reads the x86 CPU flags of Linux's /proc/cpuinfo")
+def test_native_bf16_on_this_cpu_follows_its_avx512_flags():
+    """PyTorch uses oneDNN's bf16 kernels on x86 exactly when AVX-512 BW, VL and DQ are there."""
+    assert native_bf16(torch.device("cpu")) == ({"avx512bw", "avx512vl", "avx512dq"} <= _cpu_flags())
+
+
+def test_bf16_on_a_device_without_fast_bf16_is_warned_once_naming_the_setting(monkeypatch, caplog):
+    """The warning names the setting and its remedy, and comes once per process however many batches ask."""
+    monkeypatch.setattr(hardware, "native_bf16", lambda device: False)
+    hardware.warn_if_bf16_slow.cache_clear()
+    with caplog.at_level("WARNING", logger="equicsp_core.hardware"):
+        assert hardware.warn_if_bf16_slow(torch.device("cpu"), "train.precision")
+        hardware.warn_if_bf16_slow(torch.device("cpu"), "train.precision")
+    hardware.warn_if_bf16_slow.cache_clear()
+    assert len(caplog.records) == 1
+    assert "train.precision is bf16" in caplog.text and "set it to fp32" in caplog.text
+
+
+def test_bf16_on_a_device_with_fast_bf16_is_not_warned(monkeypatch, caplog):
+    monkeypatch.setattr(hardware, "native_bf16", lambda device: True)
+    hardware.warn_if_bf16_slow.cache_clear()
+    with caplog.at_level("WARNING", logger="equicsp_core.hardware"):
+        assert not hardware.warn_if_bf16_slow(torch.device("cpu"), "precision")
+    hardware.warn_if_bf16_slow.cache_clear()
+    assert not caplog.records
+
+
+def test_sampling_under_bf16_on_a_slow_device_warns_through_the_sampler(monkeypatch, caplog):
+    """The sampler asks before its first network call (the CLI's --precision bf16 reaches it)."""
+    from equicsp_core.diffusion import CrystalDiffusion
+    from equicsp_core.network import DenoiserConfig
+    from equicsp_core.sampler import sample
+
+    monkeypatch.setattr(hardware, "native_bf16", lambda device: False)
+    hardware.warn_if_bf16_slow.cache_clear()
+    model = CrystalDiffusion(DenoiserConfig(hidden_dim=8, num_layers=1, num_freqs=2)).eval()
+    with caplog.at_level("WARNING", logger="equicsp_core.hardware"):
+        sample(model, torch.tensor([8, 8]), torch.tensor([2]), steps=2, precision="bf16")
+    hardware.warn_if_bf16_slow.cache_clear()
+    assert "precision is bf16" in caplog.text
