@@ -186,6 +186,16 @@ def read_checkpoint(name_or_path: str | os.PathLike) -> dict[str, Any]:
     return payload
 
 
+def epochs_in_all(card: dict[str, Any]) -> int:
+    """The epochs behind a checkpoint's weights: its last run's ``epochs`` plus, for a run started from other
+    weights (``initialised_from``), the epochs in all of those (cards written before this total was recorded
+    give the start's own epoch count, which was its total for every such card shipped)."""
+    start = card.get("initialised_from")
+    if start is None:
+        return card["epochs"]
+    return card["epochs"] + start.get("epochs_in_all", start["epoch"])
+
+
 #: The settings and figures of a card's evaluation that ``equicsp info`` lists (the rest stays in the card).
 FIGURE_KEYS = ("split", "crystals", "num_samples", "steps", "step_lr", "lattice_bound", "precision", "match_rate",
                "rmse")
@@ -193,7 +203,8 @@ FIGURE_KEYS = ("split", "crystals", "num_samples", "steps", "step_lr", "lattice_
 
 def shipped_summaries() -> list[dict[str, Any]]:
     """One record per shipped checkpoint: its name, dataset, size (and ``stored_dtype``: ``float16`` for weights
-    stored compactly by ``scripts/half_checkpoint.py``, loaded as float32), data protocol, training and figures.
+    stored compactly by ``scripts/half_checkpoint.py``, loaded as float32), data protocol, training (``epochs``:
+    the last run's, ``epochs_in_all``: with those of the weights it started from) and figures.
 
     ``figures`` holds each evaluation of the card (the papers' match rate in % and RMSE, on the split and
     rows named there) restricted to :data:`FIGURE_KEYS`; ``rows`` is ``None`` on a card written before the
@@ -208,6 +219,7 @@ def shipped_summaries() -> list[dict[str, Any]]:
             "parameters": sum(v.numel() for v in payload["state_dict"].values()),
             "stored_dtype": card.get("stored_dtype", "float32"),
             "protocol": card["protocol"], "rows": card.get("rows"), "epochs": card["epochs"],
+            "epochs_in_all": epochs_in_all(card),
             "selection_loss": card["val_loss"], "train_seconds": card["train_seconds"], "date": card["date"],
             "figures": [_figure(evaluation) for evaluation in card.get("evaluations", [])],
         })

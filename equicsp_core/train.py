@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import equicsp_core
 from equicsp_core import generate
-from equicsp_core.checkpoint import read_checkpoint, save_checkpoint
+from equicsp_core.checkpoint import epochs_in_all, read_checkpoint, save_checkpoint
 from equicsp_core.config import RunConfig
 from equicsp_core.crystal import Crystal, CrystalBatch
 from equicsp_core.data import data_fingerprint
@@ -309,7 +309,8 @@ def initial_state(source: str | Path, model: CrystalDiffusion, optimizer: torch.
 
     From a run folder the optimiser's moments come along too, so training continues without Adam's
     cold start; its learning rate is this run's. The denoiser must have the same shape. Returns what
-    the model card records about the start.
+    the model card records about the start: its ``source``, its own ``epoch`` count, the ``epochs_in_all``
+    behind its weights (:func:`~equicsp_core.checkpoint.epochs_in_all`) and whether Adam's moments came along.
     """
     folder = Path(source)
     if folder.is_dir():
@@ -317,12 +318,14 @@ def initial_state(source: str | Path, model: CrystalDiffusion, optimizer: torch.
         if not path.is_file():
             raise FileNotFoundError(f"--init-from {source}: {path} does not exist")
         saved = torch.load(path, map_location="cpu", weights_only=True)  # Adam's moments follow the parameters
-        weights, epoch = saved["model"], saved["progress"]["epoch"]
-        optimizer_state = saved["optimizer"]
+        weights, progress = saved["model"], saved["progress"]
+        epoch, optimizer_state = progress["epoch"], saved["optimizer"]
+        total = epochs_in_all({"epochs": epoch, "initialised_from": progress.get("initialised_from")})
         saved_config = yaml.safe_load((folder / "config.yaml").read_text())["denoiser"]
     else:
         payload = read_checkpoint(source)
-        weights, epoch, optimizer_state = payload["state_dict"], payload["card"].get("epochs"), None
+        weights, epoch, optimizer_state = payload["state_dict"], payload["card"]["epochs"], None
+        total = epochs_in_all(payload["card"])
         saved_config = payload["denoiser"]
     if DenoiserConfig(**saved_config) != model.denoiser_config:
         raise ValueError(f"--init-from {source}: its denoiser {saved_config} differs from this run's "
@@ -333,7 +336,7 @@ def initial_state(source: str | Path, model: CrystalDiffusion, optimizer: torch.
         optimizer.load_state_dict(optimizer_state)
         for group in optimizer.param_groups:
             group["lr"] = lr
-    return {"source": str(source), "epoch": epoch, "optimizer": optimizer_state is not None}
+    return {"source": str(source), "epoch": epoch, "epochs_in_all": total, "optimizer": optimizer_state is not None}
 
 
 def _averaged(model: CrystalDiffusion, decay: float | None) -> AveragedModel | None:
@@ -394,6 +397,7 @@ def _card(config: RunConfig, provenance: dict, state: dict, device: torch.device
         **provenance,
         "config": config.to_dict(),
         "epochs": state["best_epoch"],
+        "epochs_in_all": epochs_in_all({"epochs": state["best_epoch"], "initialised_from": state.get("initialised_from")}),
         "val_loss": state["best_val_loss"],
         "train_seconds": round(state["train_seconds"], 1),
         **({"initialised_from": state["initialised_from"]} if "initialised_from" in state else {}),

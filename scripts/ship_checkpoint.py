@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from equicsp_core import checkpoint_pins
-from equicsp_core.checkpoint import SHIPPED_DIR, load_model, read_checkpoint
+from equicsp_core.checkpoint import SHIPPED_DIR, epochs_in_all, load_model, read_checkpoint
 from equicsp_core.files import file_sha256
 from equicsp_core.crystal import CrystalBatch
 from equicsp_core.diffusion import lattice_permutation_error
@@ -30,6 +30,13 @@ def write_pins(pins: dict[str, str]) -> None:
     module = Path(checkpoint_pins.__file__)
     lines = [f'    "{name}": "{pins[name]}",' for name in sorted(pins)]
     module.write_text(f'"""{checkpoint_pins.__doc__}"""\n\nSHIPPED_SHA256 = {{\n' + "\n".join(lines) + "\n}\n")
+
+
+def trained_epochs(card: dict) -> str:
+    """``"320 epochs"``, or for a run started from trained weights ``"640 epochs in all (320 in the last run)"``."""
+    if "initialised_from" not in card:
+        return f"{card['epochs']} epochs"
+    return f"{epochs_in_all(card)} epochs in all ({card['epochs']} in the last run)"
 
 
 def card_markdown(name: str, payload: dict, subsets: str, sha256: str) -> str:
@@ -44,8 +51,9 @@ def card_markdown(name: str, payload: dict, subsets: str, sha256: str) -> str:
         f"- model: {payload['denoiser']['mode']}, hidden {payload['denoiser']['hidden_dim']}, "
         f"{payload['denoiser']['num_layers']} layers, {payload['denoiser']['num_freqs']} frequencies, "
         f"{parameters:,} parameters; lattice permutation: {payload['diffusion']['lattice_perm']}",
-        f"- trained: {card['epochs']} epochs (best validation loss {card['val_loss']:.4f}), "
-        f"{card['train_seconds'] / 3600:.2f} h on {card['device']}, torch {card['torch']}, {card['date']}",
+        f"- trained: {trained_epochs(card)} (best validation loss {card['val_loss']:.4f}), "
+        f"{card['train_seconds'] / 3600:.2f} h{' (the last run)' if 'initialised_from' in card else ''} on "
+        f"{card['device']}, torch {card['torch']}, {card['date']}",
         f"- data sha256: {json.dumps(card['data_sha256'])}",
         f"- training settings: `{json.dumps(card['config']['train'])}`",
         f"- file sha256: `{sha256}` (pinned in `equicsp_core/checkpoint_pins.py`, checked on every load); "

@@ -213,3 +213,7 @@ def test_half_checkpoint_rounds_the_parameters_only_and_measures_the_change(tiny
                  "--init-from", str(out)]) == 0
     continued, _ = load_model(tmp_path / "run" / "best.pt")
     assert all(tensor.dtype == torch.float32 for tensor in continued.net.parameters())
+    continued_markdown = runpy.run_path(str(SCRIPTS / "ship_checkpoint.py"))["card_markdown"](
+        "tiny", read_checkpoint(tmp_path / "run" / "best.pt"), "", "0" * 64)
+    assert f"- trained: {card['epochs'] + 1} epochs in all (1 in the last run)" in continued_markdown
+    assert "- trained: 1 epochs in all" not in markdown and f"- trained: {card['epochs']} epochs (" in markdown

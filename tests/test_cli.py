@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from equicsp_core import sampler
-from equicsp_core.checkpoint import read_checkpoint
+from equicsp_core.checkpoint import epochs_in_all, read_checkpoint
 from equicsp_core.cli import main
 from equicsp_core.config import load_run_config, preset_names
 from equicsp_core.data import DATASETS
@@ -216,7 +216,7 @@ def test_init_from_run_folder_loads_its_weights_and_optimiser(tmp_path):
     model = CrystalDiffusion(config.denoiser, config.diffusion)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     started = initial_state(source, model, optimizer)
-    assert started == {"source": str(source), "epoch": 1, "optimizer": True}
+    assert started == {"source": str(source), "epoch": 1, "epochs_in_all": 1, "optimizer": True}
     saved = torch.load(source / "resume.pt", weights_only=True)
     for key, value in model.net.state_dict().items():
         assert torch.equal(value, saved["model"][key]), key
@@ -229,7 +229,23 @@ def test_init_from_records_the_start_in_the_card(tmp_path):
     assert train_tiny(source, "train.epochs=1") == 0
     assert run_cli("train", "--preset", "tiny", "--out", run, "--set", "train.epochs=1", "--init-from", source) == 0
     card = read_checkpoint(run / "best.pt")["card"]
-    assert card["initialised_from"] == {"source": str(source), "epoch": 1, "optimizer": True}
+    assert card["initialised_from"] == {"source": str(source), "epoch": 1, "epochs_in_all": 1, "optimizer": True}
+    assert card["epochs_in_all"] == 2
+
+
+def test_epochs_in_all_add_up_over_a_chain_of_continued_runs(tmp_path):
+    """run folder (2 epochs) -> its checkpoint continued (1) -> that checkpoint continued (1): 4 epochs behind the
+    weights, while each card's ``epochs`` counts its own run; a card written before the total (no
+    ``epochs_in_all`` in its start) counts the start's own epochs."""
+    first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
+    assert train_tiny(first, "train.epochs=2") == 0
+    assert run_cli("train", "--preset", "tiny", "--out", second, "--set", "train.epochs=1", "--init-from", first) == 0
+    assert run_cli("train", "--preset", "tiny", "--out", third, "--set", "train.epochs=1",
+                   "--init-from", second / "best.pt") == 0
+    card = read_checkpoint(third / "best.pt")["card"]
+    assert (card["epochs"], card["initialised_from"]["epoch"], card["epochs_in_all"]) == (1, 1, 4)
+    assert epochs_in_all({"epochs": 320, "initialised_from": {"source": "carbon_24", "epoch": 320}}) == 640
+    assert epochs_in_all({"epochs": 7}) == 7
 
 
 def test_init_from_a_differently_sized_model_is_refused(tmp_path, capsys):
