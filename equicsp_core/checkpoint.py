@@ -270,7 +270,16 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
         CheckpointError: as :func:`read_checkpoint`, and when the weights do not fit the checkpoint's own config.
     """
     payload = read_checkpoint(name_or_path)
-    path = resolve_checkpoint(name_or_path)
+    return model_of(payload, resolve_checkpoint(name_or_path)).to(device).eval(), payload.get("card", {})
+
+
+def model_of(payload: dict[str, Any], path: Path) -> CrystalDiffusion:
+    """The model of a checkpoint's verified ``payload`` (:func:`read_checkpoint`; ``path`` names it in errors),
+    on the CPU in training mode.
+
+    Raises:
+        CheckpointError: an unusable model config, or weights that do not fit it.
+    """
     try:
         model = CrystalDiffusion(DenoiserConfig(**payload["denoiser"]), DiffusionConfig(**payload["diffusion"]))
     except (TypeError, KeyError, ValueError) as error:
@@ -279,4 +288,4 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     if problem is not None:
         raise CheckpointError(f"{path}: the weights do not fit the checkpoint's own model config: {problem}")
     model.net.load_state_dict(payload["state_dict"])
-    return model.to(device).eval(), payload.get("card", {})
+    return model

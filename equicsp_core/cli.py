@@ -372,7 +372,7 @@ def cmd_relax(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from equicsp_core.checkpoint import load_model, read_checkpoint, require_task
+    from equicsp_core.checkpoint import model_of, read_checkpoint, require_task, resolve_checkpoint
     from equicsp_core.evaluate import evaluate
 
     indices = None
@@ -385,14 +385,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and (out.is_dir() or not out.parent.is_dir()):
         raise ValueError(f"--out {out} cannot be written (a folder, or its folder does not exist)")
-    model, card = load_model(args.checkpoint, resolve_device(args.device))
+    payload = read_checkpoint(args.checkpoint)
+    model = model_of(payload, resolve_checkpoint(args.checkpoint)).to(resolve_device(args.device)).eval()
     require_task(model, "csp")  # the match rate is a CSP metric
     report = evaluate(model, args.dataset, args.split, args.limit, indices, args.num_samples, args.steps, args.step_lr,
                       args.seed, args.batch_size, args.processes, args.data_dir, progress=_show_progress(args),
                       lattice_bound=args.lattice_bound, precision=args.precision, symmetrise=args.symmetrise,
                       grid_power=args.grid_power)
+    card = payload.get("card", {})
     report["checkpoint"] = {"path": str(args.checkpoint), "dataset": card.get("dataset"), "epochs": card.get("epochs"),
-                            "model_sha256": read_checkpoint(args.checkpoint)["model_sha256"]}
+                            "model_sha256": payload["model_sha256"]}
     text = json.dumps(report, indent=1)
     print(text, flush=True)  # first: a failing write below must not lose the evaluation
     if out is not None:
