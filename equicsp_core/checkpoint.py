@@ -186,14 +186,18 @@ def read_checkpoint(name_or_path: str | os.PathLike) -> dict[str, Any]:
     return payload
 
 
-def epochs_in_all(card: dict[str, Any]) -> int:
-    """The epochs behind a checkpoint's weights: its last run's ``epochs`` plus, for a run started from other
-    weights (``initialised_from``), the epochs in all of those (cards written before this total was recorded
-    give the start's own epoch count, which was its total for every such card shipped)."""
-    start = card.get("initialised_from")
+def total_epochs(epochs: int, start: Mapping[str, Any] | None) -> int:
+    """The epochs behind a run's weights: its own ``epochs`` plus, for a run started from other weights (``start``,
+    the card's ``initialised_from``), the epochs in all of those (cards written before this total was recorded give
+    the start's own epoch count, which was its total for every such card shipped)."""
     if start is None:
-        return card["epochs"]
-    return card["epochs"] + start.get("epochs_in_all", start["epoch"])
+        return epochs
+    return epochs + start.get("epochs_in_all", start["epoch"])
+
+
+def epochs_in_all(card: Mapping[str, Any]) -> int:
+    """:func:`total_epochs` of a model card."""
+    return total_epochs(card["epochs"], card.get("initialised_from"))
 
 
 #: The settings and figures of a card's evaluation that ``equicsp info`` lists (the rest stays in the card).

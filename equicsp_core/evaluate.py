@@ -8,6 +8,7 @@ measured on training data (mp_20: report on ``reserved``, tune on ``selection``;
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
@@ -22,6 +23,8 @@ from equicsp_core.metrics import match_rate
 from equicsp_core.sampler import resolved_lattice_bound, sample
 from equicsp_core.settings import DEFAULT_STEP_LR
 from equicsp_core.splits import check_not_trained_on, load_cifs, load_rows, report_split, split_rows
+
+logger = logging.getLogger(__name__)
 
 
 def select_indices(total: int, limit: int | None = None, indices: list[int] | None = None) -> list[int]:
@@ -91,15 +94,21 @@ def evaluate(
     started = time.perf_counter()
     predictions: list[list] = [[] for _ in rows]
     chunks = [(r, s) for r in range(num_samples) for s in range(0, len(selected), batch_size)]
-    for _, start in tqdm(chunks, desc=f"sampling {dataset}/{split}", disable=not progress, unit="batch"):
+    for number, (_, start) in enumerate(tqdm(chunks, desc=f"sampling {dataset}/{split}", disable=not progress,
+                                             unit="batch"), start=1):
         chunk = selected[start:start + batch_size]
+        chunk_started = time.perf_counter()
         result = sample(model, torch.cat([c.atomic_numbers for c in chunk]), torch.tensor([c.num_atoms for c in chunk]),
                         steps=steps, step_lr=step_lr, generator=generator, lattice_bound=lattice_bound, precision=precision,
                         grid_power=grid_power)
         for offset, crystal in enumerate(result.crystals()):
             predictions[start + offset].append(crystal.to_structure() if crystal is not None else None)
+        if not progress:  # a batch job's log: a line per batch instead of the bar
+            logger.info("batch %d/%d: %d crystals sampled in %.1f s", number, len(chunks), len(chunk),
+                        time.perf_counter() - chunk_started)
     sampling_seconds = time.perf_counter() - started
 
+    logger.info("matching %d crystals (k = %d) against their references", len(rows), num_samples)
     started = time.perf_counter()
     scores = match_rate(references, predictions, processes=processes or os.cpu_count() or 1)
     return {

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import equicsp_core
 from equicsp_core import generate
-from equicsp_core.checkpoint import epochs_in_all, read_checkpoint, save_checkpoint
+from equicsp_core.checkpoint import epochs_in_all, read_checkpoint, save_checkpoint, total_epochs
 from equicsp_core.config import RunConfig
 from equicsp_core.crystal import Crystal, CrystalBatch
 from equicsp_core.data import data_fingerprint
@@ -320,7 +320,7 @@ def initial_state(source: str | Path, model: CrystalDiffusion, optimizer: torch.
         saved = torch.load(path, map_location="cpu", weights_only=True)  # Adam's moments follow the parameters
         weights, progress = saved["model"], saved["progress"]
         epoch, optimizer_state = progress["epoch"], saved["optimizer"]
-        total = epochs_in_all({"epochs": epoch, "initialised_from": progress.get("initialised_from")})
+        total = total_epochs(epoch, progress.get("initialised_from"))
         saved_config = yaml.safe_load((folder / "config.yaml").read_text())["denoiser"]
     else:
         payload = read_checkpoint(source)
@@ -397,7 +397,7 @@ def _card(config: RunConfig, provenance: dict, state: dict, device: torch.device
         **provenance,
         "config": config.to_dict(),
         "epochs": state["best_epoch"],
-        "epochs_in_all": epochs_in_all({"epochs": state["best_epoch"], "initialised_from": state.get("initialised_from")}),
+        "epochs_in_all": total_epochs(state["best_epoch"], state.get("initialised_from")),
         "val_loss": state["best_val_loss"],
         "train_seconds": round(state["train_seconds"], 1),
         **({"initialised_from": state["initialised_from"]} if "initialised_from" in state else {}),

@@ -51,3 +51,12 @@ def test_a_long_sample_off_a_terminal_writes_a_few_log_lines_and_no_bar(tiny_che
     assert "\r" not in run.stderr and "sampling:" not in run.stderr
     assert len(run.stderr.encode()) < 2000, run.stderr
     assert "batch 1/1" in run.stderr
+
+
+def test_evaluate_off_a_terminal_logs_each_sampling_batch_and_the_matching(tiny_checkpoint, tmp_path, capsys):
+    """k = 2 on 3 fixture crystals is two sampling batches: each gets a log line in place of the bar, then matching."""
+    assert main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--dataset", "perov_5", "--limit", "3",
+                 "--num-samples", "2", "--steps", "2", "--processes", "1", "--out", str(tmp_path / "r.json")]) == 0
+    log = capsys.readouterr().err
+    assert "batch 1/2: 3 crystals sampled in" in log and "batch 2/2: 3 crystals sampled in" in log
+    assert "matching 3 crystals (k = 2)" in log
