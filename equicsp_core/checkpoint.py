@@ -200,26 +200,30 @@ def epochs_in_all(card: Mapping[str, Any]) -> int:
     return total_epochs(card["epochs"], card.get("initialised_from"))
 
 
-#: The settings and figures of a card's evaluation that ``equicsp info`` lists (the rest stays in the card).
+#: The settings and figures of a card's evaluation that ``equicsp info`` lists (the rest stays in the card): of a CSP
+#: model (``equicsp evaluate``) and of a generation model (``equicsp evaluate-generation``, METHOD.md §9.3).
 FIGURE_KEYS = ("split", "crystals", "num_samples", "steps", "step_lr", "lattice_bound", "precision", "match_rate",
                "rmse")
+GENERATION_FIGURE_KEYS = ("split", "generated", "structural_validity", "compositional_validity", "cov_recall",
+                          "cov_precision", "d_density", "d_energy", "energy", "d_num_elements")
 
 
 def shipped_summaries() -> list[dict[str, Any]]:
-    """One record per shipped checkpoint: its name, dataset, size (and ``stored_dtype``: ``float16`` for weights
-    stored compactly by ``scripts/half_checkpoint.py``, loaded as float32), data protocol, training (``epochs``:
-    the last run's, ``epochs_in_all``: with those of the weights it started from) and figures.
+    """One record per shipped checkpoint: its name, dataset, ``task`` (``csp`` or ``generation``), size (and
+    ``stored_dtype``: ``float16`` for weights stored compactly by ``scripts/half_checkpoint.py``, loaded as float32),
+    data protocol, training (``epochs``: the last run's, ``epochs_in_all``: with those of the weights it started from)
+    and figures.
 
-    ``figures`` holds each evaluation of the card (the papers' match rate in % and RMSE, on the split and
-    rows named there) restricted to :data:`FIGURE_KEYS`; ``rows`` is ``None`` on a card written before the
-    protocol recorded its row counts.
+    ``figures`` holds each evaluation of the card restricted to :data:`FIGURE_KEYS` (CSP: the papers' match rate in
+    % and RMSE, on the split and rows named there) or :data:`GENERATION_FIGURE_KEYS` (generation: validity, coverage
+    and distribution distances); ``rows`` is ``None`` on a card written before the protocol recorded its row counts.
     """
     summaries = []
     for name in shipped_checkpoints():
         payload = read_checkpoint(name)
         card = payload["card"]
         summaries.append({
-            "name": name, "dataset": card["dataset"],
+            "name": name, "dataset": card["dataset"], "task": payload["denoiser"].get("task", "csp"),
             "parameters": sum(v.numel() for v in payload["state_dict"].values()),
             "stored_dtype": card.get("stored_dtype", "float32"),
             "protocol": card["protocol"], "rows": card.get("rows"), "epochs": card["epochs"],
@@ -231,8 +235,12 @@ def shipped_summaries() -> list[dict[str, Any]]:
 
 
 def _figure(evaluation: Mapping[str, Any]) -> dict[str, Any]:
-    """An evaluation of a card restricted to :data:`FIGURE_KEYS`, its lattice bound as strict JSON holds it (cards
-    store the papers' unbounded update as the float ``inf``)."""
+    """An evaluation of a card restricted to :data:`FIGURE_KEYS` (:data:`GENERATION_FIGURE_KEYS` and the sampling
+    steps of the scored folders for a generation model), its lattice bound as strict JSON holds it (cards store the
+    papers' unbounded update as the float ``inf``)."""
+    if "generated_with" in evaluation:
+        steps = sorted({run["steps"] for run in evaluation["generated_with"]})
+        return {**{key: evaluation.get(key) for key in GENERATION_FIGURE_KEYS}, "steps": steps}
     figure = {key: evaluation.get(key) for key in FIGURE_KEYS}
     if figure["lattice_bound"] is not None:
         figure["lattice_bound"] = json_number(float(figure["lattice_bound"]))

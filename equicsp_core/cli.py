@@ -406,7 +406,7 @@ def cmd_evaluate_generation(args: argparse.Namespace) -> int:
     from pymatgen.core import Composition
 
     from equicsp_core.generation_metrics import coverage_cutoffs, generation_metrics, reference_structures
-    from equicsp_core.structure_files import read_structures, unwritten_samples
+    from equicsp_core.structure_files import folder_settings, read_structures, unwritten_samples
 
     coverage_cutoffs(args.dataset)
     out = Path(args.out) if args.out else None
@@ -423,7 +423,8 @@ def cmd_evaluate_generation(args: argparse.Namespace) -> int:
     report = generation_metrics(generated, reference, args.dataset, args.num_eval,
                                 None if args.energy == "none" else args.energy, args.seed,
                                 args.processes or os.cpu_count() or 1, str(resolve_device(args.device)))
-    report = {"generated_from": [str(path) for path in args.generated], "split": split, **report,
+    report = {"generated_from": [str(path) for path in args.generated],
+              "generated_with": [folder_settings(path) for path in args.generated], "split": split, **report,
               "versions": _versions("matminer", "pymatgen", "smact")}
     text = json.dumps(report, indent=1)
     print(text, flush=True)  # first: a failing write below must not lose the evaluation

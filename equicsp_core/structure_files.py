@@ -20,7 +20,7 @@ import errno
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pymatgen.core import Structure
@@ -115,3 +115,12 @@ def unwritten_samples(path: str | Path) -> list[str]:
         return []
     return [entry["cell_formula"] for entry in json.loads((path / "index.json").read_text())["samples"]
             if not entry["valid"]]
+
+
+def folder_settings(path: str | Path) -> dict[str, Any] | None:
+    """The settings an ``equicsp sample`` or ``generate`` folder was written with (its ``index.json`` without the
+    list of samples: checkpoint and its sha256, steps, seed, step_lr, ...); None for a file."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    return {key: value for key, value in json.loads((path / "index.json").read_text()).items() if key != "samples"}

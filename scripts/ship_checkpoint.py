@@ -67,14 +67,21 @@ def card_markdown(name: str, payload: dict, subsets: str, sha256: str) -> str:
         error = card["lattice_permutation_error"]
         lines.append(f"- lattice-permutation equivariance error (relative change of the outputs when the lattice "
                      f"vectors are relabelled, {error['crystals']} {error['split']} rows, random t): lattice "
-                     f"{100 * error['lattice']:.1f} %, coordinates {100 * error['coord']:.1f} %; 0 with `--symmetrise`")
+                     f"{100 * error['lattice']:.1f} %, coordinates {100 * error['coord']:.1f} %"
+                     + (f", types {100 * error['types']:.1f} %" if "types" in error else "; 0 with `--symmetrise`"))
     if card.get("stored_dtype") == "float16":
         change = card["half_output_change"]
         lines.append(f"- weights stored in float16 (`scripts/half_checkpoint.py`; loaded as float32): the denoiser's "
                      f"outputs move by {100 * change['lattice']:.3f} % (lattice) and {100 * change['coord']:.3f} % "
                      f"(coordinates) against the float32 weights ({change['crystals']} {change['split']} rows, random "
                      "t); the scores below are the float16 file's")
-    lines += [
+    scores = generation_scores if payload["denoiser"].get("task") == "generation" else csp_scores
+    return "\n".join(lines + scores(name, card, subsets)) + "\n"
+
+
+def csp_scores(name: str, card: dict, subsets: str) -> list[str]:
+    """The card's CSP scores: one row per ``equicsp evaluate`` report."""
+    lines = [
         "",
         "## Scores (CSP, `equicsp evaluate`)",
         "",
@@ -89,9 +96,40 @@ def card_markdown(name: str, payload: dict, subsets: str, sha256: str) -> str:
         lines.append(f"| {protocol_of(report)} | {report['split']} | {report['crystals']} | {report['num_samples']} | "
                      f"{report['steps']} | {report['step_lr']} | {report['lattice_bound']} | {report['precision']} | "
                      f"{report['match_rate']:.2f} | {rmse} | {report['sampling_seconds']} |")
-    lines += ["", "Reproduce: `equicsp evaluate --checkpoint " + name + " --dataset " + card["dataset"] + " ...` "
-              "with the settings of each row (seed 0). " + subsets]
-    return "\n".join(lines) + "\n"
+    return lines + ["", "Reproduce: `equicsp evaluate --checkpoint " + name + " --dataset " + card["dataset"] + " ...` "
+                    "with the settings of each row (seed 0). " + subsets]
+
+
+def generation_scores(name: str, card: dict, subsets: str) -> list[str]:
+    """The card's ab initio generation scores (METHOD.md §9.3): one row per ``equicsp evaluate-generation`` report,
+    with the ``equicsp generate`` settings of the folders it scored."""
+    lines = [
+        "",
+        "## Scores (ab initio generation, `equicsp evaluate-generation`)",
+        "",
+        "Validity over every generated crystal; COV-R / COV-P against the split named; d_ρ, d_E and d_elem on "
+        "`num_eval` valid crystals drawn at random. d_E is the Wasserstein distance of the named potential's "
+        "single-point energies per atom, not the papers' property model (–: not computed).",
+        "",
+        "| split | generated | steps | step_lr | seeds | validity struct / comp % | COV-R % | COV-P % | d_ρ | d_E | d_elem |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for report in card.get("evaluations", []):
+        runs = report["generated_with"]
+        d_energy = f"{report['d_energy']:.4f} ({report['energy']})" if report["d_energy"] is not None else "–"
+        lines.append(
+            f"| {report['split']} | {report['generated']} | {_joined(runs, 'steps')} | {_joined(runs, 'step_lr')} | "
+            f"{_joined(runs, 'seed')} | {report['structural_validity']:.2f} / {report['compositional_validity']:.2f} | "
+            f"{report['cov_recall']:.2f} | {report['cov_precision']:.2f} | {report['d_density']:.4f} | {d_energy} | "
+            f"{report['d_num_elements']:.4f} |")
+    return lines + ["", "Reproduce: `equicsp generate --checkpoint " + name + " --num-samples N --steps S --seed s "
+                    "--out gen_s` per seed, then `equicsp evaluate-generation --generated gen_* --dataset "
+                    + card["dataset"] + "`. " + subsets]
+
+
+def _joined(runs: list[dict], key: str) -> str:
+    """The distinct values of ``key`` over the generation folders a report scored, in order."""
+    return ", ".join(str(value) for value in dict.fromkeys(run[key] for run in runs))
 
 
 def protocol_of(report: dict) -> str:
@@ -121,6 +159,10 @@ def main() -> None:
     args = parser.parse_args()
     payload = read_checkpoint(args.checkpoint)
     payload["card"]["evaluations"] = [json.loads(Path(path).read_text()) for path in args.eval]
+    if payload["denoiser"].get("task") == "generation":
+        for path, report in zip(args.eval, payload["card"]["evaluations"], strict=True):
+            if None in report.get("generated_with", [None]):
+                parser.error(f"{path}: scores crystals not read from `equicsp generate` folders (no settings to show)")
     if payload["denoiser"]["mode"] == "equicsp":
         payload["card"]["lattice_permutation_error"] = equivariance_error(args.checkpoint)
     SHIPPED_DIR.mkdir(parents=True, exist_ok=True)

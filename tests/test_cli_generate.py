@@ -5,6 +5,7 @@ records the training distribution of atom counts, resumes bit for bit, ``generat
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,3 +201,32 @@ def test_evaluate_refuses_a_generation_checkpoint_before_sampling(generation_che
     monkeypatch.setattr("equicsp_core.evaluate.evaluate", never)
     assert run_cli("evaluate", "--checkpoint", generation_checkpoint, "--dataset", "perov_5", "--limit", 2) == 2
     assert "ab initio generation model" in error_line(capsys)
+
+
+def test_a_generation_card_shows_each_report_with_its_sampling_settings(generation_checkpoint, tmp_path,
+                                                                      fixed_cell_generator):
+    """The card of a generation model (scripts/ship_checkpoint.py) has the §9.3 table, one row per report with the
+    steps, γ and seeds of the folders it scored; `equicsp info` lists the same figures."""
+    import runpy
+
+    from equicsp_core.checkpoint import _figure
+
+    for seed in (0, 1):
+        assert run_cli("generate", "--checkpoint", generation_checkpoint, "--num-samples", "3", "--steps", "4",
+                       "--seed", seed, "--out", tmp_path / f"gen{seed}") == 0
+    out = tmp_path / "metrics.json"
+    assert main(["--quiet", "evaluate-generation", "--generated", str(tmp_path / "gen0"), str(tmp_path / "gen1"),
+                 "--dataset", "perov_5", "--num-eval", "1", "--energy", "none", "--processes", "1",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    payload = read_checkpoint(generation_checkpoint)
+    payload["card"]["evaluations"] = [report]
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "ship_checkpoint.py"))
+    markdown = script["card_markdown"]("tiny-gen", payload, "Here.", "0" * 64)
+    assert "## Scores (ab initio generation, `equicsp evaluate-generation`)" in markdown
+    assert "## Scores (CSP" not in markdown
+    row = (f"| test | 6 | 4 | {report['generated_with'][0]['step_lr']} | 0, 1 | "
+           f"{report['structural_validity']:.2f} / {report['compositional_validity']:.2f} | ")
+    assert row in markdown and "Here." in markdown
+    figure = _figure(report)
+    assert (figure["generated"], figure["steps"], figure["cov_recall"]) == (6, [4], report["cov_recall"])

@@ -199,6 +199,7 @@ def test_cli_writes_a_report_of_val_crystals_against_test(tmp_path, fixture_data
     assert report["split"] == "test" and report["generated"] == len(cifs) and report["reference"] == 12
     assert report["num_eval"] == 5 and report["structural_validity"] == 100.0 and report["d_energy"] is None
     assert report["energy_note"] == ENERGY_NOTE and "matminer" in report["versions"]
+    assert report["generated_with"] == [None]  # a file, not a folder of `equicsp generate`
 
 
 def test_cli_counts_the_failed_samples_of_a_sample_folder(tmp_path):
@@ -298,3 +299,8 @@ def test_cli_scores_what_equicsp_generate_wrote(tmp_path):
     report = json.loads(out.read_text())
     assert report["generated"] == 6 and report["structural_validity"] <= 100.0 * written / 6
     assert report["num_eval"] <= written
+    index = json.loads((tmp_path / "gen" / "index.json").read_text())
+    (settings,) = report["generated_with"]  # what the card of a shipped generation model shows
+    assert (settings["steps"], settings["seed"], settings["num_samples"], settings["task"]) == (5, 0, 6, "generation")
+    assert settings["checkpoint_sha256"] == index["checkpoint_sha256"] and "samples" not in settings
+
