@@ -72,11 +72,16 @@ def card_markdown(name: str, payload: dict, subsets: str, sha256: str) -> str:
     if card.get("stored_dtype") == "float16":
         change = card["half_output_change"]
         lines.append(f"- weights stored in float16 (`scripts/half_checkpoint.py`; loaded as float32): the denoiser's "
-                     f"outputs move by {100 * change['lattice']:.3f} % (lattice) and {100 * change['coord']:.3f} % "
-                     f"(coordinates) against the float32 weights ({change['crystals']} {change['split']} rows, random "
+                     f"outputs move by {100 * change['lattice']:.3f} % (lattice), {100 * change['coord']:.3f} % "
+                     f"(coordinates){_types_change(change)} against the float32 weights ({change['crystals']} {change['split']} rows, random "
                      "t); the scores below are the float16 file's")
     scores = generation_scores if payload["denoiser"].get("task") == "generation" else csp_scores
     return "\n".join(lines + scores(name, card, subsets)) + "\n"
+
+
+def _types_change(change: dict) -> str:
+    """The float16 change of a generation model's type head, for the card's float16 line."""
+    return f" and {100 * change['types']:.3f} % (types)" if "types" in change else ""
 
 
 def csp_scores(name: str, card: dict, subsets: str) -> list[str]:
@@ -111,15 +116,16 @@ def generation_scores(name: str, card: dict, subsets: str) -> list[str]:
         "`num_eval` valid crystals drawn at random. d_E is the Wasserstein distance of the named potential's "
         "single-point energies per atom, not the papers' property model (–: not computed).",
         "",
-        "| split | generated | steps | step_lr | seeds | validity struct / comp % | COV-R % | COV-P % | d_ρ | d_E | d_elem |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| split | generated | steps | step_lr | lattice bound | seeds | validity struct / comp % | COV-R % | COV-P % | d_ρ "
+        "| d_E | d_elem |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for report in card.get("evaluations", []):
         runs = report["generated_with"]
         d_energy = f"{report['d_energy']:.4f} ({report['energy']})" if report["d_energy"] is not None else "–"
         lines.append(
             f"| {report['split']} | {report['generated']} | {_joined(runs, 'steps')} | {_joined(runs, 'step_lr')} | "
-            f"{_joined(runs, 'seed')} | {report['structural_validity']:.2f} / {report['compositional_validity']:.2f} | "
+            f"{_joined(runs, 'lattice_bound')} | {_joined(runs, 'seed')} | {report['structural_validity']:.2f} / {report['compositional_validity']:.2f} | "
             f"{report['cov_recall']:.2f} | {report['cov_precision']:.2f} | {report['d_density']:.4f} | {d_energy} | "
             f"{report['d_num_elements']:.4f} |")
     return lines + ["", "Reproduce: `equicsp generate --checkpoint " + name + " --num-samples N --steps S --seed s "

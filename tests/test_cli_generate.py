@@ -225,7 +225,7 @@ def test_a_generation_card_shows_each_report_with_its_sampling_settings(generati
     markdown = script["card_markdown"]("tiny-gen", payload, "Here.", "0" * 64)
     assert "## Scores (ab initio generation, `equicsp evaluate-generation`)" in markdown
     assert "## Scores (CSP" not in markdown
-    row = (f"| test | 6 | 4 | {report['generated_with'][0]['step_lr']} | 0, 1 | "
+    row = (f"| test | 6 | 4 | {report['generated_with'][0]['step_lr']} | 7.0 | 0, 1 | "
            f"{report['structural_validity']:.2f} / {report['compositional_validity']:.2f} | ")
     assert row in markdown and "Here." in markdown
     figure = _figure(report)
