@@ -325,10 +325,13 @@ def test_info_without_checkpoint_lists_every_shipped_model(capsys):
     listed = {entry["name"]: entry for entry in json.loads(capsys.readouterr().out)}
     assert set(listed) == set(shipped_checkpoints()) and listed
     for name, entry in listed.items():
-        card = read_checkpoint(name)["card"]
+        payload = read_checkpoint(name)
+        card = payload["card"]
         assert (entry["dataset"], entry["protocol"], entry["epochs"]) == (card["dataset"], card["protocol"], card["epochs"])
-        assert [figure["match_rate"] for figure in entry["figures"]] == [e["match_rate"] for e in card["evaluations"]]
-        assert entry["figures"] and all(figure["split"] and figure["crystals"] for figure in entry["figures"])
+        assert entry["task"] == payload["denoiser"].get("task", "csp")
+        figure_key, size_key = ("cov_recall", "generated") if entry["task"] == "generation" else ("match_rate", "crystals")
+        assert [figure[figure_key] for figure in entry["figures"]] == [e[figure_key] for e in card["evaluations"]]
+        assert entry["figures"] and all(figure["split"] and figure[size_key] for figure in entry["figures"])
         stored = {str(tensor.dtype).removeprefix("torch.") for tensor in read_checkpoint(name)["state_dict"].values()
                   if tensor.is_floating_point()}
         assert entry["stored_dtype"] in stored  # float16: the parameters; the buffers stay float32
@@ -346,7 +349,8 @@ def test_info_lists_the_papers_unbounded_lattice_update_as_strict_json(capsys):
     """The shipped cards' papers'-protocol rows (lattice bound ``inf``) are listed as the text ``"inf"``."""
     capsys.readouterr()
     assert run_cli("info") == 0
-    bounds = {figure["lattice_bound"] for entry in strict_json(capsys.readouterr().out) for figure in entry["figures"]}
+    bounds = {figure["lattice_bound"] for entry in strict_json(capsys.readouterr().out) if entry["task"] == "csp"
+              for figure in entry["figures"]}
     assert "inf" in bounds and all(bound == "inf" or float(bound) > 0 for bound in bounds)
 
 
