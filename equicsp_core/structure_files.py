@@ -119,8 +119,13 @@ def unwritten_samples(path: str | Path) -> list[str]:
 
 def folder_settings(path: str | Path) -> dict[str, Any] | None:
     """The settings an ``equicsp sample`` or ``generate`` folder was written with (its ``index.json`` without the
-    list of samples: checkpoint and its sha256, steps, seed, step_lr, ...); None for a file."""
+    list of samples: checkpoint and its sha256, steps, seed, step_lr, ...; ``steps`` as run, from ``run.json``, where
+    the setting was the model's T); None for a file."""
     path = Path(path)
     if not path.is_dir():
         return None
-    return {key: value for key, value in json.loads((path / "index.json").read_text()).items() if key != "samples"}
+    settings = {key: value for key, value in json.loads((path / "index.json").read_text()).items() if key != "samples"}
+    run = path / "run.json"
+    if run.is_file():
+        settings["steps"] = json.loads(run.read_text())["steps"]
+    return settings

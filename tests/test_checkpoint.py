@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_every_shipped_checkpoint_matches_its_pin_and_card():
     """Each shipped .pt has a pin equal to its file's sha256, each pin a file, each card the same hash."""
     shipped = shipped_checkpoints()
-    assert set(shipped) == set(SHIPPED_SHA256) == {"perov_5", "mp_20", "carbon_24"}
+    assert set(shipped) == set(SHIPPED_SHA256) == {"perov_5", "mp_20", "carbon_24", "perov_5-gen"}
     for name, path in shipped.items():
         sha256 = file_sha256(path)
         assert sha256 == SHIPPED_SHA256[name], f"{name}: update equicsp_core/checkpoint_pins.py"
