@@ -201,7 +201,7 @@ def epochs_in_all(card: Mapping[str, Any]) -> int:
 
 
 #: The settings and figures of a card's evaluation that ``equicsp info`` lists (the rest stays in the card): of a CSP
-#: model (``equicsp evaluate``) and of a generation model (``equicsp evaluate-generation``, METHOD.md §9.3).
+#: model (``equicsp evaluate``) and of a generation model (``equicsp evaluate-generation``, docs/method.md §8.3).
 FIGURE_KEYS = ("split", "crystals", "num_samples", "steps", "step_lr", "lattice_bound", "precision", "match_rate",
                "rmse")
 GENERATION_FIGURE_KEYS = ("split", "generated", "structural_validity", "compositional_validity", "cov_recall",

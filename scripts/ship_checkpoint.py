@@ -106,7 +106,7 @@ def csp_scores(name: str, card: dict, subsets: str) -> list[str]:
 
 
 def generation_scores(name: str, card: dict, subsets: str) -> list[str]:
-    """The card's ab initio generation scores (METHOD.md §9.3): one row per ``equicsp evaluate-generation`` report,
+    """The card's ab initio generation scores (docs/method.md §8.3): one row per ``equicsp evaluate-generation`` report,
     with the ``equicsp generate`` settings of the folders it scored."""
     lines = [
         "",
