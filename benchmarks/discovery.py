@@ -15,7 +15,8 @@ the papers' StructureMatcher tolerances (:func:`equicsp_core.metrics.rms_distanc
 - ``relaxed``: among the ML-relaxed candidates (the discovery benchmark's "any match");
 - ``top1``: it is the ML ranking's winner.
 
-One JSON line per composition in ``--out`` (resumable: rows already there are skipped), with its wall time and,
+One JSON line per composition in ``--out`` (resumable: rows already there are skipped; ``--part i/n`` runs every
+n-th row from the i-th, so that n processes share the rows, each into its own ``--out``), with its wall time and,
 per candidate, its Z, ML energy, space group after relaxation, match and rank (``candidate_details``: why the
 ranking misses a found structure; lines written before it lack them); ``--summary`` prints the fractions and, over
 the lines with details where the winner is not a match, the ML rank of the best-ranked match, its ML energy above
@@ -25,6 +26,7 @@ issue's level (c)) is not run here: a pw.x relaxation costs minutes to hours per
     python benchmarks/discovery.py --checkpoint mp_20 --rows 100 --num-samples 10 --steps 100 \\
         --out benchmarks/results/discovery_mp20.jsonl
     python benchmarks/discovery.py --out benchmarks/results/discovery_mp20.jsonl --summary
+    python benchmarks/discovery.py --out part0.jsonl part1.jsonl --summary     # parts run with --part 0/2, 1/2
 """
 
 from __future__ import annotations
@@ -139,12 +141,14 @@ def formula_unit_atoms(formula: str) -> int:
     return int(Composition(formula).num_atoms)
 
 
-def summary(path: Path) -> dict:
-    """Fractions over the composition lines of ``path``."""
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def summary(paths: list[Path]) -> dict:
+    """Fractions over the composition lines of ``paths`` (the parts of one run)."""
+    lines = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
     count = len(lines)
     if not count:
-        raise SystemExit(f"{path}: no rows yet")
+        raise SystemExit(f"{', '.join(map(str, paths))}: no rows yet")
+    if len({line["row"] for line in lines}) < count:
+        raise SystemExit(f"{', '.join(map(str, paths))}: a row is in more than one line: not the parts of one run")
     relaxed = sum(line["relaxed_match"] for line in lines)
     top1 = sum(line["top1"] for line in lines)
     return {
@@ -199,13 +203,22 @@ def main() -> None:
     parser.add_argument("--fmax", type=float, default=0.05)
     parser.add_argument("--relax-steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--part", default="0/1", help="i/n: every n-th of the rows from the i-th (0 <= i < n)")
+    parser.add_argument("--out", required=True, nargs="+", help="one file; with --summary, the parts of one run")
     parser.add_argument("--summary", action="store_true", help="print the fractions of --out and stop")
     args = parser.parse_args()
-    out = Path(args.out)
     if args.summary:
-        print(json.dumps(summary(out), indent=1))
+        print(json.dumps(summary([Path(path) for path in args.out]), indent=1))
         return
+    if len(args.out) > 1:
+        parser.error("--out takes one file, except with --summary")
+    out = Path(args.out[0])
+    try:
+        part, parts = (int(value) for value in args.part.split("/"))
+    except ValueError:
+        parser.error(f"--part {args.part!r}: expected i/n, two integers")
+    if not 0 <= part < parts:
+        parser.error(f"--part {args.part}: needs 0 <= i < n")
 
     import torch
 
@@ -219,7 +232,7 @@ def main() -> None:
     if splits - {args.split}:
         parser.error(f"{out} holds rows of the {', '.join(sorted(splits))} split, not {args.split}: use another --out")
     done = {line["row"] for line in lines}
-    rows = split_rows("mp_20", args.split)[:args.rows]
+    rows = split_rows("mp_20", args.split)[:args.rows][part::parts]
     cifs = load_cifs("mp_20", rows)
     model, card = load_model(args.checkpoint)
     calculator = load_calculator("chgnet", "cpu")

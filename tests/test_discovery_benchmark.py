@@ -93,9 +93,10 @@ def test_the_summary_reads_lines_with_and_without_candidate_details(tmp_path):
                    for rank in (1, 2, 3)]
         return {**old, "row": row, "relaxed_match": True, "top1": top1, "candidate_details": records}
 
-    path = tmp_path / "lines.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in (old, detailed(7, 3, False), detailed(8, 1, True))))
-    summary = load_benchmark().summary(path)
+    first, second = tmp_path / "part0.jsonl", tmp_path / "part1.jsonl"  # the parts of one run
+    first.write_text("".join(json.dumps(line) + "\n" for line in (old, detailed(7, 3, False))))
+    second.write_text(json.dumps(detailed(8, 1, True)) + "\n")
+    summary = load_benchmark().summary([first, second])
     assert summary["compositions"] == 3 and summary["with_candidate_details"] == 2
     assert summary["relaxed_match"] == round(100 * (old["relaxed_match"] + 2) / 3, 1)
     assert summary["found_not_top1_by_best_match_rank"] == {"3": 1} and summary["top3"] == 100.0
@@ -112,3 +113,23 @@ def test_an_output_file_holds_one_split(tmp_path, monkeypatch, capsys):
         load_benchmark().main()
     assert stopped.value.code == 2
     assert f"{out} holds rows of the reserved split, not selection: use another --out" in capsys.readouterr().err
+
+
+def test_the_summary_refuses_parts_that_share_a_row(tmp_path):
+    """Two files holding the same row are not the parts of one run: counting both would weigh that row twice."""
+    line = json.loads(OLD_LINES.read_text().splitlines()[0])
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for path in (first, second):
+        path.write_text(json.dumps(line) + "\n")
+    with pytest.raises(SystemExit, match="a row is in more than one line: not the parts of one run"):
+        load_benchmark().summary([first, second])
+
+
+@pytest.mark.parametrize("part, message", [("2/2", "--part 2/2: needs 0 <= i < n"),
+                                           ("1-2", "--part '1-2': expected i/n, two integers")])
+def test_a_part_outside_its_run_is_refused(tmp_path, monkeypatch, capsys, part, message):
+    monkeypatch.setattr("sys.argv", ["discovery.py", "--part", part, "--out", str(tmp_path / "d.jsonl")])
+    with pytest.raises(SystemExit) as stopped:
+        load_benchmark().main()
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "d.jsonl").exists()
