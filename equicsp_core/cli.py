@@ -406,17 +406,17 @@ def cmd_evaluate_generation(args: argparse.Namespace) -> int:
     from pymatgen.core import Composition
 
     from equicsp_core.generation_metrics import coverage_cutoffs, generation_metrics, reference_structures
-    from equicsp_core.structure_files import folder_settings, read_structures, unwritten_samples
+    from equicsp_core.structure_files import read_structure_set
 
     coverage_cutoffs(args.dataset)
     out = Path(args.out) if args.out else None
     if out is not None and (out.is_dir() or not out.parent.is_dir()):
         raise ValueError(f"--out {out} cannot be written (a folder, or its folder does not exist)")
     generated: list = []
-    for path in args.generated:  # errors name the path
-        unwritten = [Composition(formula) for formula in unwritten_samples(path)]
-        generated.extend(read_structures(path, allow_empty=bool(unwritten)).values())  # a folder of failures scores 0
-        generated.extend(unwritten)
+    sets = [read_structure_set(path) for path in args.generated]  # errors name the path
+    for structure_set in sets:  # an unwritten sample counts, as a composition (it scores invalid)
+        generated.extend(structure_set.structures.values())
+        generated.extend(Composition(formula) for formula in structure_set.unwritten)
     if len(generated) < args.num_eval:
         raise ValueError(f"{len(generated)} generated crystals, fewer than --num-eval {args.num_eval}")
     split, reference = reference_structures(args.dataset, args.split, args.data_dir)
@@ -424,7 +424,7 @@ def cmd_evaluate_generation(args: argparse.Namespace) -> int:
                                 None if args.energy == "none" else args.energy, args.seed,
                                 args.processes or os.cpu_count() or 1, str(resolve_device(args.device)))
     report = {"generated_from": [str(path) for path in args.generated],
-              "generated_with": [folder_settings(path) for path in args.generated], "split": split, **report,
+              "generated_with": [structure_set.settings for structure_set in sets], "split": split, **report,
               "versions": _versions("matminer", "pymatgen", "smact")}
     text = json.dumps(report, indent=1)
     print(text, flush=True)  # first: a failing write below must not lose the evaluation

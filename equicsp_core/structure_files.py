@@ -11,7 +11,8 @@ The format follows from the path:
   when it has one, else like the CIF blocks.
 
 Labels must be distinct; any unreadable input raises a ValueError naming the path. The samples of an
-``equicsp sample`` folder that produced no structure are listed by :func:`unwritten_samples`.
+``equicsp sample`` folder that produced no structure, and the settings it was written with, are in its
+:class:`StructureSet` (:func:`read_structure_set`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,31 +31,40 @@ if TYPE_CHECKING:
 EXTXYZ_SUFFIXES = (".extxyz", ".xyz")
 
 
-def read_structures(path: str | Path, allow_empty: bool = False) -> dict[str, Structure]:
-    """The labelled structures of ``path`` (see the module docstring for the formats), in file order.
+@dataclass(frozen=True)
+class StructureSet:
+    """What one path holds: its labelled structures (file order) and, for an ``equicsp sample`` or ``generate``
+    folder, the cell formulas of the samples that produced no structure (``unwritten``) and the settings the folder
+    was written with (``settings``: its ``index.json`` without the list of samples, i.e. checkpoint and its sha256,
+    steps, seed, step_lr, ...; ``steps`` as run, from ``run.json``, where the setting was the model's T). A file
+    has no unwritten samples and no settings (None)."""
+
+    structures: dict[str, Structure]
+    unwritten: list[str]
+    settings: dict[str, Any] | None
+
+
+def read_structure_set(path: str | Path) -> StructureSet:
+    """The :class:`StructureSet` of ``path`` (see the module docstring for the formats; a folder's ``index.json`` is
+    read once). A folder whose samples all failed is a set of unwritten samples, not an error.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: an unknown format, an unreadable file, no structure (unless ``allow_empty``), or a label given
-            twice.
+        ValueError: an unknown format, an unreadable file or folder, no structure (and no unwritten sample), or a
+            label given twice.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
     suffix = path.suffix.lower()
-    if path.is_dir():
-        reader = _read_sample_folder
-    elif suffix == ".json":
-        reader = _read_json
-    elif suffix == ".cif":
-        reader = _read_cif
-    elif suffix in EXTXYZ_SUFFIXES:
-        reader = _read_extxyz
-    else:
+    if not path.is_dir() and suffix not in FILE_READERS:
         raise ValueError(f"cannot tell the format of {path}: give a .json, .cif, .extxyz or .xyz file, "
                          "or the output folder of `equicsp sample`")
     try:
-        labelled = reader(path)
+        if path.is_dir():
+            labelled, unwritten, settings = _read_sample_folder(path)
+        else:
+            labelled, unwritten, settings = FILE_READERS[suffix](path), [], None
     except Exception as error:  # the parsers (json, pymatgen, ASE) raise many types
         raise ValueError(f"cannot read structures from {path}: {error}") from error
     structures: dict[str, Structure] = {}
@@ -61,7 +72,20 @@ def read_structures(path: str | Path, allow_empty: bool = False) -> dict[str, St
         if label in structures:
             raise ValueError(f"{path}: the label {label!r} is given more than once")
         structures[label] = structure
-    if not structures and not allow_empty:
+    if not structures and not unwritten:
+        raise ValueError(f"no structures in {path}")
+    return StructureSet(structures, unwritten, settings)
+
+
+def read_structures(path: str | Path) -> dict[str, Structure]:
+    """The labelled structures of ``path`` (see the module docstring for the formats), in file order.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: an unknown format, an unreadable file, no structure, or a label given twice.
+    """
+    structures = read_structure_set(path).structures
+    if not structures:
         raise ValueError(f"no structures in {path}")
     return structures
 
@@ -97,35 +121,24 @@ def _read_extxyz(path: Path) -> list[tuple[str, Structure]]:
             for label, atoms in zip(labels, frames, strict=True)]
 
 
-def _read_sample_folder(path: Path) -> list[tuple[str, Structure]]:
+#: The reader of each file suffix: the labelled structures of a file.
+FILE_READERS = {".json": _read_json, ".cif": _read_cif, **{suffix: _read_extxyz for suffix in EXTXYZ_SUFFIXES}}
+
+
+def _read_sample_folder(path: Path) -> tuple[list[tuple[str, Structure]], list[str], dict[str, Any]]:
+    """A sample folder's valid candidates (labelled), the cell formulas of its unwritten samples and its settings
+    (see :class:`StructureSet`), from one reading of ``index.json``."""
     from pymatgen.core import Structure
 
-    index = path / "index.json"
-    if not index.is_file():
+    index_path = path / "index.json"
+    if not index_path.is_file():
         raise ValueError("the folder has no index.json: it is not an output folder of `equicsp sample`")
-    entries = json.loads(index.read_text())["samples"]
-    return [(Path(entry["file"]).stem, Structure.from_file(path / entry["file"])) for entry in entries
-            if entry["valid"]]
-
-
-def unwritten_samples(path: str | Path) -> list[str]:
-    """The cell formulas of an ``equicsp sample`` folder's samples that produced no structure (none for a file)."""
-    path = Path(path)
-    if not path.is_dir():
-        return []
-    return [entry["cell_formula"] for entry in json.loads((path / "index.json").read_text())["samples"]
-            if not entry["valid"]]
-
-
-def folder_settings(path: str | Path) -> dict[str, Any] | None:
-    """The settings an ``equicsp sample`` or ``generate`` folder was written with (its ``index.json`` without the
-    list of samples: checkpoint and its sha256, steps, seed, step_lr, ...; ``steps`` as run, from ``run.json``, where
-    the setting was the model's T); None for a file."""
-    path = Path(path)
-    if not path.is_dir():
-        return None
-    settings = {key: value for key, value in json.loads((path / "index.json").read_text()).items() if key != "samples"}
+    index = json.loads(index_path.read_text())
+    settings = {key: value for key, value in index.items() if key != "samples"}
     run = path / "run.json"
     if run.is_file():
         settings["steps"] = json.loads(run.read_text())["steps"]
-    return settings
+    unwritten = [entry["cell_formula"] for entry in index["samples"] if not entry["valid"]]
+    labelled = [(Path(entry["file"]).stem, Structure.from_file(path / entry["file"])) for entry in index["samples"]
+                if entry["valid"]]
+    return labelled, unwritten, settings

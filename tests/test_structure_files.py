@@ -8,7 +8,7 @@ from pymatgen.core import Lattice, Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
 from equicsp_core.cli import main
-from equicsp_core.structure_files import read_structures
+from equicsp_core.structure_files import read_structure_set, read_structures
 
 EMT_SETTINGS = "potential: tests.test_relax:emt\nsteps: 5\ndevice: cpu\n"
 
@@ -43,15 +43,46 @@ def test_extxyz_frames_are_labelled_by_their_label_or_their_index(tmp_path):
     assert same(structures["frames_001"], fcc("Ni", 3.5))
 
 
-def test_sample_folder_gives_its_valid_candidates(tmp_path):
+def sample_folder(tmp_path, valid=(True, False)):
+    """A folder as ``equicsp sample`` writes it: a CIF per valid sample, ``index.json`` and ``run.json``."""
     folder = tmp_path / "sampled"
     folder.mkdir()
-    fcc().to(filename=str(folder / "Cu4_000.cif"))
-    samples = [{"formula": "Cu4", "sample": 0, "valid": True, "file": "Cu4_000.cif"},
-               {"formula": "Cu4", "sample": 1, "valid": False, "file": None}]
-    (folder / "index.json").write_text(json.dumps({"checkpoint": "x", "samples": samples}))
-    structures = read_structures(folder)
+    samples = []
+    for sample, is_valid in enumerate(valid):
+        file = f"Cu4_{sample:03d}.cif" if is_valid else None
+        if is_valid:
+            fcc().to(filename=str(folder / file))
+        samples.append({"formula": "Cu", "sample": sample, "formula_units": 4, "cell_formula": "Cu4",
+                        "valid": is_valid, "file": file})
+    (folder / "index.json").write_text(json.dumps({"checkpoint": "x", "steps": None, "seed": 3, "samples": samples}))
+    (folder / "run.json").write_text(json.dumps({"steps": 1000}))
+    return folder
+
+
+def test_sample_folder_gives_its_valid_candidates(tmp_path):
+    structures = read_structures(sample_folder(tmp_path))
     assert list(structures) == ["Cu4_000"] and same(structures["Cu4_000"], fcc())
+
+
+def test_a_folder_s_set_names_its_unwritten_samples_and_its_settings_with_the_steps_as_run(tmp_path):
+    found = read_structure_set(sample_folder(tmp_path))
+    assert list(found.structures) == ["Cu4_000"] and found.unwritten == ["Cu4"]
+    assert found.settings == {"checkpoint": "x", "steps": 1000, "seed": 3}
+
+
+def test_a_folder_whose_samples_all_failed_is_a_set_of_unwritten_samples_but_no_structures(tmp_path):
+    """What ``evaluate-generation`` scores as invalid crystals is no input for ``relax``."""
+    folder = sample_folder(tmp_path, valid=(False, False))
+    found = read_structure_set(folder)
+    assert found.structures == {} and found.unwritten == ["Cu4", "Cu4"]
+    with pytest.raises(ValueError, match=f"no structures in {folder}"):
+        read_structures(folder)
+
+
+def test_a_file_s_set_has_no_unwritten_samples_and_no_settings(tmp_path):
+    fcc().to(filename=str(tmp_path / "copper.cif"))
+    found = read_structure_set(tmp_path / "copper.cif")
+    assert list(found.structures) == ["copper"] and found.unwritten == [] and found.settings is None
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pymatgen's CIF parser on the broken file
