@@ -5,7 +5,8 @@ selection``: the val rows held out from training, where a ranking rule may be ch
 reduced composition is given (``Sr4Ti4O12`` → ``SrTiO3``): the model samples ``--num-samples`` candidates shared
 among every cell size Z it supports (:func:`equicsp_core.domain.sampling_cells`) by the training prior of
 :mod:`equicsp_core.formula_unit_prior` (lines written before it: round-robin), the pipeline screens them
-(implausible cells only), relaxes every plausible one with the ML potential, merges the relaxed duplicates and
+(implausible cells only), relaxes every plausible one with the ML potential (``--potential``, CHGNet by default),
+merges the relaxed duplicates and
 ranks them as the pipeline does (:func:`equicsp_core.pipeline.rank`: by consensus within 25 meV/atom of the lowest
 ML energy per atom, then by energy; lines written before session 11: by energy alone; the rules are compared on the
 recorded candidates by ``benchmarks/ranking_rules.py``). Scored against the known structure with
@@ -200,6 +201,8 @@ def main() -> None:
                         help="candidates per composition, shared among Z by the training prior")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--potential", default="chgnet", help="the ML potential that relaxes and ranks (a name of "
+                        "equicsp_core.settings.POTENTIALS): one per --out")
     parser.add_argument("--fmax", type=float, default=0.05)
     parser.add_argument("--relax-steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
@@ -231,16 +234,20 @@ def main() -> None:
     splits = {line.get("split", "reserved") for line in lines}  # lines written before --split: reserved
     if splits - {args.split}:
         parser.error(f"{out} holds rows of the {', '.join(sorted(splits))} split, not {args.split}: use another --out")
+    potentials = {line.get("potential", "chgnet") for line in lines}  # lines written before --potential: CHGNet
+    if potentials - {args.potential}:
+        parser.error(f"{out} holds rows relaxed with {', '.join(sorted(potentials))}, not {args.potential}: "
+                     "use another --out")
     done = {line["row"] for line in lines}
     rows = split_rows("mp_20", args.split)[:args.rows][part::parts]
     cifs = load_cifs("mp_20", rows)
     model, card = load_model(args.checkpoint)
-    calculator = load_calculator("chgnet", "cpu")
+    calculator = load_calculator(args.potential, "cpu")
     for row, cif in zip(rows, cifs):
         if row.index in done:
             continue
-        line = {"checkpoint": args.checkpoint, "split": args.split, "num_samples": args.num_samples,
-                "steps": args.steps,
+        line = {"checkpoint": args.checkpoint, "split": args.split, "potential": args.potential,
+                "num_samples": args.num_samples, "steps": args.steps,
                 **run_row(row.index, cif, model, card, calculator, args)}
         with out.open("a") as handle:
             handle.write(json.dumps(line) + "\n")

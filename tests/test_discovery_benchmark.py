@@ -115,6 +115,17 @@ def test_an_output_file_holds_one_split(tmp_path, monkeypatch, capsys):
     assert f"{out} holds rows of the reserved split, not selection: use another --out" in capsys.readouterr().err
 
 
+def test_an_output_file_holds_one_potential(tmp_path, monkeypatch, capsys):
+    """Rows relaxed with one potential are never mixed with another's: the two rankings are what is compared."""
+    out = tmp_path / "d.jsonl"
+    out.write_text(json.dumps({"row": 4, "split": "selection", "formula": "Cu1Ni1"}) + "\n")  # before --potential
+    monkeypatch.setattr("sys.argv", ["discovery.py", "--split", "selection", "--potential", "sevennet", "--out", str(out)])
+    with pytest.raises(SystemExit) as stopped:
+        load_benchmark().main()
+    assert stopped.value.code == 2
+    assert f"{out} holds rows relaxed with chgnet, not sevennet: use another --out" in capsys.readouterr().err
+
+
 def test_the_summary_refuses_parts_that_share_a_row(tmp_path):
     """Two files holding the same row are not the parts of one run: counting both would weigh that row twice."""
     line = json.loads(OLD_LINES.read_text().splitlines()[0])
