@@ -28,12 +28,14 @@ issue's level (c)) is not run here: a pw.x relaxation costs minutes to hours per
         --out benchmarks/results/discovery_mp20.jsonl
     python benchmarks/discovery.py --out benchmarks/results/discovery_mp20.jsonl --summary
     python benchmarks/discovery.py --out part0.jsonl part1.jsonl --summary     # parts run with --part 0/2, 1/2
+    python benchmarks/discovery.py --out sevennet.jsonl --against chgnet.jsonl --summary   # two runs, row by row
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -142,14 +144,20 @@ def formula_unit_atoms(formula: str) -> int:
     return int(Composition(formula).num_atoms)
 
 
+def read_lines(paths: list[Path]) -> list[dict]:
+    """The composition lines of ``paths``, the parts of one run (a row in two lines is refused)."""
+    lines = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise SystemExit(f"{', '.join(map(str, paths))}: no rows yet")
+    if len({line["row"] for line in lines}) < len(lines):
+        raise SystemExit(f"{', '.join(map(str, paths))}: a row is in more than one line: not the parts of one run")
+    return lines
+
+
 def summary(paths: list[Path]) -> dict:
     """Fractions over the composition lines of ``paths`` (the parts of one run)."""
-    lines = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    lines = read_lines(paths)
     count = len(lines)
-    if not count:
-        raise SystemExit(f"{', '.join(map(str, paths))}: no rows yet")
-    if len({line["row"] for line in lines}) < count:
-        raise SystemExit(f"{', '.join(map(str, paths))}: a row is in more than one line: not the parts of one run")
     relaxed = sum(line["relaxed_match"] for line in lines)
     top1 = sum(line["top1"] for line in lines)
     return {
@@ -163,6 +171,36 @@ def summary(paths: list[Path]) -> dict:
         "mean_seconds": round(sum(line["seconds"] for line in lines) / count, 1),
         "mean_sampling_seconds": round(sum(line["sampling_seconds"] for line in lines) / count, 1),
         **missed_ranks(lines),
+    }
+
+
+def compare(paths: list[Path], against: list[Path]) -> dict:
+    """Two runs paired on the rows both hold (e.g. one potential against another, the same samples): the counts of
+    each on those rows, the compositions whose known structure only one of them ranks first, and the two-sided exact
+    sign test of those (the chance of a split at least as uneven were both rankings equally good). ``same_samples``:
+    rows whose candidates match the known structure before relaxation alike, candidate by candidate (the same seed
+    and model sample the same cells on one machine; a run elsewhere may differ in the last bits)."""
+    first = {line["row"]: line for line in read_lines(paths)}
+    second = {line["row"]: line for line in read_lines(against)}
+    rows = sorted(first.keys() & second.keys())
+    if not rows:
+        raise SystemExit("the two runs share no row")
+
+    def pattern(line: dict) -> list[bool] | None:
+        return [c["sampled_match"] for c in line["candidate_details"]] if "candidate_details" in line else None
+
+    gains = [first[row]["formula"] for row in rows if first[row]["top1"] and not second[row]["top1"]]
+    losses = [second[row]["formula"] for row in rows if second[row]["top1"] and not first[row]["top1"]]
+    tail = sum(math.comb(len(gains) + len(losses), k) for k in range(min(len(gains), len(losses)) + 1))
+    return {
+        "rows": len(rows),
+        "same_samples": sum(pattern(first[row]) is not None and pattern(first[row]) == pattern(second[row])
+                            for row in rows),
+        **{key: [sum(run[row][key] for row in rows) for run in (first, second)]
+           for key in ("sampled", "relaxed_match", "top1")},
+        "top1_only_first": gains, "top1_only_second": losses,
+        "sign_test_p": round(min(1.0, 2 * tail / 2 ** (len(gains) + len(losses))), 4),
+        "mean_seconds": [round(sum(run[row]["seconds"] for row in rows) / len(rows), 1) for run in (first, second)],
     }
 
 
@@ -209,9 +247,15 @@ def main() -> None:
     parser.add_argument("--part", default="0/1", help="i/n: every n-th of the rows from the i-th (0 <= i < n)")
     parser.add_argument("--out", required=True, nargs="+", help="one file; with --summary, the parts of one run")
     parser.add_argument("--summary", action="store_true", help="print the fractions of --out and stop")
+    parser.add_argument("--against", nargs="+", help="with --summary: a second run (its parts), compared with --out "
+                        "row by row")
     args = parser.parse_args()
+    if args.against and not args.summary:
+        parser.error("--against compares two finished runs: give it with --summary")
     if args.summary:
-        print(json.dumps(summary([Path(path) for path in args.out]), indent=1))
+        paths = [Path(path) for path in args.out]
+        result = compare(paths, [Path(path) for path in args.against]) if args.against else summary(paths)
+        print(json.dumps(result, indent=1))
         return
     if len(args.out) > 1:
         parser.error("--out takes one file, except with --summary")

@@ -144,3 +144,38 @@ def test_a_part_outside_its_run_is_refused(tmp_path, monkeypatch, capsys, part, 
         load_benchmark().main()
     assert stopped.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "d.jsonl").exists()
+
+
+def test_two_runs_are_compared_on_their_common_rows_with_a_sign_test(tmp_path):
+    """Run A ranks the known structure first in rows 1-3, run B in rows 3-4 (row 5 only in A): on the four common
+    rows A alone wins two and B alone one, a split whose two-sided sign-test chance is 1 (3 trials, 1 the fewer:
+    2 × (1 + 3) / 8); the samples agree where the sampled-match patterns do."""
+    def line(row, top1, pattern=(True, False)):
+        return {"row": row, "formula": f"X{row}", "sampled": any(pattern), "relaxed_match": True, "top1": top1,
+                "seconds": 10.0 * row, "candidate_details": [{"sampled_match": flag} for flag in pattern]}
+
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("".join(json.dumps(line(row, row <= 3)) + "\n" for row in (1, 2, 3, 4, 5)))
+    second.write_text("".join(json.dumps(line(row, row >= 3, (True, row == 4))) + "\n" for row in (1, 2, 3, 4)))
+    result = load_benchmark().compare([first], [second])
+    assert result["rows"] == 4 and result["same_samples"] == 3
+    assert result["top1"] == [3, 2] and result["relaxed_match"] == [4, 4]
+    assert result["top1_only_first"] == ["X1", "X2"] and result["top1_only_second"] == ["X4"]
+    assert result["sign_test_p"] == 1.0 and result["mean_seconds"] == [25.0, 25.0]
+
+
+def test_a_lopsided_split_has_a_small_sign_test_chance(tmp_path):
+    """Six rows that only the first run ranks right: 2 / 2**6 = 0.03125."""
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for path, top1 in ((first, True), (second, False)):
+        path.write_text("".join(json.dumps({"row": row, "formula": f"X{row}", "sampled": True, "relaxed_match": True,
+                                            "top1": top1, "seconds": 1.0}) + "\n" for row in range(6)))
+    result = load_benchmark().compare([first], [second])
+    assert result["sign_test_p"] == 0.0312 and result["same_samples"] == 0  # no candidate records to compare
+
+
+def test_against_without_summary_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["discovery.py", "--out", str(tmp_path / "a.jsonl"), "--against", "b.jsonl"])
+    with pytest.raises(SystemExit) as stopped:
+        load_benchmark().main()
+    assert stopped.value.code == 2 and "--against compares two finished runs" in capsys.readouterr().err
