@@ -228,6 +228,21 @@ def missed_ranks(lines: list[dict]) -> dict:
             "found_not_top1_winner_p1": unsymmetric}
 
 
+#: The settings that define a run, all alike in the lines of one ``--out`` (resuming with another would mix two runs),
+#: with the value meant by a line written before the setting was recorded (absent here: not checked on such lines).
+RUN_SETTINGS = {"checkpoint": None, "split": "reserved", "potential": "chgnet", "num_samples": None, "steps": None,
+                "seed": None, "fmax": None, "relax_steps": None}
+
+
+def mixed_setting(lines: list[dict], settings: dict) -> str | None:
+    """What makes ``lines`` another run than ``settings`` (``"with split reserved, not selection"``), or None."""
+    for key, value in settings.items():
+        recorded = {line.get(key, RUN_SETTINGS[key] if RUN_SETTINGS[key] is not None else value) for line in lines}
+        if recorded - {value}:
+            return f"with {key} {', '.join(sorted(map(str, recorded)))}, not {value}"
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default="mp_20")
@@ -275,13 +290,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     lines = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-    splits = {line.get("split", "reserved") for line in lines}  # lines written before --split: reserved
-    if splits - {args.split}:
-        parser.error(f"{out} holds rows of the {', '.join(sorted(splits))} split, not {args.split}: use another --out")
-    potentials = {line.get("potential", "chgnet") for line in lines}  # lines written before --potential: CHGNet
-    if potentials - {args.potential}:
-        parser.error(f"{out} holds rows relaxed with {', '.join(sorted(potentials))}, not {args.potential}: "
-                     "use another --out")
+    settings = {key: getattr(args, key) for key in RUN_SETTINGS}
+    mixed = mixed_setting(lines, settings)
+    if mixed:
+        parser.error(f"{out} holds rows {mixed}: use another --out")
     done = {line["row"] for line in lines}
     rows = split_rows("mp_20", args.split)[:args.rows][part::parts]
     cifs = load_cifs("mp_20", rows)
@@ -290,9 +302,7 @@ def main() -> None:
     for row, cif in zip(rows, cifs):
         if row.index in done:
             continue
-        line = {"checkpoint": args.checkpoint, "split": args.split, "potential": args.potential,
-                "num_samples": args.num_samples, "steps": args.steps,
-                **run_row(row.index, cif, model, card, calculator, args)}
+        line = {**settings, **run_row(row.index, cif, model, card, calculator, args)}
         with out.open("a") as handle:
             handle.write(json.dumps(line) + "\n")
         print(f"{line['formula']}: {line.get('refused') or ''} sampled {line['sampled']}, relaxed "

@@ -43,10 +43,19 @@ def chgnet_calculator(device: str = "cpu") -> Calculator:
 
 
 def sevennet_calculator(device: str = "cpu") -> Calculator:
-    """SevenNet's pretrained ``7net-0`` (weights shipped in the ``sevenn`` package)."""
+    """SevenNet's pretrained ``7net-0`` (weights shipped in the ``sevenn`` package).
+
+    On a CPU, SevenNet's warning that no tensor-product accelerator is enabled is silenced: its accelerators
+    (cuEquivariance, FlashTP, OpenEquivariance) are GPU kernels, so there is nothing to enable; on a GPU it stays.
+    """
+    import warnings
+
     from sevenn.calculator import SevenNetCalculator
 
-    return SevenNetCalculator(model="7net-0", device=device)
+    with warnings.catch_warnings():
+        if device == "cpu":
+            warnings.filterwarnings("ignore", message="No tensor product accelerator", category=UserWarning)
+        return SevenNetCalculator(model="7net-0", device=device)
 
 
 def load_calculator(potential: str, device: str = "auto") -> Calculator:

@@ -112,7 +112,7 @@ def test_an_output_file_holds_one_split(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stopped:
         load_benchmark().main()
     assert stopped.value.code == 2
-    assert f"{out} holds rows of the reserved split, not selection: use another --out" in capsys.readouterr().err
+    assert f"{out} holds rows with split reserved, not selection: use another --out" in capsys.readouterr().err
 
 
 def test_an_output_file_holds_one_potential(tmp_path, monkeypatch, capsys):
@@ -123,7 +123,20 @@ def test_an_output_file_holds_one_potential(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stopped:
         load_benchmark().main()
     assert stopped.value.code == 2
-    assert f"{out} holds rows relaxed with chgnet, not sevennet: use another --out" in capsys.readouterr().err
+    assert f"{out} holds rows with potential chgnet, not sevennet: use another --out" in capsys.readouterr().err
+
+
+def test_an_output_file_holds_one_number_of_candidates(tmp_path, monkeypatch, capsys):
+    """Resuming with another k would mix two runs in one file (the figures are per k); a setting a line does not
+    record (the seed, before it was recorded) is not held against it."""
+    out = tmp_path / "d.jsonl"
+    out.write_text(json.dumps({"row": 4, "split": "reserved", "potential": "chgnet", "checkpoint": "mp_20",
+                               "num_samples": 8, "steps": 100, "formula": "Cu1Ni1"}) + "\n")
+    monkeypatch.setattr("sys.argv", ["discovery.py", "--num-samples", "20", "--steps", "100", "--out", str(out)])
+    with pytest.raises(SystemExit) as stopped:
+        load_benchmark().main()
+    assert stopped.value.code == 2
+    assert f"{out} holds rows with num_samples 8, not 20: use another --out" in capsys.readouterr().err
 
 
 def test_the_summary_refuses_parts_that_share_a_row(tmp_path):

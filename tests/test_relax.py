@@ -249,6 +249,16 @@ def test_pretrained_potential_relaxes_a_perturbed_perovskite(potential):
     assert result.structure.composition == perovskite.composition
 
 
+def test_sevennet_on_a_cpu_does_not_warn_of_gpu_accelerators():
+    """SevenNet's "no tensor product accelerator" warning names GPU kernels: on a CPU it is noise in every log."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_calculator("sevennet", "cpu")
+    assert not [w for w in caught if "tensor product accelerator" in str(w.message)]
+
+
 # ------------------------------------------------------------------------------------------------
 # equicsp relax
 
