@@ -87,6 +87,10 @@ def run_row(index: int, cif: str, model, card, calculator, args: argparse.Namesp
     winner = ranking.winners[0] if ranking.winners else None
     details = candidate_details(every, decisions, results, ranking.ranking, set(matched_sampled), set(matched_relaxed),
                                 lambda structure: str(space_group(structure)))
+    if args.denoising_loss:
+        losses = denoising_losses(model, relaxed, seed=args.seed)
+        for record in details:
+            record["denoising_loss"] = losses.get(record["label"])
     return {
         "row": index, "formula": formula, "known_atoms": len(known), "known_z": len(known) // formula_unit_atoms(formula),
         "known_space_group": str(space_group(known)),
@@ -99,6 +103,67 @@ def run_row(index: int, cif: str, model, card, calculator, args: argparse.Namesp
         "candidate_details": details,
         "sampling_seconds": round(sampling_seconds, 1), "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+#: The time steps (of the model's T = 1000) the loss is evaluated at: small and moderate noise, where the denoiser's
+#: output depends on the structure; at large t it sees mostly noise.
+T_GRID = (5, 10, 25, 50, 100, 200, 400)
+
+
+def denoising_losses(model, structures: dict, draws: int = 8, seed: int = 0) -> dict[str, dict[str, float]]:
+    """``{label: {"t": loss_t}}``: the CSP model's own verdict on each relaxed candidate of ``structures`` (pymatgen),
+    its denoising loss at each t of :data:`T_GRID` (an EquiCSP CSP model; an experimental ranking signal, replayed by
+    ``benchmarks/ranking_rules.py``'s rule ``denoising``; not in the pipeline).
+
+    The training loss of docs/method.md §6.2 without its lattice-permutation terms, per crystal, over ``draws``
+    noise draws at each t: for a clean crystal (L, F) of N atoms,
+
+        loss_t = mean_k ‖ε̂_C(C_t, F_t, t) − ε_C‖²/6 + (‖ĉ − c‖² + ‖ŝ − s‖²) / (3N)
+
+    with C_t = sqrt(ᾱ_t) C + sqrt(1 − ᾱ_t) ε_C, F_t = F + σ_t z (mod 1), and c, s the normalised coordinate and
+    score targets of training. Lower: the denoiser finds the crystal more typical of its training data (the
+    diffusion ELBO is a weighted sum of such terms). The noise comes from one generator seeded alike for every
+    crystal, so the candidates of a composition see the same t, lattice noise and (for equal N) coordinate noise:
+    common random numbers make their differences far less noisy than the losses themselves.
+    """
+    import torch
+
+    from equicsp_core.crystal import Crystal, CrystalBatch
+    from equicsp_core.lattice import lattice_to_equicsp
+    from equicsp_core.torus import TWO_PI, com_free, wrap_centered
+
+    if model.mode != "equicsp" or model.task != "csp":
+        raise ValueError("the denoising loss is measured for EquiCSP CSP models only")
+    losses = {}
+    times = torch.tensor(T_GRID).repeat_interleave(draws)  # (K,) for K = len(T_GRID) · draws copies
+    with torch.no_grad():
+        for label, structure in structures.items():
+            crystal = Crystal.from_structure(structure)
+            copies = CrystalBatch.collate([crystal] * len(times))
+            generator = torch.Generator().manual_seed(seed)
+            lattice_noise = torch.randn((len(times), 6), generator=generator)
+            z = torch.randn(copies.frac_coords.shape, generator=generator)
+            batch, num_atoms = copies.batch, copies.num_atoms
+            lattice_t = model._noisy_lattice(lattice_to_equicsp(copies.lengths, copies.angles), lattice_noise, times)
+            sigma = model.schedules.sigmas.to(z)[times]
+            eps = sigma[batch, None] * z
+            frac_t = torch.remainder(copies.frac_coords + eps, 1.0)
+            out = model.denoise(copies.atomic_numbers, frac_t, lattice_t, times, num_atoms, batch,
+                                model.graph_for(num_atoms))
+            per_copy = (out.lattice - lattice_noise).square().mean(1)
+            if crystal.num_atoms > 1:  # one atom: no coordinate target (docs/method.md §10.1)
+                kappa, kappa_norm, sample_norm = model.tables.lookup(num_atoms, sigma)
+                eps_bar = com_free(eps, batch, num_atoms)
+                target_coord = wrap_centered(eps_bar) / sample_norm.to(z).sqrt()[batch, None]
+                target_score = ((TWO_PI * kappa.to(z))[batch, None] * torch.sin(TWO_PI * eps_bar)
+                                / kappa_norm.to(z).sqrt()[batch, None])
+                atom_terms = (model.config.coord_weight * (out.coord - target_coord).square()
+                              + (out.score - target_score).square())
+                per_atom = torch.zeros(len(times)).index_add_(0, batch, atom_terms.sum(1))
+                per_copy = per_copy + per_atom / (3 * crystal.num_atoms)
+            by_time = per_copy.reshape(len(T_GRID), draws).mean(1)
+            losses[label] = {str(t): float(value) for t, value in zip(T_GRID, by_time)}  # keys as JSON has them
+    return losses
 
 
 def candidate_details(candidates: dict, decisions: dict, results: dict, ranking: dict, matched_sampled: set,
@@ -259,6 +324,8 @@ def main() -> None:
     parser.add_argument("--fmax", type=float, default=0.05)
     parser.add_argument("--relax-steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--denoising-loss", action="store_true", help="record each relaxed candidate's denoising "
+                        "loss under the CSP model (benchmarks/denoising_loss.py; an experimental ranking signal)")
     parser.add_argument("--part", default="0/1", help="i/n: every n-th of the rows from the i-th (0 <= i < n)")
     parser.add_argument("--out", required=True, nargs="+", help="one file; with --summary, the parts of one run")
     parser.add_argument("--summary", action="store_true", help="print the fractions of --out and stop")

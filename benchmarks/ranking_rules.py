@@ -10,7 +10,10 @@ without sampling or relaxing again. Rules, each with an energy window W (meV/ato
   symmetric, while a sample that relaxes into a distorted local minimum keeps little symmetry;
 - ``population``: within W, the group with most members (ties: lower energy): a structure the model samples,
   and the relaxations reach, from several starts;
-- ``not_p1``: within W, the lowest-energy representative with a space group other than P1, else the lowest.
+- ``not_p1``: within W, the lowest-energy representative with a space group other than P1, else the lowest;
+- ``denoising``: within W, the lowest denoising loss under the CSP model, averaged over the t grid
+  (``discovery.py --denoising-loss``: how typical of its training data the model finds the relaxed structure);
+  ``denoising_small_t``: the same over t <= 50 only. Scored only where every line records the loss.
 
 A rule must be chosen on the selection rows (``discovery.py --split selection``) and then applied once to the
 reserved rows: choosing it on the reserved rows would report a tuned figure.
@@ -43,6 +46,16 @@ def space_group_number(candidate: dict) -> int:
     return int(candidate["space_group"].rsplit("(", 1)[1].rstrip(")"))
 
 
+#: The largest t (of T = 1000) of rule ``denoising_small_t``.
+SMALL_T_MAX = 50
+
+
+def mean_loss(candidate: dict, t_max: int | None) -> float:
+    """A representative's denoising loss averaged over the recorded t (up to ``t_max``; None: all)."""
+    losses = [value for t, value in candidate["denoising_loss"].items() if t_max is None or int(t) <= t_max]
+    return sum(losses) / len(losses)
+
+
 def pick(representatives: list[dict], rule: str, window_mev: float) -> dict:
     """The representative ``rule`` puts first (see the module docstring)."""
     lowest = min(c["ml_energy_per_atom"] for c in representatives)
@@ -52,6 +65,8 @@ def pick(representatives: list[dict], rule: str, window_mev: float) -> dict:
         "symmetry": lambda c: (-space_group_number(c), c["ml_energy_per_atom"]),
         "population": lambda c: (-c["members"], c["ml_energy_per_atom"]),
         "not_p1": lambda c: (space_group_number(c) == 1, c["ml_energy_per_atom"]),
+        "denoising": lambda c: (mean_loss(c, None), c["ml_energy_per_atom"]),
+        "denoising_small_t": lambda c: (mean_loss(c, SMALL_T_MAX), c["ml_energy_per_atom"]),
     }
     return min(within, key=keys[rule])
 
@@ -73,7 +88,10 @@ def main() -> None:
     args = parser.parse_args()
     lines = [json.loads(text) for path in args.records for text in path.read_text().splitlines() if text.strip()]
     rows = [score(lines, "energy", 0)]
-    rows += [score(lines, rule, window) for rule in ("symmetry", "population", "not_p1") for window in WINDOWS_MEV]
+    rules = ["symmetry", "population", "not_p1"]
+    if all(c.get("denoising_loss") for representatives in map(groups, lines) for c in representatives):
+        rules += ["denoising", "denoising_small_t"]
+    rows += [score(lines, rule, window) for rule in rules for window in WINDOWS_MEV]
     for row in rows:
         print(json.dumps(row))
 

@@ -61,15 +61,16 @@ def test_candidate_details_name_z_energy_space_group_match_and_the_group_s_rank(
 
 def test_a_tiny_run_writes_one_record_per_candidate(fixture_data_dir, one_thread):
     """A perov_5 row, 3 candidates at 5 steps, Lennard-Jones for 10 steps: one record per candidate, consistent
-    with the line's flags, and the line is JSON."""
+    with the line's flags, a denoising loss at every t of the grid for each relaxed one, and the line is JSON."""
     from equicsp_core.checkpoint import load_model
     from equicsp_core.splits import Row, load_cifs
     from tests.test_relax import lennard_jones
 
     model, card = load_model("perov_5")
     cif = load_cifs("perov_5", [Row("test", 0)], fixture_data_dir)[0]
-    options = argparse.Namespace(num_samples=3, steps=5, seed=0, fmax=0.05, relax_steps=10)
-    line = load_benchmark().run_row(0, cif, model, card, lennard_jones(), options)
+    options = argparse.Namespace(num_samples=3, steps=5, seed=0, fmax=0.05, relax_steps=10, denoising_loss=True)
+    benchmark = load_benchmark()
+    line = benchmark.run_row(0, cif, model, card, lennard_jones(), options)
     details = line["candidate_details"]
     assert [c["sample"] for c in details] == [0, 1, 2] and {c["z"] for c in details} == {1}
     assert line["relaxed_match"] == any(c["match"] for c in details)
@@ -77,7 +78,31 @@ def test_a_tiny_run_writes_one_record_per_candidate(fixture_data_dir, one_thread
     ranked = [c for c in details if c["rank"] == 1 and c["duplicate_of"] is None]
     assert [c["label"] for c in ranked] == ([line["winner"]] if line["winner"] else [])
     assert all((c["ml_energy_per_atom"] is None) == (c["space_group"] is None) for c in details)
+    assert all((c["denoising_loss"] is None) == (c["ml_energy_per_atom"] is None) for c in details)
+    assert all(list(c["denoising_loss"]) == [str(t) for t in benchmark.T_GRID] for c in details if c["denoising_loss"])
     assert json.loads(json.dumps(line)) == line
+
+
+def test_the_denoising_loss_of_a_known_perovskite_is_below_that_of_its_rattled_copy():
+    """The shipped perov_5 model on a cubic perovskite and on the same cell with every atom moved by 0.3 Å: the
+    known structure is the more typical one at every t of the grid (each t: the same noise for both crystals)."""
+    from equicsp_core.checkpoint import load_model
+
+    model, _ = load_model("perov_5")
+    rattled = cubic_srtio3()
+    rattled.perturb(0.3)
+    losses = load_benchmark().denoising_losses(model, {"known": cubic_srtio3(), "rattled": rattled})
+    assert all(losses["known"][t] < losses["rattled"][t] for t in losses["known"])
+
+
+def test_the_denoising_loss_is_for_equicsp_csp_models():
+    from equicsp_core.diffusion import CrystalDiffusion, DiffusionConfig
+    from equicsp_core.network import DenoiserConfig
+
+    model = CrystalDiffusion(DenoiserConfig(mode="diffcsp", hidden_dim=8, num_layers=1, num_freqs=2, time_dim=8),
+                             DiffusionConfig(lattice_perm="none"))
+    with pytest.raises(ValueError, match="EquiCSP CSP models only"):
+        load_benchmark().denoising_losses(model, {"known": cubic_srtio3()})
 
 
 def test_the_summary_reads_lines_with_and_without_candidate_details(tmp_path):

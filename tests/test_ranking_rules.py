@@ -48,6 +48,21 @@ def test_each_rule_picks_within_its_energy_window(rule, window, picked):
     assert rules.pick(representatives, rule, window)["label"] == picked
 
 
+# The model's denoising loss at t = 5 and 400: B is the most typical at small t, C over the whole grid.
+LOSSES = {"A": {"5": 3.0, "400": 1.0}, "B": {"5": 1.0, "400": 2.0}, "C": {"5": 2.0, "400": 0.2}}
+
+
+@pytest.mark.parametrize(("rule", "window", "picked"), [
+    ("denoising", 10, "A"), ("denoising", 25, "B"), ("denoising", 100, "C"),
+    ("denoising_small_t", 25, "B"), ("denoising_small_t", 100, "B"),
+])
+def test_the_denoising_rules_pick_the_lowest_loss_within_the_window(rule, window, picked):
+    rules = load_rules()
+    line = {**LINE, "candidate_details": [{**c, "denoising_loss": LOSSES.get(c["label"])}
+                                          for c in LINE["candidate_details"]]}
+    assert rules.pick(rules.groups(line), rule, window)["label"] == picked
+
+
 def test_a_composition_without_relaxed_candidates_counts_as_a_miss():
     rules = load_rules()
     refused = {"relaxed_match": False, "refused": "no cell size fits"}
