@@ -249,12 +249,15 @@ def _save_batch(out: Path, batch: list[Candidate], header: dict[str, Any], entri
     """Write a finished batch's CIF files, then ``index.json`` listing it after ``entries`` (extended in place)."""
     out.mkdir(parents=True, exist_ok=True)
     for cand in batch:
+        cif, unreadable = runfolder.readable_cif(cand.structure) if cand.structure is not None else (None, None)
+        if unreadable:
+            logger.warning("%s sample %d (%s): %s; counted invalid", cand.formula, cand.sample_index,
+                           cand.cell_formula, unreadable)
         entry = {"formula": cand.formula, "sample": cand.sample_index, "formula_units": cand.formula_units,
-                 "cell_formula": cand.cell_formula, "valid": cand.structure is not None, "file": None}
-        if cand.structure is not None:
-            name = runfolder.sample_file_name(cand.formula, cand.sample_index)
-            cand.structure.to(filename=str(out / name))
-            entry["file"] = name
+                 "cell_formula": cand.cell_formula, "valid": cif is not None, "file": None}
+        if cif is not None:
+            entry["file"] = runfolder.sample_file_name(cand.formula, cand.sample_index)
+            (out / entry["file"]).write_text(cif)
         entries.append(entry)
     runfolder.write_index(out, header, entries)
 

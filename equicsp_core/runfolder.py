@@ -4,7 +4,8 @@ The engine's commands write these files and the AiiDA parsers (or anyone) read t
 module, so neither reads the other's English::
 
     equicsp sample --out DIR
-        DIR/<formula>_<iii>.cif  one per valid candidate, written with its batch
+        DIR/<formula>_<iii>.cif  one per valid candidate, written with its batch; valid means a crystal whose
+                                 CIF pymatgen reads back (:func:`readable_cif`)
         DIR/index.json           {header..., "samples": [{formula, sample, formula_units, cell_formula, valid,
                                  file}]}: every finished candidate (its requested formula, index within it,
                                  cell size Z and cell contents), rewritten after each batch (the header
@@ -29,9 +30,12 @@ import json
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from equicsp_core.files import write_text_atomically
+
+if TYPE_CHECKING:
+    from pymatgen.core import Structure
 
 INDEX_FILENAME = "index.json"
 RUN_FILENAME = "run.json"
@@ -69,6 +73,25 @@ class Failure(str, Enum):
 def sample_file_name(formula: str, sample: int) -> str:
     """The CIF file of a candidate: ``SrTiO3_000.cif``."""
     return f"{formula}_{sample:03d}.cif"
+
+
+def readable_cif(structure: Structure) -> tuple[str | None, str | None]:
+    """``(cif, None)``: the CIF text of ``structure``, which pymatgen reads back; or ``(None, why)`` where it cannot.
+
+    A sampled crystal passes :func:`equicsp_core.crystal.validate_crystal` yet may still be no readable CIF: atoms
+    closer than the parser's site tolerance merge into one site of occupancy > 1, and a cell thinner than its
+    threshold is dropped; the parser then finds no structure. A listed file that cannot be read would fail every
+    reader of the folder (the AiiDA parser, ``equicsp evaluate-generation``), so such a sample is written as
+    invalid instead.
+    """
+    from pymatgen.core import Structure
+
+    cif = structure.to(fmt="cif")
+    try:
+        Structure.from_str(cif, fmt="cif")
+    except Exception as error:  # noqa: BLE001 - pymatgen's CIF parser raises many types
+        return None, f"pymatgen cannot read its CIF back ({' '.join(str(error).split())})"
+    return cif, None
 
 
 def write_index(out: Path, header: dict[str, Any], samples: list[dict[str, Any]]) -> None:

@@ -401,6 +401,36 @@ def test_sample_writes_parsable_cifs_for_valid_samples(checkpoint, tmp_path, fix
         assert structure.lattice.abc == pytest.approx((4.0, 4.0, 4.0))
 
 
+def test_a_sample_whose_cif_pymatgen_cannot_read_back_is_written_as_invalid(checkpoint, tmp_path, monkeypatch,
+                                                                          fixed_cell_sampler, caplog):
+    """A crystal with every atom on one point passes the engine's checks, but its CIF parses to no structure (the
+    sites merge to occupancy 5): it is listed invalid with no file, and said so, so that every listed file reads."""
+    import logging
+
+    from pymatgen.core import Structure
+
+    from equicsp_core import predict
+
+    cell_sample = predict.sample  # the fixed-cell sampler
+
+    def collapsed_first(*args, **kwargs):
+        result = cell_sample(*args, **kwargs)
+        first = (result.batch.batch == 0)[:, None]
+        result.batch.frac_coords = torch.where(first, 0.5, result.batch.frac_coords)
+        return result
+
+    monkeypatch.setattr("equicsp_core.predict.sample", collapsed_first)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="equicsp_core.cli"):
+        assert sample_cli(checkpoint, out) == 0
+    entries = json.loads((out / "index.json").read_text())["samples"]
+    assert [e["valid"] for e in entries] == [False, True, True, True] and entries[0]["file"] is None
+    assert not (out / "SrTiO3_000.cif").exists()
+    assert all(len(Structure.from_file(out / e["file"])) == 5 for e in entries[1:])
+    assert "SrTiO3 sample 0 (SrTiO3): pymatgen cannot read its CIF back" in caplog.text
+    assert strict_json((out / "run.json").read_text())["valid"] == 3
+
+
 def test_sample_spreads_a_reduced_formula_over_z_and_keeps_an_explicit_cell(checkpoint, tmp_path, fixed_cell_sampler):
     """Si (reduced) with --max-formula-units 3: samples 0..4 at Z = 1, 2, 3, 1, 2 (the even spread: the test model is
     of perov_5, whose prior holds no 1-atom formula unit), each CIF holding its cell;
