@@ -63,6 +63,20 @@ def test_the_denoising_rules_pick_the_lowest_loss_within_the_window(rule, window
     assert rules.pick(rules.groups(line), rule, window)["label"] == picked
 
 
+def test_population_ties_are_broken_by_the_denoising_loss_instead_of_the_energy():
+    """Two single-member groups 10 meV/atom apart: ``population`` takes the lower energy, ``population_denoising``
+    the lower denoising loss; a group with more members still comes first."""
+    rules = load_rules()
+    singles = {"relaxed_match": True, "candidate_details": [
+        {**record("A", -5.000, "P1 (1)", 1), "denoising_loss": {"5": 3.0}},
+        {**record("D", -4.990, "Fm-3m (225)", 2, match=True), "denoising_loss": {"5": 1.0}}]}
+    assert rules.pick(rules.groups(singles), "population", 25)["label"] == "A"
+    assert rules.pick(rules.groups(singles), "population_denoising", 25)["label"] == "D"
+    line = {**LINE, "candidate_details": [{**c, "denoising_loss": LOSSES.get(c["label"])}
+                                          for c in LINE["candidate_details"]]}
+    assert rules.pick(rules.groups(line), "population_denoising", 100)["label"] == "C"  # three members
+
+
 def test_a_composition_without_relaxed_candidates_counts_as_a_miss():
     rules = load_rules()
     refused = {"relaxed_match": False, "refused": "no cell size fits"}
