@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,7 +89,9 @@ def readable_cif(structure: Structure) -> tuple[str | None, str | None]:
 
     cif = structure.to(fmt="cif")
     try:
-        Structure.from_str(cif, fmt="cif")
+        with warnings.catch_warnings():  # the parser's own warnings repeat what ``why`` says
+            warnings.simplefilter("ignore")
+            Structure.from_str(cif, fmt="cif")
     except Exception as error:  # noqa: BLE001 - pymatgen's CIF parser raises many types
         return None, f"pymatgen cannot read its CIF back ({' '.join(str(error).split())})"
     return cif, None

@@ -402,9 +402,10 @@ def test_sample_writes_parsable_cifs_for_valid_samples(checkpoint, tmp_path, fix
 
 
 def test_a_sample_whose_cif_pymatgen_cannot_read_back_is_written_as_invalid(checkpoint, tmp_path, monkeypatch,
-                                                                          fixed_cell_sampler, caplog):
+                                                                          fixed_cell_sampler, caplog, recwarn):
     """A crystal with every atom on one point passes the engine's checks, but its CIF parses to no structure (the
-    sites merge to occupancy 5): it is listed invalid with no file, and said so, so that every listed file reads."""
+    sites merge to occupancy 5): it is listed invalid with no file, and said so once, in one line (none of the
+    parser's own warnings), so that every listed file reads."""
     import logging
 
     from pymatgen.core import Structure
@@ -428,6 +429,7 @@ def test_a_sample_whose_cif_pymatgen_cannot_read_back_is_written_as_invalid(chec
     assert not (out / "SrTiO3_000.cif").exists()
     assert all(len(Structure.from_file(out / e["file"])) == 5 for e in entries[1:])
     assert "SrTiO3 sample 0 (SrTiO3): pymatgen cannot read its CIF back" in caplog.text
+    assert not [w for w in recwarn if w.filename.endswith("cif.py")], [str(w.message) for w in recwarn]
     assert strict_json((out / "run.json").read_text())["valid"] == 3
 
 

@@ -101,8 +101,9 @@ def test_tables_refuses_no_samples(tmp_path, capsys, samples):
 
 
 def test_ctrl_c_is_one_line_and_keeps_the_finished_batches(tiny_checkpoint, tmp_path):
-    """SIGINT during a 100-batch run: exit 130, one line, the finished CIFs and an index.json whose
-    ``requested`` says the run is partial; no run.json."""
+    """SIGINT during a 100-batch run: exit 130, one line and no traceback, the finished CIFs and an index.json
+    whose ``requested`` says the run is partial; no run.json. (The untrained model may also sample a cell too thin
+    for a CIF: its one warning line is allowed.)"""
     out = tmp_path / "out"
     command = [sys.executable, "-m", "equicsp_core.cli", "--quiet", "--threads", "1", "sample", "--checkpoint",
                str(tiny_checkpoint), "--formula", "SrTiO3", "--num-samples", "100", "--batch-size", "1",
@@ -117,7 +118,8 @@ def test_ctrl_c_is_one_line_and_keeps_the_finished_batches(tiny_checkpoint, tmp_
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == EXIT_INTERRUPTED, err
-    assert err.strip().splitlines() == ["equicsp sample: interrupted"]
+    assert [line for line in err.strip().splitlines() if not line.endswith("counted invalid")] == [
+        "equicsp sample: interrupted"]
     index = json.loads((out / "index.json").read_text())
     assert index["requested"] == 100 and index["formulas"] == ["SrTiO3"] and index["num_samples"] == 100
     assert 1 <= len(index["samples"]) < 100
