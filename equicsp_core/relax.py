@@ -36,10 +36,23 @@ STATUSES = ("converged", "not_converged", "failed")
 
 
 def chgnet_calculator(device: str = "cpu") -> Calculator:
-    """CHGNet's pretrained universal potential (weights shipped in the ``chgnet`` package)."""
+    """CHGNet's pretrained universal potential (weights shipped in the ``chgnet`` package).
+
+    torch's warning that CHGNet turns a tensor that requires grad into a scalar (the cell volume, in its stress
+    computation) is silenced: it is CHGNet's own code, harmless, and it was the one warning of every relaxation log.
+    """
+    import warnings
+
     from chgnet.model.dynamics import CHGNetCalculator
 
-    return CHGNetCalculator(use_device=device, on_isolated_atoms="ignore")
+    class QuietCHGNetCalculator(CHGNetCalculator):
+        def calculate(self, *args: Any, **kwargs: Any) -> None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar",
+                                        category=UserWarning)
+                super().calculate(*args, **kwargs)
+
+    return QuietCHGNetCalculator(use_device=device, on_isolated_atoms="ignore")
 
 
 def sevennet_calculator(device: str = "cpu") -> Calculator:

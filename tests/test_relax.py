@@ -259,6 +259,19 @@ def test_sevennet_on_a_cpu_does_not_warn_of_gpu_accelerators():
     assert not [w for w in caught if "tensor product accelerator" in str(w.message)]
 
 
+def test_chgnet_computes_energy_and_stress_without_warnings():
+    """torch's "requires_grad ... to a scalar" warning from inside CHGNet's stress computation is not shown."""
+    import warnings
+
+    atoms = AseAtomsAdaptor.get_atoms(fcc("Cu", 3.6))
+    atoms.calc = load_calculator("chgnet", "cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        energy, stress = atoms.get_potential_energy(), atoms.get_stress()
+    assert np.isfinite(energy) and np.isfinite(stress).all()
+    assert not [str(w.message) for w in caught]
+
+
 # ------------------------------------------------------------------------------------------------
 # equicsp relax
 
