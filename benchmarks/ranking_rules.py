@@ -15,7 +15,9 @@ without sampling or relaxing again. Rules, each with an energy window W (meV/ato
   (``discovery.py --denoising-loss``: how typical of its training data the model finds the relaxed structure);
   ``denoising_small_t``: the same over t <= 50 only; ``population_denoising``: as ``population``, ties broken by
   the denoising loss instead of the energy (most groups hold one member). Scored only where every line records
-  the loss.
+  the loss;
+- ``population_steps``: as ``population``, ties broken by the fewest relaxation steps of the representative (then
+  the energy): a sample the potential finds already near a minimum, where the CSP model and the potential agree.
 
 A rule must be chosen on the selection rows (``discovery.py --split selection``) and then applied once to the
 reserved rows: choosing it on the reserved rows would report a tuned figure.
@@ -70,6 +72,7 @@ def pick(representatives: list[dict], rule: str, window_mev: float) -> dict:
         "denoising": lambda c: (mean_loss(c, None), c["ml_energy_per_atom"]),
         "denoising_small_t": lambda c: (mean_loss(c, SMALL_T_MAX), c["ml_energy_per_atom"]),
         "population_denoising": lambda c: (-c["members"], mean_loss(c, None)),
+        "population_steps": lambda c: (-c["members"], c["relax_steps"], c["ml_energy_per_atom"]),
     }
     return min(within, key=keys[rule])
 
@@ -92,6 +95,8 @@ def main() -> None:
     lines = [json.loads(text) for path in args.records for text in path.read_text().splitlines() if text.strip()]
     rows = [score(lines, "energy", 0)]
     rules = ["symmetry", "population", "not_p1"]
+    if all("relax_steps" in c for representatives in map(groups, lines) for c in representatives):
+        rules += ["population_steps"]
     if all(c.get("denoising_loss") for representatives in map(groups, lines) for c in representatives):
         rules += ["denoising", "denoising_small_t", "population_denoising"]
     rows += [score(lines, rule, window) for rule in rules for window in WINDOWS_MEV]

@@ -77,6 +77,21 @@ def test_population_ties_are_broken_by_the_denoising_loss_instead_of_the_energy(
     assert rules.pick(rules.groups(line), "population_denoising", 100)["label"] == "C"  # three members
 
 
+def test_population_ties_are_broken_by_the_fewest_relaxation_steps_then_the_energy():
+    """Three single-member groups within 25 meV/atom: ``population_steps`` takes the one that relaxed in fewest
+    steps, the lower energy of two with equal steps; a group with more members still comes first."""
+    rules = load_rules()
+    singles = {"relaxed_match": True, "candidate_details": [
+        {**record("A", -5.000, "P1 (1)", 1), "relax_steps": 80},
+        {**record("D", -4.990, "Fm-3m (225)", 2, match=True), "relax_steps": 12},
+        {**record("E", -4.985, "Fm-3m (225)", 3), "relax_steps": 12}]}
+    assert rules.pick(rules.groups(singles), "population", 25)["label"] == "A"
+    assert rules.pick(rules.groups(singles), "population_steps", 25)["label"] == "D"
+    line = {**LINE, "candidate_details": [{**c, "relax_steps": 5 if c["label"] == "A" else 50}
+                                          for c in LINE["candidate_details"]]}
+    assert rules.pick(rules.groups(line), "population_steps", 100)["label"] == "C"  # three members
+
+
 def test_a_composition_without_relaxed_candidates_counts_as_a_miss():
     rules = load_rules()
     refused = {"relaxed_match": False, "refused": "no cell size fits"}
