@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from equicsp_core.settings import RelaxSettings
+
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK = ROOT / "benchmarks" / "discovery.py"
@@ -93,6 +95,37 @@ def test_the_denoising_loss_of_a_known_perovskite_is_below_that_of_its_rattled_c
     rattled.perturb(0.3)
     losses = load_benchmark().denoising_losses(model, {"known": cubic_srtio3(), "rattled": rattled})
     assert all(losses["known"][t] < losses["rattled"][t] for t in losses["known"])
+
+
+def test_the_symmetry_polish_relaxes_a_distorted_cell_again_from_its_symmetric_self():
+    """fcc Cu (EMT) with every atom moved by up to 0.08 Å: P1 at 0.1 Å (no rung), C2/m at 0.25 and Fm-3m at 0.5, so
+    the two looser rungs each symmetrise it and relax it again, and the Fm-3m one matches the known cell; the same
+    cell at 0.02 Å is Fm-3m from 0.1 Å, and the looser rungs repeat that first outcome."""
+    import numpy as np
+    from ase.calculators.emt import EMT
+    from pymatgen.core import Lattice, Structure
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    from equicsp_core.screening import space_group
+
+    known = Structure(Lattice.cubic(3.59), ["Cu"] * 4, [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+
+    def moved(amount):
+        moves = np.random.default_rng(0).uniform(-amount, amount, (4, 3))
+        return Structure(known.lattice, known.species, known.cart_coords + moves, coords_are_cartesian=True)
+
+    settings = RelaxSettings(potential="ase.calculators.emt:EMT", fmax=0.01, steps=100)
+    distorted = moved(0.08)
+    assert [space_group(distorted, symprec).number for symprec in (0.1, 0.25, 0.5)] == [1, 12, 225]
+    outcomes = load_benchmark().symmetry_polish(distorted, EMT(), settings, known)
+    assert list(outcomes) == ["0.1", "0.25", "0.5"] and outcomes["0.1"] is None
+    assert outcomes["0.25"] is not outcomes["0.5"] and outcomes["0.25"]["status"] == "converged"
+    assert outcomes["0.5"]["match"] and "225" in outcomes["0.5"]["space_group"]
+    as_relaxed = AseAtomsAdaptor.get_atoms(distorted)
+    as_relaxed.calc = EMT()
+    assert outcomes["0.5"]["energy_per_atom"] < as_relaxed.get_potential_energy() / 4
+    slightly = load_benchmark().symmetry_polish(moved(0.02), EMT(), settings, known)
+    assert slightly["0.1"]["match"] and slightly["0.25"] is slightly["0.1"] and slightly["0.5"] is slightly["0.1"]
 
 
 def test_the_denoising_loss_is_for_equicsp_csp_models():

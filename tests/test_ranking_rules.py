@@ -92,6 +92,24 @@ def test_population_ties_are_broken_by_the_fewest_relaxation_steps_then_the_ener
     assert rules.pick(rules.groups(line), "population_steps", 100)["label"] == "C"  # three members
 
 
+def test_the_polish_replaces_a_candidate_by_its_lower_symmetrised_self_up_to_the_tolerance():
+    """B's duplicate B2, symmetrised at 0.25 Å and relaxed again, falls 40 meV/atom below A: from 0.25 Å the group
+    B (its representative now carrying B2's polished energy, group and match) is first; at 0.1 Å nothing changes.
+    A polish that ends higher than the relaxed candidate is ignored."""
+    rules = load_rules()
+    polish = {"A": {"0.1": {"energy_per_atom": -4.9, "space_group": "Pm (6)", "match": True}},
+              "B2": {"0.1": None, "0.25": {"energy_per_atom": -5.02, "space_group": "Pm-3m (221)", "match": True}}}
+    line = {**LINE, "relaxed_match": False, "candidate_details": [
+        {**c, "match": False, "polished": polish.get(c["label"], {})} for c in LINE["candidate_details"]]}
+    assert rules.pick(rules.groups(rules.polished(line, 0.1)), "energy", 0)["label"] == "A"
+    after = rules.polished(line, 0.25)
+    first = rules.pick(rules.groups(after), "energy", 0)
+    assert (first["label"], first["ml_energy_per_atom"], first["match"]) == ("B", -5.02, True)
+    assert after["relaxed_match"] and not line["relaxed_match"]
+    assert rules.score([line], "energy", 0, polish=0.25)["top1"] == 1
+    assert rules.score([line], "energy", 0)["top1"] == 0
+
+
 def test_a_composition_without_relaxed_candidates_counts_as_a_miss():
     rules = load_rules()
     refused = {"relaxed_match": False, "refused": "no cell size fits"}
