@@ -63,14 +63,16 @@ def test_candidate_details_name_z_energy_space_group_match_and_the_group_s_rank(
 
 def test_a_tiny_run_writes_one_record_per_candidate(fixture_data_dir, one_thread):
     """A perov_5 row, 3 candidates at 5 steps, Lennard-Jones for 10 steps: one record per candidate, consistent
-    with the line's flags, a denoising loss at every t of the grid for each relaxed one, and the line is JSON."""
+    with the line's flags, a denoising loss at every t of the grid and a polish at every tolerance for each relaxed
+    one, and the line is JSON."""
     from equicsp_core.checkpoint import load_model
     from equicsp_core.splits import Row, load_cifs
     from tests.test_relax import lennard_jones
 
     model, card = load_model("perov_5")
     cif = load_cifs("perov_5", [Row("test", 0)], fixture_data_dir)[0]
-    options = argparse.Namespace(num_samples=3, steps=5, seed=0, fmax=0.05, relax_steps=10, denoising_loss=True)
+    options = argparse.Namespace(num_samples=3, steps=5, seed=0, fmax=0.05, relax_steps=10, denoising_loss=True,
+                                 symmetry_polish=True)
     benchmark = load_benchmark()
     line = benchmark.run_row(0, cif, model, card, lennard_jones(), options)
     details = line["candidate_details"]
@@ -82,6 +84,8 @@ def test_a_tiny_run_writes_one_record_per_candidate(fixture_data_dir, one_thread
     assert all((c["ml_energy_per_atom"] is None) == (c["space_group"] is None) for c in details)
     assert all((c["denoising_loss"] is None) == (c["ml_energy_per_atom"] is None) for c in details)
     assert all(list(c["denoising_loss"]) == [str(t) for t in benchmark.T_GRID] for c in details if c["denoising_loss"])
+    assert all(("polished" in c) == (c["ml_energy_per_atom"] is not None) for c in details)
+    assert all(list(c["polished"]) == [str(s) for s in benchmark.POLISH_SYMPRECS] for c in details if "polished" in c)
     assert json.loads(json.dumps(line)) == line
 
 
