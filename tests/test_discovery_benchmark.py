@@ -12,7 +12,6 @@ import pytest
 
 from equicsp_core.settings import RelaxSettings
 
-
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK = ROOT / "benchmarks" / "discovery.py"
 OLD_LINES = ROOT / "benchmarks" / "results" / "discovery_mp20_stage2_e35.jsonl"
