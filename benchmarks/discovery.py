@@ -80,12 +80,14 @@ def run_row(index: int, cif: str, model, card, calculator, args: argparse.Namesp
     relaxed = {label: result.structure for label, result in results.items() if result.structure is not None}
     ranking = rank({label: result.as_dict() for label, result in results.items()}, relaxed, top_k=1)
 
-    def matches(structures: dict) -> list[str]:
-        return [label for label, structure in structures.items() if rms_distance(structure, known) is not None]
+    def matches(structures: dict) -> dict[str, float]:
+        """The labels whose structure matches the known one, with the normalised RMS distance of the match."""
+        distances = {label: rms_distance(structure, known) for label, structure in structures.items()}
+        return {label: distance for label, distance in distances.items() if distance is not None}
 
     matched_sampled, matched_relaxed = matches({k: c.structure for k, c in sampled.items()}), matches(relaxed)
     winner = ranking.winners[0] if ranking.winners else None
-    details = candidate_details(every, decisions, results, ranking.ranking, set(matched_sampled), set(matched_relaxed),
+    details = candidate_details(every, decisions, results, ranking.ranking, set(matched_sampled), matched_relaxed,
                                 lambda structure: str(space_group(structure)))
     if args.denoising_loss:
         losses = denoising_losses(model, relaxed, seed=args.seed)
@@ -96,8 +98,8 @@ def run_row(index: int, cif: str, model, card, calculator, args: argparse.Namesp
             if record["label"] in relaxed:
                 record["polished"] = symmetry_polish(relaxed[record["label"]], calculator, relax_settings, known)
     return {
-        "row": index, "formula": formula, "known_atoms": len(known), "known_z": len(known) // formula_unit_atoms(formula),
-        "known_space_group": str(space_group(known)),
+        "row": index, "formula": formula, "known_atoms": len(known),
+        "known_z": len(known) // formula_unit_atoms(formula), "known_space_group": str(space_group(known)),
         "candidates": len(sampled), "plausible": len(plausible), "relaxed": len(relaxed),
         "z_sampled": sorted({c.formula_units for c in sampled.values()}),
         "sampled": bool(matched_sampled), "relaxed_match": bool(matched_relaxed),
@@ -212,7 +214,7 @@ def symmetry_polish(structure, calculator, settings: RelaxSettings, known) -> di
 
 
 def candidate_details(candidates: dict, decisions: dict, results: dict, ranking: dict, matched_sampled: set,
-                      matched_relaxed: set, space_group_of) -> list[dict]:
+                      matched_relaxed: dict[str, float], space_group_of) -> list[dict]:
     """One record per sampled candidate (``candidates``: label → :class:`~equicsp_core.predict.Candidate`, valid
     or not), in sample order, so that why the ML ranking misses a found structure can be read off later:
 
@@ -224,7 +226,10 @@ def candidate_details(candidates: dict, decisions: dict, results: dict, ranking:
       ``relax_steps``, ``None`` where none ran;
     - ``rank``: the ML rank of its merged group (a duplicate: its representative's; 1 = the winner), and
       ``duplicate_of`` (the representative, for a duplicate);
-    - ``sampled_match``, ``match``: the known structure, before and after relaxation.
+    - ``sampled_match``, ``match``: the known structure, before and after relaxation (``matched_relaxed``: label →
+      normalised RMS distance of the match), and ``match_rms``, that distance (``None``: no match). The papers'
+      tolerances accept a match up to 0.5: a relaxed candidate at 0.4-0.5 is often another structure, above the known
+      one in energy, which no ranking should pick.
     """
     group_of = {member: label for label, entry in ranking.items() for member in entry["members"] or ()}
     records = []
@@ -243,6 +248,7 @@ def candidate_details(candidates: dict, decisions: dict, results: dict, ranking:
             "rank": ranking[representative]["ml_rank"] if representative else None,
             "duplicate_of": representative if representative not in (None, label) else None,
             "sampled_match": label in matched_sampled, "match": label in matched_relaxed,
+            "match_rms": matched_relaxed.get(label),
         })
     return records
 
@@ -316,8 +322,9 @@ def compare(paths: list[Path], against: list[Path]) -> dict:
 
 def missed_ranks(lines: list[dict]) -> dict:
     """Over the lines with ``candidate_details``: how many; ``top3``, the % whose known structure is among the ML
-    ranking's first three (what DFT on the top 3 could pick from); and for those found but not ranked first: ``{best ML rank of a match: compositions}``, how far (meV/atom, sorted) the best-ranked match lies
-    above the winner in ML energy, and in how many of them the winner has no symmetry (P1) after relaxation."""
+    ranking's first three (what DFT on the top 3 could pick from); and for those found but not ranked first:
+    ``{best ML rank of a match: compositions}``, how far (meV/atom, sorted) the best-ranked match lies above the winner
+    in ML energy, and in how many of them the winner has no symmetry (P1) after relaxation."""
     detailed = [line for line in lines if "candidate_details" in line]
     missed = [line for line in detailed if line["relaxed_match"] and not line["top1"]]
     ranks, gaps, unsymmetric = Counter(), [], 0

@@ -48,7 +48,7 @@ def test_candidate_details_name_z_energy_space_group_match_and_the_group_s_rank(
                "S_001": RelaxResult("not_converged", cubic_srtio3(), -1.0, steps=200)}
     ranking = rank({label: r.as_dict() for label, r in results.items()},
                    {label: r.structure for label, r in results.items()}, top_k=1).ranking
-    records = load_benchmark().candidate_details(candidates, decisions, results, ranking, {"S_001"}, {"S_001"},
+    records = load_benchmark().candidate_details(candidates, decisions, results, ranking, {"S_001"}, {"S_001": 0.02},
                                                  lambda structure: str(space_group(structure)))
     assert [(r["label"], r["z"], r["stage"], r["rank"], r["duplicate_of"], r["match"]) for r in records] == [
         ("S_000", 1, "ml_relaxed", 1, None, False), ("S_001", 1, "duplicate", 1, "S_000", True),
@@ -58,6 +58,7 @@ def test_candidate_details_name_z_energy_space_group_match_and_the_group_s_rank(
                                                                       (None, None), (None, None)]
     assert records[0]["space_group"] == str(space_group(cubic_srtio3())) and "221" in records[0]["space_group"]
     assert [r["sampled_match"] for r in records] == [False, True, False, False]
+    assert [r["match_rms"] for r in records] == [None, 0.02, None, None]
 
 
 def test_a_tiny_run_writes_one_record_per_candidate(fixture_data_dir, one_thread):
@@ -77,6 +78,7 @@ def test_a_tiny_run_writes_one_record_per_candidate(fixture_data_dir, one_thread
     details = line["candidate_details"]
     assert [c["sample"] for c in details] == [0, 1, 2] and {c["z"] for c in details} == {1}
     assert line["relaxed_match"] == any(c["match"] for c in details)
+    assert all((c["match_rms"] is not None) == c["match"] and (c["match_rms"] or 0) <= 0.5 for c in details)
     assert line["sampled"] == any(c["sampled_match"] for c in details)
     ranked = [c for c in details if c["rank"] == 1 and c["duplicate_of"] is None]
     assert [c["label"] for c in ranked] == ([line["winner"]] if line["winner"] else [])
@@ -180,7 +182,8 @@ def test_an_output_file_holds_one_potential(tmp_path, monkeypatch, capsys):
     """Rows relaxed with one potential are never mixed with another's: the two rankings are what is compared."""
     out = tmp_path / "d.jsonl"
     out.write_text(json.dumps({"row": 4, "split": "selection", "formula": "Cu1Ni1"}) + "\n")  # before --potential
-    monkeypatch.setattr("sys.argv", ["discovery.py", "--split", "selection", "--potential", "sevennet", "--out", str(out)])
+    monkeypatch.setattr("sys.argv",
+                        ["discovery.py", "--split", "selection", "--potential", "sevennet", "--out", str(out)])
     with pytest.raises(SystemExit) as stopped:
         load_benchmark().main()
     assert stopped.value.code == 2
