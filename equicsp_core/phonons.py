@@ -5,13 +5,14 @@ A structure at a minimum of the potential has only real phonon frequencies; an i
 it as a negative frequency) means a saddle point, a distortion along that mode lowers the energy (cubic SrTiO3's
 octahedral rotations at R, for instance). The supercell is the smallest diagonal one with every lattice vector
 at least ``min_length`` long, the frequencies are sampled on phonopy's automatic mesh of length ``mesh_length``
-(Γ included) in the primitive cell spglib finds, and modes below ``-tolerance`` THz count as imaginary (small negative acoustic frequencies near
-Γ are numerical noise).
+(Γ included) in the primitive cell spglib finds (phonopy's ``primitive_matrix="auto"``), and modes below
+``-tolerance`` THz count as imaginary (small negative acoustic frequencies near Γ are numerical noise).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -47,7 +48,9 @@ def dynamical_stability(
     unit_cell = PhonopyAtoms(symbols=[site.specie.symbol for site in structure], cell=structure.lattice.matrix,
                              scaled_positions=structure.frac_coords)
     supercell = supercell_diagonal(structure, min_length)
-    phonon = Phonopy(unit_cell, supercell_matrix=np.diag(supercell), primitive_matrix="auto")
+    with warnings.catch_warnings():  # phonopy 4 warns that 'auto' is no longer v3's default; it is our choice
+        warnings.filterwarnings("ignore", message="primitive_matrix defaulted to 'auto'")
+        phonon = Phonopy(unit_cell, supercell_matrix=np.diag(supercell), primitive_matrix="auto")
     phonon.generate_displacements(distance=displacement)
     forces = []
     for displaced in phonon.supercells_with_displacements:
