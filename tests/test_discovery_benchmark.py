@@ -166,6 +166,20 @@ def test_the_summary_reads_lines_with_and_without_candidate_details(tmp_path):
     assert summary["found_not_top1_energy_above_winner_meV"] == [20.0] and summary["found_not_top1_winner_p1"] == 1
 
 
+def test_the_summary_counts_close_matches_where_the_records_hold_their_rms(tmp_path):
+    """Three compositions: found at RMS 0.1 and ranked first; found at 0.45 only (a near miss) and ranked first;
+    found at 0.2 but not ranked first (the winner a non-match). Close (RMS <= 0.25): found 2 of 3, first 1 of 3."""
+    def line(row, rms_of_winner, rms_of_other):
+        records = [{"label": "A", "rank": 1, "match": rms_of_winner is not None, "match_rms": rms_of_winner},
+                   {"label": "B", "rank": 2, "match": rms_of_other is not None, "match_rms": rms_of_other}]
+        return {"row": row, "winner": "A", "candidate_details": records}
+
+    close = load_benchmark().close_matches([line(1, 0.1, None), line(2, 0.45, None), line(3, None, 0.2)])
+    assert close == {"with_match_rms": 3, "relaxed_match_rms_0.25": 66.7, "top1_rms_0.25": 33.3,
+                     "top1_over_any_rms_0.25": 50.0}
+    assert load_benchmark().close_matches([json.loads(OLD_LINES.read_text().splitlines()[0])]) == {}
+
+
 def test_an_output_file_holds_one_split(tmp_path, monkeypatch, capsys):
     """Rows of the selection split are never written into a file of reserved rows (nor the reverse): the row
     indices of the two splits are of different files."""
