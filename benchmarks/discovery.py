@@ -315,6 +315,13 @@ def close_matches(lines: list[dict]) -> dict:
             f"top1_over_any_rms_{CLOSE_RMS}": round(100 * top1 / found, 1) if found else None}
 
 
+def sign_test_p(first_only: int, second_only: int) -> float:
+    """Two-sided exact sign test: the chance, were two rankings equally good, of a split of the compositions only one
+    of them ranks first at least as uneven as ``first_only`` against ``second_only`` (4 places)."""
+    tail = sum(math.comb(first_only + second_only, k) for k in range(min(first_only, second_only) + 1))
+    return round(min(1.0, 2 * tail / 2 ** (first_only + second_only)), 4)
+
+
 def compare(paths: list[Path], against: list[Path]) -> dict:
     """Two runs paired on the rows both hold (e.g. one potential against another, the same samples): the counts of
     each on those rows, the compositions whose known structure only one of them ranks first, and the two-sided exact
@@ -332,7 +339,6 @@ def compare(paths: list[Path], against: list[Path]) -> dict:
 
     gains = [first[row]["formula"] for row in rows if first[row]["top1"] and not second[row]["top1"]]
     losses = [second[row]["formula"] for row in rows if second[row]["top1"] and not first[row]["top1"]]
-    tail = sum(math.comb(len(gains) + len(losses), k) for k in range(min(len(gains), len(losses)) + 1))
     return {
         "rows": len(rows),
         "same_samples": sum(pattern(first[row]) is not None and pattern(first[row]) == pattern(second[row])
@@ -340,7 +346,7 @@ def compare(paths: list[Path], against: list[Path]) -> dict:
         **{key: [sum(run[row][key] for row in rows) for run in (first, second)]
            for key in ("sampled", "relaxed_match", "top1")},
         "top1_only_first": gains, "top1_only_second": losses,
-        "sign_test_p": round(min(1.0, 2 * tail / 2 ** (len(gains) + len(losses))), 4),
+        "sign_test_p": sign_test_p(len(gains), len(losses)),
         "mean_seconds": [round(sum(run[row]["seconds"] for row in rows) / len(rows), 1) for run in (first, second)],
     }
 

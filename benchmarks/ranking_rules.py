@@ -5,11 +5,11 @@ relaxation, its merged group (``duplicate_of``) and whether it matches the known
 representative (a group's lowest-energy member) per composition from these records alone, so rules can be compared
 without sampling or relaxing again. Rules, each with an energy window W (meV/atom) above the lowest representative:
 
-- ``energy``: the lowest ML energy per atom (the pipeline's rule; no window);
+- ``energy``: the lowest ML energy per atom (the pipeline's rule until session 11; no window);
 - ``symmetry``: within W, the highest space-group number (ties: lower energy). Known crystals are mostly
   symmetric, while a sample that relaxes into a distorted local minimum keeps little symmetry;
 - ``population``: within W, the group with most members (ties: lower energy): a structure the model samples,
-  and the relaxations reach, from several starts;
+  and the relaxations reach, from several starts (the pipeline's rule since session 11, W = 25);
 - ``not_p1``: within W, the lowest-energy representative with a space group other than P1, else the lowest;
 - ``denoising``: within W, the lowest denoising loss under the CSP model, averaged over the t grid
   (``discovery.py --denoising-loss``: how typical of its training data the model finds the relaxed structure);
@@ -27,6 +27,7 @@ A rule must be chosen on the selection rows (``discovery.py --split selection``)
 reserved rows: choosing it on the reserved rows would report a tuned figure.
 
     python benchmarks/ranking_rules.py benchmarks/results/discovery_mp20_e175_selection.jsonl
+    python benchmarks/ranking_rules.py --pair population population_denoising RECORDS...   # row by row, W = 25
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 WINDOWS_MEV = (10, 25, 50, 100)
+RULES = ("energy", "symmetry", "population", "not_p1", "denoising", "denoising_small_t", "population_denoising",
+         "population_steps")
 #: The tolerances (Å) of ``discovery.py --symmetry-polish``.
 POLISH_SYMPRECS = (0.1, 0.25, 0.5)
 
@@ -99,7 +102,7 @@ def polished(line: dict, symprec: float) -> dict:
     by_label = {c["label"]: c for c in details}
     for candidate in details:
         if candidate["rank"] is not None and candidate["duplicate_of"] is None:
-            members = [c for c in details if c["label"] == candidate["label"] or c["duplicate_of"] == candidate["label"]]
+            members = [c for c in details if candidate["label"] in (c["label"], c["duplicate_of"])]
             lowest = min(members, key=lambda c: c["ml_energy_per_atom"])
             by_label[candidate["label"]] = {**candidate, **{key: lowest[key] for key in
                                                             ("ml_energy_per_atom", "space_group", "match")}}
@@ -122,11 +125,36 @@ def score(lines: list[dict], rule: str, window_mev: float, polish: float | None 
             "top1_over_found_percent": round(100 * top1 / found, 1) if found else None}
 
 
+def paired(lines: list[dict], first: str, second: str, window_mev: float) -> dict:
+    """Two rules on the same compositions: those only ``first`` ranks first (``lost`` by changing to ``second``),
+    those only ``second`` does (``gained``), and the two-sided exact sign test of the split."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("discovery", Path(__file__).with_name("discovery.py"))
+    discovery = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(discovery)
+    picks = {rule: [bool(representatives) and pick(representatives, rule, window_mev)["match"]
+                    for representatives in map(groups, lines)] for rule in (first, second)}
+    gained = [line["formula"] for line, a, b in zip(lines, picks[first], picks[second], strict=True) if b and not a]
+    lost = [line["formula"] for line, a, b in zip(lines, picks[first], picks[second], strict=True) if a and not b]
+    return {"first": first, "second": second, "window_meV": window_mev, "compositions": len(lines),
+            "top1": [sum(picks[first]), sum(picks[second])], "gained": gained, "lost": lost,
+            "sign_test_p": discovery.sign_test_p(len(gained), len(lost))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("records", nargs="+", type=Path, help="discovery.py output files (JSON lines)")
+    parser.add_argument("--pair", nargs=2, metavar=("FIRST", "SECOND"), help="compare two rules row by row instead")
+    parser.add_argument("--window", type=float, default=25, help="with --pair: the energy window, meV/atom")
     args = parser.parse_args()
+    unknown = [rule for rule in args.pair or () if rule not in RULES]
+    if unknown:
+        parser.error(f"--pair: unknown rule {unknown[0]!r}; the rules: {', '.join(RULES)}")
     lines = [json.loads(text) for path in args.records for text in path.read_text().splitlines() if text.strip()]
+    if args.pair:
+        print(json.dumps(paired(lines, *args.pair, args.window)))
+        return
     rows = [score(lines, "energy", 0)]
     rules = ["symmetry", "population", "not_p1"]
     if all("relax_steps" in c for representatives in map(groups, lines) for c in representatives):

@@ -121,3 +121,19 @@ def test_the_energy_rule_reproduces_the_recorded_top1():
     rules = load_rules()
     lines = [json.loads(text) for text in RECORDED.read_text().splitlines() if text.strip()]
     assert rules.score(lines, "energy", 0)["top1"] == sum(line["top1"] for line in lines) == 5
+
+
+def test_two_rules_are_paired_row_by_row_with_a_sign_test():
+    """On LINE, population picks the cubic group (a match) and energy the P1 cell (not); on a copy where only the P1
+    cell matches, the reverse: one gained and one lost by going from energy to population, p = 1."""
+    swapped = {**LINE, "formula": "Y", "candidate_details": [
+        {**c, "match": c["label"] == "A"} for c in LINE["candidate_details"]]}
+    result = load_rules().paired([{**LINE, "formula": "X"}, swapped], "energy", "population", 25)
+    assert (result["top1"], result["gained"], result["lost"], result["sign_test_p"]) == ([1, 1], ["X"], ["Y"], 1.0)
+
+
+def test_an_unknown_rule_to_pair_is_refused_by_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["ranking_rules.py", "--pair", "energy", "popularity", str(tmp_path / "r.jsonl")])
+    with pytest.raises(SystemExit) as stopped:
+        load_rules().main()
+    assert stopped.value.code == 2 and "--pair: unknown rule 'popularity'" in capsys.readouterr().err
