@@ -38,8 +38,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 WINDOWS_MEV = (10, 25, 50, 100)
-RULES = ("energy", "symmetry", "population", "not_p1", "denoising", "denoising_small_t", "population_denoising",
-         "population_steps")
 #: The tolerances (Å) of ``discovery.py --symmetry-polish``.
 POLISH_SYMPRECS = (0.1, 0.25, 0.5)
 
@@ -69,21 +67,24 @@ def mean_loss(candidate: dict, t_max: int | None) -> float:
     return sum(losses) / len(losses)
 
 
+#: Each rule's sort key over the representatives within its window: the smallest is put first.
+RULES: dict[str, Callable[[dict], tuple]] = {
+    "energy": lambda c: (c["ml_energy_per_atom"],),
+    "symmetry": lambda c: (-space_group_number(c), c["ml_energy_per_atom"]),
+    "population": lambda c: (-c["members"], c["ml_energy_per_atom"]),
+    "not_p1": lambda c: (space_group_number(c) == 1, c["ml_energy_per_atom"]),
+    "denoising": lambda c: (mean_loss(c, None), c["ml_energy_per_atom"]),
+    "denoising_small_t": lambda c: (mean_loss(c, SMALL_T_MAX), c["ml_energy_per_atom"]),
+    "population_denoising": lambda c: (-c["members"], mean_loss(c, None)),
+    "population_steps": lambda c: (-c["members"], c["relax_steps"], c["ml_energy_per_atom"]),
+}
+
+
 def pick(representatives: list[dict], rule: str, window_mev: float) -> dict:
     """The representative ``rule`` puts first (see the module docstring)."""
     lowest = min(c["ml_energy_per_atom"] for c in representatives)
     within = [c for c in representatives if c["ml_energy_per_atom"] <= lowest + window_mev / 1000]
-    keys: dict[str, Callable[[dict], tuple]] = {
-        "energy": lambda c: (c["ml_energy_per_atom"],),
-        "symmetry": lambda c: (-space_group_number(c), c["ml_energy_per_atom"]),
-        "population": lambda c: (-c["members"], c["ml_energy_per_atom"]),
-        "not_p1": lambda c: (space_group_number(c) == 1, c["ml_energy_per_atom"]),
-        "denoising": lambda c: (mean_loss(c, None), c["ml_energy_per_atom"]),
-        "denoising_small_t": lambda c: (mean_loss(c, SMALL_T_MAX), c["ml_energy_per_atom"]),
-        "population_denoising": lambda c: (-c["members"], mean_loss(c, None)),
-        "population_steps": lambda c: (-c["members"], c["relax_steps"], c["ml_energy_per_atom"]),
-    }
-    return min(within, key=keys[rule])
+    return min(within, key=RULES[rule])
 
 
 def polished(line: dict, symprec: float) -> dict:
@@ -135,8 +136,9 @@ def paired(lines: list[dict], first: str, second: str, window_mev: float) -> dic
     spec.loader.exec_module(discovery)
     picks = {rule: [bool(representatives) and pick(representatives, rule, window_mev)["match"]
                     for representatives in map(groups, lines)] for rule in (first, second)}
-    gained = [line["formula"] for line, a, b in zip(lines, picks[first], picks[second], strict=True) if b and not a]
-    lost = [line["formula"] for line, a, b in zip(lines, picks[first], picks[second], strict=True) if a and not b]
+    outcomes = list(zip(lines, picks[first], picks[second], strict=True))
+    gained = [line["formula"] for line, by_first, by_second in outcomes if by_second and not by_first]
+    lost = [line["formula"] for line, by_first, by_second in outcomes if by_first and not by_second]
     return {"first": first, "second": second, "window_meV": window_mev, "compositions": len(lines),
             "top1": [sum(picks[first]), sum(picks[second])], "gained": gained, "lost": lost,
             "sign_test_p": discovery.sign_test_p(len(gained), len(lost))}
