@@ -98,6 +98,9 @@ def run_row(index: int, cif: str, model, card, calculator, args: argparse.Namesp
         for record in details:
             if record["label"] in relaxed:
                 record["polished"] = symmetry_polish(relaxed[record["label"]], calculator, relax_settings, known)
+    extra = {}
+    if args.resample_from:
+        extra["resampled"] = resampled_round(model, ranking, results, relaxed, calculator, relax_settings, matches, args)
     return {
         "row": index, "formula": formula, "known_atoms": len(known),
         "known_z": len(known) // formula_unit_atoms(formula), "known_space_group": str(space_group(known)),
@@ -108,8 +111,68 @@ def run_row(index: int, cif: str, model, card, calculator, args: argparse.Namesp
         "winner_z": sampled[winner].formula_units if winner else None,
         "matched_z": sorted({sampled[label].formula_units for label in matched_relaxed}),
         "candidate_details": details,
-        "sampling_seconds": round(sampling_seconds, 1), "seconds": round(time.perf_counter() - started, 1),
+        "sampling_seconds": round(sampling_seconds, 1), **extra, "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def resampled_round(model, ranking, results: dict, relaxed: dict, calculator, relax_settings: RelaxSettings, matches,
+                    args: argparse.Namespace) -> dict:
+    """A second round that explores around the first round's best structures (SDEdit, Meng et al. 2022; an
+    experimental step): the ``--resample-top`` best-ranked relaxed structures are each noised ``--resample-copies``
+    times to the time ``--resample-from`` and denoised again by the CSP model (``--resample-steps`` steps,
+    :func:`equicsp_core.sampler.sample` with ``start``), the new candidates screened and relaxed, and all
+    candidates of both rounds ranked together.
+
+    Returns ``top1``, ``relaxed_match`` and ``winner`` of the joint ranking (``winner_resampled``: the winner is a
+    second-round candidate), and one record per second-round candidate: ``label`` (``<parent>~<copy>``),
+    ``parent``, ``stage``, ``ml_energy_per_atom``, ``space_group``, ``rank`` (of its group in the joint ranking),
+    ``match`` and ``match_rms``; ``seconds`` of the round.
+    """
+    import torch
+
+    from equicsp_core.crystal import Crystal, CrystalBatch
+    from equicsp_core.pipeline import rank, screen
+    from equicsp_core.relax import relax_structures
+    from equicsp_core.sampler import sample
+    from equicsp_core.screening import space_group
+
+    started = time.perf_counter()
+    order = sorted((entry["ml_rank"], label) for label, entry in ranking.ranking.items() if entry["ml_rank"])
+    parents = [label for _, label in order[:args.resample_top]]
+    if not parents:
+        return {"top1": False, "relaxed_match": False, "winner": None, "winner_resampled": False, "candidates": [],
+                "seconds": 0.0}
+    labels = [f"{parent}~{copy}" for parent in parents for copy in range(args.resample_copies)]
+    start = CrystalBatch.collate([Crystal.from_structure(relaxed[label.split("~")[0]]) for label in labels])
+    result = sample(model, start.atomic_numbers, start.num_atoms, steps=args.resample_steps, start=start,
+                    start_step=args.resample_from, generator=torch.Generator().manual_seed(args.seed))
+    sampled = {label: crystal.to_structure() for label, crystal in zip(labels, result.crystals(), strict=True)
+               if crystal is not None}
+    decisions = screen(sampled, ScreenSettings())
+    plausible = {label: sampled[label] for label, decision in decisions.items() if decision["kept"]}
+    new_results = dict(relax_structures(plausible, relax_settings, lambda potential, device: calculator))
+    new_relaxed = {label: r.structure for label, r in new_results.items() if r.structure is not None}
+    every_result = {**results, **new_results}
+    every_relaxed = {**relaxed, **new_relaxed}
+    joint = rank({label: r.as_dict() for label, r in every_result.items()}, every_relaxed, top_k=1)
+    matched = matches(every_relaxed)
+    group_of = {member: label for label, entry in joint.ranking.items() for member in entry["members"] or ()}
+    records = []
+    for label in labels:
+        relaxed_one = new_relaxed.get(label)
+        stage = ("invalid" if label not in sampled else "implausible" if not decisions[label]["kept"]
+                 else joint.ranking[label]["status"])
+        records.append({
+            "label": label, "parent": label.split("~")[0], "stage": stage,
+            "ml_energy_per_atom": new_results[label].energy_per_atom if relaxed_one is not None else None,
+            "space_group": str(space_group(relaxed_one)) if relaxed_one is not None else None,
+            "rank": joint.ranking[group_of[label]]["ml_rank"] if label in group_of else None,
+            "match": label in matched, "match_rms": matched.get(label),
+        })
+    winner = joint.winners[0] if joint.winners else None
+    return {"top1": winner in matched, "relaxed_match": bool(matched), "winner": winner,
+            "winner_resampled": winner is not None and "~" in winner, "candidates": records,
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 #: The time steps (of the model's T = 1000) the loss is evaluated at: small and moderate noise, where the denoiser's
@@ -379,7 +442,8 @@ def missed_ranks(lines: list[dict]) -> dict:
 #: The settings that define a run, all alike in the lines of one ``--out`` (resuming with another would mix two runs),
 #: with the value meant by a line written before the setting was recorded (absent here: not checked on such lines).
 RUN_SETTINGS = {"checkpoint": None, "split": "reserved", "potential": "chgnet", "num_samples": None, "steps": None,
-                "seed": None, "fmax": None, "relax_steps": None}
+                "seed": None, "fmax": None, "relax_steps": None, "resample_from": 0, "resample_top": None,
+                "resample_copies": None, "resample_steps": None}
 
 
 def mixed_setting(lines: list[dict], settings: dict) -> str | None:
@@ -411,6 +475,13 @@ def main() -> None:
                         "loss under the CSP model (benchmarks/denoising_loss.py; an experimental ranking signal)")
     parser.add_argument("--symmetry-polish", action="store_true", help="record each relaxed candidate made "
                         "symmetric at 0.1, 0.25 and 0.5 Å and relaxed again (an experimental step)")
+    parser.add_argument("--resample-from", type=int, default=0, metavar="T0", help="a second round (an experimental "
+                        "step, resampled_round): the best relaxed structures noised to time T0 (1..1000) and denoised "
+                        "again; 0: none")
+    parser.add_argument("--resample-top", type=int, default=2, help="with --resample-from: how many of the "
+                        "best-ranked structures")
+    parser.add_argument("--resample-copies", type=int, default=4, help="with --resample-from: copies of each")
+    parser.add_argument("--resample-steps", type=int, default=50, help="with --resample-from: denoising steps")
     parser.add_argument("--part", default="0/1", help="i/n: every n-th of the rows from the i-th (0 <= i < n)")
     parser.add_argument("--out", required=True, nargs="+", help="one file; with --summary, the parts of one run")
     parser.add_argument("--summary", action="store_true", help="print the fractions of --out and stop")

@@ -24,7 +24,13 @@ from equicsp_core.checkpoint import require_task
 from equicsp_core.crystal import Crystal, CrystalBatch
 from equicsp_core.diffusion import CrystalDiffusion
 from equicsp_core.hardware import warn_if_bf16_slow
-from equicsp_core.lattice import LOG_LENGTH_BOUND, equicsp_to_lattice, parameters_from_lattice
+from equicsp_core.lattice import (
+    LOG_LENGTH_BOUND,
+    equicsp_to_lattice,
+    lattice_from_parameters,
+    lattice_to_equicsp,
+    parameters_from_lattice,
+)
 from equicsp_core.network import DenoiserOutput
 from equicsp_core.settings import DEFAULT_STEP_LR
 from equicsp_core.torus import com_free_direction, wrap_unit
@@ -103,6 +109,8 @@ def sample(
     lattice_bound: float | None = None,
     precision: str = "fp32",
     grid_power: float = 1.0,
+    start: CrystalBatch | None = None,
+    start_step: int | None = None,
 ) -> SampleResult:
     """Sample one structure per composition (CSP), or generate whole crystals (ab initio).
 
@@ -123,6 +131,11 @@ def sample(
         precision: ``"fp32"``, or ``"bf16"`` to run the network under bf16 autocast (the sampler's own
             arithmetic stays in the model's dtype); worth it on CPUs with native bf16 and on GPUs.
         grid_power: spacing of a sub-sampled time grid (:func:`time_grid`; 1 = even, the papers').
+        start: CSP only: crystals to re-noise and denoise again instead of starting from the prior (SDEdit,
+            Meng et al. 2022): their coordinates and lattices are noised to ``start_step`` as in training
+            (:func:`noised_start`) and the reverse process runs from there, ``steps`` steps on the grid
+            ``start_step → 1``; their atoms must be ``atomic_numbers`` and ``num_atoms``.
+        start_step: the time ``t₀`` in 1..T the ``start`` crystals are noised to (required with ``start``).
 
     Returns:
         A :class:`SampleResult`; fractional coordinates in [0, 1).
@@ -146,17 +159,23 @@ def sample(
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if precision == "bf16":
         warn_if_bf16_slow(device, "precision")
+    if start is None and start_step is not None:
+        raise ValueError("start_step is the time the start crystals are noised to: give start crystals too")
     lattice_bound = resolved_lattice_bound(model.mode, lattice_bound)
     schedules = model.schedules
-    total = schedules.num_steps
-    grid = time_grid(total if steps is None else steps, total, grid_power) + [0]
+    first = schedules.num_steps if start is None else _checked_start(start, start_step, atomic_numbers, num_atoms,
+                                                                     schedules.num_steps)
+    grid = time_grid(first if steps is None else steps, first, grid_power) + [0]
     batch = torch.repeat_interleave(torch.arange(num_atoms.shape[0], device=device), num_atoms)
     graph = model.graph_for(num_atoms)
     randn = lambda shape: rng.randn(shape, generator, device, dtype)  # noqa: E731
 
-    frac = rng.rand((int(num_atoms.sum()), 3), generator, device, dtype)
     lattice_shape = (num_atoms.shape[0], 6) if model.mode == "equicsp" else (num_atoms.shape[0], 3, 3)
-    lattice = randn(lattice_shape)
+    if start is None:
+        frac = rng.rand((int(num_atoms.sum()), 3), generator, device, dtype)
+        lattice = randn(lattice_shape)
+    else:
+        frac, lattice = noised_start(model, start, first, generator)
     types = randn((frac.shape[0], model.denoiser_config.num_elements)) if atomic_numbers is None else None
     sigmas, alpha_bars = schedules.sigmas, schedules.alphas_cumprod
     sigma_begin = float(sigmas[1])
@@ -203,6 +222,38 @@ def sample(
     atomic_numbers = atomic_numbers if types is None else types.argmax(-1) + 1
     result = CrystalBatch(atomic_numbers, frac, lengths, angles, num_atoms, batch)
     return SampleResult(result, finite)
+
+
+def noised_start(
+    model: CrystalDiffusion, start: CrystalBatch, start_step: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward process at ``t₀ = start_step`` from ``start``, as training draws it: ``F_t₀ = F₀ + σ_t₀ z`` (mod 1)
+    ``(N, 3)`` and ``C_t₀ = sqrt(ᾱ_t₀) C₀ + sqrt(1 − ᾱ_t₀) ε`` (EquiCSP's ``C`` ``(B, 6)``, DiffCSP's matrix
+    ``(B, 3, 3)``), on the model's device and dtype; the coordinate noise is drawn first, then the lattice's."""
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    sigma = float(model.schedules.sigmas[start_step])
+    alpha_bar = float(model.schedules.alphas_cumprod[start_step])
+    lengths, angles = start.lengths.to(device, torch.float64), start.angles.to(device, torch.float64)
+    clean = lattice_to_equicsp(lengths, angles) if model.mode == "equicsp" else lattice_from_parameters(lengths, angles)
+    frac = torch.remainder(start.frac_coords.to(device, dtype) + sigma * rng.randn(start.frac_coords.shape, generator,
+                                                                                   device, dtype), 1.0)
+    noise = rng.randn(clean.shape, generator, device, dtype)
+    return frac, alpha_bar**0.5 * clean.to(dtype) + (1 - alpha_bar) ** 0.5 * noise
+
+
+def _checked_start(start: CrystalBatch, start_step: int | None, atomic_numbers: torch.Tensor | None,
+                   num_atoms: torch.Tensor, total_steps: int) -> int:
+    """``start_step``, once it is a time in 1..T and ``start`` holds the crystals being sampled (CSP)."""
+    if start_step is None or not 1 <= start_step <= total_steps:
+        raise ValueError(f"start_step must be a time in 1..{total_steps} with start crystals, got {start_step}")
+    if atomic_numbers is None:
+        raise ValueError("start crystals are for structure prediction (CSP): a generation model draws the atoms")
+    same = torch.equal(start.num_atoms.cpu(), num_atoms.cpu()) and torch.equal(
+        start.atomic_numbers.cpu(), atomic_numbers.cpu())
+    if not same:
+        raise ValueError("the start crystals' atoms differ from atomic_numbers / num_atoms")
+    return start_step
 
 
 def _coord_direction(
