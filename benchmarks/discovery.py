@@ -99,8 +99,9 @@ def run_row(index: int, cif: str, model, card, calculator, args: argparse.Namesp
             if record["label"] in relaxed:
                 record["polished"] = symmetry_polish(relaxed[record["label"]], calculator, relax_settings, known)
     extra = {}
-    if args.resample_from:
-        extra["resampled"] = resampled_round(model, ranking, results, relaxed, calculator, relax_settings, matches, args)
+    for kind in ("resampled", "fresh") if args.resample_from else ():
+        extra[kind] = second_round(kind, model, card, formula, ranking, results, relaxed, calculator, relax_settings,
+                                   matches, args)
     return {
         "row": index, "formula": formula, "known_atoms": len(known),
         "known_z": len(known) // formula_unit_atoms(formula), "known_space_group": str(space_group(known)),
@@ -115,55 +116,46 @@ def run_row(index: int, cif: str, model, card, calculator, args: argparse.Namesp
     }
 
 
-def resampled_round(model, ranking, results: dict, relaxed: dict, calculator, relax_settings: RelaxSettings, matches,
-                    args: argparse.Namespace) -> dict:
-    """A second round that explores around the first round's best structures (SDEdit, Meng et al. 2022; an
-    experimental step): the ``--resample-top`` best-ranked relaxed structures are each noised ``--resample-copies``
-    times to the time ``--resample-from`` and denoised again by the CSP model (``--resample-steps`` steps,
-    :func:`equicsp_core.sampler.sample` with ``start``), the new candidates screened and relaxed, and all
-    candidates of both rounds ranked together.
+def second_round(kind: str, model, card, formula: str, ranking, results: dict, relaxed: dict, calculator,
+                 relax_settings: RelaxSettings, matches, args: argparse.Namespace) -> dict:
+    """A second round of ``--resample-top`` × ``--resample-copies`` candidates, screened, relaxed and ranked with the
+    first round's (an experimental step):
 
-    Returns ``top1``, ``relaxed_match`` and ``winner`` of the joint ranking (``winner_resampled``: the winner is a
-    second-round candidate), and one record per second-round candidate: ``label`` (``<parent>~<copy>``),
-    ``parent``, ``stage``, ``ml_energy_per_atom``, ``space_group``, ``rank`` (of its group in the joint ranking),
-    ``match`` and ``match_rms``; ``seconds`` of the round.
+    - ``kind="resampled"`` explores around the first round's best structures (SDEdit, Meng et al. 2022): the
+      ``--resample-top`` best-ranked relaxed structures are each noised ``--resample-copies`` times to the time
+      ``--resample-from`` and denoised again by the CSP model (``--resample-steps`` steps,
+      :func:`equicsp_core.sampler.sample` with ``start``); labels ``<parent>~<copy>``;
+    - ``kind="fresh"``, its control at the same cost: as many new samples of the composition (seed + 1, the first
+      round's steps and prior over Z); labels ``fresh~<sample>``.
+
+    Returns ``top1``, ``relaxed_match`` and ``winner`` of the joint ranking (``winner_second``: the winner is a
+    second-round candidate), and one record per second-round candidate: ``label``, ``parent`` (``None`` for fresh),
+    ``stage``, ``ml_energy_per_atom``, ``space_group``, ``rank`` (of its group in the joint ranking), ``match`` and
+    ``match_rms``; ``seconds`` of the round.
     """
-    import torch
-
-    from equicsp_core.crystal import Crystal, CrystalBatch
     from equicsp_core.pipeline import rank, screen
     from equicsp_core.relax import relax_structures
-    from equicsp_core.sampler import sample
     from equicsp_core.screening import space_group
 
     started = time.perf_counter()
-    order = sorted((entry["ml_rank"], label) for label, entry in ranking.ranking.items() if entry["ml_rank"])
-    parents = [label for _, label in order[:args.resample_top]]
-    if not parents:
-        return {"top1": False, "relaxed_match": False, "winner": None, "winner_resampled": False, "candidates": [],
-                "seconds": 0.0}
-    labels = [f"{parent}~{copy}" for parent in parents for copy in range(args.resample_copies)]
-    start = CrystalBatch.collate([Crystal.from_structure(relaxed[label.split("~")[0]]) for label in labels])
-    result = sample(model, start.atomic_numbers, start.num_atoms, steps=args.resample_steps, start=start,
-                    start_step=args.resample_from, generator=torch.Generator().manual_seed(args.seed))
-    sampled = {label: crystal.to_structure() for label, crystal in zip(labels, result.crystals(), strict=True)
-               if crystal is not None}
-    decisions = screen(sampled, ScreenSettings())
+    sampled, parents = (resampled_candidates(model, ranking, relaxed, args) if kind == "resampled"
+                        else fresh_candidates(model, card, formula, args))
+    decisions = screen({label: structure for label, structure in sampled.items() if structure is not None},
+                       ScreenSettings())
     plausible = {label: sampled[label] for label, decision in decisions.items() if decision["kept"]}
     new_results = dict(relax_structures(plausible, relax_settings, lambda potential, device: calculator))
     new_relaxed = {label: r.structure for label, r in new_results.items() if r.structure is not None}
-    every_result = {**results, **new_results}
     every_relaxed = {**relaxed, **new_relaxed}
-    joint = rank({label: r.as_dict() for label, r in every_result.items()}, every_relaxed, top_k=1)
+    joint = rank({label: r.as_dict() for label, r in {**results, **new_results}.items()}, every_relaxed, top_k=1)
     matched = matches(every_relaxed)
     group_of = {member: label for label, entry in joint.ranking.items() for member in entry["members"] or ()}
     records = []
-    for label in labels:
+    for label, structure in sampled.items():
         relaxed_one = new_relaxed.get(label)
-        stage = ("invalid" if label not in sampled else "implausible" if not decisions[label]["kept"]
+        stage = ("invalid" if structure is None else "implausible" if not decisions[label]["kept"]
                  else joint.ranking[label]["status"])
         records.append({
-            "label": label, "parent": label.split("~")[0], "stage": stage,
+            "label": label, "parent": parents.get(label), "stage": stage,
             "ml_energy_per_atom": new_results[label].energy_per_atom if relaxed_one is not None else None,
             "space_group": str(space_group(relaxed_one)) if relaxed_one is not None else None,
             "rank": joint.ranking[group_of[label]]["ml_rank"] if label in group_of else None,
@@ -171,8 +163,37 @@ def resampled_round(model, ranking, results: dict, relaxed: dict, calculator, re
         })
     winner = joint.winners[0] if joint.winners else None
     return {"top1": winner in matched, "relaxed_match": bool(matched), "winner": winner,
-            "winner_resampled": winner is not None and "~" in winner, "candidates": records,
+            "winner_second": winner in sampled, "candidates": records,
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def resampled_candidates(model, ranking, relaxed: dict, args: argparse.Namespace) -> tuple[dict, dict]:
+    """The resampled round's structures by label (``None``: no crystal) and each label's parent."""
+    import torch
+
+    from equicsp_core.crystal import Crystal, CrystalBatch
+    from equicsp_core.sampler import sample
+
+    order = sorted((entry["ml_rank"], label) for label, entry in ranking.ranking.items() if entry["ml_rank"])
+    parents = {f"{label}~{copy}": label for _, label in order[:args.resample_top] for copy in range(args.resample_copies)}
+    if not parents:
+        return {}, {}
+    start = CrystalBatch.collate([Crystal.from_structure(relaxed[parent]) for parent in parents.values()])
+    result = sample(model, start.atomic_numbers, start.num_atoms, steps=args.resample_steps, start=start,
+                    start_step=args.resample_from, generator=torch.Generator().manual_seed(args.seed))
+    structures = {label: crystal.to_structure() if crystal is not None else None
+                  for label, crystal in zip(parents, result.crystals(), strict=True)}
+    return structures, parents
+
+
+def fresh_candidates(model, card, formula: str, args: argparse.Namespace) -> tuple[dict, dict]:
+    """The fresh round's structures by label (``None``: no crystal), and no parents."""
+    from equicsp_core.predict import predict_with_settings
+
+    settings = SampleSettings(formulas=[formula], num_samples=args.resample_top * args.resample_copies,
+                              steps=args.steps, seed=args.seed + 1)
+    candidates = [c for batch in predict_with_settings(model, card, settings) for c in batch]
+    return {f"fresh~{c.sample_index}": c.structure for c in candidates}, {}
 
 
 #: The time steps (of the model's T = 1000) the loss is evaluated at: small and moderate noise, where the denoiser's
@@ -476,8 +497,8 @@ def main() -> None:
     parser.add_argument("--symmetry-polish", action="store_true", help="record each relaxed candidate made "
                         "symmetric at 0.1, 0.25 and 0.5 Å and relaxed again (an experimental step)")
     parser.add_argument("--resample-from", type=int, default=0, metavar="T0", help="a second round (an experimental "
-                        "step, resampled_round): the best relaxed structures noised to time T0 (1..1000) and denoised "
-                        "again; 0: none")
+                        "step, second_round): the best relaxed structures noised to time T0 (1..1000) and denoised "
+                        "again, and its control, as many fresh samples; 0: neither")
     parser.add_argument("--resample-top", type=int, default=2, help="with --resample-from: how many of the "
                         "best-ranked structures")
     parser.add_argument("--resample-copies", type=int, default=4, help="with --resample-from: copies of each")

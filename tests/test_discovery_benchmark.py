@@ -64,8 +64,8 @@ def test_candidate_details_name_z_energy_space_group_match_and_the_group_s_rank(
 def test_a_tiny_run_writes_one_record_per_candidate(fixture_data_dir, one_thread):
     """A perov_5 row, 3 candidates at 5 steps, Lennard-Jones for 10 steps: one record per candidate, consistent
     with the line's flags, a denoising loss at every t of the grid and a polish at every tolerance for each relaxed
-    one, a second round of 2 copies of each of the 2 best groups whose flags agree with its records and the first
-    round's, and the line is JSON."""
+    one, a second round of 2 copies of each of the 2 best groups and a fresh one of 4 samples, each with flags that
+    agree with its records and the first round's, and the line is JSON."""
     from equicsp_core.checkpoint import load_model
     from equicsp_core.splits import Row, load_cifs
     from tests.test_relax import lennard_jones
@@ -89,12 +89,16 @@ def test_a_tiny_run_writes_one_record_per_candidate(fixture_data_dir, one_thread
     assert all(list(c["denoising_loss"]) == [str(t) for t in benchmark.T_GRID] for c in details if c["denoising_loss"])
     assert all(("polished" in c) == (c["ml_energy_per_atom"] is not None) for c in details)
     assert all(list(c["polished"]) == [str(s) for s in benchmark.POLISH_SYMPRECS] for c in details if "polished" in c)
-    second = line["resampled"]
     best = sorted((c["rank"], c["label"]) for c in details if c["rank"] and c["duplicate_of"] is None)[:2]
-    assert [c["label"] for c in second["candidates"]] == [f"{label}~{copy}" for _, label in best for copy in (0, 1)]
-    assert second["relaxed_match"] == (line["relaxed_match"] or any(c["match"] for c in second["candidates"]))
-    assert second["winner_resampled"] == ("~" in (second["winner"] or ""))
-    assert all((c["ml_energy_per_atom"] is None) == (c["rank"] is None) for c in second["candidates"])
+    resampled, fresh = line["resampled"]["candidates"], line["fresh"]["candidates"]
+    assert [(c["label"], c["parent"]) for c in resampled] == [(f"{label}~{copy}", label) for _, label in best
+                                                              for copy in (0, 1)]
+    assert [(c["label"], c["parent"]) for c in fresh] == [(f"fresh~{index}", None) for index in range(4)]
+    for kind in ("resampled", "fresh"):
+        second = line[kind]
+        assert second["relaxed_match"] == (line["relaxed_match"] or any(c["match"] for c in second["candidates"]))
+        assert second["winner_second"] == ("~" in (second["winner"] or ""))
+        assert all((c["ml_energy_per_atom"] is None) == (c["rank"] is None) for c in second["candidates"])
     assert json.loads(json.dumps(line)) == line
 
 
