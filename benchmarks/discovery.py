@@ -373,7 +373,33 @@ def summary(paths: list[Path]) -> dict:
         "mean_sampling_seconds": round(sum(line["sampling_seconds"] for line in lines) / count, 1),
         **missed_ranks(lines),
         **close_matches(lines),
+        **second_rounds(lines),
     }
+
+
+def second_rounds(lines: list[dict]) -> dict:
+    """Over the lines with both second rounds (``--resample-from``): the % found and top-1 after the first round alone,
+    with the resampled round and with the fresh one (same cost), and the two rounds paired row by row: the
+    compositions only one of them ranks first, with the sign test; the mean seconds of each round."""
+    both = [line for line in lines if "resampled" in line and "fresh" in line]
+    if not both:
+        return {}
+    percent = lambda count: round(100 * count / len(both), 1)  # noqa: E731
+    gains = [line["formula"] for line in both if line["resampled"]["top1"] and not line["fresh"]["top1"]]
+    losses = [line["formula"] for line in both if line["fresh"]["top1"] and not line["resampled"]["top1"]]
+    return {"second_rounds": {
+        "rows": len(both),
+        **{name: {"relaxed_match": percent(sum(get(line)["relaxed_match"] for line in both)),
+                  "top1": percent(sum(get(line)["top1"] for line in both)),
+                  "winner_second": sum(get(line).get("winner_second", False) for line in both),
+                  "mean_seconds": round(sum(seconds(line) for line in both) / len(both), 1)}
+           for name, get, seconds in (
+               ("first", lambda line: line,
+                lambda line: line["seconds"] - line["resampled"]["seconds"] - line["fresh"]["seconds"]),
+               ("resampled", lambda line: line["resampled"], lambda line: line["resampled"]["seconds"]),
+               ("fresh", lambda line: line["fresh"], lambda line: line["fresh"]["seconds"]))},
+        "top1_only_resampled": gains, "top1_only_fresh": losses, "sign_test_p": sign_test_p(len(gains), len(losses)),
+    }}
 
 
 #: A match this close (normalised RMS, the papers' StructureMatcher) is the known structure, not a near miss.

@@ -192,6 +192,30 @@ def test_the_summary_counts_close_matches_where_the_records_hold_their_rms(tmp_p
     assert load_benchmark().close_matches([json.loads(OLD_LINES.read_text().splitlines()[0])]) == {}
 
 
+def test_the_summary_pairs_the_resampled_round_with_its_fresh_control(tmp_path):
+    """Three rows with both second rounds: the found and top-1 % of the first round and of each second round, the
+    rows only one second round ranks right with the sign test, and each round's own mean seconds; a line without
+    second rounds is left out of them."""
+    def line(row, first, resampled, fresh):
+        rounds = {name: {"relaxed_match": True, "top1": top1, "winner_second": top1, "seconds": seconds}
+                  for name, top1, seconds in (("resampled", resampled, 20.0), ("fresh", fresh, 30.0))}
+        return {"row": row, "formula": f"X{row}", "sampled": True, "relaxed_match": True, "top1": first,
+                "known_z": 1, "seconds": 100.0, "sampling_seconds": 1.0, **rounds}
+
+    path = tmp_path / "d.jsonl"
+    lines = [line(1, True, True, False), line(2, False, True, False), line(3, False, False, True)]
+    path.write_text("".join(json.dumps(one) + "\n" for one in lines) + json.dumps(
+        {"row": 4, "formula": "X4", "sampled": False, "relaxed_match": False, "top1": False, "known_z": 1,
+         "seconds": 5.0, "sampling_seconds": 1.0}) + "\n")
+    rounds = load_benchmark().summary([path])["second_rounds"]
+    assert rounds["rows"] == 3
+    assert rounds["first"] == {"relaxed_match": 100.0, "top1": 33.3, "winner_second": 0, "mean_seconds": 50.0}
+    assert rounds["resampled"] == {"relaxed_match": 100.0, "top1": 66.7, "winner_second": 2, "mean_seconds": 20.0}
+    assert rounds["fresh"] == {"relaxed_match": 100.0, "top1": 33.3, "winner_second": 1, "mean_seconds": 30.0}
+    assert rounds["top1_only_resampled"] == ["X1", "X2"] and rounds["top1_only_fresh"] == ["X3"]
+    assert rounds["sign_test_p"] == 1.0
+
+
 def test_an_output_file_holds_one_split(tmp_path, monkeypatch, capsys):
     """Rows of the selection split are never written into a file of reserved rows (nor the reverse): the row
     indices of the two splits are of different files."""
