@@ -340,10 +340,19 @@ def initial_state(source: str | Path, model: CrystalDiffusion, optimizer: torch.
 
 
 def _averaged(model: CrystalDiffusion, decay: float | None) -> AveragedModel | None:
-    """The exponential moving average of the denoiser's weights (buffers averaged too), or None."""
+    """The exponential moving average of the denoiser's weights (buffers averaged too), starting at its current
+    weights, or None.
+
+    ``AveragedModel`` counts no average yet (``n_averaged == 0``) and so would *copy* the weights of its first update
+    instead of averaging them in: a run started from trained weights (``--init-from``) would then average from the
+    weights after one step of fresh Adam moments (every parameter moved by about the learning rate), and its average
+    would lag behind the trained weights for thousands of steps. Counting the starting weights as one average makes
+    the first update ``decay · start + (1 − decay) · new``."""
     if decay is None:
         return None
-    return AveragedModel(model.net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    averaged = AveragedModel(model.net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    averaged.n_averaged.fill_(1)
+    return averaged
 
 
 @contextlib.contextmanager

@@ -166,7 +166,7 @@ def test_resumed_run_with_weight_average_matches_uninterrupted_run(tmp_path):
 def test_weight_average_is_what_is_validated_and_saved(tmp_path):
     """With an EMA, metrics carry the raw and the averaged validation loss, and best.pt holds the average.
 
-    The fixture's 24 crystals are one step per epoch; the first step copies the weights, so 2 epochs.
+    The fixture's 24 crystals are one step per epoch, averaged into the initial weights at decay 0.5.
     """
     run = tmp_path / "run"
     assert train_tiny(run, "train.epochs=2", "train.val_every=2", "train.ema_decay=0.5") == 0
@@ -177,6 +177,25 @@ def test_weight_average_is_what_is_validated_and_saved(tmp_path):
     for key, value in best.items():
         assert torch.equal(value, state["ema"][f"module.{key}"]), key
     assert any(not torch.equal(value, state["model"][key]) for key, value in best.items())
+
+
+def test_weight_average_starts_at_the_initial_weights():
+    """The EMA's first update averages the new weights into the starting ones (decay 0.9: 0.9 · start + 0.1 · new),
+    rather than copying the new ones, as ``AveragedModel`` does on its own: a run continued from trained weights
+    keeps averaging from them, not from the weights after one step of fresh Adam moments."""
+    from equicsp_core.config import load_run_config
+    from equicsp_core.train import _averaged
+
+    config = load_run_config("tiny", [])
+    model = CrystalDiffusion(config.denoiser, config.diffusion)
+    start = {key: value.clone() for key, value in model.net.state_dict().items()}
+    ema = _averaged(model, 0.9)
+    with torch.no_grad():
+        for parameter in model.net.parameters():
+            parameter.add_(1.0)
+    ema.update_parameters(model.net)
+    for name, parameter in model.net.named_parameters():
+        torch.testing.assert_close(ema.module.state_dict()[name], 0.9 * start[name] + 0.1 * parameter.detach())
 
 
 def test_non_finite_learning_rate_is_refused(tmp_path, capsys):
