@@ -378,28 +378,42 @@ def summary(paths: list[Path]) -> dict:
 
 
 def second_rounds(lines: list[dict]) -> dict:
-    """Over the lines with both second rounds (``--resample-from``): the % found and top-1 after the first round alone,
-    with the resampled round and with the fresh one (same cost), and the two rounds paired row by row: the
-    compositions only one of them ranks first, with the sign test; the mean seconds of each round."""
+    """Over the lines with both second rounds (``--resample-from``): per round (the first alone, then with the
+    resampled round, then with the fresh one of the same cost) the % found, found within :data:`CLOSE_RMS`, top-1,
+    how many winners are second-round candidates and the round's own mean seconds; and the two second rounds paired
+    row by row: the compositions only one of them ranks first, with the sign test."""
     both = [line for line in lines if "resampled" in line and "fresh" in line]
     if not both:
         return {}
-    percent = lambda count: round(100 * count / len(both), 1)  # noqa: E731
+
+    def close(candidates: list[dict]) -> bool:
+        return any(c["match_rms"] is not None and c["match_rms"] <= CLOSE_RMS for c in candidates)
+
+    def outcome(line: dict, name: str) -> dict:
+        """The round's flags; the first round's seconds are the line's less those of the second rounds."""
+        if name == "first":
+            seconds = line["seconds"] - line["resampled"]["seconds"] - line["fresh"]["seconds"]
+            return {"relaxed_match": line["relaxed_match"], "close": close(line["candidate_details"]),
+                    "top1": line["top1"], "winner_second": False, "seconds": seconds}
+        second = line[name]
+        return {"relaxed_match": second["relaxed_match"],
+                "close": close(line["candidate_details"]) or close(second["candidates"]),
+                "top1": second["top1"], "winner_second": second["winner_second"], "seconds": second["seconds"]}
+
+    result: dict = {"rows": len(both)}
+    for name in ("first", "resampled", "fresh"):
+        outcomes = [outcome(line, name) for line in both]
+        result[name] = {
+            "relaxed_match": round(100 * sum(o["relaxed_match"] for o in outcomes) / len(both), 1),
+            f"relaxed_match_rms_{CLOSE_RMS}": round(100 * sum(o["close"] for o in outcomes) / len(both), 1),
+            "top1": round(100 * sum(o["top1"] for o in outcomes) / len(both), 1),
+            "winner_second": sum(o["winner_second"] for o in outcomes),
+            "mean_seconds": round(sum(o["seconds"] for o in outcomes) / len(both), 1),
+        }
     gains = [line["formula"] for line in both if line["resampled"]["top1"] and not line["fresh"]["top1"]]
     losses = [line["formula"] for line in both if line["fresh"]["top1"] and not line["resampled"]["top1"]]
-    return {"second_rounds": {
-        "rows": len(both),
-        **{name: {"relaxed_match": percent(sum(get(line)["relaxed_match"] for line in both)),
-                  "top1": percent(sum(get(line)["top1"] for line in both)),
-                  "winner_second": sum(get(line).get("winner_second", False) for line in both),
-                  "mean_seconds": round(sum(seconds(line) for line in both) / len(both), 1)}
-           for name, get, seconds in (
-               ("first", lambda line: line,
-                lambda line: line["seconds"] - line["resampled"]["seconds"] - line["fresh"]["seconds"]),
-               ("resampled", lambda line: line["resampled"], lambda line: line["resampled"]["seconds"]),
-               ("fresh", lambda line: line["fresh"], lambda line: line["fresh"]["seconds"]))},
-        "top1_only_resampled": gains, "top1_only_fresh": losses, "sign_test_p": sign_test_p(len(gains), len(losses)),
-    }}
+    result.update(top1_only_resampled=gains, top1_only_fresh=losses, sign_test_p=sign_test_p(len(gains), len(losses)))
+    return {"second_rounds": result}
 
 
 #: A match this close (normalised RMS, the papers' StructureMatcher) is the known structure, not a near miss.

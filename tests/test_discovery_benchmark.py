@@ -193,25 +193,34 @@ def test_the_summary_counts_close_matches_where_the_records_hold_their_rms(tmp_p
 
 
 def test_the_summary_pairs_the_resampled_round_with_its_fresh_control(tmp_path):
-    """Three rows with both second rounds: the found and top-1 % of the first round and of each second round, the
-    rows only one second round ranks right with the sign test, and each round's own mean seconds; a line without
-    second rounds is left out of them."""
-    def line(row, first, resampled, fresh):
-        rounds = {name: {"relaxed_match": True, "top1": top1, "winner_second": top1, "seconds": seconds}
-                  for name, top1, seconds in (("resampled", resampled, 20.0), ("fresh", fresh, 30.0))}
+    """Three rows with both second rounds: per round the found %, found within RMS 0.25 (the first round's
+    candidates count for every round), top-1 %, the second-round winners and the round's own mean seconds; the rows
+    only one second round ranks right, with the sign test; a line without second rounds is left out of them."""
+    def line(row, first, resampled, fresh, first_rms=None, resampled_rms=None):
+        def rounds(top1, seconds, rms):
+            return {"relaxed_match": True, "top1": top1, "winner_second": top1, "seconds": seconds,
+                    "candidates": [{"match_rms": rms}]}
+
         return {"row": row, "formula": f"X{row}", "sampled": True, "relaxed_match": True, "top1": first,
-                "known_z": 1, "seconds": 100.0, "sampling_seconds": 1.0, **rounds}
+                "known_z": 1, "seconds": 100.0, "sampling_seconds": 1.0,
+                "candidate_details": [{"label": "A", "match": True, "match_rms": first_rms or 0.4, "rank": 1,
+                                       "duplicate_of": None, "ml_energy_per_atom": -1.0, "space_group": "P1 (1)"}],
+                "winner": "A", "resampled": rounds(resampled, 20.0, resampled_rms), "fresh": rounds(fresh, 30.0, None)}
 
     path = tmp_path / "d.jsonl"
-    lines = [line(1, True, True, False), line(2, False, True, False), line(3, False, False, True)]
+    lines = [line(1, True, True, False, first_rms=0.1), line(2, False, True, False, resampled_rms=0.2),
+             line(3, False, False, True)]
     path.write_text("".join(json.dumps(one) + "\n" for one in lines) + json.dumps(
         {"row": 4, "formula": "X4", "sampled": False, "relaxed_match": False, "top1": False, "known_z": 1,
          "seconds": 5.0, "sampling_seconds": 1.0}) + "\n")
     rounds = load_benchmark().summary([path])["second_rounds"]
     assert rounds["rows"] == 3
-    assert rounds["first"] == {"relaxed_match": 100.0, "top1": 33.3, "winner_second": 0, "mean_seconds": 50.0}
-    assert rounds["resampled"] == {"relaxed_match": 100.0, "top1": 66.7, "winner_second": 2, "mean_seconds": 20.0}
-    assert rounds["fresh"] == {"relaxed_match": 100.0, "top1": 33.3, "winner_second": 1, "mean_seconds": 30.0}
+    assert rounds["first"] == {"relaxed_match": 100.0, "relaxed_match_rms_0.25": 33.3, "top1": 33.3,
+                               "winner_second": 0, "mean_seconds": 50.0}
+    assert rounds["resampled"] == {"relaxed_match": 100.0, "relaxed_match_rms_0.25": 66.7, "top1": 66.7,
+                                   "winner_second": 2, "mean_seconds": 20.0}
+    assert rounds["fresh"] == {"relaxed_match": 100.0, "relaxed_match_rms_0.25": 33.3, "top1": 33.3,
+                               "winner_second": 1, "mean_seconds": 30.0}
     assert rounds["top1_only_resampled"] == ["X1", "X2"] and rounds["top1_only_fresh"] == ["X3"]
     assert rounds["sign_test_p"] == 1.0
 
