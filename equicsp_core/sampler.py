@@ -159,12 +159,10 @@ def sample(
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if precision == "bf16":
         warn_if_bf16_slow(device, "precision")
-    if start is None and start_step is not None:
-        raise ValueError("start_step is the time the start crystals are noised to: give start crystals too")
-    lattice_bound = resolved_lattice_bound(model.mode, lattice_bound)
     schedules = model.schedules
-    first = schedules.num_steps if start is None else _checked_start(start, start_step, atomic_numbers, num_atoms,
-                                                                     schedules.num_steps)
+    _check_start(start, start_step, atomic_numbers, num_atoms, schedules.num_steps)
+    lattice_bound = resolved_lattice_bound(model.mode, lattice_bound)
+    first = schedules.num_steps if start is None else start_step
     grid = time_grid(first if steps is None else steps, first, grid_power) + [0]
     batch = torch.repeat_interleave(torch.arange(num_atoms.shape[0], device=device), num_atoms)
     graph = model.graph_for(num_atoms)
@@ -233,18 +231,23 @@ def noised_start(
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     sigma = float(model.schedules.sigmas[start_step])
-    alpha_bar = float(model.schedules.alphas_cumprod[start_step])
     lengths, angles = start.lengths.to(device, torch.float64), start.angles.to(device, torch.float64)
     clean = lattice_to_equicsp(lengths, angles) if model.mode == "equicsp" else lattice_from_parameters(lengths, angles)
     frac = torch.remainder(start.frac_coords.to(device, dtype) + sigma * rng.randn(start.frac_coords.shape, generator,
                                                                                    device, dtype), 1.0)
     noise = rng.randn(clean.shape, generator, device, dtype)
-    return frac, alpha_bar**0.5 * clean.to(dtype) + (1 - alpha_bar) ** 0.5 * noise
+    time = torch.full((clean.shape[0],), start_step, device=device, dtype=torch.long)
+    return frac, model._noisy_lattice(clean.to(dtype), noise, time)
 
 
-def _checked_start(start: CrystalBatch, start_step: int | None, atomic_numbers: torch.Tensor | None,
-                   num_atoms: torch.Tensor, total_steps: int) -> int:
-    """``start_step``, once it is a time in 1..T and ``start`` holds the crystals being sampled (CSP)."""
+def _check_start(start: CrystalBatch | None, start_step: int | None, atomic_numbers: torch.Tensor | None,
+                 num_atoms: torch.Tensor, total_steps: int) -> None:
+    """Refuse a ``start_step`` without ``start`` crystals, and ``start`` crystals without a time in 1..T or with
+    other atoms than those being sampled (CSP)."""
+    if start is None:
+        if start_step is not None:
+            raise ValueError("start_step is the time the start crystals are noised to: give start crystals too")
+        return
     if start_step is None or not 1 <= start_step <= total_steps:
         raise ValueError(f"start_step must be a time in 1..{total_steps} with start crystals, got {start_step}")
     if atomic_numbers is None:
@@ -253,7 +256,6 @@ def _checked_start(start: CrystalBatch, start_step: int | None, atomic_numbers: 
         start.atomic_numbers.cpu(), atomic_numbers.cpu())
     if not same:
         raise ValueError("the start crystals' atoms differ from atomic_numbers / num_atoms")
-    return start_step
 
 
 def _coord_direction(
