@@ -53,7 +53,7 @@ def reduced_formula_of(cif: str) -> tuple[str, object]:
     return structure.composition.reduced_composition.formula.replace(" ", ""), structure  # In1Ga1Ag2Te4
 
 
-def run_row(index: int, cif: str, model, card, calculator, args: argparse.Namespace) -> dict:
+def run_row(index: int, cif: str, model, card, calculator, rerank_calculator, args: argparse.Namespace) -> dict:
     """Sample, screen, relax, rank and score one composition; ``candidate_details`` per candidate (see
     :func:`candidate_details`)."""
     from equicsp_core.metrics import rms_distance
@@ -99,6 +99,8 @@ def run_row(index: int, cif: str, model, card, calculator, args: argparse.Namesp
             if record["label"] in relaxed:
                 record["polished"] = symmetry_polish(relaxed[record["label"]], calculator, relax_settings, known)
     extra = {}
+    if args.rerank_potential:
+        extra["rerank"] = rerank(ranking, relaxed, rerank_calculator, relax_settings, matches, args.rerank_top)
     for kind in ("resampled", "fresh") if args.resample_from else ():
         extra[kind] = second_round(kind, model, card, formula, ranking, results, relaxed, calculator, relax_settings,
                                    matches, args)
@@ -164,6 +166,49 @@ def second_round(kind: str, model, card, formula: str, ranking, results: dict, r
     winner = joint.winners[0] if joint.winners else None
     return {"top1": winner in matched, "relaxed_match": bool(matched), "winner": winner,
             "winner_second": winner in sampled, "candidates": records,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def rerank(ranking, relaxed: dict, calculator, relax_settings: RelaxSettings, matches, top: int) -> dict:
+    """The first ranking's best ``top`` groups relaxed again with a second potential and ranked by its energies (an
+    experimental step: a cheap potential relaxes every candidate, a costlier one orders the shortlist).
+
+    Each group's representative is relaxed again from its first-potential minimum; every member of the group carries
+    the result, so the consensus rule of :func:`equicsp_core.pipeline.rank` counts the first ranking's populations
+    (and merges groups that the second potential relaxes into one structure). Returns ``top1`` and ``winner`` of that
+    consensus, ``top1_by_energy`` and ``winner_by_energy`` (the lowest second-potential energy alone), and per
+    shortlisted group ``label``, ``first_rank``, ``members``, ``energy_per_atom``, ``status``, ``relax_steps``,
+    ``match`` and ``match_rms`` of its re-relaxed structure; ``seconds`` of the step. With fewer than two groups
+    nothing is relaxed: the first winner stands (``reranked`` 0).
+    """
+    from equicsp_core.pipeline import rank
+    from equicsp_core.relax import relax_structures
+
+    started = time.perf_counter()
+    groups = sorted((entry["ml_rank"], label, entry["members"]) for label, entry in ranking.ranking.items()
+                    if entry["ml_rank"] is not None)[:top]
+    if len(groups) < 2:
+        winner = groups[0][1] if groups else None
+        found = matches({winner: relaxed[winner]}) if winner else {}
+        return {"reranked": 0, "top1": bool(found), "winner": winner, "top1_by_energy": bool(found),
+                "winner_by_energy": winner, "groups": [], "seconds": round(time.perf_counter() - started, 1)}
+    results = dict(relax_structures({label: relaxed[label] for _, label, _ in groups}, relax_settings,
+                                    lambda potential, device: calculator))
+    representative_of = {member: label for _, label, members in groups for member in members}
+    carried = {member: results[label] for member, label in representative_of.items()}
+    again = rank({member: result.as_dict() for member, result in carried.items()},
+                 {member: result.structure for member, result in carried.items() if result.structure is not None},
+                 top_k=1)
+    matched = matches({label: result.structure for label, result in results.items() if result.structure is not None})
+    winner = representative_of[again.winners[0]] if again.winners else None
+    energies = {label: result.energy_per_atom for label, result in results.items() if result.structure is not None}
+    by_energy = min(energies, key=energies.get) if energies else None
+    records = [{"label": label, "first_rank": first_rank, "members": len(members),
+                "energy_per_atom": results[label].energy_per_atom, "status": results[label].status,
+                "relax_steps": results[label].steps, "match": label in matched, "match_rms": matched.get(label)}
+               for first_rank, label, members in groups]
+    return {"reranked": len(groups), "top1": winner in matched, "winner": winner,
+            "top1_by_energy": by_energy in matched, "winner_by_energy": by_energy, "groups": records,
             "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -374,7 +419,28 @@ def summary(paths: list[Path]) -> dict:
         **missed_ranks(lines),
         **close_matches(lines),
         **second_rounds(lines),
+        **reranks(lines),
     }
+
+
+def reranks(lines: list[dict]) -> dict:
+    """Over the lines with a second potential's ranking (``--rerank-potential``): top-1 of the first ranking, of the
+    second potential's consensus and of its energy alone, the compositions only one of the first and the consensus
+    ranks first, with the sign test, and the step's mean seconds."""
+    reranked = [line for line in lines if "rerank" in line]
+    if not reranked:
+        return {}
+    count = len(reranked)
+    gains = [line["formula"] for line in reranked if line["rerank"]["top1"] and not line["top1"]]
+    losses = [line["formula"] for line in reranked if line["top1"] and not line["rerank"]["top1"]]
+    return {"rerank": {
+        "rows": count,
+        "top1_first": round(100 * sum(line["top1"] for line in reranked) / count, 1),
+        "top1_rerank": round(100 * sum(line["rerank"]["top1"] for line in reranked) / count, 1),
+        "top1_rerank_by_energy": round(100 * sum(line["rerank"]["top1_by_energy"] for line in reranked) / count, 1),
+        "top1_only_rerank": gains, "top1_only_first": losses, "sign_test_p": sign_test_p(len(gains), len(losses)),
+        "mean_seconds": round(sum(line["rerank"]["seconds"] for line in reranked) / count, 1),
+    }}
 
 
 def second_rounds(lines: list[dict]) -> dict:
@@ -504,7 +570,7 @@ def missed_ranks(lines: list[dict]) -> dict:
 #: with the value meant by a line written before the setting was recorded (absent here: not checked on such lines).
 RUN_SETTINGS = {"checkpoint": None, "split": "reserved", "potential": "chgnet", "num_samples": None, "steps": None,
                 "seed": None, "fmax": None, "relax_steps": None, "resample_from": 0, "resample_top": None,
-                "resample_copies": None, "resample_steps": None}
+                "resample_copies": None, "resample_steps": None, "rerank_potential": None, "rerank_top": None}
 
 
 def mixed_setting(lines: list[dict], settings: dict) -> str | None:
@@ -543,6 +609,9 @@ def main() -> None:
                         "best-ranked structures")
     parser.add_argument("--resample-copies", type=int, default=4, help="with --resample-from: copies of each")
     parser.add_argument("--resample-steps", type=int, default=50, help="with --resample-from: denoising steps")
+    parser.add_argument("--rerank-potential", help="relax the best --rerank-top groups again with this second "
+                        "potential and rank them by its energies (an experimental step, rerank); default: none")
+    parser.add_argument("--rerank-top", type=int, default=3, help="with --rerank-potential: how many groups")
     parser.add_argument("--part", default="0/1", help="i/n: every n-th of the rows from the i-th (0 <= i < n)")
     parser.add_argument("--out", required=True, nargs="+", help="one file; with --summary, the parts of one run")
     parser.add_argument("--summary", action="store_true", help="print the fractions of --out and stop")
@@ -583,10 +652,11 @@ def main() -> None:
     cifs = load_cifs("mp_20", rows)
     model, card = load_model(args.checkpoint)
     calculator = load_calculator(args.potential, "cpu")
+    rerank_calculator = load_calculator(args.rerank_potential, "cpu") if args.rerank_potential else None
     for row, cif in zip(rows, cifs):
         if row.index in done:
             continue
-        line = {**settings, **run_row(row.index, cif, model, card, calculator, args)}
+        line = {**settings, **run_row(row.index, cif, model, card, calculator, rerank_calculator, args)}
         with out.open("a") as handle:
             handle.write(json.dumps(line) + "\n")
         print(f"{line['formula']}: {line.get('refused') or ''} sampled {line['sampled']}, relaxed "

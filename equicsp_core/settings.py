@@ -71,6 +71,7 @@ MAX_SEED = 2**63 - 1
 POTENTIALS = {
     "chgnet": "equicsp_core.relax:chgnet_calculator",
     "sevennet": "equicsp_core.relax:sevennet_calculator",
+    "sevennet-l3i5": "equicsp_core.relax:sevennet_l3i5_calculator",
 }
 #: Relaxation types of aiida-quantumespresso's ``RelaxType`` (a test keeps them in step).
 DFT_RELAX_TYPES = ("none", "positions", "volume", "shape", "cell", "positions_volume", "positions_shape",

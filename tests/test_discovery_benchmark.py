@@ -74,9 +74,9 @@ def test_a_tiny_run_writes_one_record_per_candidate(fixture_data_dir, one_thread
     cif = load_cifs("perov_5", [Row("test", 0)], fixture_data_dir)[0]
     options = argparse.Namespace(num_samples=3, steps=5, seed=0, fmax=0.05, relax_steps=10, denoising_loss=True,
                                  symmetry_polish=True, resample_from=300, resample_top=2, resample_copies=2,
-                                 resample_steps=5)
+                                 resample_steps=5, rerank_potential="lennard-jones", rerank_top=2)
     benchmark = load_benchmark()
-    line = benchmark.run_row(0, cif, model, card, lennard_jones(), options)
+    line = benchmark.run_row(0, cif, model, card, lennard_jones(), lennard_jones(), options)
     details = line["candidate_details"]
     assert [c["sample"] for c in details] == [0, 1, 2] and {c["z"] for c in details} == {1}
     assert line["relaxed_match"] == any(c["match"] for c in details)
@@ -99,7 +99,50 @@ def test_a_tiny_run_writes_one_record_per_candidate(fixture_data_dir, one_thread
         assert second["relaxed_match"] == (line["relaxed_match"] or any(c["match"] for c in second["candidates"]))
         assert second["winner_second"] == ("~" in (second["winner"] or ""))
         assert all((c["ml_energy_per_atom"] is None) == (c["rank"] is None) for c in second["candidates"])
+    groups = line["rerank"]["groups"]
+    assert [(g["first_rank"], g["label"]) for g in groups] == (best if len(best) > 1 else [])
+    assert line["rerank"]["winner"] in ([g["label"] for g in groups] or [line["winner"]])
+    assert line["rerank"]["top1"] == (any(g["match"] and g["label"] == line["rerank"]["winner"] for g in groups)
+                                      if groups else line["top1"])
     assert json.loads(json.dumps(line)) == line
+
+
+def copper(lattice: str):
+    """Copper's cubic cell, fcc or bcc, at EMT's lattice constant (3.589 and 2.854 Å)."""
+    from ase.build import bulk
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    return AseAtomsAdaptor.get_structure(bulk("Cu", lattice, a=3.589 if lattice == "fcc" else 2.854, cubic=True))
+
+
+def test_a_second_potential_reorders_the_shortlist_and_carries_the_first_populations():
+    """A first ranking puts bcc copper first (two members, lower first energies) and fcc second; EMT puts fcc 33
+    meV/atom below bcc (beyond the consensus window), so the rerank winner is fcc, by consensus and by energy alone,
+    and each group record carries its first rank and population; with a shortlist of one, nothing is relaxed and
+    the first winner stands."""
+    from ase.calculators.emt import EMT
+
+    from equicsp_core.metrics import rms_distance
+    from equicsp_core.pipeline import rank
+
+    relaxed = {"bcc_a": copper("bcc"), "bcc_b": copper("bcc"), "fcc": copper("fcc")}
+    energies = {"bcc_a": -2.0, "bcc_b": -1.99, "fcc": -1.0}
+    ranking = rank({label: {"status": "converged", "energy_per_atom": energy} for label, energy in energies.items()},
+                   relaxed, top_k=1)
+
+    def matches(structures):
+        distances = {label: rms_distance(structure, copper("fcc")) for label, structure in structures.items()}
+        return {label: distance for label, distance in distances.items() if distance is not None}
+
+    benchmark = load_benchmark()
+    result = benchmark.rerank(ranking, relaxed, EMT(), RelaxSettings(fmax=0.01, steps=100), matches, top=3)
+    assert (result["winner"], result["top1"], result["winner_by_energy"], result["top1_by_energy"]) == (
+        "fcc", True, "fcc", True)
+    assert [(g["label"], g["first_rank"], g["members"], g["match"]) for g in result["groups"]] == [
+        ("bcc_a", 1, 2, False), ("fcc", 2, 1, True)]
+    assert result["groups"][1]["energy_per_atom"] == pytest.approx(-0.00703, abs=1e-4)
+    alone = benchmark.rerank(ranking, relaxed, EMT(), RelaxSettings(fmax=0.01, steps=100), matches, top=1)
+    assert (alone["reranked"], alone["winner"], alone["top1"], alone["groups"]) == (0, "bcc_a", False, [])
 
 
 def test_the_denoising_loss_of_a_known_perovskite_is_below_that_of_its_rattled_copy():
@@ -223,6 +266,25 @@ def test_the_summary_pairs_the_resampled_round_with_its_fresh_control(tmp_path):
                                "winner_second": 1, "mean_seconds": 30.0}
     assert rounds["top1_only_resampled"] == ["X1", "X2"] and rounds["top1_only_fresh"] == ["X3"]
     assert rounds["sign_test_p"] == 1.0
+
+
+def test_the_summary_pairs_the_rerank_with_the_first_ranking(tmp_path):
+    """Three rows with a rerank and one without: top-1 of the first ranking, of the rerank's consensus and of its
+    energy alone over the three, the rows only one of the first and the consensus ranks first, the sign test and the
+    step's mean seconds."""
+    def line(row, first, consensus, by_energy, seconds):
+        return {"row": row, "formula": f"X{row}", "sampled": True, "relaxed_match": True, "top1": first, "known_z": 1,
+                "seconds": 100.0, "sampling_seconds": 1.0,
+                "rerank": {"top1": consensus, "top1_by_energy": by_energy, "seconds": seconds}}
+
+    path = tmp_path / "d.jsonl"
+    lines = [line(1, True, True, False, 10.0), line(2, False, True, True, 20.0), line(3, True, False, True, 30.0),
+             {"row": 4, "formula": "X4", "sampled": False, "relaxed_match": False, "top1": False, "known_z": 1,
+              "seconds": 5.0, "sampling_seconds": 1.0}]
+    path.write_text("".join(json.dumps(one) + "\n" for one in lines))
+    assert load_benchmark().summary([path])["rerank"] == {
+        "rows": 3, "top1_first": 66.7, "top1_rerank": 66.7, "top1_rerank_by_energy": 66.7,
+        "top1_only_rerank": ["X2"], "top1_only_first": ["X3"], "sign_test_p": 1.0, "mean_seconds": 20.0}
 
 
 def test_an_output_file_holds_one_split(tmp_path, monkeypatch, capsys):

@@ -144,7 +144,7 @@ def test_settings_must_be_a_mapping():
 
 
 def test_known_potentials_are_module_factories():
-    assert set(POTENTIALS) == {"chgnet", "sevennet"}
+    assert set(POTENTIALS) == {"chgnet", "sevennet", "sevennet-l3i5"}
     assert all(":" in target for target in POTENTIALS.values())
 
 
@@ -237,15 +237,15 @@ def test_the_calculator_is_built_once():
     assert len(results) == 2 and built == [("any.module:anything", "auto")]
 
 
-@pytest.mark.parametrize("potential", ["chgnet", "sevennet"])
+@pytest.mark.parametrize("potential", ["chgnet", "sevennet", "sevennet-l3i5"])
 def test_pretrained_potential_relaxes_a_perturbed_perovskite(potential):
-    """The two shipped potentials, for real (their weights come with their packages; loading takes seconds)."""
+    """The shipped potentials, for real (their weights come with their packages; loading takes seconds)."""
     perovskite = Structure(Lattice.cubic(3.95), ["Sr", "Ti", "O", "O", "O"],
                            [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
     settings = RelaxSettings(potential=potential, fmax=0.1, steps=200)
     result = relax_structure(rattled(perovskite, 0.05), load_calculator(potential), settings)
     assert result.status == "converged", result.error
-    assert -9.5 < result.energy_per_atom < -7.0  # SrTiO3 measured here: CHGNet -8.42, SevenNet 7net-0 -8.02 eV/atom
+    assert -9.5 < result.energy_per_atom < -7.0  # SrTiO3 measured: CHGNet -8.42, 7net-0 -8.02, 7net-l3i5 -8.02 eV/atom
     assert result.structure.composition == perovskite.composition
 
 
