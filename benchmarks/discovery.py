@@ -568,9 +568,12 @@ def missed_ranks(lines: list[dict]) -> dict:
 
 #: The settings that define a run, all alike in the lines of one ``--out`` (resuming with another would mix two runs),
 #: with the value meant by a line written before the setting was recorded (absent here: not checked on such lines).
-RUN_SETTINGS = {"checkpoint": None, "split": "reserved", "potential": "chgnet", "num_samples": None, "steps": None,
-                "seed": None, "fmax": None, "relax_steps": None, "resample_from": 0, "resample_top": None,
-                "resample_copies": None, "resample_steps": None, "rerank_potential": None, "rerank_top": None}
+#: ``model_sha256`` is the checkpoint's weights (a shipped name such as ``mp_20`` stands for other weights once a new
+#: model is shipped under it), taken from the checkpoint, not from the command line.
+RUN_SETTINGS = {"checkpoint": None, "model_sha256": None, "split": "reserved", "potential": "chgnet",
+                "num_samples": None, "steps": None, "seed": None, "fmax": None, "relax_steps": None, "resample_from": 0,
+                "resample_top": None, "resample_copies": None, "resample_steps": None, "rerank_potential": None,
+                "rerank_top": None}
 
 
 def mixed_setting(lines: list[dict], settings: dict) -> str | None:
@@ -637,13 +640,14 @@ def main() -> None:
 
     import torch
 
-    from equicsp_core.checkpoint import load_model
+    from equicsp_core.checkpoint import load_model, read_checkpoint
     from equicsp_core.relax import load_calculator
     from equicsp_core.splits import load_cifs, split_rows
 
     torch.set_num_threads(args.threads)
     lines = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-    settings = {key: getattr(args, key) for key in RUN_SETTINGS}
+    settings = {key: getattr(args, key) for key in RUN_SETTINGS if key != "model_sha256"}
+    settings["model_sha256"] = read_checkpoint(args.checkpoint)["model_sha256"]
     mixed = mixed_setting(lines, settings)
     if mixed:
         parser.error(f"{out} holds rows {mixed}: use another --out")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from equicsp_core.checkpoint import read_checkpoint
 from equicsp_core.settings import RelaxSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -322,6 +323,20 @@ def test_an_output_file_holds_one_number_of_candidates(tmp_path, monkeypatch, ca
         load_benchmark().main()
     assert stopped.value.code == 2
     assert f"{out} holds rows with num_samples 8, not 20: use another --out" in capsys.readouterr().err
+
+
+def test_an_output_file_holds_one_model(tmp_path, monkeypatch, capsys):
+    """A shipped name stands for other weights once a new model is shipped under it: rows sampled by the earlier
+    weights are not resumed with the new ones."""
+    out = tmp_path / "d.jsonl"
+    out.write_text(json.dumps({"row": 4, "split": "reserved", "potential": "chgnet", "checkpoint": "perov_5",
+                               "model_sha256": "0" * 64, "formula": "Cu1Ni1"}) + "\n")
+    monkeypatch.setattr("sys.argv", ["discovery.py", "--checkpoint", "perov_5", "--out", str(out)])
+    with pytest.raises(SystemExit) as stopped:
+        load_benchmark().main()
+    assert stopped.value.code == 2
+    shipped = read_checkpoint("perov_5")["model_sha256"]
+    assert f"{out} holds rows with model_sha256 {'0' * 64}, not {shipped}: use another --out" in capsys.readouterr().err
 
 
 def test_the_summary_refuses_parts_that_share_a_row(tmp_path):
