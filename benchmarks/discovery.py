@@ -640,21 +640,22 @@ def main() -> None:
 
     import torch
 
-    from equicsp_core.checkpoint import load_model, read_checkpoint
+    from equicsp_core.checkpoint import model_of, read_checkpoint, resolve_checkpoint
     from equicsp_core.relax import load_calculator
     from equicsp_core.splits import load_cifs, split_rows
 
     torch.set_num_threads(args.threads)
     lines = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     settings = {key: getattr(args, key) for key in RUN_SETTINGS if key != "model_sha256"}
-    settings["model_sha256"] = read_checkpoint(args.checkpoint)["model_sha256"]
+    payload = read_checkpoint(args.checkpoint)
+    settings["model_sha256"] = payload["model_sha256"]
     mixed = mixed_setting(lines, settings)
     if mixed:
         parser.error(f"{out} holds rows {mixed}: use another --out")
     done = {line["row"] for line in lines}
     rows = split_rows("mp_20", args.split)[:args.rows][part::parts]
     cifs = load_cifs("mp_20", rows)
-    model, card = load_model(args.checkpoint)
+    model, card = model_of(payload, resolve_checkpoint(args.checkpoint)).eval(), payload.get("card", {})
     calculator = load_calculator(args.potential, "cpu")
     rerank_calculator = load_calculator(args.rerank_potential, "cpu") if args.rerank_potential else None
     for row, cif in zip(rows, cifs):
