@@ -165,19 +165,23 @@ def quick_look_reasons(protocol: str | None, kpoints_distance: float | None = No
 
 
 def dft_level(functional: str, code: str, protocol: str | None, spin_polarised: bool,
-              quick_look: Sequence[str] = ()) -> str:
-    """What a DFT energy is, for the ranking table's ``dft_level`` column.
+              quick_look: Sequence[str] = (), single_point: bool = False) -> str:
+    """What a DFT energy is, for the ranking table's ``dft_level`` column; ``single_point``: the energy of the
+    ML-relaxed structure as it is (``relax_type`` ``none``), not of a DFT minimum, a level of its own.
 
     >>> dft_level("PBE", "QE", "balanced", True)
     'PBE, QE, balanced, spin-polarised'
     >>> dft_level("PBE", "QE", "fast", False, ["fast protocol", "k spacing 0.8 1/Å > 0.3"])
     'PBE, QE, fast (quick look: k spacing 0.8 1/Å > 0.3)'
+    >>> dft_level("PBE", "QE", "balanced", False, single_point=True)
+    'PBE, QE, balanced, single point at the ML geometry'
     """
     details = [reason for reason in quick_look if reason != f"{protocol} protocol"]
     level = f"{functional}, {code}, {protocol or 'default protocol'}"
     if quick_look:
         level += f" (quick look{': ' + ', '.join(details) if details else ''})"
-    return level + (", spin-polarised" if spin_polarised else "")
+    return level + (", spin-polarised" if spin_polarised else "") + (
+        ", single point at the ML geometry" if single_point else "")
 
 
 def magnetisation_note(total: float | None, absolute: float | None, atoms: int) -> str | None:

@@ -45,7 +45,7 @@ STATUSES = {
     "ml_failed": "the ML relaxation failed",
     "ml_relaxed": "ML-relaxed (converged or stopped at the step cap: see ml_converged)",
     "dft_failed": "the DFT relaxation failed",
-    "dft_relaxed": "DFT-relaxed",
+    "dft_relaxed": "DFT-relaxed (with relax_type none: a DFT single point at the ML geometry, said in dft_level)",
 }
 
 #: Columns of a ranking row, every row having all of them (``None`` where a level was not reached).

@@ -328,6 +328,17 @@ def _action_taken(calculation: orm.CalcJobNode) -> str | None:
     return None
 
 
+def dft_structure(node: orm.ProcessNode, settings: DFTSettings) -> orm.StructureData | None:
+    """The structure a finished DFT run's energy belongs to: its relaxed ``output_structure``, or, for a single point
+    (``relax_type`` ``none``: aiida-quantumespresso runs an SCF and outputs no structure), the structure it was given;
+    ``None`` when the run did not finish cleanly."""
+    if not node.is_finished_ok:
+        return None
+    if "output_structure" in node.outputs:
+        return node.outputs.output_structure
+    return node.inputs.structure if settings.relax_type == "none" else None
+
+
 def dft_failure(node: orm.ProcessNode) -> str:
     """Why a DFT run failed: its exit status and message, and the last pw.x failure under it if there is one."""
     reason = f"PwRelaxWorkChain<{node.pk}> exit status {node.exit_status}: {node.exit_message}"
@@ -372,7 +383,7 @@ def describe_dft(node: orm.ProcessNode, settings: DFTSettings, family_label: str
         kpoints_distance = base.kpoints_distance.value if base is not None and "kpoints_distance" in base else None
         reasons = quick_look_reasons(protocol, kpoints_distance, system.get("ecutwfc"), recommended)
         level = dft_level(parameters.get("dft_exchange_correlation", "unknown functional"), "QE",
-                          protocol, spin_polarised, reasons)
+                          protocol, spin_polarised, reasons, single_point=settings.relax_type == "none")
     return {"level": level, "notes": [note for note in notes if note]}
 
 
@@ -695,10 +706,11 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
 
     def inspect_dft(self) -> ExitCode | None:
         """Output the DFT-relaxed structures; failed relaxations stay in the table with their exit message."""
-        finished = {label: node for label, node in self.ctx.get("dft", {}).items()
-                    if node.is_finished_ok and "output_structure" in node.outputs}
+        settings = dft_settings(self.inputs.dft)
+        structures = {label: dft_structure(node, settings) for label, node in self.ctx.get("dft", {}).items()}
+        finished = {label: structure for label, structure in structures.items() if structure is not None}
         if finished:
-            self.out("dft_relaxed", {label: node.outputs.output_structure for label, node in finished.items()})
+            self.out("dft_relaxed", finished)
         for label, node in self.ctx.get("dft", {}).items():
             if label not in finished:
                 self.report(f"DFT relaxation of {label} failed: exit status {node.exit_status} {node.exit_message}")
@@ -708,7 +720,7 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
         """Output the ranking table; 404 when every DFT relaxation failed."""
         self._output_table()
         dft = self.ctx.get("dft", {})
-        if dft and not any(node.is_finished_ok for node in dft.values()):
+        if dft and not any(dft_structure(node, dft_settings(self.inputs.dft)) for node in dft.values()):
             return self.exit_codes.ERROR_ALL_DFT_FAILED
         return None
 
@@ -722,13 +734,14 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
             else orm.Dict({})
         nodes.update({f"ml_{label}": node for label, node in self.ctx.get("ml_relaxed", {}).items()})
         for label, node in self.ctx.get("dft", {}).items():
-            if node.is_finished_ok and "output_structure" in node.outputs:
-                nodes[f"dft_{label}"] = node.outputs.output_structure
+            settings = dft_settings(self.inputs.dft)
+            structure = dft_structure(node, settings)
+            if structure is not None:
+                nodes[f"dft_{label}"] = structure
                 nodes[f"dft_parameters_{label}"] = node.outputs.output_parameters
             else:
                 nodes[f"dft_failed_{label}"] = orm.Str(dft_failure(node))
-            nodes[f"dft_info_{label}"] = orm.Dict(describe_dft(node, dft_settings(self.inputs.dft),
-                                                               pseudo_family_label(self.inputs.dft)))
+            nodes[f"dft_info_{label}"] = orm.Dict(describe_dft(node, settings, pseudo_family_label(self.inputs.dft)))
         phonons = self.ctx.get("phonons")
         if phonons is not None and "results" in phonons.outputs:
             nodes["phonons"] = phonons.outputs.results

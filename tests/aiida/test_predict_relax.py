@@ -163,3 +163,23 @@ def test_a_magnetic_dft_that_does_not_converge_gets_a_reason_and_the_others_go_o
         f"{recommended:g})", si["dft_level"]
     assert si["notes"].startswith("symmetrised at 0.01 Å to Pm-3m (221) for DFT"), si["notes"]
     assert set(outputs["dft_relaxed"]) == {"Si_000"}
+
+
+def test_a_dft_single_point_gives_the_energy_of_the_ml_geometry(fixed_cell_equicsp_code, model, pw_code,
+                                                                 pseudo_family):
+    """Real pw.x with ``relax_type`` ``none``: aiida-quantumespresso runs one SCF and outputs no structure; the row
+    is still DFT-ranked, its energy that of the (symmetrised) ML-relaxed cell, and its level says single point."""
+    single_point = {**MAGNETIC_FAULT, "dft": {**MAGNETIC_FAULT["dft"], "relax_type": "none"}}
+    builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
+        fixed_cell_equicsp_code, model, ["Si"], pw_code=pw_code, pseudo_family=pseudo_family, overrides=single_point)
+    outputs, node = run_get_node(builder)
+    assert node.exit_status == 0, node.exit_message
+    (si,) = outputs["ranking"]["rows"]
+    dft = node.base.links.get_outgoing(link_label_filter="dft_Si_000").one().node
+    assert dft.is_finished_ok and "output_structure" not in dft.outputs
+    assert dft.inputs.base_relax.pw.parameters["CONTROL"]["calculation"] == "scf"
+    assert si["status"] == "dft_relaxed" and si["dft_level"].endswith(", single point at the ML geometry"), si
+    energy = dft.outputs.output_parameters["energy"] / dft.outputs.output_parameters["number_of_atoms"]
+    assert si["dft_energy_per_atom"] == pytest.approx(energy)
+    assert outputs["dft_relaxed"]["Si_000"].uuid == dft.inputs.structure.uuid
+    assert si["dft_rms_displacement"] == pytest.approx(0.0, abs=0.02)  # the symmetrised ML cell, not moved by DFT
