@@ -23,7 +23,8 @@ ranking misses a found structure; lines written before it lack them); ``--summar
 the lines with details where the winner is not a match, the ML rank of the best-ranked match, its ML energy above
 the winner's and how many of those winners have no symmetry, and, where the records hold each match's RMS
 (``match_rms``), the found and top-1 fractions counting only matches within RMS 0.25 (``close_matches``). DFT on
-the winners (the issue's level (c)) is not run here: a pw.x relaxation costs minutes to hours per structure on this CPU.
+the shortlist (the issue's level (c)) is ``benchmarks/discovery_dft.py``, through the AiiDA work chain: pw.x costs
+minutes to hours per structure on this CPU, so it runs on a few small compositions.
 
     python benchmarks/discovery.py --checkpoint mp_20 --rows 100 --num-samples 10 --steps 100 \\
         --out benchmarks/results/discovery_mp20.jsonl

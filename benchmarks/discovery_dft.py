@@ -1,23 +1,25 @@
 """Discovery with DFT on the shortlist (issue 16, level (c)): does pw.x pick the known structure out of the ML best k?
 
-For each of the first ``--rows`` reserved mp_20 test rows whose known cell holds at most ``--max-known-atoms`` atoms
-and whose elements all have a pseudopotential in the installed PseudoDojo family (a cost filter: pw.x on this CPU),
+For each of the first ``--rows`` reserved mp_20 test rows whose known cell holds at most ``--max-known-atoms`` atoms,
+whose elements all have a pseudopotential in the installed PseudoDojo family and (unless ``--magnetic``) whose DFT
+would not be spin-polarised (:func:`equicsp_core.dft.spin_moments`; cost filters: pw.x on this CPU),
 only the reduced composition is given to the real ``equicsp.predict_relax`` work chain: ``--num-samples``
 candidates over every Z up to ``--max-formula-units`` (the ``balanced`` sampler, 200 steps), CHGNet relaxation
-(``--fmax``, ``--relax-steps``), merging and the ML ranking, then a pw.x relaxation (``PwRelaxWorkChain``,
-``--dft-protocol``, ``--relax-type``, one cell cycle: no meta-convergence) of the ``--top-k`` best groups. Scored
+(``--fmax``, ``--relax-steps``), merging and the ML ranking, then pw.x (``PwRelaxWorkChain``, ``--dft-protocol``,
+``--relax-type``: ``none`` by default, a single point on each ML-relaxed structure, which costs one SCF; a
+relaxation type relaxes with one cell cycle, no meta-convergence) on the ``--top-k`` best groups. Scored
 against the known structure with the papers' StructureMatcher tolerances (:func:`equicsp_core.metrics.rms_distance`):
 
 - ``relaxed_match``: the known structure is among the ML-relaxed candidates (level (a));
 - ``top1_ml``: the ML ranking's winner matches it (level (b));
-- ``top1_dft``: the DFT-relaxed structure of lowest DFT energy per atom among the shortlist matches it (level (c));
+- ``top1_dft``: the DFT structure of lowest DFT energy per atom among the shortlist matches it (level (c));
   ``shortlist_match``: some member of the shortlist matches (what DFT could pick at best).
 
 One JSON line per composition in ``--out`` (resumable; ``--part i/n`` as in ``benchmarks/discovery.py``), with the
 work chain's pk, its wall time and, per shortlisted candidate, its ML rank, Z, atoms, ML and DFT energies, the DFT
 level, space groups, matches and the DFT run's seconds. ``--summary`` prints the fractions.
 
-    verdi run benchmarks/discovery_dft.py --rows 100 --max-known-atoms 6 --out benchmarks/results/discovery_dft.jsonl
+    verdi run benchmarks/discovery_dft.py --rows 100 --max-known-atoms 4 --out benchmarks/results/discovery_dft.jsonl
     verdi run benchmarks/discovery_dft.py --out benchmarks/results/discovery_dft.jsonl --summary
 
 Needs the codes ``equicsp@localhost`` and ``pw@localhost`` (``examples/predict_and_relax.py`` creates them).
@@ -33,21 +35,22 @@ from pathlib import Path
 
 #: The settings that define a run, alike in every line of one ``--out``.
 RUN_SETTINGS = ("checkpoint", "num_samples", "max_formula_units", "fmax", "relax_steps", "top_k", "dft_protocol",
-                "relax_type", "seed")
+                "relax_type", "magnetic", "seed")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="verdi run benchmarks/discovery_dft.py", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default="mp_20", help="a shipped model name")
     parser.add_argument("--rows", type=int, default=100, help="first N reserved mp_20 test rows")
-    parser.add_argument("--max-known-atoms", type=int, default=6, help="skip rows whose known cell is larger")
+    parser.add_argument("--max-known-atoms", type=int, default=4, help="skip rows whose known cell is larger")
+    parser.add_argument("--magnetic", action="store_true", help="also run compositions whose DFT is spin-polarised")
     parser.add_argument("--num-samples", type=int, default=20)
     parser.add_argument("--max-formula-units", type=int, default=4)
     parser.add_argument("--fmax", type=float, default=0.05)
     parser.add_argument("--relax-steps", type=int, default=200)
     parser.add_argument("--top-k", type=int, default=3, help="DFT-relax the best k groups of the ML ranking")
     parser.add_argument("--dft-protocol", default="fast", choices=("fast", "balanced", "stringent"))
-    parser.add_argument("--relax-type", default="positions_cell")
+    parser.add_argument("--relax-type", default="none", help="a RelaxType value; none: a single point")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--part", default="0/1", help="i/n: every n-th of the selected rows from the i-th")
     parser.add_argument("--out", required=True)
@@ -132,6 +135,7 @@ def main() -> None:
     from aiida_equicsp.data.model import EquiCSPModelData
     from aiida_equicsp.pseudos import install_pseudodojo_family, missing_pseudo_elements
     from aiida_equicsp.workchains.predict_relax import EquiCSPPredictRelaxWorkChain
+    from equicsp_core.dft import spin_moments
     from equicsp_core.splits import load_cifs, split_rows
 
     equicsp_code, pw_code = orm.load_code("equicsp@localhost"), orm.load_code("pw@localhost")
@@ -148,6 +152,8 @@ def main() -> None:
         missing = missing_pseudo_elements(family, [str(element) for element in known.composition])
         if missing:
             line["skipped"] = f"no pseudopotential for {', '.join(missing)} in {family.label}"
+        elif spin_moments(known.composition) and not args.magnetic:
+            line["skipped"] = "spin-polarised DFT (a cost filter: --magnetic runs it)"
         else:
             overrides = {
                 "num_samples": args.num_samples, "top_k": args.top_k, "stability": {"stability": False},
