@@ -2,7 +2,8 @@
 
 For each of the first ``--rows`` reserved mp_20 test rows whose known cell holds at most ``--max-known-atoms`` atoms,
 whose elements all have a pseudopotential in the installed PseudoDojo family and (unless ``--magnetic``) whose DFT
-would not be spin-polarised (:func:`equicsp_core.dft.spin_moments`; cost filters: pw.x on this CPU),
+would not be spin-polarised (:func:`equicsp_core.dft.spin_moments`; cost filters: pw.x on this CPU), and whose known
+cell holds at most ``--max-formula-units`` formula units (a row beyond it cannot be found, and is recorded skipped),
 only the reduced composition is given to the real ``equicsp.predict_relax`` work chain: ``--num-samples``
 candidates over every Z up to ``--max-formula-units`` (the ``balanced`` sampler, 200 steps), CHGNet relaxation
 (``--fmax``, ``--relax-steps``), merging and the ML ranking, then pw.x (``PwRelaxWorkChain``, ``--dft-protocol``,
@@ -19,7 +20,8 @@ One JSON line per composition in ``--out`` (resumable; ``--part i/n`` as in ``be
 work chain's pk, its wall time and, per shortlisted candidate, its ML rank, Z, atoms, ML and DFT energies, the DFT
 level, space groups, matches and the DFT run's seconds. ``--summary`` prints the fractions.
 
-    verdi run benchmarks/discovery_dft.py --rows 100 --max-known-atoms 4 --out benchmarks/results/discovery_dft.jsonl
+    verdi run benchmarks/discovery_dft.py --rows 100 --max-known-atoms 6 --max-formula-units 1 \
+        --out benchmarks/results/discovery_dft.jsonl
     verdi run benchmarks/discovery_dft.py --out benchmarks/results/discovery_dft.jsonl --summary
 
 Needs the codes ``equicsp@localhost`` and ``pw@localhost`` (``examples/predict_and_relax.py`` creates them).
@@ -148,10 +150,13 @@ def main() -> None:
         if row.index in done:
             continue
         formula = known.composition.reduced_composition.formula.replace(" ", "")
-        line = {**settings, "row": row.index, "formula": formula, "known_atoms": len(known)}
+        known_z = len(known) // round(known.composition.reduced_composition.num_atoms)
+        line = {**settings, "row": row.index, "formula": formula, "known_atoms": len(known), "known_z": known_z}
         missing = missing_pseudo_elements(family, [str(element) for element in known.composition])
         if missing:
             line["skipped"] = f"no pseudopotential for {', '.join(missing)} in {family.label}"
+        elif known_z > args.max_formula_units:
+            line["skipped"] = f"known Z {known_z} > --max-formula-units {args.max_formula_units}: cannot be found"
         elif spin_moments(known.composition) and not args.magnetic:
             line["skipped"] = "spin-polarised DFT (a cost filter: --magnetic runs it)"
         else:
