@@ -720,7 +720,7 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
         """Output the ranking table; 404 when every DFT relaxation failed."""
         self._output_table()
         dft = self.ctx.get("dft", {})
-        if dft and not any(dft_structure(node, dft_settings(self.inputs.dft)) for node in dft.values()):
+        if dft and "dft_relaxed" not in self.outputs:  # inspect_dft outputs every finished one
             return self.exit_codes.ERROR_ALL_DFT_FAILED
         return None
 
@@ -733,8 +733,8 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
         ml_results = ml_relax.outputs.results if ml_relax is not None and "results" in ml_relax.outputs \
             else orm.Dict({})
         nodes.update({f"ml_{label}": node for label, node in self.ctx.get("ml_relaxed", {}).items()})
+        settings = dft_settings(self.inputs.dft) if self.ctx.get("dft") else None
         for label, node in self.ctx.get("dft", {}).items():
-            settings = dft_settings(self.inputs.dft)
             structure = dft_structure(node, settings)
             if structure is not None:
                 nodes[f"dft_{label}"] = structure
