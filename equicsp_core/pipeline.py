@@ -53,7 +53,7 @@ ROW_COLUMNS = ("label", "formula", "reduced_formula", "formula_units", "sample",
                "space_group_sampled",
                "ml_energy_per_atom", "ml_converged", "ml_rank", "space_group_ml", "ml_rms_displacement",
                "ml_volume_change", "ml_e_above_hull", "novelty", "ml_imaginary_modes", "ml_min_frequency_thz",
-               "dft_energy_per_atom", "dft_level", "space_group_dft", "dft_rms_displacement", "dft_volume_change",
+               "dft_energy_per_atom", "dft_level", "dft_e_above_hull", "space_group_dft", "dft_rms_displacement", "dft_volume_change",
                "notes")
 
 #: Units of the table's quantities.
@@ -192,14 +192,20 @@ def ml_level(settings: RelaxSettings) -> str:
     return f"ML ({settings.potential}, fmax {settings.fmax:g} eV/Å, {settings.steps} steps{cell})"
 
 
-def levels(settings: RelaxSettings | None) -> dict[str, str]:
-    """The level of each ML energy column of the table (:func:`ml_level`); ``{}`` when the potential is not known
-    (a relax Maker other than the engine's)."""
+#: The level of the ``dft_e_above_hull`` column (:func:`dft_stability`), where a DFT hull was computed.
+DFT_HULL_LEVEL = ("DFT at the row's dft_level: the candidate and the reference entries of its system (those of its "
+                  "ML hull) computed with the same DFT settings; the references from their stored (DFT-relaxed) cells")
+
+
+def levels(settings: RelaxSettings | None, dft_hull: bool = False) -> dict[str, str]:
+    """The level of each ML energy column of the table (:func:`ml_level`; none when the potential is not known: a
+    relax Maker other than the engine's) and, with ``dft_hull``, of ``dft_e_above_hull`` (:data:`DFT_HULL_LEVEL`)."""
+    named = {"dft_e_above_hull": DFT_HULL_LEVEL} if dft_hull else {}
     if settings is None:
-        return {}
+        return named
     level = ml_level(settings)
     return {"ml_energy_per_atom": level,
-            "ml_e_above_hull": f"{level}: the candidate and the reference entries of its system relaxed alike"}
+            "ml_e_above_hull": f"{level}: the candidate and the reference entries of its system relaxed alike", **named}
 
 
 def _hull_candidates(ml_results: Mapping[str, Mapping[str, Any]],
@@ -321,6 +327,37 @@ class DFTOutcome:
     notes: tuple[str, ...] = ()
 
 
+def dft_stability_references(structures: Mapping[str, Structure], settings: StabilitySettings,
+                             reference: ReferenceSet) -> list[ReferenceEntry]:
+    """The reference entries a DFT hull of these candidates (their structures by label) needs, sorted by id: those
+    of their ML hulls (:func:`equicsp_core.stability.hull_references` with ``settings``' choice), so the two
+    hulls of a candidate are built from the same phases."""
+    from equicsp_core.stability import hull_references
+
+    return hull_references({label: structure.composition for label, structure in structures.items()}, reference,
+                           settings.reference_cutoff, settings.references_per_composition)
+
+
+def dft_stability(dft: Mapping[str, DFTOutcome], reference_energies: Mapping[str, Mapping[str, Any]],
+                  settings: StabilitySettings, reference: ReferenceSet) -> dict[str, dict[str, Any]]:
+    """The DFT energy above the hull of each DFT candidate with an energy: ``{label: {"dft_e_above_hull",
+    "reason"}}`` (eV/atom; negative: below every known phase; ``reason`` where there is no value).
+
+    ``reference_energies`` are the :func:`dft_stability_references`' DFT energies, ``{id: {"energy_per_atom",
+    "status", "error"}}``, computed with the candidates' DFT settings (:data:`DFT_HULL_LEVEL`); an entry without an
+    energy is left out of the hull, and a system left without an elemental reference gets a reason instead of a
+    number (:func:`equicsp_core.stability.hull`).
+    """
+    from equicsp_core.stability import hull, known_energies
+
+    candidates = {label: (outcome.structure.composition, outcome.energy_per_atom) for label, outcome in dft.items()
+                  if outcome.structure is not None and outcome.energy_per_atom is not None}
+    hulls = hull(candidates, reference, known_energies(reference_energies), settings.reference_cutoff,
+                 settings.references_per_composition, level="DFT")
+    return {label: {"dft_e_above_hull": result.e_above_hull, "reason": result.reason}
+            for label, result in hulls.items()}
+
+
 def table_rows(
     sampled: Mapping[str, Structure],
     invalid: Sequence[Mapping[str, Any]],
@@ -331,6 +368,7 @@ def table_rows(
     phonons: Mapping[str, Mapping[str, Any]] | None = None,
     dft: Mapping[str, DFTOutcome] | None = None,
     stability: Mapping[str, Mapping[str, Any]] | None = None,
+    dft_hulls: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """The ranking table: one row per sampled candidate, best first, every row with the :data:`ROW_COLUMNS`.
 
@@ -346,6 +384,8 @@ def table_rows(
         dft: the DFT outcome of each winner sent to DFT.
         stability: :func:`stability`'s results (``ml_e_above_hull``, ``novelty`` and, where a value is missing,
             its ``reason``, which becomes the row's reason unless the row has one).
+        dft_hulls: :func:`dft_stability`'s results (``dft_e_above_hull`` and, where it is missing, its ``reason``,
+            which becomes the row's reason unless the row has one).
 
     ``dft_level`` is what ``dft_energy_per_atom`` is (set with it), ``notes`` the DFT run's notes joined by
     ``"; "`` (``None`` without any): energies of different levels never share a column, ML and DFT energies
@@ -356,7 +396,7 @@ def table_rows(
     """
     from pymatgen.core import Composition
 
-    phonons, dft, stability = phonons or {}, dft or {}, stability or {}
+    phonons, dft, stability, dft_hulls = phonons or {}, dft or {}, stability or {}, dft_hulls or {}
     rows = []
     for label in sorted(screening):
         initial = sampled[label]
@@ -380,6 +420,10 @@ def table_rows(
                 row.update(ml_e_above_hull=assessed["ml_e_above_hull"], novelty=assessed["novelty"])
                 if row["reason"] is None:
                     row["reason"] = assessed["reason"]
+            if label in dft_hulls:
+                row["dft_e_above_hull"] = dft_hulls[label]["dft_e_above_hull"]
+                if row["reason"] is None:
+                    row["reason"] = dft_hulls[label]["reason"]
         rows.append(row)
     for entry in invalid:
         rows.append({**dict.fromkeys(ROW_COLUMNS), "formula": entry["cell_formula"], "sample": entry["sample"],

@@ -12,7 +12,7 @@ One model per stage of the pipeline (:mod:`equicsp_core.pipeline`)::
     RankSettings     top_k, phonons                                     (which winners get phonons and DFT)
     StabilitySettings stability, reference_cutoff, references_per_composition
                                                                         (ML E_hull and novelty, after ranking)
-    DFTSettings      protocol, relax_type, symprec, spin                (the DFT stage of the AiiDA route)
+    DFTSettings      protocol, relax_type, symprec, spin, hull          (the DFT stage of the AiiDA route)
     ExploreSettings  chemical_system, max_atoms, ehull_max             (the compositions of a chemical system,
                                                                         the candidates reported stable)
 
@@ -451,6 +451,10 @@ class DFTSettings(Settings):
     spin: Literal["auto", "collinear", "none"] = Field(
         "auto", description="spin polarisation: auto (collinear when a magnetic element has an open shell, "
                             "equicsp_core.dft.initial_moments), collinear (always), none (never)")
+    hull: StrictBool = Field(
+        False, description="DFT energy above the hull: the reference entries of each DFT candidate's chemical system "
+                           "(the ML hull's, StabilitySettings) computed with these DFT settings in the same work "
+                           "chain, one pw.x run per entry, reused by later runs with the same settings")
 
 
 class ExploreSettings(Settings):

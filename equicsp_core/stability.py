@@ -167,9 +167,9 @@ def e_above_hull(candidates: Mapping[str, tuple[Composition, float]], reference:
 
 
 def hull(candidates: Mapping[str, tuple[Composition, float]], reference: ReferenceSet, energies: EnergiesFunction,
-         cutoff: float, per_composition: int, exclude: Iterable[str] = (), compete: bool = False
+         cutoff: float, per_composition: int, exclude: Iterable[str] = (), compete: bool = False, level: str = "ML"
          ) -> dict[str, HullResult]:
-    """The energy above the ML hull of each candidate: ``{label: HullResult}``.
+    """The energy above the hull of each candidate, at the level of its energies: ``{label: HullResult}``.
 
     By default each candidate is placed on the hull of the references alone (negative: below it, lower than every
     known phase). With ``compete`` the candidates join the hulls too, as the phases an exploration of a chemical
@@ -187,6 +187,8 @@ def hull(candidates: Mapping[str, tuple[Composition, float]], reference: Referen
             (:meth:`~equicsp_core.reference.ReferenceSet.hull_references`).
         exclude: ids of reference entries left out of every hull (a benchmark's own known structure).
         compete: the candidates join the hulls of their systems and of the systems above them.
+        level: what the energies are, as a reason names the missing value: ``ML`` (``"no ML E_hull: ..."``) or
+            ``DFT``.
     """
     from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 
@@ -200,8 +202,8 @@ def hull(candidates: Mapping[str, tuple[Composition, float]], reference: Referen
         covered = {next(iter(entry.elements)) for entry in usable if len(entry.elements) == 1}
         gaps = sorted(system - covered)
         if gaps:
-            reason = (f"no ML E_hull: no elemental reference for {', '.join(gaps)} "
-                      "(none in the reference set, or its relaxation failed)")
+            reason = (f"no {level} E_hull: no elemental reference for {', '.join(gaps)} "
+                      "(none in the reference set, or its calculation failed)")
             results.update({label: HullResult(None, reason) for label in labels})
             continue
         competing = [entries[label] for label, composition in compositions.items()

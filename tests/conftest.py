@@ -63,14 +63,32 @@ def one_thread():
 
 
 @pytest.fixture
-def perovskite_reference_set(tmp_path, monkeypatch):
-    """A pinned reference set of Sr-Ca-Ti-O in a fresh cache folder (equicsp_core.reference): cubic SrTiO3 and
-    CaTiO3, an O2 crystal, and ASE's Sr, Ca and Ti; ``$EQUICSP_CACHE_DIR`` points at it and the pin is its data's
-    digests. Returns the loaded set."""
+def reference_set_of(tmp_path, monkeypatch):
+    """Builds a pinned reference set from ``rows`` of an mp_20 test split (``material_id``, ``e_above_hull``,
+    ``cif``) in a fresh cache folder: ``$EQUICSP_CACHE_DIR`` points at it and the pin is its data's digests.
+    Returns the loaded set (equicsp_core.reference adds ASE's crystal of each element with no ground state in
+    the rows)."""
     import pandas as pd
-    from pymatgen.core import Lattice, Structure
 
     from equicsp_core import reference
+
+    def build(rows):
+        (tmp_path / "reference-data" / "mp_20").mkdir(parents=True)
+        pd.DataFrame(rows).to_csv(tmp_path / "reference-data" / "mp_20" / "test.csv.gz", index=False)
+        cache = tmp_path / "reference-cache"
+        reference.build_reference(tmp_path / "reference-data", cache / reference.REFERENCE_FILE, pin=None)
+        monkeypatch.setattr(reference, "DATA_SHA256", reference.data_sha256(tmp_path / "reference-data"))
+        monkeypatch.setenv("EQUICSP_CACHE_DIR", str(cache))
+        return reference.load_reference()
+
+    return build
+
+
+@pytest.fixture
+def perovskite_reference_set(reference_set_of):
+    """A pinned reference set of Sr-Ca-Ti-O (``reference_set_of``): cubic SrTiO3 and CaTiO3, an O2
+    crystal, and ASE's Sr, Ca and Ti."""
+    from pymatgen.core import Lattice, Structure
 
     sites = [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]
     rows = [{"material_id": f"mp-{i}", "e_above_hull": 0.0,
@@ -78,10 +96,4 @@ def perovskite_reference_set(tmp_path, monkeypatch):
             for i, a in ((5229, "Sr"), (4019, "Ca"))]
     rows.append({"material_id": "mp-12957", "e_above_hull": 0.0,
                  "cif": Structure(Lattice.cubic(4.0), ["O", "O"], [[0, 0, 0], [0.3, 0, 0]]).to(fmt="cif")})
-    (tmp_path / "reference-data" / "mp_20").mkdir(parents=True)
-    pd.DataFrame(rows).to_csv(tmp_path / "reference-data" / "mp_20" / "test.csv.gz", index=False)
-    cache = tmp_path / "reference-cache"
-    reference.build_reference(tmp_path / "reference-data", cache / reference.REFERENCE_FILE, pin=None)
-    monkeypatch.setattr(reference, "DATA_SHA256", reference.data_sha256(tmp_path / "reference-data"))
-    monkeypatch.setenv("EQUICSP_CACHE_DIR", str(cache))
-    return reference.load_reference()
+    return reference_set_of(rows)

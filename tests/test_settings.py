@@ -89,6 +89,7 @@ def test_numeric_text_is_a_number_but_a_boolean_is_not():
     (DFTSettings, {"relax_type": "everything"}, "relax_type: Input should be"),
     (DFTSettings, {"symprec": -1}, "symprec: Input should be greater than or equal to 0"),
     (DFTSettings, {"spin": "ferro"}, "spin: Input should be 'auto', 'collinear' or 'none'"),
+    (DFTSettings, {"hull": "yes"}, "hull: Input should be a valid boolean"),
 ])
 def test_every_stage_refuses_bad_values(model, values, message):
     with pytest.raises(SettingsError, match=re.escape(message)):

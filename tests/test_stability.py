@@ -424,3 +424,60 @@ def test_pipeline_stability_from_known_energies_relaxes_nothing_and_agrees(tmp_p
     assert partial["CuAu_000"]["ml_e_above_hull"] is None
     assert partial["CuAu_000"]["reason"].startswith("no ML E_hull: no elemental reference for Cu")
     assert pipeline.stability_references(results, relaxed, StabilitySettings(stability=False), reference) == []
+
+
+# --- the DFT hull (the AiiDA route's dft.hull) ----------------------------------------------------------------------
+
+
+def test_dft_hull_references_are_those_of_the_ml_hull():
+    """The DFT hull of a candidate is built from the phases of its ML hull: the same entries, chosen by the same
+    stability settings."""
+    reference = hand_made_reference()
+    results, relaxed, _ = pipeline_inputs()
+    winners = {"CuAu_000": relaxed["CuAu_000"], "CuZn_000": relaxed["CuZn_000"]}
+    ml = pipeline.stability_references(results, winners, StabilitySettings(), reference)
+    dft = pipeline.dft_stability_references(winners, StabilitySettings(), reference)
+    assert [entry.id for entry in dft] == [entry.id for entry in ml] == ["au", "cu", "cuau", "zn-cu"]
+    wider = pipeline.dft_stability_references(winners, StabilitySettings(reference_cutoff=0.3), reference)
+    assert "cuau-high" in [entry.id for entry in wider]
+
+
+def test_dft_hull_by_hand_and_its_table_column():
+    """DFT energies Cu -10, Au -20, CuAu -21 eV/atom (references): a CuAu candidate at -20.9 is 0.1 above the
+    DFT hull, one at -21.05 0.05 below it; CuZn has no elemental Zn reference (a reason, the others go on); a DFT
+    failure (no energy) gets no hull. The column stands beside dft_level and never holds an ML value."""
+    reference = hand_made_reference()
+    records = {"cu": {"energy_per_atom": -10.0, "status": "finished", "error": None},
+               "au": {"energy_per_atom": -20.0, "status": "finished", "error": None},
+               "cuau": {"energy_per_atom": -21.0, "status": "finished", "error": None},
+               "zn-cu": {"energy_per_atom": -12.0, "status": "finished", "error": None}}
+    outcomes = {"CuAu_000": pipeline.DFTOutcome(rocksalt("Cu", "Au", 4.3), -20.9),
+                "CuAu_001": pipeline.DFTOutcome(rocksalt("Cu", "Au", 4.2), -21.05),
+                "CuZn_000": pipeline.DFTOutcome(cesium_chloride("Cu", "Zn"), -12.0),
+                "CuAu_002": pipeline.DFTOutcome(failure="PwRelaxWorkChain<7> exit status 401")}
+    hulls = pipeline.dft_stability(outcomes, records, StabilitySettings(), reference)
+    assert hulls["CuAu_000"] == {"dft_e_above_hull": pytest.approx(0.1), "reason": None}
+    assert hulls["CuAu_001"]["dft_e_above_hull"] == pytest.approx(-0.05)
+    assert hulls["CuZn_000"]["dft_e_above_hull"] is None
+    assert hulls["CuZn_000"]["reason"].startswith("no DFT E_hull: no elemental reference for Zn")
+    assert "CuAu_002" not in hulls
+    # a failed reference calculation is left out: Au missing, CuAu has no DFT hull
+    failed = {**records, "au": {"energy_per_atom": None, "status": "failed", "error": "exit status 401"}}
+    assert pipeline.dft_stability(outcomes, failed, StabilitySettings(), reference)["CuAu_000"]["reason"].startswith(
+        "no DFT E_hull: no elemental reference for Au")
+
+    results, relaxed, ranking = pipeline_inputs()
+    screening = {label: {"kept": True, "status": None, "reason": None} for label in relaxed}
+    dft = {label: outcomes[label] for label in ("CuAu_000", "CuZn_000")}
+    rows = {row["label"]: row for row in pipeline.table_rows(
+        relaxed, [], screening, ranking, results, relaxed, dft=dft,
+        dft_hulls=pipeline.dft_stability(dft, records, StabilitySettings(), reference))}
+    columns = list(pipeline.ROW_COLUMNS)
+    assert columns[columns.index("dft_energy_per_atom"):columns.index("dft_energy_per_atom") + 3] == [
+        "dft_energy_per_atom", "dft_level", "dft_e_above_hull"]
+    assert rows["CuAu_000"]["dft_e_above_hull"] == pytest.approx(0.1) and rows["CuAu_000"]["ml_e_above_hull"] is None
+    assert rows["CuZn_000"]["reason"].startswith("no DFT E_hull")
+    assert rows["CuAu_001"]["dft_e_above_hull"] is None  # a duplicate, never sent to DFT
+    assert pipeline.levels(RelaxSettings(), dft_hull=True)["dft_e_above_hull"] == pipeline.DFT_HULL_LEVEL
+    assert "dft_e_above_hull" not in pipeline.levels(RelaxSettings())
+    assert pipeline.levels(None, dft_hull=True) == {"dft_e_above_hull": pipeline.DFT_HULL_LEVEL}

@@ -21,7 +21,11 @@ Steps::
       -> symmetrise (calcfunction symmetrize: exact symmetry at ``dft.symprec``, 0.01 Å, so that pw.x finds the
          symmetry the ML minimum has and no more: the relaxation keeps what it starts with)
       -> DFT relax (one aiida-quantumespresso PwRelaxWorkChain per chosen candidate; only with ``dft`` inputs;
-         spin-polarised with starting moments where a magnetic element has an open shell, ``dft.spin``)
+         spin-polarised with starting moments where a magnetic element has an open shell, ``dft.spin``; with
+         ``dft.hull``, beside them one PwRelaxWorkChain per reference entry of the candidates' ML hulls not yet
+         computed with these settings, from its stored cell, :mod:`~aiida_equicsp.workchains.dft_hull`)
+      -> DFT hull (only with ``dft.hull``: calcfunction assess_dft_stability, the DFT energy above the hull of
+         each DFT candidate)
       -> table (calcfunction tabulate_ranking: one row per sampled candidate)
 
 The calcfunctions are thin wrappers of :mod:`equicsp_core.pipeline` (screen, rank, stability, table), the same functions
@@ -62,6 +66,7 @@ from equicsp_core.pipeline import (
     UNITS,
     DFTOutcome,
     levels,
+    dft_stability_references,
     ml_level,
     rank,
     screen,
@@ -85,6 +90,14 @@ from aiida_equicsp.data.model import EquiCSPModelData
 from aiida_quantumespresso.workflows.protocols.utils import recursive_merge
 
 from aiida_equicsp.protocols import EquiCSPProtocolMixin
+from aiida_equicsp.workchains.dft_hull import (
+    DFT_SETTINGS_EXTRA,
+    REFERENCE_ID_EXTRA,
+    assess_dft_stability,
+    dft_hull_inputs,
+    dft_reference_runs,
+    dft_settings_key,
+)
 from aiida_equicsp.workchains.reference_energies import (
     ML_LEVEL_EXTRA,
     REFERENCE_SET_EXTRA,
@@ -144,14 +157,15 @@ def assess_stability(ml_results: orm.Dict, ml_ranking: orm.Dict, relax_parameter
 @calcfunction
 def tabulate_ranking(screening: orm.Dict, ml_ranking: orm.Dict, ml_results: orm.Dict, phonons: orm.Dict | None = None,
                      stability: orm.Dict | None = None, relax_parameters: orm.Dict | None = None,
-                     **nodes: orm.Data) -> orm.Dict:
+                     dft_hulls: orm.Dict | None = None, **nodes: orm.Data) -> orm.Dict:
     """The ranking table (:func:`equicsp_core.pipeline.table_rows`) under ``"rows"``, with statuses and units.
 
     ``nodes`` holds, by link label ``L``: ``sampled_L``, ``ml_L`` (ML-relaxed), ``dft_L`` and ``dft_parameters_L``
     (the PwRelaxWorkChain's ``output_structure`` and ``output_parameters``) or ``dft_failed_L`` (why it failed),
     and ``dft_info_L`` (:func:`describe_dft`: ``{"level", "notes"}``); ``phonons`` is the phonon check's
     ``results``, ``stability`` :func:`assess_stability`'s output, ``relax_parameters`` the ML relaxation's
-    settings (they name the ML level under ``"levels"``).
+    settings (they name the ML level under ``"levels"``), ``dft_hulls``
+    :func:`~aiida_equicsp.workchains.dft_hull.assess_dft_stability`'s output.
     """
     def structures(prefix: str) -> dict[str, Any]:
         return {key[len(prefix):]: node.get_pymatgen() for key, node in nodes.items()
@@ -171,9 +185,11 @@ def tabulate_ranking(screening: orm.Dict, ml_ranking: orm.Dict, ml_results: orm.
         invalid=screening["invalid_samples"],
         screening=screening["screening"], ranking=ml_ranking["ranking"], ml_results=ml_results.get_dict(),
         ml_relaxed=structures("ml_"), phonons=phonons.get_dict() if phonons is not None else None, dft=dft,
-        stability=stability.get_dict() if stability is not None else None)
+        stability=stability.get_dict() if stability is not None else None,
+        dft_hulls=dft_hulls["hulls"] if dft_hulls is not None else None)
     relax = RelaxSettings.from_mapping(relax_parameters.get_dict()) if relax_parameters is not None else None
-    return orm.Dict({"rows": rows, "statuses": STATUSES, "units": UNITS, "levels": levels(relax)})
+    return orm.Dict({"rows": rows, "statuses": STATUSES, "units": UNITS,
+                     "levels": levels(relax, dft_hull=dft_hulls is not None)})
 
 
 @calcfunction
@@ -423,6 +439,7 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
         spec.input("dft.relax_type", valid_type=orm.Str, required=False, help=DFTSettings.describe("relax_type"))
         spec.input("dft.symprec", valid_type=orm.Float, required=False, help=DFTSettings.describe("symprec"))
         spec.input("dft.spin", valid_type=orm.Str, required=False, help=DFTSettings.describe("spin"))
+        spec.input("dft.hull", valid_type=orm.Bool, required=False, help=DFTSettings.describe("hull"))
         spec.inputs.validator = validate_inputs
 
         spec.outline(
@@ -528,6 +545,8 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
                 builder.dft.symprec = orm.Float(dft["symprec"])
             if "spin" in dft:
                 builder.dft.spin = orm.Str(dft["spin"])
+            if "hull" in dft:
+                builder.dft.hull = orm.Bool(dft["hull"])
             builder.dft.overrides = orm.Dict(dft_overrides)
             builder.dft.options = orm.Dict({"withmpi": False, **dft.get("options", {})})
         return builder
@@ -702,7 +721,44 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
                                   dft["options"].get_dict() if "options" in dft else None)
             futures[f"dft.{label}"] = submit_once(self, builder, f"dft_{label}")
             self.report(f"DFT relaxation of {label}: PwRelaxWorkChain<{futures[f'dft.{label}'].pk}>")
+        if settings.hull:
+            futures.update(self._run_dft_references(settings))
         return ToContext(**futures)
+
+    def _run_dft_references(self, settings: DFTSettings) -> dict[str, orm.ProcessNode]:
+        """With ``dft.hull``: one PwRelaxWorkChain per reference entry of the DFT candidates' hulls
+        (:func:`equicsp_core.pipeline.dft_stability_references`) that no earlier run computed with these settings
+        (:func:`~aiida_equicsp.workchains.dft_hull.dft_reference_runs`), from its stored cell; the earlier runs go
+        to ``ctx.dft_references_known``. Returns the new runs by ``dft_references.<link label>``."""
+        dft = self.inputs.dft
+        self.ctx.dft_references_known = {}
+        try:
+            reference = load_reference()
+        except ReferenceSetError as error:
+            self.report(f"no DFT hull: {error}")
+            return {}
+        stability_settings = StabilitySettings.from_mapping(self.inputs.stability.get_dict())
+        entries = dft_stability_references(
+            {label: self.ctx.ml_relaxed[label].get_pymatgen() for label in self.ctx.ml_ranking["dft"]},
+            stability_settings, reference)
+        overrides = dft["overrides"].get_dict() if "overrides" in dft else {}
+        key = dft_settings_key(dft.code, settings, overrides, pseudo_family_label(dft))
+        known = dft_reference_runs(reference.sha256, key, (entry.id for entry in entries))
+        self.ctx.dft_references_known = {reference_link_label(entry_id): node for entry_id, node in known.items()}
+        futures = {}
+        for entry in entries:
+            if entry.id in known:
+                continue
+            link_label = reference_link_label(entry.id)
+            builder = dft_builder(dft.code, orm.StructureData(pymatgen=entry.structure), settings, overrides,
+                                  dft["options"].get_dict() if "options" in dft else None)
+            node = submit_once(self, builder, f"dft_{link_label}")
+            node.base.extras.set_many({REFERENCE_SET_EXTRA: reference.sha256, REFERENCE_ID_EXTRA: entry.id,
+                                       DFT_SETTINGS_EXTRA: key})
+            futures[f"dft_references.{link_label}"] = node
+        self.report(f"DFT hull: {len(entries)} reference entries, {len(known)} computed before with these "
+                    f"settings, {len(futures)} submitted")
+        return futures
 
     def inspect_dft(self) -> ExitCode | None:
         """Output the DFT-relaxed structures; failed relaxations stay in the table with their exit message."""
@@ -714,6 +770,13 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
         for label, node in self.ctx.get("dft", {}).items():
             if label not in finished:
                 self.report(f"DFT relaxation of {label} failed: exit status {node.exit_status} {node.exit_message}")
+        if settings.hull:
+            references = {**self.ctx.get("dft_references_known", {}), **self.ctx.get("dft_references", {})}
+            candidates = {label: (structure, self.ctx.dft[label].outputs.output_parameters)
+                          for label, structure in finished.items()}
+            self.ctx.dft_hulls = call_function_once(self, assess_dft_stability, "dft_hull",
+                                                    parameters=self.inputs.stability,
+                                                    **dft_hull_inputs(candidates, references))
         return None
 
     def results(self) -> ExitCode | None:
@@ -747,6 +810,8 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
             nodes["phonons"] = phonons.outputs.results
         if "stability" in self.ctx:
             nodes["stability"] = self.ctx.stability
+        if "dft_hulls" in self.ctx:
+            nodes["dft_hulls"] = self.ctx.dft_hulls
         nodes["relax_parameters"] = self._relax_parameters()
         self.out("ranking", call_function_once(self, tabulate_ranking, "tabulate", screening=self.ctx.screening,
                                                ml_ranking=ml_ranking, ml_results=ml_results, **nodes))

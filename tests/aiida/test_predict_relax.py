@@ -183,3 +183,53 @@ def test_a_dft_single_point_gives_the_energy_of_the_ml_geometry(fixed_cell_equic
     assert si["dft_energy_per_atom"] == pytest.approx(energy)
     assert outputs["dft_relaxed"]["Si_000"].uuid == dft.inputs.structure.uuid
     assert si["dft_rms_displacement"] == pytest.approx(0.0, abs=0.02)  # the symmetrised ML cell, not moved by DFT
+
+
+@pytest.fixture
+def silicon_reference_set(reference_set_of):
+    """A pinned reference set holding diamond Si (mp-149, a = 5.47 Å) only."""
+    from pymatgen.core import Lattice, Structure
+
+    diamond = Structure.from_spacegroup("Fd-3m", Lattice.cubic(5.47), ["Si"], [[0, 0, 0]]).get_primitive_structure()
+    return reference_set_of([{"material_id": "mp-149", "e_above_hull": 0.0, "cif": diamond.to(fmt="cif")}])
+
+
+def test_a_dft_hull_places_the_candidate_against_references_computed_alike_once(fixed_cell_equicsp_code, model,
+                                                                               pw_code, pseudo_family,
+                                                                               silicon_reference_set):
+    """Real pw.x with ``dft.hull``: simple-cubic Si (the fixed-cell sampler's 4 Å cube) and the reference diamond Si
+    are computed with the same settings (single points); the row's ``dft_e_above_hull`` is their difference per atom,
+    positive, and the level says what it is. A second work chain with the same settings finds the reference run in
+    the provenance and computes it again only once: one pw.x run of mp-149 in all."""
+    from aiida_equicsp.workchains.dft_hull import REFERENCE_ID_EXTRA
+    from equicsp_core.pipeline import DFT_HULL_LEVEL
+
+    with_hull = {**MAGNETIC_FAULT, "dft": {**MAGNETIC_FAULT["dft"], "relax_type": "none", "hull": True}}
+    hulls = []
+    for _ in range(2):
+        builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
+            fixed_cell_equicsp_code, model, ["Si"], pw_code=pw_code, pseudo_family=pseudo_family,
+            overrides=with_hull)
+        outputs, node = run_get_node(builder)
+        assert node.exit_status == 0, node.exit_message
+        (si,) = outputs["ranking"]["rows"]
+        assert outputs["ranking"]["levels"]["dft_e_above_hull"] == DFT_HULL_LEVEL
+        hull = node.base.links.get_outgoing(link_label_filter="dft_hull").one().node
+        hulls.append((si, hull))
+
+    references = orm.QueryBuilder().append(
+        orm.WorkChainNode, filters={f"extras.{REFERENCE_ID_EXTRA}": "mp-149"}).all(flat=True)
+    assert len(references) == 1, references
+    (reference_run,) = references
+    assert reference_run.is_finished_ok
+    assert reference_run.inputs.base_relax.pw.parameters["CONTROL"]["calculation"] == "scf"
+    assert reference_run.inputs.structure.get_pymatgen().composition.reduced_formula == "Si"
+    reference_parameters = reference_run.outputs.output_parameters
+    reference_energy = reference_parameters["energy"] / reference_parameters["number_of_atoms"]
+    for si, hull in hulls:
+        # the hull's inputs are the reference run's own output (provenance), used by both work chains
+        assert reference_parameters.uuid in {link.node.uuid for link in hull.base.links.get_incoming().all()}
+        assert hull.outputs.result["references"]["mp-149"]["energy_per_atom"] == pytest.approx(reference_energy)
+        assert si["dft_e_above_hull"] == pytest.approx(si["dft_energy_per_atom"] - reference_energy)
+        assert si["dft_e_above_hull"] > 0.1, si  # simple cubic Si lies far above diamond
+        assert si["reason"] is None
