@@ -16,6 +16,11 @@ against the known structure with the papers' StructureMatcher tolerances (:func:
 - ``top1_dft``: the DFT structure of lowest DFT energy per atom among the shortlist matches it (level (c));
   ``shortlist_match``: some member of the shortlist matches (what DFT could pick at best).
 
+With ``--dft-hull`` the work chain also computes the ML hull and the DFT hull (``dft.hull``: the known ground states
+of each system, ``reference_cutoff`` 0 and one per composition, computed with the candidates' DFT settings), and each
+shortlisted record holds ``ml_e_above_hull`` and ``dft_e_above_hull``, each line the reference runs' energies and
+seconds (``dft_references``): where the known structure is itself a reference, a match should lie near 0.
+
 One JSON line per composition in ``--out`` (resumable: a row already there is skipped, and a row whose work chain
 finished in this profile, named by its extra ``discovery_dft``, is scored from it; ``--part i/n`` as in
 ``benchmarks/discovery.py``), with the
@@ -25,6 +30,7 @@ level, space groups, matches and the DFT run's seconds. ``--summary`` prints the
     verdi run benchmarks/discovery_dft.py --rows 100 --max-known-atoms 6 --max-formula-units 1 \
         --out benchmarks/results/discovery_dft.jsonl
     verdi run benchmarks/discovery_dft.py --out benchmarks/results/discovery_dft.jsonl --summary
+    verdi run benchmarks/discovery_dft.py --row 111 --dft-hull --max-formula-units 1 --out hull.jsonl
 
 Needs the codes ``equicsp@localhost`` and ``pw@localhost`` (``examples/predict_and_relax.py`` creates them).
 """
@@ -38,13 +44,21 @@ from pathlib import Path
 
 #: The settings that define a run, alike in every line of one ``--out``.
 RUN_SETTINGS = ("checkpoint", "num_samples", "max_formula_units", "fmax", "relax_steps", "top_k", "dft_protocol",
-                "relax_type", "magnetic", "seed")
+                "relax_type", "magnetic", "seed", "dft_hull")
+#: Settings added later, with the value that the lines and work chains made before them had.
+LATER_SETTINGS = {"dft_hull": False}
+
+
+def run_settings(record: dict) -> dict:
+    """The :data:`RUN_SETTINGS` of a line or a work chain's extra (a later setting it lacks: its old value)."""
+    return {key: record.get(key, LATER_SETTINGS.get(key)) for key in RUN_SETTINGS}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="verdi run benchmarks/discovery_dft.py", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default="mp_20", help="a shipped model name")
     parser.add_argument("--rows", type=int, default=100, help="first N reserved mp_20 test rows")
+    parser.add_argument("--row", type=int, action="append", help="only this reserved row (by index; repeatable)")
     parser.add_argument("--max-known-atoms", type=int, default=4, help="skip rows whose known cell is larger")
     parser.add_argument("--magnetic", action="store_true", help="also run compositions whose DFT is spin-polarised")
     parser.add_argument("--num-samples", type=int, default=20)
@@ -55,6 +69,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dft-protocol", default="fast", choices=("fast", "balanced", "stringent"))
     parser.add_argument("--relax-type", default="none", help="a RelaxType value; none: a single point")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dft-hull", action="store_true", help="the ML and the DFT hull of each candidate too")
     parser.add_argument("--part", default="0/1", help="i/n: every n-th of the selected rows from the i-th")
     parser.add_argument("--out", required=True)
     parser.add_argument("--summary", action="store_true", help="print the fractions of --out and stop")
@@ -82,6 +97,7 @@ def score(outputs: dict, known) -> dict:
             "ml_match_rms": ml_rms[row["label"]],
             "dft_match_rms": rms_distance(structure, known) if structure is not None else None,
             "status": row["status"], "reason": row["reason"],
+            "ml_e_above_hull": row["ml_e_above_hull"], "dft_e_above_hull": row["dft_e_above_hull"],
         })
     finished = [record for record in records if record["dft_energy_per_atom"] is not None]
     winner_dft = min(finished, key=lambda record: record["dft_energy_per_atom"]) if finished else None
@@ -103,6 +119,18 @@ def dft_seconds(node) -> dict[str, float]:
     return {link.link_label.removeprefix("dft_"): round((link.node.mtime - link.node.ctime).total_seconds(), 1)
             for link in node.base.links.get_outgoing(link_type=LinkType.CALL_WORK).all()
             if link.link_label.startswith("dft_")}
+
+
+def dft_references(node, seconds: dict[str, float]) -> dict:
+    """The DFT hull's reference energies (eV/atom) and statuses by entry id, with the seconds of those computed by
+    this work chain (``None``: reused from an earlier one)."""
+    from aiida_equicsp.workchains.reference_energies import reference_link_label
+
+    links = node.base.links.get_outgoing(link_label_filter="dft_hull").all()
+    if not links:
+        return {}
+    return {entry_id: {**record, "seconds": seconds.get(reference_link_label(entry_id))}
+            for entry_id, record in links[0].node.outputs.result["references"].items()}
 
 
 def stored_outputs(node) -> dict:
@@ -131,8 +159,8 @@ def finished_run(row: int, settings: dict):
 
     query = orm.QueryBuilder().append(EquiCSPPredictRelaxWorkChain, filters={
         "extras": {"has_key": BENCHMARK_EXTRA}, "attributes.process_state": "finished"})
-    return next((node for node in query.all(flat=True)
-                 if node.base.extras.get(BENCHMARK_EXTRA) == {"row": row, **settings}), None)
+    return next((node for node in query.all(flat=True) if node.base.extras.get(BENCHMARK_EXTRA)["row"] == row
+                 and run_settings(node.base.extras.get(BENCHMARK_EXTRA)) == settings), None)
 
 
 def summary(lines: list[dict]) -> dict:
@@ -160,7 +188,7 @@ def main() -> None:
         return
     part, parts = (int(value) for value in args.part.split("/"))
     settings = {key: getattr(args, key) for key in RUN_SETTINGS}
-    if any({key: line[key] for key in RUN_SETTINGS} != settings for line in lines):
+    if any(run_settings(line) != settings for line in lines):
         sys.exit(f"{out} holds rows of other settings: use another --out")
 
     from aiida import orm
@@ -178,7 +206,8 @@ def main() -> None:
     done = {line["row"] for line in lines}
     rows = split_rows("mp_20", "reserved")[:args.rows]
     knowns = [Structure.from_str(cif, fmt="cif") for cif in load_cifs("mp_20", rows)]
-    selected = [(row, known) for row, known in zip(rows, knowns) if len(known) <= args.max_known_atoms]
+    selected = [(row, known) for row, known in zip(rows, knowns) if len(known) <= args.max_known_atoms
+                and (not args.row or row.index in args.row)]
     for row, known in selected[part::parts]:
         if row.index in done:
             continue
@@ -194,11 +223,12 @@ def main() -> None:
             line["skipped"] = "spin-polarised DFT (a cost filter: --magnetic runs it)"
         else:
             overrides = {
-                "num_samples": args.num_samples, "top_k": args.top_k, "stability": {"stability": False},
+                "num_samples": args.num_samples, "top_k": args.top_k,
+                "stability": {"stability": args.dft_hull, "reference_cutoff": 0.0, "references_per_composition": 1},
                 "sample": {"parameters": {"max_formula_units": args.max_formula_units, "seed": args.seed}},
                 "relax": {"parameters": {"fmax": args.fmax, "steps": args.relax_steps}},
                 "dft": {"protocol": args.dft_protocol, "relax_type": args.relax_type,
-                        "overrides": {"meta_convergence": False}},
+                        "overrides": {"meta_convergence": False}, "hull": args.dft_hull},
             }
             builder = EquiCSPPredictRelaxWorkChain.get_builder_from_protocol(
                 equicsp_code, model, [formula], "balanced", pw_code=pw_code, pseudo_family=family.label,
@@ -213,6 +243,8 @@ def main() -> None:
             seconds = dft_seconds(node)
             for record in line["shortlist"]:
                 record["dft_seconds"] = seconds.get(record["label"])
+            if args.dft_hull:
+                line["dft_references"] = dft_references(node, seconds)
         with out.open("a") as handle:
             handle.write(json.dumps(line) + "\n")
         print(f"{formula}: {line.get('skipped') or ''} found {line.get('relaxed_match')}, top1 ML "

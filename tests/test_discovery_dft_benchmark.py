@@ -41,7 +41,8 @@ def caesium_chloride(a=3.4):
 def row(label, ml_rank, status, dft_energy):
     return {"label": label, "ml_rank": ml_rank, "status": status, "formula_units": 1, "ml_energy_per_atom": -3.0,
             "dft_energy_per_atom": dft_energy, "dft_level": "PBE, QE, fast" if dft_energy is not None else None,
-            "space_group_ml": "x", "space_group_dft": None, "reason": None}
+            "space_group_ml": "x", "space_group_dft": None, "reason": None, "ml_e_above_hull": None,
+            "dft_e_above_hull": None}
 
 
 def test_dft_picks_the_known_structure_that_the_ml_ranking_put_second():
@@ -84,3 +85,14 @@ def test_summary_counts_the_compositions_run_and_names_the_disagreements():
     assert result["compositions"] == 2 and result["skipped"] == 1
     assert (result["top1_ml"], result["top1_dft"], result["relaxed_match"]) == (50.0, 100.0, 100.0)
     assert result["top1_only_dft"] == ["A"] and result["top1_only_ml"] == [] and result["mean_seconds"] == 200.0
+
+
+def test_a_line_made_before_a_setting_existed_has_its_old_value():
+    """Lines (and work chain extras) written before ``dft_hull`` existed compare equal to a run without it, and unequal
+    to a run with it, so --out files of earlier sessions resume and are not mixed with hull runs."""
+    benchmark = load_benchmark()
+    old = {"checkpoint": "mp_20", "num_samples": 20, "max_formula_units": 1, "fmax": 0.05, "relax_steps": 200,
+           "top_k": 3, "dft_protocol": "fast", "relax_type": "none", "magnetic": False, "seed": 0, "row": 97}
+    assert benchmark.run_settings(old) == benchmark.run_settings({**old, "dft_hull": False})
+    assert benchmark.run_settings(old) != benchmark.run_settings({**old, "dft_hull": True})
+    assert "row" not in benchmark.run_settings(old)
