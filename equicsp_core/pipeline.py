@@ -194,7 +194,8 @@ def ml_level(settings: RelaxSettings) -> str:
 
 #: The level of the ``dft_e_above_hull`` column (:func:`dft_stability`), where a DFT hull was computed.
 DFT_HULL_LEVEL = ("DFT at the row's dft_level: the candidate and the reference entries of its system (those of its "
-                  "ML hull) computed with the same DFT settings; the references from their stored (DFT-relaxed) cells")
+                  "ML hull) computed with the same DFT settings; references relaxed from their stored (DFT-relaxed) "
+                  "cells, or single points at their ML-relaxed geometry")
 
 
 def levels(settings: RelaxSettings | None, dft_hull: bool = False) -> dict[str, str]:

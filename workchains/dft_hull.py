@@ -3,8 +3,12 @@
 With ``dft.hull`` the work chain places each DFT candidate on a hull of DFT energies
 (:func:`equicsp_core.pipeline.dft_stability`): the reference entries of the candidate's chemical system and its
 subsystems, the same phases as its ML hull (:func:`equicsp_core.pipeline.dft_stability_references`), each computed
-by one ``PwRelaxWorkChain`` with the candidates' code, protocol, overrides, relax type and spin rule, started
-from the entry's stored (DFT-relaxed) cell. Each such run carries three extras,
+by one ``PwRelaxWorkChain`` with the candidates' code, protocol, overrides, relax type and spin rule. A relaxation
+starts from the entry's stored (DFT-relaxed) cell; a single point (``relax_type`` ``none``) is computed at the
+entry's ML-relaxed geometry, the output of its ML reference relaxation, as the candidates' single points are at
+theirs: at the stored cells the references would be favoured by the candidates' geometry error alone (measured on
+LuIn, whose found structure is the reference's: 16.8 meV/atom above it at the CHGNet geometry, docs/aiida.md). Each
+such run carries three extras,
 
 - :data:`~aiida_equicsp.workchains.reference_energies.REFERENCE_SET_EXTRA`: the reference set's SHA-256,
 - :data:`REFERENCE_ID_EXTRA`: the entry id,
@@ -37,15 +41,20 @@ REFERENCE_ID_EXTRA = "equicsp_reference_id"
 DFT_SETTINGS_EXTRA = "equicsp_dft_settings"
 
 
+#: Where a reference's relaxation starts (:func:`dft_settings_key`'s ``start``).
+STORED_CELL = "the stored cell"
+
+
 def dft_settings_key(code: orm.AbstractCode, settings: DFTSettings, overrides: Mapping[str, Any],
-                     pseudo_family: str) -> str:
-    """What makes two DFT energies comparable, as one string: the code (its UUID), the pseudopotential family, the
-    protocol, relax type and spin rule, and the protocol overrides (canonical JSON). The scheduler options and the
-    symmetrisation tolerance are left out: they do not change a reference's energy (references are not
-    symmetrised)."""
+                     pseudo_family: str, start: str) -> str:
+    """What makes two DFT energies of a reference comparable, as one string: the code (its UUID), the
+    pseudopotential family, the protocol, relax type and spin rule, the protocol overrides and the geometry the run
+    starts from (``start``: :data:`STORED_CELL`, or the ML level of the reference relaxation whose structure a single
+    point uses), as canonical JSON. The scheduler options and the symmetrisation tolerance are left out: they do not
+    change a reference's energy (references are not symmetrised)."""
     return json.dumps({"code": code.uuid, "pseudo_family": pseudo_family, "protocol": settings.protocol,
-                       "relax_type": settings.relax_type, "spin": settings.spin, "overrides": dict(overrides)},
-                      sort_keys=True)
+                       "relax_type": settings.relax_type, "spin": settings.spin, "overrides": dict(overrides),
+                       "start": start}, sort_keys=True)
 
 
 def dft_reference_runs(reference_sha256: str, settings_key: str, ids: Iterable[str]) -> dict[str, orm.WorkChainNode]:
@@ -68,10 +77,12 @@ def dft_reference_runs(reference_sha256: str, settings_key: str, ids: Iterable[s
 
 
 def dft_hull_inputs(candidates: Mapping[str, tuple[orm.StructureData, orm.Dict]],
-                    references: Mapping[str, orm.WorkChainNode]) -> dict[str, orm.Data]:
+                    references: Mapping[str, orm.WorkChainNode],
+                    not_run: Mapping[str, str] | None = None) -> dict[str, orm.Data]:
     """The nodes :func:`assess_dft_stability` takes: each candidate's structure and ``output_parameters`` (by its
-    label), each reference run's ``output_parameters`` or, when it failed, its exit message (by the entry's link
-    label, :func:`~aiida_equicsp.workchains.reference_energies.reference_link_label`)."""
+    label), each reference run's ``output_parameters`` or, when it failed, its exit message, and why each entry of
+    ``not_run`` was not computed (by the entry's link label,
+    :func:`~aiida_equicsp.workchains.reference_energies.reference_link_label`)."""
     nodes: dict[str, orm.Data] = {}
     for label, (structure, parameters) in candidates.items():
         nodes[f"candidate_{label}"] = structure
@@ -82,6 +93,8 @@ def dft_hull_inputs(candidates: Mapping[str, tuple[orm.StructureData, orm.Dict]]
         else:
             nodes[f"failed_{link_label}"] = orm.Str(
                 f"{node.process_label}<{node.pk}> exit status {node.exit_status}: {node.exit_message}")
+    for link_label, reason in (not_run or {}).items():
+        nodes[f"failed_{link_label}"] = orm.Str(reason)
     return nodes
 
 

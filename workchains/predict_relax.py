@@ -23,7 +23,8 @@ Steps::
       -> DFT relax (one aiida-quantumespresso PwRelaxWorkChain per chosen candidate; only with ``dft`` inputs;
          spin-polarised with starting moments where a magnetic element has an open shell, ``dft.spin``; with
          ``dft.hull``, beside them one PwRelaxWorkChain per reference entry of the candidates' ML hulls not yet
-         computed with these settings, from its stored cell, :mod:`~aiida_equicsp.workchains.dft_hull`)
+         computed with these settings, from its stored cell, or for a single point at its ML-relaxed geometry,
+         :mod:`~aiida_equicsp.workchains.dft_hull`)
       -> DFT hull (only with ``dft.hull``: calcfunction assess_dft_stability, the DFT energy above the hull of
          each DFT candidate)
       -> table (calcfunction tabulate_ranking: one row per sampled candidate)
@@ -93,6 +94,7 @@ from aiida_equicsp.protocols import EquiCSPProtocolMixin
 from aiida_equicsp.workchains.dft_hull import (
     DFT_SETTINGS_EXTRA,
     REFERENCE_ID_EXTRA,
+    STORED_CELL,
     assess_dft_stability,
     dft_hull_inputs,
     dft_reference_runs,
@@ -258,11 +260,17 @@ def pseudo_family_label(dft: Mapping[str, Any]) -> str:
 
 
 def validate_inputs(inputs: Mapping[str, Any], _: Any) -> str | None:
-    """With DFT: the pseudopotential family exists and has every element of the formulas.
+    """With DFT: the pseudopotential family exists and has every element of the formulas; a DFT hull of single
+    points has the ML hull's reference relaxations to start from.
 
     Every other input is checked by its port's validator (the exposed namespaces keep their CalcJob's, which
     require a code), so all is checked at submission and nothing is sampled for a run that would stop later.
     """
+    dft = inputs.get("dft")
+    if dft and "hull" in dft and dft["hull"].value and dft_settings(dft).relax_type == "none" \
+            and not StabilitySettings.from_mapping(inputs["stability"].get_dict()).stability:
+        return ("dft.hull with dft.relax_type none computes the references at their ML-relaxed geometry: it needs "
+                "the ML hull (stability.stability true)")
     # the formulas are an input of the sampling calculation: ``sample.sample.compositions``
     compositions = inputs.get("sample", {}).get("sample", {}).get("compositions")
     if not inputs.get("dft") or compositions is None:
@@ -728,10 +736,12 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
     def _run_dft_references(self, settings: DFTSettings) -> dict[str, orm.ProcessNode]:
         """With ``dft.hull``: one PwRelaxWorkChain per reference entry of the DFT candidates' hulls
         (:func:`equicsp_core.pipeline.dft_stability_references`) that no earlier run computed with these settings
-        (:func:`~aiida_equicsp.workchains.dft_hull.dft_reference_runs`), from its stored cell; the earlier runs go
-        to ``ctx.dft_references_known``. Returns the new runs by ``dft_references.<link label>``."""
+        (:func:`~aiida_equicsp.workchains.dft_hull.dft_reference_runs`), from its stored cell or, for a single point,
+        at its ML-relaxed geometry (:meth:`_reference_starts`); the earlier runs go to ``ctx.dft_references_known``,
+        the entries with no geometry to ``ctx.dft_references_not_run``. Returns the new runs by
+        ``dft_references.<link label>``."""
         dft = self.inputs.dft
-        self.ctx.dft_references_known = {}
+        self.ctx.dft_references_known, self.ctx.dft_references_not_run = {}, {}
         try:
             reference = load_reference()
         except ReferenceSetError as error:
@@ -742,23 +752,47 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
             {label: self.ctx.ml_relaxed[label].get_pymatgen() for label in self.ctx.ml_ranking["dft"]},
             stability_settings, reference)
         overrides = dft["overrides"].get_dict() if "overrides" in dft else {}
-        key = dft_settings_key(dft.code, settings, overrides, pseudo_family_label(dft))
+        start, structures = self._reference_starts(reference, entries, settings)
+        key = dft_settings_key(dft.code, settings, overrides, pseudo_family_label(dft), start)
         known = dft_reference_runs(reference.sha256, key, (entry.id for entry in entries))
         self.ctx.dft_references_known = {reference_link_label(entry_id): node for entry_id, node in known.items()}
+        self.ctx.dft_references_not_run = {
+            reference_link_label(entry.id): f"no ML-relaxed structure of {entry.id} at {start} to compute"
+            for entry in entries if entry.id not in known and entry.id not in structures}
         futures = {}
         for entry in entries:
-            if entry.id in known:
+            if entry.id in known or entry.id not in structures:
                 continue
             link_label = reference_link_label(entry.id)
-            builder = dft_builder(dft.code, orm.StructureData(pymatgen=entry.structure), settings, overrides,
+            builder = dft_builder(dft.code, structures[entry.id], settings, overrides,
                                   dft["options"].get_dict() if "options" in dft else None)
             node = submit_once(self, builder, f"dft_{link_label}")
             node.base.extras.set_many({REFERENCE_SET_EXTRA: reference.sha256, REFERENCE_ID_EXTRA: entry.id,
                                        DFT_SETTINGS_EXTRA: key})
             futures[f"dft_references.{link_label}"] = node
         self.report(f"DFT hull: {len(entries)} reference entries, {len(known)} computed before with these "
-                    f"settings, {len(futures)} submitted")
+                    f"settings, {len(futures)} submitted, from {start}")
         return futures
+
+    def _reference_starts(self, reference: ReferenceSet, entries: Sequence[ReferenceEntry],
+                          settings: DFTSettings) -> tuple[str, dict[str, orm.StructureData]]:
+        """Where the DFT of each reference entry starts, and the structures by entry id: for a relaxation the stored
+        cell (:data:`~aiida_equicsp.workchains.dft_hull.STORED_CELL`, new nodes); for a single point the ML-relaxed
+        structure of the newest reference relaxation at the candidates' ML level that has one (a stored node, so the
+        provenance links the two), named by that level, as the candidates' single points are at their ML
+        geometry. An entry with no ML-relaxed structure is absent."""
+        if settings.relax_type != "none":
+            return STORED_CELL, {entry.id: orm.StructureData(pymatgen=entry.structure) for entry in entries}
+        level = ml_level(RelaxSettings.from_mapping(self._relax_parameters().get_dict()))
+        _, nodes = known_records(reference.sha256, level, (entry.id for entry in entries))
+        structures: dict[str, orm.StructureData] = {}
+        for node in nodes:  # newest first
+            relaxed = node.outputs.relaxed if "relaxed" in node.outputs else {}
+            for entry in entries:
+                label = reference_link_label(entry.id)
+                if entry.id not in structures and label in relaxed:
+                    structures[entry.id] = relaxed[label]
+        return level, structures
 
     def inspect_dft(self) -> ExitCode | None:
         """Output the DFT-relaxed structures; failed relaxations stay in the table with their exit message."""
@@ -774,9 +808,9 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
             references = {**self.ctx.get("dft_references_known", {}), **self.ctx.get("dft_references", {})}
             candidates = {label: (structure, self.ctx.dft[label].outputs.output_parameters)
                           for label, structure in finished.items()}
-            self.ctx.dft_hulls = call_function_once(self, assess_dft_stability, "dft_hull",
-                                                    parameters=self.inputs.stability,
-                                                    **dft_hull_inputs(candidates, references))
+            self.ctx.dft_hulls = call_function_once(
+                self, assess_dft_stability, "dft_hull", parameters=self.inputs.stability,
+                **dft_hull_inputs(candidates, references, self.ctx.get("dft_references_not_run")))
         return None
 
     def results(self) -> ExitCode | None:

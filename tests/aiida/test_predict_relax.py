@@ -198,10 +198,11 @@ def test_a_dft_hull_places_the_candidate_against_references_computed_alike_once(
                                                                                pw_code, pseudo_family,
                                                                                silicon_reference_set):
     """Real pw.x with ``dft.hull``: simple-cubic Si (the fixed-cell sampler's 4 Å cube) and the reference diamond Si
-    are computed with the same settings (single points); the row's ``dft_e_above_hull`` is their difference per atom,
+    are computed with the same settings (single points, each at its ML-relaxed geometry); the row's ``dft_e_above_hull`` is their difference per atom,
     positive, and the level says what it is. A second work chain with the same settings finds the reference run in
     the provenance and computes it again only once: one pw.x run of mp-149 in all."""
     from aiida_equicsp.workchains.dft_hull import REFERENCE_ID_EXTRA
+    from aiida_equicsp.workchains.reference_energies import ML_LEVEL_EXTRA
     from equicsp_core.pipeline import DFT_HULL_LEVEL
 
     with_hull = {**MAGNETIC_FAULT, "dft": {**MAGNETIC_FAULT["dft"], "relax_type": "none", "hull": True}}
@@ -223,7 +224,11 @@ def test_a_dft_hull_places_the_candidate_against_references_computed_alike_once(
     (reference_run,) = references
     assert reference_run.is_finished_ok
     assert reference_run.inputs.base_relax.pw.parameters["CONTROL"]["calculation"] == "scf"
-    assert reference_run.inputs.structure.get_pymatgen().composition.reduced_formula == "Si"
+    # a single point of the reference at its ML-relaxed geometry: the output of the ML hull's reference relaxation
+    start = reference_run.inputs.structure
+    assert start.get_pymatgen().composition.reduced_formula == "Si"
+    assert start.creator.process_type == "aiida.calculations:equicsp.relax"
+    assert start.creator.base.extras.get(ML_LEVEL_EXTRA).startswith("ML (tests.test_relax:lennard_jones")
     reference_parameters = reference_run.outputs.output_parameters
     reference_energy = reference_parameters["energy"] / reference_parameters["number_of_atoms"]
     for si, hull in hulls:

@@ -535,6 +535,23 @@ def test_a_bad_spin_setting_is_refused_at_submission(equicsp_code, model, pw_cod
     assert "dft: spin: Input should be 'auto', 'collinear' or 'none'" in validation_error(builder)
 
 
+def test_a_dft_hull_of_single_points_without_the_ml_hull_is_refused_at_submission(equicsp_code, model, pw_code,
+                                                                                  pseudodojo):
+    """Single-point references are computed at their ML-relaxed geometry, which the ML hull's reference relaxations
+    give: without them the DFT hull is refused before anything runs; with relaxations, or the ML hull on, it is not."""
+    builder = builder_with_dft(equicsp_code, model, pw_code, pseudo_family=pseudodojo.label)
+    builder.dft.hull = orm.Bool(True)
+    builder.dft.relax_type = orm.Str("none")
+    builder.stability = orm.Dict({"stability": False})
+    assert "dft.hull with dft.relax_type none computes the references at their ML-relaxed geometry" in \
+        validation_error(builder)
+    builder.dft.relax_type = orm.Str("positions_cell")
+    assert validation_error(builder) is None
+    builder.dft.relax_type = orm.Str("none")
+    builder.stability = orm.Dict({})
+    assert validation_error(builder) is None
+
+
 # ------------------------------------------------------------------------------------------------
 # real runs, ML only (seconds each: two or three `equicsp` jobs on localhost)
 
