@@ -198,12 +198,14 @@ def winners_dataframe(group: CampaignGroup):
     """The winners of a campaign as a pandas DataFrame, one row per composition (:func:`lowest_energy_per_formula`).
 
     ``energy_per_atom`` is at the row's ``level`` (``dft`` or ``ml``); ``dft_level`` says what a DFT energy is
-    (functional, protocol, spin, quick look): compare energies only at one level.
+    (functional, protocol, spin, quick look): compare energies only at one level. ``ml_e_above_hull`` and
+    ``dft_e_above_hull`` (eV/atom, with ``dft.hull``) are the table's, each at its own level.
     """
     import pandas as pd
 
     columns = ["composition", "reduced_formula", "formula_units", "cell_formula", "level", "energy_per_atom",
-               "ml_energy_per_atom", "dft_energy_per_atom", "dft_level", "space_group", "label", "structure_pk",
+               "ml_energy_per_atom", "dft_energy_per_atom", "dft_level", "ml_e_above_hull", "dft_e_above_hull",
+               "space_group", "label", "structure_pk",
                "structure_uuid", "workchain_pk"]
     records = []
     for composition, winner in lowest_energy_per_formula(group).items():
@@ -213,6 +215,7 @@ def winners_dataframe(group: CampaignGroup):
             "formula_units": row.get("formula_units"), "cell_formula": row.get("formula"), "level": winner.level,
             "energy_per_atom": winner.energy_per_atom, "ml_energy_per_atom": row.get("ml_energy_per_atom"),
             "dft_energy_per_atom": row.get("dft_energy_per_atom"), "dft_level": row.get("dft_level"),
+            "ml_e_above_hull": row.get("ml_e_above_hull"), "dft_e_above_hull": row.get("dft_e_above_hull"),
             "space_group": row.get(f"space_group_{winner.level}"), "label": row["label"],
             "structure_pk": winner.structure.pk, "structure_uuid": winner.structure.uuid,
             "workchain_pk": winner.workchain.pk,

@@ -134,6 +134,8 @@ def test_winners_dataframe_and_export(campaign, tmp_path):
     assert list(frame["formula_units"]) == [1, 1] and list(frame["cell_formula"]) == COMPOSITIONS
     assert list(frame["structure_pk"]) == [winner.structure.pk for winner in winners.values()]
     assert list(frame["energy_per_atom"]) == [winner.energy_per_atom for winner in winners.values()]
+    assert list(frame["ml_e_above_hull"]) == [winner.row["ml_e_above_hull"] for winner in winners.values()]
+    assert frame["dft_e_above_hull"].isna().all()  # no DFT in this campaign
 
     paths = export_winners(campaign, tmp_path / "cif")
     assert [path.name for path in paths] == ["SrTiO3.cif", "CaTiO3.cif"]
