@@ -7,7 +7,7 @@ by one ``PwRelaxWorkChain`` with the candidates' code, protocol, overrides, rela
 starts from the entry's stored (DFT-relaxed) cell; a single point (``relax_type`` ``none``) is computed at the
 entry's ML-relaxed geometry, the output of its ML reference relaxation, as the candidates' single points are at
 theirs: at the stored cells the references would be favoured by the candidates' geometry error alone (measured on
-LuIn, whose found structure is the reference's: 16.8 meV/atom above it at the CHGNet geometry, docs/aiida.md). Each
+LuIn, whose found structure is the reference's: 16.8 meV/atom above it at the CHGNet geometry, BENCHMARKS.md). Each
 such run carries three extras,
 
 - :data:`~aiida_equicsp.workchains.reference_energies.REFERENCE_SET_EXTRA`: the reference set's SHA-256,

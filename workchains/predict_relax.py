@@ -728,7 +728,8 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
                                   dft["overrides"].get_dict() if "overrides" in dft else None,
                                   dft["options"].get_dict() if "options" in dft else None)
             futures[f"dft.{label}"] = submit_once(self, builder, f"dft_{label}")
-            self.report(f"DFT relaxation of {label}: PwRelaxWorkChain<{futures[f'dft.{label}'].pk}>")
+            what = "single point" if settings.relax_type == "none" else "relaxation"
+            self.report(f"DFT {what} of {label}: PwRelaxWorkChain<{futures[f'dft.{label}'].pk}>")
         if settings.hull:
             futures.update(self._run_dft_references(settings))
         return ToContext(**futures)
