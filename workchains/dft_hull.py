@@ -6,9 +6,9 @@ subsystems, the same phases as its ML hull (:func:`equicsp_core.pipeline.dft_sta
 by one ``PwRelaxWorkChain`` with the candidates' code, protocol, overrides, relax type and spin rule. A relaxation
 starts from the entry's stored (DFT-relaxed) cell; a single point (``relax_type`` ``none``) is computed at the
 entry's ML-relaxed geometry, the output of its ML reference relaxation, as the candidates' single points are at
-theirs: at the stored cells the references would be favoured by the candidates' geometry error alone (measured on
-LuIn, whose found structure is the reference's: 16.8 meV/atom above it at the CHGNet geometry, BENCHMARKS.md). Each
-such run carries three extras,
+theirs: the same level of geometry on both sides (LuIn's four references, BENCHMARKS.md: their single points at the
+CHGNet geometry differ from those at the stored cells by -0.8 to +6.0 meV/atom, an offset the candidates' side would
+not share). Each such run carries three extras,
 
 - :data:`~aiida_equicsp.workchains.reference_energies.REFERENCE_SET_EXTRA`: the reference set's SHA-256,
 - :data:`REFERENCE_ID_EXTRA`: the entry id,
