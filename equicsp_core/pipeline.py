@@ -53,8 +53,8 @@ ROW_COLUMNS = ("label", "formula", "reduced_formula", "formula_units", "sample",
                "space_group_sampled",
                "ml_energy_per_atom", "ml_converged", "ml_rank", "space_group_ml", "ml_rms_displacement",
                "ml_volume_change", "ml_e_above_hull", "novelty", "ml_imaginary_modes", "ml_min_frequency_thz",
-               "dft_energy_per_atom", "dft_level", "dft_e_above_hull", "space_group_dft", "dft_rms_displacement", "dft_volume_change",
-               "notes")
+               "dft_energy_per_atom", "dft_level", "dft_e_above_hull", "space_group_dft", "dft_rms_displacement",
+               "dft_volume_change", "notes")
 
 #: Units of the table's quantities.
 UNITS = {"energy_per_atom": "eV/atom", "e_above_hull": "eV/atom", "rms_displacement": "Å",

@@ -39,10 +39,13 @@ from aiida_equicsp.workchains.reference_energies import REFERENCE_SET_EXTRA, ref
 REFERENCE_ID_EXTRA = "equicsp_reference_id"
 #: Extra of a reference entry's DFT run: :func:`dft_settings_key` of its settings.
 DFT_SETTINGS_EXTRA = "equicsp_dft_settings"
-
-
 #: Where a reference's relaxation starts (:func:`dft_settings_key`'s ``start``).
 STORED_CELL = "the stored cell"
+
+
+def dft_energy_per_atom(parameters: orm.Dict) -> float:
+    """A finished pw.x run's energy per atom (eV/atom) from its ``output_parameters``."""
+    return parameters["energy"] / parameters["number_of_atoms"]
 
 
 def dft_settings_key(code: orm.AbstractCode, settings: DFTSettings, overrides: Mapping[str, Any],
@@ -105,11 +108,8 @@ def assess_dft_stability(parameters: orm.Dict, **nodes: orm.Data) -> orm.Dict:
 
     ``parameters`` are the :class:`~equicsp_core.settings.StabilitySettings` (which references); ``nodes`` are
     :func:`dft_hull_inputs`' (``candidate_L`` and ``dft_parameters_L``, ``reference_R`` or
-    ``failed_R``). The energy of a run is pw.x's total energy over its number of atoms.
+    ``failed_R``). The energy of a run is :func:`dft_energy_per_atom`.
     """
-    def per_atom(node: orm.Dict) -> float:
-        return node["energy"] / node["number_of_atoms"]
-
     references: dict[str, dict[str, Any]] = {}
     for key, node in nodes.items():
         if key.startswith("failed_"):
@@ -117,8 +117,8 @@ def assess_dft_stability(parameters: orm.Dict, **nodes: orm.Data) -> orm.Dict:
                 "energy_per_atom": None, "status": "failed", "error": node.value}
         elif key.startswith("reference_"):
             references[reference_id(key[len("reference_"):])] = {
-                "energy_per_atom": per_atom(node), "status": "finished", "error": None}
-    candidates = {label: DFTOutcome(nodes[f"candidate_{label}"].get_pymatgen(), per_atom(node))
+                "energy_per_atom": dft_energy_per_atom(node), "status": "finished", "error": None}
+    candidates = {label: DFTOutcome(nodes[f"candidate_{label}"].get_pymatgen(), dft_energy_per_atom(node))
                   for label, node in ((key[len("dft_parameters_"):], node) for key, node in nodes.items()
                                       if key.startswith("dft_parameters_"))}
     try:

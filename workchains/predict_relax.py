@@ -66,8 +66,8 @@ from equicsp_core.pipeline import (
     STATUSES,
     UNITS,
     DFTOutcome,
-    levels,
     dft_stability_references,
+    levels,
     ml_level,
     rank,
     screen,
@@ -96,6 +96,7 @@ from aiida_equicsp.workchains.dft_hull import (
     REFERENCE_ID_EXTRA,
     STORED_CELL,
     assess_dft_stability,
+    dft_energy_per_atom,
     dft_hull_inputs,
     dft_reference_runs,
     dft_settings_key,
@@ -177,8 +178,7 @@ def tabulate_ranking(screening: orm.Dict, ml_ranking: orm.Dict, ml_results: orm.
         node = nodes.get(f"dft_info_{label}")
         return {"level": node["level"], "notes": tuple(node["notes"])} if node is not None else {}
 
-    dft = {label: DFTOutcome(structure, nodes[f"dft_parameters_{label}"]["energy"]
-                             / nodes[f"dft_parameters_{label}"]["number_of_atoms"], **info(label))
+    dft = {label: DFTOutcome(structure, dft_energy_per_atom(nodes[f"dft_parameters_{label}"]), **info(label))
            for label, structure in structures("dft_").items()}
     dft.update({key[len("dft_failed_"):]: DFTOutcome(failure=node.value, **info(key[len("dft_failed_"):]))
                 for key, node in nodes.items() if key.startswith("dft_failed_")})
@@ -266,9 +266,7 @@ def validate_inputs(inputs: Mapping[str, Any], _: Any) -> str | None:
     Every other input is checked by its port's validator (the exposed namespaces keep their CalcJob's, which
     require a code), so all is checked at submission and nothing is sampled for a run that would stop later.
     """
-    dft = inputs.get("dft")
-    if dft and "hull" in dft and dft["hull"].value and dft_settings(dft).relax_type == "none" \
-            and not StabilitySettings.from_mapping(inputs["stability"].get_dict()).stability:
+    if _single_point_hull_without_ml_hull(inputs):
         return ("dft.hull with dft.relax_type none computes the references at their ML-relaxed geometry: it needs "
                 "the ML hull (stability.stability true)")
     # the formulas are an input of the sampling calculation: ``sample.sample.compositions``
@@ -293,6 +291,19 @@ def validate_inputs(inputs: Mapping[str, Any], _: Any) -> str | None:
     if missing:
         return f"pseudopotential family {label!r} has no pseudopotential for {', '.join(missing)}"
     return None
+
+
+def _single_point_hull_without_ml_hull(inputs: Mapping[str, Any]) -> bool:
+    """Whether the inputs ask for a DFT hull of single points with the ML hull off (invalid settings are not, their
+    ports' validators name them)."""
+    if not inputs.get("dft"):
+        return False
+    try:
+        dft = dft_settings(inputs["dft"])
+        stability = StabilitySettings.from_mapping(inputs["stability"].get_dict() if "stability" in inputs else {})
+    except SettingsError:
+        return False
+    return dft.hull and dft.relax_type == "none" and not stability.stability
 
 
 def dft_builder(code: orm.AbstractCode, structure: orm.StructureData, settings: DFTSettings,
@@ -717,6 +728,8 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
         """One PwRelaxWorkChain per chosen candidate, from the aiida-quantumespresso protocol."""
         dft = self.inputs.dft
         settings = dft_settings(dft)
+        overrides = dft["overrides"].get_dict() if "overrides" in dft else {}
+        options = dft["options"].get_dict() if "options" in dft else None
         futures = {}
         symprec = orm.Float(settings.symprec)
         for label in self.ctx.ml_ranking["dft"]:
@@ -724,17 +737,16 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
             if symprec.value > 0:
                 structure = call_function_once(self, symmetrize, f"symmetrize_{label}", structure=structure,
                                                symprec=symprec)
-            builder = dft_builder(dft.code, structure, settings,
-                                  dft["overrides"].get_dict() if "overrides" in dft else None,
-                                  dft["options"].get_dict() if "options" in dft else None)
+            builder = dft_builder(dft.code, structure, settings, overrides, options)
             futures[f"dft.{label}"] = submit_once(self, builder, f"dft_{label}")
             what = "single point" if settings.relax_type == "none" else "relaxation"
             self.report(f"DFT {what} of {label}: PwRelaxWorkChain<{futures[f'dft.{label}'].pk}>")
         if settings.hull:
-            futures.update(self._run_dft_references(settings))
+            futures.update(self._run_dft_references(settings, overrides, options))
         return ToContext(**futures)
 
-    def _run_dft_references(self, settings: DFTSettings) -> dict[str, orm.ProcessNode]:
+    def _run_dft_references(self, settings: DFTSettings, overrides: Mapping[str, Any],
+                            options: Mapping[str, Any] | None) -> dict[str, orm.ProcessNode]:
         """With ``dft.hull``: one PwRelaxWorkChain per reference entry of the DFT candidates' hulls
         (:func:`equicsp_core.pipeline.dft_stability_references`) that no earlier run computed with these settings
         (:func:`~aiida_equicsp.workchains.dft_hull.dft_reference_runs`), from its stored cell or, for a single point,
@@ -752,7 +764,6 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
         entries = dft_stability_references(
             {label: self.ctx.ml_relaxed[label].get_pymatgen() for label in self.ctx.ml_ranking["dft"]},
             stability_settings, reference)
-        overrides = dft["overrides"].get_dict() if "overrides" in dft else {}
         start, structures = self._reference_starts(reference, entries, settings)
         key = dft_settings_key(dft.code, settings, overrides, pseudo_family_label(dft), start)
         known = dft_reference_runs(reference.sha256, key, (entry.id for entry in entries))
@@ -765,8 +776,7 @@ class EquiCSPPredictRelaxWorkChain(EquiCSPProtocolMixin, WorkChain):
             if entry.id in known or entry.id not in structures:
                 continue
             link_label = reference_link_label(entry.id)
-            builder = dft_builder(dft.code, structures[entry.id], settings, overrides,
-                                  dft["options"].get_dict() if "options" in dft else None)
+            builder = dft_builder(dft.code, structures[entry.id], settings, overrides, options)
             node = submit_once(self, builder, f"dft_{link_label}")
             node.base.extras.set_many({REFERENCE_SET_EXTRA: reference.sha256, REFERENCE_ID_EXTRA: entry.id,
                                        DFT_SETTINGS_EXTRA: key})
