@@ -57,7 +57,8 @@ def reduced_formula_of(cif: str) -> tuple[str, object]:
 def run_row(index: int, cif: str, model, card, calculator, rerank_calculator, args: argparse.Namespace) -> dict:
     """Sample, screen, relax, rank and score one composition; ``candidate_details`` per candidate (see
     :func:`candidate_details`)."""
-    from equicsp_core.metrics import rms_distance
+    from equicsp_core.cell_shape import cell_shape_strain
+    from equicsp_core.metrics import PAPERS_MATCHER_TOLERANCES, rms_distance
     from equicsp_core.pipeline import candidate_label, rank, screen
     from equicsp_core.predict import predict_with_settings
     from equicsp_core.relax import relax_structures
@@ -88,9 +89,11 @@ def run_row(index: int, cif: str, model, card, calculator, rerank_calculator, ar
         return {label: distance for label, distance in distances.items() if distance is not None}
 
     matched_sampled, matched_relaxed = matches({k: c.structure for k, c in sampled.items()}), matches(relaxed)
+    strains = {label: cell_shape_strain(relaxed[label], known, **PAPERS_MATCHER_TOLERANCES)
+               for label in matched_relaxed}
     winner = ranking.winners[0] if ranking.winners else None
     details = candidate_details(every, decisions, results, ranking.ranking, set(matched_sampled), matched_relaxed,
-                                lambda structure: str(space_group(structure)))
+                                strains, lambda structure: str(space_group(structure)))
     if args.denoising_loss:
         losses = denoising_losses(model, relaxed, seed=args.seed)
         for record in details:
@@ -345,7 +348,8 @@ def symmetry_polish(structure, calculator, settings: RelaxSettings, known) -> di
 
 
 def candidate_details(candidates: dict, decisions: dict, results: dict, ranking: dict, matched_sampled: set,
-                      matched_relaxed: dict[str, float], space_group_of) -> list[dict]:
+                      matched_relaxed: dict[str, float], strains: dict[str, float | None],
+                      space_group_of) -> list[dict]:
     """One record per sampled candidate (``candidates``: label → :class:`~equicsp_core.predict.Candidate`, valid
     or not), in sample order, so that why the ML ranking misses a found structure can be read off later:
 
@@ -360,7 +364,11 @@ def candidate_details(candidates: dict, decisions: dict, results: dict, ranking:
     - ``sampled_match``, ``match``: the known structure, before and after relaxation (``matched_relaxed``: label →
       normalised RMS distance of the match), and ``match_rms``, that distance (``None``: no match). The papers'
       tolerances accept a match up to 0.5: a relaxed candidate at 0.4-0.5 is often another structure, above the known
-      one in energy, which no ranking should pick.
+      one in energy, which no ranking should pick;
+    - ``match_strain``: the cell shape strain of the match (``strains``,
+      :func:`equicsp_core.cell_shape.cell_shape_strain` with the papers' tolerances; ``None``: no match). The papers'
+      matcher also accepts a strained relative of the known phase (a cubic cell for a tetragonal one of c/a 1.17 at
+      RMS 0).
     """
     group_of = {member: label for label, entry in ranking.items() for member in entry["members"] or ()}
     records = []
@@ -379,7 +387,7 @@ def candidate_details(candidates: dict, decisions: dict, results: dict, ranking:
             "rank": ranking[representative]["ml_rank"] if representative else None,
             "duplicate_of": representative if representative not in (None, label) else None,
             "sampled_match": label in matched_sampled, "match": label in matched_relaxed,
-            "match_rms": matched_relaxed.get(label),
+            "match_rms": matched_relaxed.get(label), "match_strain": strains.get(label),
         })
     return records
 
@@ -419,6 +427,7 @@ def summary(paths: list[Path]) -> dict:
         "mean_sampling_seconds": round(sum(line["sampling_seconds"] for line in lines) / count, 1),
         **missed_ranks(lines),
         **close_matches(lines),
+        **same_phase_matches(lines),
         **second_rounds(lines),
         **reranks(lines),
     }
@@ -491,19 +500,34 @@ def close_matches(lines: list[dict]) -> dict:
     """Over the lines whose records hold ``match_rms``: the % whose known structure is among the relaxed candidates
     within :data:`CLOSE_RMS`, the % whose winner is that close, and the second over the first. The papers' tolerances
     accept matches up to 0.5, and a relaxed candidate at 0.4-0.5 is often another, higher minimum (BENCHMARKS.md)."""
-    measured = [line for line in lines if line.get("candidate_details") and "match_rms" in line["candidate_details"][0]]
+    return _strict_matches(lines, "match_rms", CLOSE_RMS, f"rms_{CLOSE_RMS}")
+
+
+def same_phase_matches(lines: list[dict]) -> dict:
+    """Over the lines whose records hold ``match_strain``: the found and top-1 fractions as :func:`close_matches`
+    gives them, counting only matches whose cell shape strain is within
+    :data:`~equicsp_core.cell_shape.SAME_PHASE_SHAPE_STRAIN` (the same phase, not a strained relative)."""
+    from equicsp_core.cell_shape import SAME_PHASE_SHAPE_STRAIN
+
+    return _strict_matches(lines, "match_strain", SAME_PHASE_SHAPE_STRAIN, "same_phase")
+
+
+def _strict_matches(lines: list[dict], field: str, limit: float, name: str) -> dict:
+    """Found and top-1 over the lines whose candidate records hold ``field``, a match counting where its ``field``
+    is at most ``limit``; keys named by ``name``."""
+    measured = [line for line in lines if line.get("candidate_details") and field in line["candidate_details"][0]]
     if not measured:
         return {}
 
-    def close(record: dict) -> bool:
-        return record["match_rms"] is not None and record["match_rms"] <= CLOSE_RMS
+    def strict(record: dict) -> bool:
+        return record[field] is not None and record[field] <= limit
 
-    found = sum(any(close(c) for c in line["candidate_details"]) for line in measured)
-    top1 = sum(any(close(c) and c["label"] == line["winner"] for c in line["candidate_details"]) for line in measured)
-    return {"with_match_rms": len(measured),
-            f"relaxed_match_rms_{CLOSE_RMS}": round(100 * found / len(measured), 1),
-            f"top1_rms_{CLOSE_RMS}": round(100 * top1 / len(measured), 1),
-            f"top1_over_any_rms_{CLOSE_RMS}": round(100 * top1 / found, 1) if found else None}
+    found = sum(any(strict(c) for c in line["candidate_details"]) for line in measured)
+    top1 = sum(any(strict(c) and c["label"] == line["winner"] for c in line["candidate_details"]) for line in measured)
+    return {f"with_{field}": len(measured),
+            f"relaxed_match_{name}": round(100 * found / len(measured), 1),
+            f"top1_{name}": round(100 * top1 / len(measured), 1),
+            f"top1_over_any_{name}": round(100 * top1 / found, 1) if found else None}
 
 
 def sign_test_p(first_only: int, second_only: int) -> float:

@@ -31,6 +31,8 @@ MIN_DISTANCE = 0.5  # Å
 MIN_VOLUME = 0.1  # Å³
 MAX_LENGTH = 40.0  # Å
 MAX_OXIDATION_COMBINATIONS = 1e7
+#: The papers' StructureMatcher tolerances (CDVAE's, which DiffCSP and EquiCSP reuse).
+PAPERS_MATCHER_TOLERANCES = {"stol": 0.5, "angle_tol": 10, "ltol": 0.3}
 
 
 def structural_validity(structure) -> bool:
@@ -84,7 +86,7 @@ def is_valid(structure) -> bool:
 def _matcher() -> StructureMatcher:
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
-    return StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3)
+    return StructureMatcher(**PAPERS_MATCHER_TOLERANCES)
 
 
 def rms_distance(predicted, reference) -> float | None:

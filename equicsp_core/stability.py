@@ -13,7 +13,9 @@ no hull: the candidate gets a reason instead of a number, and the others go on.
 
 **Novelty**: a relaxed candidate is matched (pymatgen's :class:`StructureMatcher`, default tolerances) with
 the reference entries of its reduced formula, as stored (DFT-relaxed cells of the data), the lowest data
-``e_above_hull`` first: ``"matches mp-1234 (Pm-3m)"`` or ``"new"``.
+``e_above_hull`` first, and a match counts only where the two cells agree in shape
+(:mod:`equicsp_core.cell_shape`): ``"matches mp-1234 (Pm-3m)"``, ``"new: mp-1234 (P4/mmm) strained by 10 %"``
+(the matcher's strained relative of a known phase) or ``"new"``.
 
 The reference energies are injected: relaxed on demand by a :data:`RelaxFunction`
 (:func:`equicsp_core.relax.relax_structures` in production, a stub in tests) and cached (:func:`e_above_hull`,
@@ -226,17 +228,23 @@ def _composition(entry: ReferenceEntry) -> Any:
 
 
 def novelty(structure: Structure, reference: ReferenceSet) -> str:
-    """``"matches <id> (<space group>)"`` for the first reference entry of the same reduced formula that
-    :class:`StructureMatcher` matches (lowest data ``e_above_hull`` first, then id), else ``"new"``."""
-    from pymatgen.analysis.structure_matcher import StructureMatcher
-
+    """``"matches <id> (<space group>)"`` for the first reference entry of the same reduced formula (lowest data
+    ``e_above_hull`` first, then id) that :class:`StructureMatcher` (default tolerances) matches with a cell shape
+    strain within :data:`~equicsp_core.cell_shape.SAME_PHASE_SHAPE_STRAIN`; where an entry matches only with a larger
+    strain, ``"new: <id> (<space group>) strained by <n> %"`` (a strained relative, e.g. a cubic cell of a tetragonal
+    phase, which the matcher's length tolerance accepts); else ``"new"``."""
+    from equicsp_core.cell_shape import SAME_PHASE_SHAPE_STRAIN, cell_shape_strain
     from equicsp_core.screening import space_group
 
     entries = sorted(reference.like(structure),
                      key=lambda entry: (entry.e_above_hull is None, entry.e_above_hull or 0.0, entry.id))
-    matcher = StructureMatcher()
+    strained = None
     for entry in entries:
         known = entry.structure
-        if matcher.fit(structure, known):
+        strain = cell_shape_strain(structure, known)
+        if strain is None:
+            continue
+        if strain <= SAME_PHASE_SHAPE_STRAIN:
             return f"matches {entry.id} ({space_group(known).symbol})"
-    return "new"
+        strained = strained or f"new: {entry.id} ({space_group(known).symbol}) strained by {100 * strain:.0f} %"
+    return strained or "new"

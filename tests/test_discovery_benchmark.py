@@ -50,7 +50,7 @@ def test_candidate_details_name_z_energy_space_group_match_and_the_group_s_rank(
     ranking = rank({label: r.as_dict() for label, r in results.items()},
                    {label: r.structure for label, r in results.items()}, top_k=1).ranking
     records = load_benchmark().candidate_details(candidates, decisions, results, ranking, {"S_001"}, {"S_001": 0.02},
-                                                 lambda structure: str(space_group(structure)))
+                                                 {"S_001": 0.01}, lambda structure: str(space_group(structure)))
     assert [(r["label"], r["z"], r["stage"], r["rank"], r["duplicate_of"], r["match"]) for r in records] == [
         ("S_000", 1, "ml_relaxed", 1, None, False), ("S_001", 1, "duplicate", 1, "S_000", True),
         ("S_002", 1, "implausible", None, None, False), ("S_003", 2, "invalid", None, None, False)]
@@ -60,6 +60,7 @@ def test_candidate_details_name_z_energy_space_group_match_and_the_group_s_rank(
     assert records[0]["space_group"] == str(space_group(cubic_srtio3())) and "221" in records[0]["space_group"]
     assert [r["sampled_match"] for r in records] == [False, True, False, False]
     assert [r["match_rms"] for r in records] == [None, 0.02, None, None]
+    assert [r["match_strain"] for r in records] == [None, 0.01, None, None]
 
 
 def test_a_tiny_run_writes_one_record_per_candidate(fixture_data_dir, one_thread):
@@ -82,6 +83,7 @@ def test_a_tiny_run_writes_one_record_per_candidate(fixture_data_dir, one_thread
     assert [c["sample"] for c in details] == [0, 1, 2] and {c["z"] for c in details} == {1}
     assert line["relaxed_match"] == any(c["match"] for c in details)
     assert all((c["match_rms"] is not None) == c["match"] and (c["match_rms"] or 0) <= 0.5 for c in details)
+    assert all((c["match_strain"] is not None) == c["match"] for c in details)
     assert line["sampled"] == any(c["sampled_match"] for c in details)
     ranked = [c for c in details if c["rank"] == 1 and c["duplicate_of"] is None]
     assert [c["label"] for c in ranked] == ([line["winner"]] if line["winner"] else [])
@@ -234,6 +236,21 @@ def test_the_summary_counts_close_matches_where_the_records_hold_their_rms(tmp_p
     assert close == {"with_match_rms": 3, "relaxed_match_rms_0.25": 66.7, "top1_rms_0.25": 33.3,
                      "top1_over_any_rms_0.25": 50.0}
     assert load_benchmark().close_matches([json.loads(OLD_LINES.read_text().splitlines()[0])]) == {}
+
+
+def test_the_summary_counts_same_phase_matches_where_the_records_hold_their_strain():
+    """Three compositions: the winner a match of shape strain 0.01 (the same phase); the winner a match of strain
+    0.10 (a strained relative) and no other; a non-winner of 0.02. Same phase: found 2 of 3, first 1 of 3; lines
+    written before the strain was recorded are not counted."""
+    def line(row, strain_of_winner, strain_of_other):
+        records = [{"label": "A", "match": strain_of_winner is not None, "match_strain": strain_of_winner},
+                   {"label": "B", "match": strain_of_other is not None, "match_strain": strain_of_other}]
+        return {"row": row, "winner": "A", "candidate_details": records}
+
+    same = load_benchmark().same_phase_matches([line(1, 0.01, None), line(2, 0.10, None), line(3, None, 0.02)])
+    assert same == {"with_match_strain": 3, "relaxed_match_same_phase": 66.7, "top1_same_phase": 33.3,
+                    "top1_over_any_same_phase": 50.0}
+    assert load_benchmark().same_phase_matches([json.loads(OLD_LINES.read_text().splitlines()[0])]) == {}
 
 
 def test_the_summary_pairs_the_resampled_round_with_its_fresh_control(tmp_path):

@@ -293,6 +293,19 @@ def test_novelty_matches_a_known_structure_or_says_new():
     assert novelty(fcc("Ag"), reference) == "new"  # nothing of the composition is known
 
 
+def test_novelty_calls_a_strained_relative_of_a_known_phase_new_and_names_it():
+    """A tetragonal CsCl CuAu cell matches the cubic entry under StructureMatcher's length tolerance at any c/a up to
+    1.25; at c/a 1.02 it is that phase (shape strain 0.013), at 1.17 a strained relative (strain 0.105)."""
+    reference = hand_made_reference()
+
+    def tetragonal(c_over_a: float) -> Structure:
+        edge = 3.0 / c_over_a ** (1 / 3)
+        return Structure(Lattice.tetragonal(edge, edge * c_over_a), ["Cu", "Au"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+    assert novelty(tetragonal(1.02), reference) == "matches cuau-high (Pm-3m)"
+    assert novelty(tetragonal(1.17), reference) == "new: cuau-high (Pm-3m) strained by 10 %"
+
+
 # --- the pipeline -------------------------------------------------------------------------------------------------
 
 
