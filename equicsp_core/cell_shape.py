@@ -14,7 +14,8 @@ here by the deformation that carries one matched cell onto the other:
 It is invariant to rotating either structure and to the choice of matched basis, symmetric in its two arguments
 (ln λ changes sign only), and 0 for cells of one shape. The CsCl example gives stretches (1.054, 1.054, 0.900) and
 a shape strain of 0.105. :data:`SAME_PHASE_SHAPE_STRAIN` is the limit below which a match counts as the same
-phase; its value is measured on reference entries relaxed with CHGNet against their stored DFT cells
+phase, in novelty (:func:`equicsp_core.stability.novelty`) and in the merging of relaxed duplicates
+(:func:`equicsp_core.screening.group_duplicates`); its value is measured on reference entries relaxed with CHGNet against their stored DFT cells
 (``benchmarks/cell_shape_strain.py``, BENCHMARKS.md "Same phase or strained relative").
 """
 

@@ -8,8 +8,9 @@ choices are in the provenance) and the jobflow Makers.
   distance above 0.5 Å, volume above 0.1 Å³) plus an upper bound on the volume per atom that no solid at
   ambient pressure exceeds.
 - :func:`group_duplicates` groups relaxed structures that are the same crystal (pymatgen's
-  ``StructureMatcher.group_structures``): duplicates are merged after relaxation only, since distinct
-  distortions of one parent may relax to distinct minima.
+  ``StructureMatcher.group_structures``, then split where cells differ in shape beyond
+  :data:`~equicsp_core.cell_shape.SAME_PHASE_SHAPE_STRAIN`): duplicates are merged after relaxation only, since
+  distinct distortions of one parent may relax to distinct minima.
 - :func:`space_group` and :func:`displacement` describe what a relaxation did.
 """
 
@@ -70,8 +71,9 @@ def implausibility(
 
 
 def group_duplicates(structures: Sequence[Structure]) -> list[list[int]]:
-    """The structures grouped by pymatgen's ``StructureMatcher.group_structures`` (its default tolerances), as
-    indices: each group in the order given, the groups in the order of their first member.
+    """The structures grouped by pymatgen's ``StructureMatcher.group_structures`` (its default tolerances), each
+    group split where cells differ in shape (:func:`same_shape_groups`), as indices: each group in the order
+    given, the groups in the order of their first member.
 
     The first structure of each group is the reference the others matched, so given in order of energy the
     first index of a group is its lowest-energy member. Cells of different sizes match when they reduce to
@@ -83,11 +85,29 @@ def group_duplicates(structures: Sequence[Structure]) -> list[list[int]]:
     positions: dict[int, list[int]] = {}
     for index, structure in enumerate(structures):
         positions.setdefault(id(structure), []).append(index)
-    groups = [[positions[id(structure)].pop(0) for structure in group]
+    groups = [sorted(positions[id(structure)].pop(0) for structure in group)
               for group in StructureMatcher().group_structures(list(structures))]
-    for group in groups:
-        group.sort()
-    return sorted(groups)
+    return sorted(part for group in groups for part in same_shape_groups(group, structures))
+
+
+def same_shape_groups(group: Sequence[int], structures: Sequence[Structure]) -> list[list[int]]:
+    """A group of matching structures (indices, in order) split into the same phase: each joins the first part
+    whose first member's cell it matches within :data:`~equicsp_core.cell_shape.SAME_PHASE_SHAPE_STRAIN`, else
+    starts a part. StructureMatcher's length tolerance puts a cubic cell and a tetragonal one of c/a 1.17 in one
+    group; merged, the higher of the two would never reach DFT. Where the shape cannot be measured (the matcher
+    maps the primitive cells differently), the matcher's verdict stands."""
+    from equicsp_core.cell_shape import SAME_PHASE_SHAPE_STRAIN, cell_shape_strain
+
+    parts: list[list[int]] = []
+    for index in group:
+        for part in parts:
+            strain = cell_shape_strain(structures[index], structures[part[0]])
+            if strain is None or strain <= SAME_PHASE_SHAPE_STRAIN:
+                part.append(index)
+                break
+        else:
+            parts.append([index])
+    return parts
 
 
 @dataclass(frozen=True)

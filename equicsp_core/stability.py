@@ -233,18 +233,21 @@ def novelty(structure: Structure, reference: ReferenceSet) -> str:
     strain within :data:`~equicsp_core.cell_shape.SAME_PHASE_SHAPE_STRAIN`; where an entry matches only with a larger
     strain, ``"new: <id> (<space group>) strained by <n> %"`` (a strained relative, e.g. a cubic cell of a tetragonal
     phase, which the matcher's length tolerance accepts); else ``"new"``."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
     from equicsp_core.cell_shape import SAME_PHASE_SHAPE_STRAIN, cell_shape_strain
     from equicsp_core.screening import space_group
 
     entries = sorted(reference.like(structure),
                      key=lambda entry: (entry.e_above_hull is None, entry.e_above_hull or 0.0, entry.id))
+    matcher = StructureMatcher()
     strained = None
     for entry in entries:
         known = entry.structure
-        strain = cell_shape_strain(structure, known)
-        if strain is None:
+        if not matcher.fit(structure, known):
             continue
-        if strain <= SAME_PHASE_SHAPE_STRAIN:
+        strain = cell_shape_strain(structure, known)
+        if strain is None or strain <= SAME_PHASE_SHAPE_STRAIN:  # None: shape not measurable, the match stands
             return f"matches {entry.id} ({space_group(known).symbol})"
         strained = strained or f"new: {entry.id} ({space_group(known).symbol}) strained by {100 * strain:.0f} %"
     return strained or "new"

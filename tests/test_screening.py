@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Lattice, Structure
 
 from equicsp_core.screening import (
@@ -93,6 +94,18 @@ def test_different_arrangement_of_the_same_composition_is_distinct():
     a = perovskite()
     swapped = Structure(Lattice.cubic(3.905), ["Ti", "Sr", "O", "O", "O"], PEROVSKITE_SITES)
     assert group_duplicates([swapped, a, a.copy()]) == [[0], [1, 2]]
+
+
+def test_a_strained_relative_is_not_merged_with_the_phase_the_matcher_takes_it_for():
+    """Cubic CsCl, tetragonal c/a 1.17 and 1.02 cells (one volume): StructureMatcher puts all three in one group;
+    the 1.17 cell (shape strain 0.105 from the cubic one) is split off, the 1.02 (0.013) stays."""
+    def cesium_chloride(c_over_a: float) -> Structure:
+        edge = (27.0 / c_over_a) ** (1 / 3)
+        return Structure(Lattice.tetragonal(edge, edge * c_over_a), ["Lu", "In"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+    cells = [cesium_chloride(1.0), cesium_chloride(1.17), cesium_chloride(1.02)]
+    assert len(StructureMatcher().group_structures(cells)) == 1
+    assert group_duplicates(cells) == [[0, 2], [1]]
 
 
 def test_the_same_object_twice_is_one_group_of_two():
