@@ -336,7 +336,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     header = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": checkpoint_sha256, "task": "generation",
               "steps": settings.steps, "seed": settings.seed, "step_lr": step_lr,
               "lattice_bound": _lattice_bound(settings, model), "num_atoms": settings.num_atoms,
-              "num_samples": settings.num_samples, "requested": settings.num_samples}
+              "elements": settings.elements, "num_samples": settings.num_samples, "requested": settings.num_samples}
     _write_candidates(out, batches, header, {
         "steps": model.schedules.num_steps if settings.steps is None else settings.steps,
         "batch_size": settings.batch_size, "device": str(device), "threads": threads})

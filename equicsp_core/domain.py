@@ -87,6 +87,24 @@ def check_generated_atoms(num_atoms: int, mode: str, trained_counts: Iterable[in
                          "was trained on")
 
 
+def check_generated_elements(elements: Iterable[str], dataset: str | None) -> list[int]:
+    """The atomic numbers of the ``elements`` a generation model trained on ``dataset`` is asked to use; an element
+    outside its training domain is refused (a dataset this module does not know: unchecked).
+
+    Raises:
+        ValueError: one line naming the first element the model never saw.
+    """
+    from pymatgen.core import Element
+
+    numbers = [Element(symbol).Z for symbol in elements]
+    domain = training_domain(dataset)
+    unseen = [] if domain is None else [symbol for symbol, z in zip(elements, numbers) if z not in domain.elements]
+    if unseen:
+        raise ValueError(f"elements: {unseen[0]} is not among the elements of the {dataset} crystals the model was "
+                         "trained on")
+    return numbers
+
+
 def training_domain(dataset: str | None) -> TrainingDomain | None:
     """The domain of a benchmark dataset, ``None`` for a dataset this module does not know."""
     if dataset not in TRAINING_DOMAINS:

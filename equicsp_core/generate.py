@@ -7,7 +7,8 @@ the crystals take in turn); the sampler
 (:func:`equicsp_core.sampler.sample` without atom types) draws the types with the structure. The candidates come batch by batch,
 as :class:`equicsp_core.predict.Candidate` objects, so ``equicsp generate`` writes the run folder of
 ``equicsp sample`` (:mod:`equicsp_core.runfolder`); a candidate's ``formula`` is the reduced formula it came
-out with.
+out with. ``elements`` restricts the crystals to a chemical system (the sampler's projection of the predicted
+types, :func:`equicsp_core.sampler.sample`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from equicsp_core.checkpoint import CheckpointError, require_task
 from equicsp_core.crystal import Crystal
 from equicsp_core.diffusion import CrystalDiffusion
-from equicsp_core.domain import check_generated_atoms
+from equicsp_core.domain import check_generated_atoms, check_generated_elements
 from equicsp_core.predict import Candidate
 from equicsp_core.sampler import sample, time_grid
 from equicsp_core.settings import GenerateSettings, formula_of, formula_units
@@ -76,15 +77,17 @@ def generate_with_settings(
 
     Raises:
         CheckpointError: a CSP model, or a card without the atom-count distribution (and no ``num_atoms``).
-        ValueError: settings the model cannot honour (``steps``, ``num_atoms``).
+        ValueError: settings the model cannot honour (``steps``, ``num_atoms``, ``elements`` it never saw).
     """
     require_task(model, "generation")
     total_steps = model.schedules.num_steps
     time_grid(total_steps if settings.steps is None else settings.steps, total_steps)
     generator = torch.Generator().manual_seed(settings.seed)  # on the CPU: the same draws on any device
     counts = atom_counts(card, settings, model.mode, generator)
+    elements = (None if settings.elements is None
+                else check_generated_elements(settings.elements, card.get("dataset")))
     sampler = {"steps": settings.steps, "step_lr": settings.step_lr_for(card.get("dataset")), "progress": progress,
-               "lattice_bound": settings.lattice_bound, "generator": generator}
+               "lattice_bound": settings.lattice_bound, "generator": generator, "elements": elements}
     return _generate_batches(model, counts, settings.batch_size, sampler)
 
 

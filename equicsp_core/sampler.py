@@ -14,6 +14,7 @@ atomic numbers as ``argmax + 1`` at the end.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,7 @@ def sample(
     grid_power: float = 1.0,
     start: CrystalBatch | None = None,
     start_step: int | None = None,
+    elements: Sequence[int] | None = None,
 ) -> SampleResult:
     """Sample one structure per composition (CSP), or generate whole crystals (ab initio).
 
@@ -136,14 +138,21 @@ def sample(
             (:func:`noised_start`) and the reverse process runs from there, ``steps`` steps on the grid
             ``start_step → 1``; their atoms must be ``atomic_numbers`` and ``num_atoms``.
         start_step: the time ``t₀`` in 1..T the ``start`` crystals are noised to (required with ``start``).
+        elements: generation only: the atomic numbers the crystals may hold (a chemical system; ``None``: any).
+            Every one-hot vector of these elements is 0 in the other components, so each step's predicted clean
+            types Â₀ are projected onto them (the others set to 0) before the DDPM step, and the final argmax
+            runs over them only. A projection of the prediction, not a retrained conditional model: how well the
+            unconditional model's structures suit a system is measured, not implied (BENCHMARKS.md).
 
     Returns:
         A :class:`SampleResult`; fractional coordinates in [0, 1).
 
     Raises:
         CheckpointError: atom types given to a generation model, or none to a CSP model.
+        ValueError: ``elements`` with atom types, empty, or beyond the model's element count.
     """
     require_task(model, "csp" if atomic_numbers is not None else "generation")
+    allowed = _allowed_types(model, elements, atomic_numbers is not None)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     if step_lr < 0:
@@ -175,6 +184,7 @@ def sample(
     else:
         frac, lattice = noised_start(model, start, first, generator)
     types = randn((frac.shape[0], model.denoiser_config.num_elements)) if atomic_numbers is None else None
+    allowed = None if allowed is None else allowed.to(device)
     sigmas, alpha_bars = schedules.sigmas, schedules.alphas_cumprod
     sigma_begin = float(sigmas[1])
 
@@ -206,7 +216,7 @@ def sample(
         lattice = _ddpm_step(lattice, out.lattice, alpha_bar, alpha_bar_prev, lattice_bound)
         lattice = lattice + _posterior_std(alpha_bar, alpha_bar_prev) * noise(lattice_shape)
         if types is not None:
-            types = _ddpm_step(types, out.types, alpha_bar, alpha_bar_prev, TYPES_X0_BOUND)
+            types = _ddpm_step(types, out.types, alpha_bar, alpha_bar_prev, TYPES_X0_BOUND, keep=allowed)
             types = types + _posterior_std(alpha_bar, alpha_bar_prev) * noise(types.shape)
 
     if model.mode == "equicsp":
@@ -217,7 +227,8 @@ def sample(
         finite = torch.isfinite(lattice).flatten(1).all(-1)
     finite = finite & torch.isfinite(lengths).all(-1) & torch.isfinite(angles).all(-1)
     frac = wrap_unit(frac)
-    atomic_numbers = atomic_numbers if types is None else types.argmax(-1) + 1
+    if types is not None:
+        atomic_numbers = (types if allowed is None else types.masked_fill(~allowed, -math.inf)).argmax(-1) + 1
     result = CrystalBatch(atomic_numbers, frac, lengths, angles, num_atoms, batch)
     return SampleResult(result, finite)
 
@@ -275,8 +286,23 @@ def _coord_direction(
     return com_free_direction(neg_score, eps_bar, batch, num_atoms)
 
 
+def _allowed_types(model: CrystalDiffusion, elements: Sequence[int] | None, csp: bool) -> torch.Tensor | None:
+    """``(num_elements,)`` bool: the type components ``elements`` allow (component ``Z − 1``), ``None`` for any."""
+    if elements is None:
+        return None
+    if csp:
+        raise ValueError("elements restrict generation; a CSP model is given the atoms themselves")
+    count = model.denoiser_config.num_elements
+    if not elements or any(not 1 <= int(z) <= count for z in elements):
+        raise ValueError(f"elements must be atomic numbers 1..{count} of the model, got {list(elements)}")
+    allowed = torch.zeros(count, dtype=torch.bool)
+    allowed[torch.tensor([int(z) - 1 for z in elements])] = True
+    return allowed
+
+
 def _ddpm_step(
-    lattice: torch.Tensor, noise_pred: torch.Tensor, alpha_bar: float, alpha_bar_prev: float, bound: float
+    lattice: torch.Tensor, noise_pred: torch.Tensor, alpha_bar: float, alpha_bar_prev: float, bound: float,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Posterior mean of the DDPM step ``t → t_prev`` (any gap), through the predicted clean lattice (or the
     predicted clean one-hot types, generation).
@@ -285,11 +311,15 @@ def _ddpm_step(
     ``μ = sqrt(ᾱ_prev) β/(1 − ᾱ_t) · x̂₀ + sqrt(α)(1 − ᾱ_prev)/(1 − ᾱ_t) · x_t`` with ``α = ᾱ_t/ᾱ_prev``,
     ``β = 1 − α``. Unclamped this equals the papers' ``(x_t − β/sqrt(1 − ᾱ_t) ε̂)/sqrt(α)``. The clamp is
     ours: near t = T, ᾱ_t is ~1e-10, so a jump of several steps multiplies the error of ε̂ by
-    ``1/sqrt(α)`` (≈ 1000 for T → T − 10) and the lattice diverges; a bounded x̂₀ prevents that.
+    ``1/sqrt(α)`` (≈ 1000 for T → T − 10) and the lattice diverges; a bounded x̂₀ prevents that. ``keep``
+    (bool, broadcast over the last axis): the components of x̂₀ that may be non-zero, the others set to 0
+    (generation restricted to some elements).
     """
     alpha = alpha_bar / alpha_bar_prev
     beta = 1 - alpha
     clean = ((lattice - (1 - alpha_bar) ** 0.5 * noise_pred) / alpha_bar**0.5).clamp(-bound, bound)
+    if keep is not None:
+        clean = clean * keep
     return (alpha_bar_prev**0.5 * beta * clean + alpha**0.5 * (1 - alpha_bar_prev) * lattice) / (1 - alpha_bar)
 
 

@@ -205,8 +205,9 @@ class Settings(BaseModel):
 
     @classmethod
     def flag(cls, key: str) -> str:
-        """The command-line flag of a knob: ``num_samples`` → ``--num-samples``, ``formulas`` → ``--formula``."""
-        return "--formula" if key == "formulas" else "--" + key.replace("_", "-")
+        """The command-line flag of a knob: ``num_samples`` → ``--num-samples``; a list, given once per value, by its
+        singular: ``formulas`` → ``--formula``, ``elements`` → ``--element``."""
+        return {"formulas": "--formula", "elements": "--element"}.get(key, "--" + key.replace("_", "-"))
 
     @classmethod
     def repeatable(cls, key: str) -> bool:
@@ -355,6 +356,8 @@ class GenerateSettings(Settings):
     num_atoms: tuple[Annotated[StrictInt, Field(ge=1)], ...] | None = Field(
         None, description="atoms of each crystal: one count for all, or several that the crystals take "
                                         "in turn (None: drawn from the model's training distribution)")
+    elements: tuple[str, ...] | None = Field(
+        None, description="the elements the crystals may hold, a chemical system (None: any the model knows)")
     steps: StrictInt | None = SampleSettings.model_fields["steps"]
     step_lr: Number | None = Field(
         None, gt=0, allow_inf_nan=False,
@@ -377,6 +380,24 @@ class GenerateSettings(Settings):
     def _some_count(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
         if value is not None and not value:
             raise ValueError("no atom count given (None: drawn from the model's training distribution)")
+        return value
+
+    @field_validator("elements")
+    @classmethod
+    def _known_elements(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        """Element symbols, each once (``Sr``, ``Ti``, ``O``); an empty system is refused."""
+        from pymatgen.core import Element
+
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("no element given (None: any element the model knows)")
+        unknown = [symbol for symbol in value if not Element.is_valid_symbol(symbol)]
+        if unknown:
+            raise ValueError(f"unknown element {unknown[0]!r}")
+        repeated = [symbol for symbol in dict.fromkeys(value) if value.count(symbol) > 1]
+        if repeated:
+            raise ValueError(f"element {repeated[0]!r} given twice")
         return value
 
     def step_lr_for(self, dataset: str | None) -> float:

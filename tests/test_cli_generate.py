@@ -122,6 +122,21 @@ def test_generate_is_reproducible_and_num_atoms_gives_the_sizes(generation_check
     assert [Composition(entry["cell_formula"]).num_atoms for entry in mixed] == [2, 4, 2]
 
 
+def test_generate_restricted_to_a_chemical_system_holds_only_its_elements(generation_checkpoint, tmp_path):
+    """--element Sr --element Ti --element O: every crystal of 5 atoms is made of Sr, Ti and O only (the model,
+    trained 2 epochs on perov_5's 56 elements, would otherwise draw any of them: the unrestricted run with the same
+    seed holds others), and the setting is recorded in the index's header."""
+    def elements(out, *extra):
+        assert run_cli("generate", "--checkpoint", generation_checkpoint, "--num-samples", 8, "--steps", 4,
+                       "--num-atoms", 5, "--seed", 3, *extra, "--out", out) == 0
+        samples = json.loads((out / "index.json").read_text())["samples"]
+        return {str(element) for entry in samples for element in Composition(entry["cell_formula"]).elements}
+
+    assert elements(tmp_path / "system", "--element", "Sr", "--element", "Ti", "--element", "O") <= {"Sr", "Ti", "O"}
+    assert not elements(tmp_path / "any") <= {"Sr", "Ti", "O"}
+    assert json.loads((tmp_path / "system" / "index.json").read_text())["elements"] == ["Sr", "Ti", "O"]
+
+
 def test_generate_input_file_gives_the_same_crystals_as_flags(generation_checkpoint, tmp_path):
     """``--input`` (the AiiDA job's way) with the flags' settings and ``threads`` gives the same index.json."""
     settings = {"num_samples": 3, "steps": 4, "seed": 5, "batch_size": 2, "threads": 1}
@@ -144,8 +159,8 @@ def test_generate_input_file_is_checked_and_not_mixed_with_flags(generation_chec
     assert run_cli("generate", "--checkpoint", generation_checkpoint, "--input", tmp_path / "in.yaml",
                    "--out", out) == 2
     assert error_line(capsys) == (f"equicsp generate: error: --input {tmp_path / 'in.yaml'}: unknown setting(s) "
-                                  "num_atom; known: num_samples, num_atoms, steps, step_lr, lattice_bound, seed, "
-                                  "batch_size, device, threads")
+                                  "num_atom; known: num_samples, num_atoms, elements, steps, step_lr, lattice_bound, "
+                                  "seed, batch_size, device, threads")
     assert not out.exists()
 
 
@@ -185,6 +200,10 @@ def test_generate_refuses_a_csp_checkpoint_before_generating(tiny_checkpoint, tm
                                            "was trained on"),
     (["--num-atoms", 0], "num_atoms: Input should be greater than or equal to 1, got 0"),
     (["--steps", 1001], "steps must be in 1..1000, got 1001"),
+    (["--element", "Xx"], "elements: unknown element 'Xx'"),
+    (["--element", "O", "--element", "O"], "elements: element 'O' given twice"),
+    (["--element", "C", "--element", "O"], "elements: C is not among the elements of the perov_5 crystals the model "
+                                           "was trained on"),
     ([], "num_samples: Field required"),
 ])
 def test_bad_generate_input_is_one_line_and_leaves_nothing(generation_checkpoint, tmp_path, capsys, monkeypatch,

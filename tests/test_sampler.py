@@ -290,6 +290,34 @@ def test_generate_is_a_pure_function_of_the_seed_and_gives_types_in_range():
     assert a.frac_coords.min() >= 0 and a.frac_coords.max() < 1
 
 
+def test_generation_restricted_to_elements_draws_only_them_and_every_element_is_no_restriction():
+    """A random generation model: with elements O, Ti, Sr every atom is one of them (unrestricted, the same seed
+    draws others); allowing all 100 elements changes nothing, bit for bit."""
+    torch.manual_seed(0)
+    model = CrystalDiffusion(DenoiserConfig(hidden_dim=16, num_layers=1, num_freqs=4, task="generation")).eval()
+    counts = torch.tensor([5, 5, 4])
+
+    def run(elements):
+        return sample(model, None, counts, steps=20, generator=torch.Generator().manual_seed(1),
+                      elements=elements).batch
+
+    restricted, free, every = run([8, 22, 38]), run(None), run(range(1, 101))
+    assert set(restricted.atomic_numbers.tolist()) <= {8, 22, 38}
+    assert not set(free.atomic_numbers.tolist()) <= {8, 22, 38}
+    assert torch.equal(every.atomic_numbers, free.atomic_numbers) and torch.equal(every.frac_coords, free.frac_coords)
+    assert torch.equal(every.lengths, free.lengths)
+
+
+def test_elements_are_refused_for_csp_and_outside_the_model_s_types():
+    csp = CrystalDiffusion(TINY)
+    generation = CrystalDiffusion(DenoiserConfig(hidden_dim=16, num_layers=1, num_freqs=4, task="generation"))
+    with pytest.raises(ValueError, match="elements restrict generation"):
+        sample(csp, torch.tensor([8]), torch.tensor([1]), steps=2, elements=[8])
+    for elements in ([], [0], [101]):
+        with pytest.raises(ValueError, match=r"elements must be atomic numbers 1\.\.100 of the model"):
+            sample(generation, None, torch.tensor([1]), steps=2, elements=elements)
+
+
 def test_each_sampler_refuses_a_model_of_the_other_task():
     """CSP sampling of a generation model, and generation with a CSP model: one line naming the right command."""
     csp = CrystalDiffusion(TINY)

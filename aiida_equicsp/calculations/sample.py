@@ -35,7 +35,7 @@ from aiida.common.folders import Folder
 from aiida.engine import CalcJobProcessSpec
 
 from equicsp_core import runfolder
-from equicsp_core.domain import check_generated_atoms, sampling_cells
+from equicsp_core.domain import check_generated_atoms, check_generated_elements, sampling_cells
 from equicsp_core.settings import GenerateSettings, SampleSettings, SettingsError
 
 from aiida_equicsp.calculations.base import EquiCSPCalcJob, validate_code
@@ -140,6 +140,7 @@ def validate_inputs(inputs: dict[str, Any], _: Any) -> str | None:
             settings = GenerateSettings.from_mapping(sample_request(inputs))
             for count in settings.num_atoms or ():
                 check_generated_atoms(count, model.mode, model.trained_atom_counts)
+            check_generated_elements(settings.elements or (), model.dataset)
         else:
             settings = SampleSettings.from_mapping(sample_request(inputs))
             sampling_cells(settings, model.mode, model.dataset)

@@ -101,6 +101,9 @@ def test_a_generation_model_runs_equicsp_generate(equicsp_code, generation_model
     ("generation", None, {"num_atoms": [3, 6]}, r"num_atoms: 6 atoms, more than the 5 of the largest crystal the "
                                                 r"model was trained on"),
     ("generation", None, {"steps": 1001}, r"steps must be <= the model's T = 1000"),
+    ("generation", None, {"elements": ["Sr", "C"]}, r"elements: C is not among the elements of the perov_5 crystals "
+                                                    r"the model was trained on"),
+    ("csp", ["SrTiO3"], {"elements": ["Sr"]}, r"\(CSP\) model: parameter\(s\) elements are for ab initio generation"),
 ])
 def test_a_request_of_the_other_task_is_refused_before_anything_is_stored(
         equicsp_code, model, generation_model, which, compositions, parameters, message):
