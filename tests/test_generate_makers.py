@@ -112,6 +112,14 @@ def test_generate_maker_with_num_atoms_fixes_every_crystal_and_keeps_valid_ones_
         assert candidate.formula_pretty == structure.composition.reduced_formula  # emmet's metadata, for queries
 
 
+@pytest.mark.usefixtures("fixed_cell_generator")
+def test_generate_maker_restricted_to_a_chemical_system_gives_only_its_elements(tiny_generation_checkpoint, tmp_path):
+    generate = _generate(tiny_generation_checkpoint, num_atoms=5, elements=("Sr", "Ti", "O"), seed=2).make(4)
+    document = _output(_run(Flow([generate]), tmp_path), generate.uuid)
+    assert len(document.candidates) == 4 and document.settings["elements"] == ["Sr", "Ti", "O"]
+    assert all({str(e) for e in c.structure.composition.elements} <= {"Sr", "Ti", "O"} for c in document.candidates)
+
+
 def test_same_seed_same_crystals(tiny_generation_checkpoint, tmp_path):
     jobs = [_generate(tiny_generation_checkpoint, seed=seed).make(4) for seed in (3, 3, 4)]
     store = _run(Flow(jobs), tmp_path)
@@ -173,6 +181,7 @@ def test_a_generation_checkpoint_is_refused_by_the_csp_makers(tiny_generation_ch
     ({"num_atoms": 6}, 2, "num_atoms: 6 atoms, more than the 5 of the largest crystal the model was trained on"),
     ({"num_atoms": 10_000}, 2, "num_atoms: 10000 atoms; the model supports at most"),  # the mode's hard limit
     ({"steps": 1001}, 2, "steps"),  # beyond the model's T = 1000
+    ({"elements": ("Sr", "C")}, 2, "elements: C is not among the elements of the perov_5 crystals"),
     ({}, 0, "num_samples: Input should be greater than or equal to 1, got 0"),
     ({}, 2.0, "num_samples: Input should be a valid integer, got 2.0"),
 ])
@@ -192,6 +201,7 @@ def test_bad_requests_are_refused_when_the_job_is_made(tiny_generation_checkpoin
     ({"batch_size": 0}, "batch_size"),
     ({"device": "abacus"}, "device"),
     ({"max_formula_units": 2}, "max_formula_units"),  # a CSP knob: not a field
+    ({"elements": ("Sr", "Xx")}, "elements: unknown element 'Xx'"),
 ])
 def test_bad_generate_settings_are_refused_at_construction(settings, message):
     with pytest.raises((ValueError, TypeError), match=message):
