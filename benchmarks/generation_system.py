@@ -6,8 +6,7 @@ predicted types), with the papers' generation protocol by default (1000 steps, t
 dataset's γ). Recorded per system: how many crystals hold every element of the system, each composition's count,
 structural and compositional validity (:func:`equicsp_core.metrics.is_valid`, CDVAE's), and for the valid ones
 novelty against the reference set (:func:`equicsp_core.stability.novelty`: "matches <id>" or "new"), so the line
-says how many known phases of the system the model reproduces. Unrestricted, a model of perov_5's 56 elements
-draws a given ternary about once in 10^4-10^5 crystals: the restriction is what makes it a source of candidates.
+says how many known phases of the system the model reproduces.
 
     python benchmarks/generation_system.py --checkpoint perov_5-gen --system Sr-Ti-O --system K-Mg-F \\
         --num-samples 100 --out benchmarks/results/generation_system_perov5.jsonl
