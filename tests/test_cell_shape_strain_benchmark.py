@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
-from pathlib import Path
 
 import pytest
 from pymatgen.core import Lattice, Structure
 
 from equicsp_core.cell_shape import cell_shape_strain
 from equicsp_core.metrics import PAPERS_MATCHER_TOLERANCES
-
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "cell_shape_strain.py"
+from tests.scripts import load_script
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("cell_shape_strain_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/cell_shape_strain.py")
 
 
 def test_a_perturbed_start_keeps_the_volume_has_the_stretch_and_moves_each_site_by_a_tenth_of_an_angstrom():

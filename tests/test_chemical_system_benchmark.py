@@ -4,20 +4,15 @@ reference set (its SrTiO3 entry is the phase to find)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "chemical_system.py"
+from tests.scripts import load_script
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("chemical_system_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/chemical_system.py")
 
 
 @pytest.mark.slow

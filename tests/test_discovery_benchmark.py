@@ -4,7 +4,6 @@ potential) and ``--summary`` over lines written before and after the records."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,17 +11,14 @@ import pytest
 
 from equicsp_core.checkpoint import read_checkpoint
 from equicsp_core.settings import RelaxSettings
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARK = ROOT / "benchmarks" / "discovery.py"
 OLD_LINES = ROOT / "benchmarks" / "results" / "discovery_mp20_stage2_e35.jsonl"
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("discovery_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/discovery.py")
 
 
 def cubic_srtio3(a=3.9):
@@ -240,14 +236,14 @@ def test_the_summary_counts_close_matches_where_the_records_hold_their_rms(tmp_p
 
 def test_the_summary_counts_same_phase_matches_where_the_records_hold_their_strain():
     """Three compositions: the winner a match of shape strain 0.01 (the same phase); the winner a match of strain
-    0.10 (a strained relative) and no other; a non-winner of 0.02. Same phase: found 2 of 3, first 1 of 3; lines
-    written before the strain was recorded are not counted."""
+    0.15 (a strained relative: the limit is 0.1) and no other; a non-winner of 0.02. Same phase: found 2 of 3, first
+    1 of 3; lines written before the strain was recorded are not counted."""
     def line(row, strain_of_winner, strain_of_other):
         records = [{"label": "A", "match": strain_of_winner is not None, "match_strain": strain_of_winner},
                    {"label": "B", "match": strain_of_other is not None, "match_strain": strain_of_other}]
         return {"row": row, "winner": "A", "candidate_details": records}
 
-    same = load_benchmark().same_phase_matches([line(1, 0.01, None), line(2, 0.10, None), line(3, None, 0.02)])
+    same = load_benchmark().same_phase_matches([line(1, 0.01, None), line(2, 0.15, None), line(3, None, 0.02)])
     assert same == {"with_match_strain": 3, "relaxed_match_same_phase": 66.7, "top1_same_phase": 33.3,
                     "top1_over_any_same_phase": 50.0}
     assert load_benchmark().same_phase_matches([json.loads(OLD_LINES.read_text().splitlines()[0])]) == {}

@@ -3,17 +3,11 @@ against the known structure, and the summary over compositions."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.scripts import load_script
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("discovery_dft_benchmark", ROOT / "benchmarks" / "discovery_dft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/discovery_dft.py")
 
 
 class Stored:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_NOTES = ROOT / "docs" / "method.md"
@@ -101,10 +102,7 @@ def test_docs_site_builds_in_strict_mode(tmp_path):
 
 
 def _figure_script():
-    spec = importlib.util.spec_from_file_location("make_figures", FIGURES / "make_figures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("docs/figures/make_figures.py")
 
 
 @pytest.mark.parametrize("name", ["match_rate_vs_steps", "convergence"])

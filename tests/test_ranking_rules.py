@@ -3,21 +3,19 @@ reproducing the top-1 that ``benchmarks/discovery.py`` recorded."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDED = ROOT / "benchmarks" / "results" / "discovery_mp20_stage2_e100_prior.jsonl"
 
 
 def load_rules():
-    spec = importlib.util.spec_from_file_location("ranking_rules", ROOT / "benchmarks" / "ranking_rules.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/ranking_rules.py")
 
 
 def record(label, energy, group, rank, duplicate_of=None, match=False):
