@@ -40,6 +40,8 @@ from equicsp_core.torus import com_free_direction, wrap_unit
 #: 1 mÅ–1 km and 8°–172°), DiffCSP's matrix entries in Å.
 LATTICE_X0_BOUND = {"equicsp": 7.0, "diffcsp": 1000.0}
 
+#: Below this sum the kept components of a predicted Â₀ count as empty (generation restricted to some elements).
+SIMPLEX_EPS = 1e-6
 #: Bound on the predicted clean one-hot types Â₀ (ours, as the lattice's): a one-hot entry is 0 or 1.
 TYPES_X0_BOUND = 1.0
 
@@ -138,10 +140,10 @@ def sample(
             (:func:`noised_start`) and the reverse process runs from there, ``steps`` steps on the grid
             ``start_step → 1``; their atoms must be ``atomic_numbers`` and ``num_atoms``.
         start_step: the time ``t₀`` in 1..T the ``start`` crystals are noised to (required with ``start``).
-        elements: generation only: the atomic numbers the crystals may hold (a chemical system; ``None``: any).
-            Every one-hot vector of these elements is 0 in the other components, so each step's predicted clean
-            types Â₀ are projected onto them (the others set to 0) before the DDPM step, and the final argmax
-            runs over them only. A projection of the prediction, not a retrained conditional model: how well the
+        elements: generation only: the atomic numbers the crystals may hold (a chemical system; ``None``, or every
+            element of the model: any). Each step's predicted clean types Â₀ are projected onto the simplex of
+            these elements' one-hot vectors (:func:`_ddpm_step`) before the DDPM step, and the final argmax runs
+            over them only. A projection of the prediction, not a retrained conditional model: how well the
             unconditional model's structures suit a system is measured, not implied (BENCHMARKS.md).
 
     Returns:
@@ -297,7 +299,7 @@ def _allowed_types(model: CrystalDiffusion, elements: Sequence[int] | None, csp:
         raise ValueError(f"elements must be atomic numbers 1..{count} of the model, got {list(elements)}")
     allowed = torch.zeros(count, dtype=torch.bool)
     allowed[torch.tensor([int(z) - 1 for z in elements])] = True
-    return allowed
+    return None if bool(allowed.all()) else allowed
 
 
 def _ddpm_step(
@@ -312,14 +314,19 @@ def _ddpm_step(
     ``β = 1 − α``. Unclamped this equals the papers' ``(x_t − β/sqrt(1 − ᾱ_t) ε̂)/sqrt(α)``. The clamp is
     ours: near t = T, ᾱ_t is ~1e-10, so a jump of several steps multiplies the error of ε̂ by
     ``1/sqrt(α)`` (≈ 1000 for T → T − 10) and the lattice diverges; a bounded x̂₀ prevents that. ``keep``
-    (bool, broadcast over the last axis): the components of x̂₀ that may be non-zero, the others set to 0
-    (generation restricted to some elements).
+    (bool, broadcast over the last axis; generation restricted to some elements): x̂₀ is projected onto the
+    probability simplex of the kept components (negative entries and the others set to 0, the rest divided by
+    their sum; uniform where nothing is left), so that it stays a mixture of one-hot vectors the network knows
+    rather than a vector near 0.
     """
     alpha = alpha_bar / alpha_bar_prev
     beta = 1 - alpha
     clean = ((lattice - (1 - alpha_bar) ** 0.5 * noise_pred) / alpha_bar**0.5).clamp(-bound, bound)
     if keep is not None:
-        clean = clean * keep
+        clean = clean.clamp(min=0) * keep
+        total = clean.sum(-1, keepdim=True)
+        uniform = keep.to(clean.dtype) / keep.sum()
+        clean = torch.where(total > SIMPLEX_EPS, clean / total.clamp(min=SIMPLEX_EPS), uniform)
     return (alpha_bar_prev**0.5 * beta * clean + alpha**0.5 * (1 - alpha_bar_prev) * lattice) / (1 - alpha_bar)
 
 

@@ -233,6 +233,25 @@ def test_ddpm_step_unclamped_is_the_papers_update():
         torch.testing.assert_close(_ddpm_step(x, eps, alpha_bar, alpha_bar_prev, math.inf), papers, rtol=1e-9, atol=1e-9)
 
 
+def test_a_restricted_ddpm_step_uses_the_prediction_projected_onto_the_kept_elements_simplex():
+    """keep = components 0 and 2 of 4: a predicted x̂₀ (0.2, 0.9, 0.6, −0.3) steps as if it were (0.25, 0, 0.75, 0);
+    one with nothing kept left ((−0.1, 0.9, −0.2, 0.4)) as if it were uniform on the kept (0.5, 0, 0.5, 0)."""
+    from equicsp_core.sampler import _ddpm_step
+
+    schedules = CrystalDiffusion(TINY).schedules
+    alpha_bar, alpha_bar_prev = float(schedules.alphas_cumprod[500]), float(schedules.alphas_cumprod[450])
+    keep = torch.tensor([True, False, True, False])
+    x = torch.tensor([[0.3, -0.7, 1.1, 0.2], [0.5, 0.1, -0.4, 0.9]], dtype=torch.float64)
+
+    def noise_of(clean):  # the ε̂ whose x̂₀ is ``clean``
+        return (x - alpha_bar**0.5 * clean) / (1 - alpha_bar) ** 0.5
+
+    predicted = torch.tensor([[0.2, 0.9, 0.6, -0.3], [-0.1, 0.9, -0.2, 0.4]], dtype=torch.float64)
+    projected = torch.tensor([[0.25, 0, 0.75, 0], [0.5, 0, 0.5, 0]], dtype=torch.float64)
+    torch.testing.assert_close(_ddpm_step(x, noise_of(predicted), alpha_bar, alpha_bar_prev, 1.0, keep=keep),
+                               _ddpm_step(x, noise_of(projected), alpha_bar, alpha_bar_prev, 1.0), rtol=1e-9, atol=1e-9)
+
+
 def test_bounded_ddpm_step_keeps_few_step_sampling_finite():
     """With a poor noise prediction, a 10-step sampler diverges unbounded but stays finite with the bound."""
     torch.manual_seed(0)
