@@ -68,11 +68,12 @@ def measure(args: argparse.Namespace) -> None:
 def perturbed(structure, stretch: float, rng: random.Random):
     """``structure`` deformed by diag(e^s, 1, e^-s) along random axes (volume kept) and its sites moved by 0.1 Å in
     random directions."""
+    from pymatgen.core import Structure
     from scipy.spatial.transform import Rotation
 
     frame = Rotation.random(random_state=rng.randrange(2**32)).as_matrix()
     deformation = frame.T @ np.diag([np.exp(stretch), 1.0, np.exp(-stretch)]) @ frame
-    moved = structure.__class__(structure.lattice.matrix @ deformation, structure.species, structure.frac_coords)
+    moved = Structure(structure.lattice.matrix @ deformation, structure.species, structure.frac_coords)
     for index in range(len(moved)):
         direction = np.array([rng.gauss(0, 1) for _ in range(3)])
         moved.translate_sites([index], 0.1 * direction / np.linalg.norm(direction), frac_coords=False)

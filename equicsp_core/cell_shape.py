@@ -55,3 +55,10 @@ def cell_shape_strain(structure: Structure, reference: Structure, **tolerances: 
     deformation = np.linalg.solve(larger.lattice.matrix, mapped.lattice.matrix)
     stretches = np.linalg.svd(deformation / abs(np.linalg.det(deformation)) ** (1.0 / 3.0), compute_uv=False)
     return float(max(abs(math.log(stretch)) for stretch in stretches))
+
+
+def beyond_same_phase(strain: float | None) -> bool:
+    """Whether a match of this shape strain is a strained relative, not the same phase: above
+    :data:`SAME_PHASE_SHAPE_STRAIN`. ``None`` (the matcher matched, but its mapping of the primitive cells gave no
+    shape to measure) is not: the matcher's verdict stands."""
+    return strain is not None and strain > SAME_PHASE_SHAPE_STRAIN

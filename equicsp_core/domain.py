@@ -29,7 +29,7 @@ Torch-free: the AiiDA daemon checks a sampling request with it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from equicsp_core.settings import FormulaError, SampleSettings, formula_units
@@ -87,7 +87,7 @@ def check_generated_atoms(num_atoms: int, mode: str, trained_counts: Iterable[in
                          "was trained on")
 
 
-def check_generated_elements(elements: Iterable[str], dataset: str | None) -> list[int]:
+def check_generated_elements(elements: Sequence[str], dataset: str | None) -> list[int]:
     """The atomic numbers of the ``elements`` a generation model trained on ``dataset`` is asked to use; an element
     outside its training domain is refused (a dataset this module does not know: unchecked).
 

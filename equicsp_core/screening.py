@@ -96,13 +96,12 @@ def same_shape_groups(group: Sequence[int], structures: Sequence[Structure]) -> 
     starts a part. StructureMatcher's length tolerance puts a cubic cell and a tetragonal one of c/a 1.17 in one
     group; merged, the higher of the two would never reach DFT. Where the shape cannot be measured (the matcher
     maps the primitive cells differently), the matcher's verdict stands."""
-    from equicsp_core.cell_shape import SAME_PHASE_SHAPE_STRAIN, cell_shape_strain
+    from equicsp_core.cell_shape import beyond_same_phase, cell_shape_strain
 
     parts: list[list[int]] = []
     for index in group:
         for part in parts:
-            strain = cell_shape_strain(structures[index], structures[part[0]])
-            if strain is None or strain <= SAME_PHASE_SHAPE_STRAIN:
+            if not beyond_same_phase(cell_shape_strain(structures[index], structures[part[0]])):
                 part.append(index)
                 break
         else:

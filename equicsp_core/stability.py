@@ -235,7 +235,7 @@ def novelty(structure: Structure, reference: ReferenceSet) -> str:
     phase, which the matcher's length tolerance accepts); else ``"new"``."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
-    from equicsp_core.cell_shape import SAME_PHASE_SHAPE_STRAIN, cell_shape_strain
+    from equicsp_core.cell_shape import beyond_same_phase, cell_shape_strain
     from equicsp_core.screening import space_group
 
     entries = sorted(reference.like(structure),
@@ -247,7 +247,7 @@ def novelty(structure: Structure, reference: ReferenceSet) -> str:
         if not matcher.fit(structure, known):
             continue
         strain = cell_shape_strain(structure, known)
-        if strain is None or strain <= SAME_PHASE_SHAPE_STRAIN:  # None: shape not measurable, the match stands
+        if not beyond_same_phase(strain):
             return f"matches {entry.id} ({space_group(known).symbol})"
         strained = strained or f"new: {entry.id} ({space_group(known).symbol}) strained by {100 * strain:.0f} %"
     return strained or "new"
