@@ -3,7 +3,7 @@
 
 A relaxed candidate that is a known phase ends at the ML potential's minimum of that phase, not at the stored DFT
 cell. ``--entries`` reference entries (the shipped reference set, drawn at random with ``--seed`` from the
-``--source`` split, at most ``--max-atoms`` atoms) are relaxed with ``--potential`` as the pipeline relaxes
+``--source`` dataset, its reserved test rows left out, at most ``--max-atoms`` atoms) are relaxed with ``--potential`` as the pipeline relaxes
 candidates (fmax 0.05 eV/Å, at most 200 steps) from their stored cells or, with ``--perturb``, from those cells
 strained at random (a volume-keeping stretch of ``--perturb`` along random axes, sites moved by 0.1 Å), as a
 candidate reaches the phase from a sample; and the cell shape strain
@@ -37,7 +37,9 @@ def measure(args: argparse.Namespace) -> None:
     from equicsp_core.settings import RelaxSettings
 
     reference = load_reference()
-    pool = sorted((e for e in reference.entries if e.source == args.source and len(e.species) <= args.max_atoms),
+    reserved = reserved_ids(args.source)
+    pool = sorted((e for e in reference.entries
+                   if e.source == args.source and len(e.species) <= args.max_atoms and e.id not in reserved),
                   key=lambda entry: entry.id)
     chosen = random.Random(args.seed).sample(pool, min(args.entries, len(pool)))
     done = set()
@@ -65,6 +67,20 @@ def measure(args: argparse.Namespace) -> None:
         print(json.dumps(line), flush=True)
 
 
+def reserved_ids(source: str) -> frozenset[str]:
+    """The ``material_id`` of the reserved test rows of ``source`` (none for a dataset without them): a limit is
+    chosen on the other entries only, never on what the benchmarks report on."""
+    from equicsp_core.data import read_column, split_path
+    from equicsp_core.splits import reserved_test_rows
+
+    try:
+        rows = reserved_test_rows(source)
+    except FileNotFoundError:
+        return frozenset()
+    ids = read_column(split_path(source, "test"), "material_id")
+    return frozenset(ids[row] for row in rows)
+
+
 def perturbed(structure, stretch: float, rng: random.Random):
     """``structure`` deformed by diag(e^s, 1, e^-s) along random axes (volume kept) and its sites moved by 0.1 Å in
     random directions."""
@@ -80,14 +96,16 @@ def perturbed(structure, stretch: float, rng: random.Random):
     return moved
 
 
-def summary(path: Path) -> dict:
+def summary(path: Path, excluded: frozenset[str] = frozenset()) -> dict:
     """Percentiles of the shape strain over the relaxed entries, per tolerance set, and how many lie above
-    :data:`~equicsp_core.cell_shape.SAME_PHASE_SHAPE_STRAIN`; the matcher's misses counted."""
+    :data:`~equicsp_core.cell_shape.SAME_PHASE_SHAPE_STRAIN`; the matcher's misses counted. Lines of the
+    ``excluded`` ids (the reserved test rows, which files drawn before they were left out hold) are left out."""
     from equicsp_core.cell_shape import SAME_PHASE_SHAPE_STRAIN
 
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    every = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in every if line.get("id") not in excluded]
     relaxed = [line for line in lines if line["relaxation"] is not None and line["volume_change"] is not None]
-    result = {"entries": len(lines), "relaxed": len(relaxed),
+    result = {"entries": len(lines), "excluded": len(every) - len(lines), "relaxed": len(relaxed),
               "converged": sum(line["relaxation"] == "converged" for line in relaxed)}
     for name in ("strain_default", "strain_papers"):
         values = np.array([line[name] for line in relaxed if line[name] is not None])
@@ -111,7 +129,7 @@ def main() -> None:
     parser.add_argument("--summary", action="store_true")
     args = parser.parse_args()
     if args.summary:
-        print(json.dumps(summary(args.out), indent=1))
+        print(json.dumps(summary(args.out, reserved_ids(args.source)), indent=1))
     else:
         measure(args)
 
